@@ -1,0 +1,1 @@
+"""Data: loading TRL-format preference sources, validation and tokenization."""

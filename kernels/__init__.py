@@ -1,0 +1,1 @@
+"""Triton kernels of csd-fast, installed as csd_fast.kernels."""
