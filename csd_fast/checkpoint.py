@@ -1,0 +1,209 @@
+"""Atomic training checkpoints that resume bit for bit.
+
+    output_dir/checkpoint-<step>/
+        model.safetensors, config.json   HF save_pretrained layout (load with from_pretrained)
+        tokenizer files                  when a tokenizer was given
+        optimizer.pt, scheduler.pt       optimizer and LR-schedule state
+        rng_state.pth                    python, numpy, torch CPU and CUDA generators
+        trainer_state.json               step, epoch position, best eval loss, log history
+
+A checkpoint is written into a hidden temporary directory beside its final name and renamed into
+place only once every file is flushed: a crash mid-write leaves the previous checkpoint untouched
+and only a `.tmp-*` directory behind (removed by the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands; everything `--resume` needs besides weights and optimizer state."""
+
+    global_step: int = 0
+    epoch: int = 0  # epoch being consumed
+    micro_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    best_metric: float | None = None
+    best_model_checkpoint: str | None = None
+    total_tokens: int = 0
+    log_history: list[dict] = field(default_factory=list)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomically(final: Path, write) -> Path:
+    """Call `write(tmp_dir)`, fsync, then move tmp_dir to `final` (replacing an older one)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            # two renames keep a complete copy on disk at every instant
+            old = final.parent / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def write_json_atomically(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    progress: TrainProgress,
+    tokenizer=None,
+    config: dict | None = None,
+) -> Path:
+    """Write a complete checkpoint directory atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng_state.pth")
+        write_json_atomically(tmp / STATE_FILE, asdict(progress))
+        if config is not None:
+            write_json_atomically(tmp / "training_config.json", config)
+
+    return write_dir_atomically(path, write)
+
+
+def load_progress(path: Path) -> TrainProgress:
+    with open(Path(path) / STATE_FILE) as fh:
+        return TrainProgress(**json.load(fh))
+
+
+def load_training_state(path: Path, *, optimizer, scheduler) -> TrainProgress:
+    """Restore optimizer, scheduler and RNG state from a checkpoint; the weights load separately."""
+    path = Path(path)
+    if optimizer is not None and (path / "optimizer.pt").exists():
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    if scheduler is not None and (path / "scheduler.pt").exists():
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if (path / "rng_state.pth").exists():
+        set_rng_state(torch.load(path / "rng_state.pth", weights_only=False))
+    return load_progress(path)
+
+
+def load_weights(model, path: Path) -> None:
+    """Load a checkpoint's weights into an existing (possibly PEFT) model, in place."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        return
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    if not state:
+        raise FileNotFoundError(f"no safetensors weights in checkpoint {path}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied embeddings are saved once; anything else missing means the wrong checkpoint
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    real_missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    if real_missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit {type(model).__name__}: "
+            f"missing {real_missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep: str | None = None) -> None:
+    """Delete the oldest checkpoints beyond `limit`, never the best one (`keep`)."""
+    if not limit or limit <= 0:
+        return
+    ckpts = list_checkpoints(output_dir)
+    removable = [p for p in ckpts if keep is None or Path(keep).resolve() != p.resolve()]
+    excess = len(ckpts) - limit
+    for p in removable[: max(0, excess)]:
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Where logged metrics go: `metrics.jsonl`, TensorBoard / W&B when asked for, and a PNG at the end.
+
+`metrics.jsonl` holds one JSON object per logging step: `step`, `epoch`, train metrics under TRL's
+names (`loss`, `rewards/accuracies`, ...) and eval metrics with TRL's `eval_` prefix. On resume the
+lines past the resumed step are dropped, so the file always describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Append-only JSONL of logged metrics plus optional TensorBoard / W&B sinks."""
+
+    def __init__(self, output_dir: str | Path, report_to: list[str] | str | None, run_name=None):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        targets = report_to if isinstance(report_to, list) else [report_to or "none"]
+        targets = [t for t in targets if t not in (None, "none")]
+        if "all" in targets:
+            targets = ["tensorboard", "wandb"]
+        self._tb = None
+        self._wandb = None
+        for t in targets:
+            if t == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as e:  # asked for explicitly: tell, don't drop
+                    raise ImportError(
+                        "report_to='tensorboard' needs `pip install tensorboard`"
+                    ) from e
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
+            elif t == "wandb":
+                try:
+                    import wandb
+                except ImportError as e:
+                    raise ImportError("report_to='wandb' needs `pip install wandb`") from e
+                self._wandb = wandb.init(name=run_name, dir=str(output_dir), reinit=True)
+            else:
+                raise NotImplementedError(
+                    f"report_to={t!r} is not supported (tensorboard, wandb, none)"
+                )
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (resume from a checkpoint at `step`)."""
+        if not self.path.exists():
+            return
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, logs: dict) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in logs.items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(output_dir: str | Path, filename: str = "curves.png") -> Path | None:
+    """Loss and reward curves (train and eval) from metrics.jsonl; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(output_dir)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [
+        ("loss", ["loss", "eval_loss"]),
+        ("rewards", ["rewards/chosen", "rewards/rejected", "eval_rewards/margins"]),
+        ("reward accuracy", ["rewards/accuracies", "eval_rewards/accuracies"]),
+    ]
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 30 else None, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(output_dir) / filename
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
