@@ -1,0 +1,355 @@
+"""Tokenize preference rows into (prompt_ids, chosen_ids, rejected_ids), exactly as TRL 1.16 does.
+
+    from csd_fast.data import tokenize_pairs
+    pairs = tokenize_pairs("data/train.jsonl", tokenizer, max_length=1024, on_bad_row="skip",
+                           rejects_path="rejects.jsonl", cache_dir=".cache/pairs")
+    pairs[0]           # {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...], "row": 0}
+    pairs.lengths()    # (prompt, chosen, rejected) token counts as numpy arrays, for packing
+    pairs.skipped      # {"empty_completion": 3, "prompt_too_long": 1}
+
+Same steps as `DPOTrainer._prepare_dataset`: implicit prompts extracted; EOS appended to plain-text
+completions that lack it; conversational prompts rendered with `add_generation_prompt=True` (with
+the row's `tools` / `chat_template_kwargs`); the completion starts where the tokenized prompt and
+the tokenized prompt+completion diverge (the smaller of the two divergence points for chosen and
+rejected). Ids are NOT truncated here: `csd_fast.batch.truncate_pair` does it in the collator.
+
+Where TRL silently drops a row (prompt alone >= max_length under keep_start), this module treats it
+as a bad row like any validation failure: `on_bad_row="error"` raises a `PreferenceDataError`,
+`"skip"` counts it in `skipped` and writes it, with its reason, to `rejects_path`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from csd_fast.data.errors import PreferenceDataError
+from csd_fast.data.formats import Format, extract_prompt, validate_rows
+from csd_fast.data.sources import RowSource, load_rows
+
+logger = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1  # bump when the tokenization rules change, so old caches are never read
+_BATCH = 1024  # rows per batched tokenizer call for plain text
+_KEYS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class TokenizedPairs:
+    """Tokenized pairs stored flat: pair k's X ids are `flat[X][offsets[X][k]:offsets[X][k+1]]`."""
+
+    flat: dict[str, np.ndarray]  # "prompt" / "chosen" / "rejected" -> (total_tokens,) int32
+    offsets: dict[str, np.ndarray]  # same keys -> (n + 1,) int64
+    rows: np.ndarray  # (n,) int64 source row of each pair
+    source: str = "<Dataset>"
+    format: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # bad-row kind -> count
+    rejects: list[dict] = field(default_factory=list)  # one record per skipped row
+    fingerprint: str = ""
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"pair {i} out of range for {n} pairs")
+        i %= n
+        out: dict[str, Any] = {}
+        for k in _KEYS:
+            lo, hi = self.offsets[k][i], self.offsets[k][i + 1]
+            out[f"{k}_ids"] = self.flat[k][lo:hi].tolist()
+        out["row"] = int(self.rows[i])
+        return out
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prompt, chosen, rejected) token counts, each (n,) int64, untruncated."""
+        return tuple(np.diff(self.offsets[k]) for k in _KEYS)  # type: ignore[return-value]
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def save(self, path: str) -> None:
+        """One .npz file, written atomically (tmp + os.replace) so a crash never leaves half."""
+        meta = {
+            "source": self.source,
+            "format": self.format,
+            "skipped": self.skipped,
+            "rejects": self.rejects,
+            "fingerprint": self.fingerprint,
+            "version": _CACHE_VERSION,
+        }
+        arrays = {f"{k}_flat": self.flat[k] for k in _KEYS}
+        arrays.update({f"{k}_offsets": self.offsets[k] for k in _KEYS})
+        meta_json = json.dumps(meta, default=str, ensure_ascii=False)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, rows=self.rows, meta=np.array(meta_json), **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> TokenizedPairs:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(
+                flat={k: z[f"{k}_flat"] for k in _KEYS},
+                offsets={k: z[f"{k}_offsets"] for k in _KEYS},
+                rows=z["rows"],
+                source=meta["source"],
+                format=meta["format"],
+                skipped=meta["skipped"],
+                rejects=meta["rejects"],
+                fingerprint=meta["fingerprint"],
+                from_cache=True,
+            )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides the ids: vocab, merges, normalizer, post-processor, template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizers: the vocabulary is the best stand-in we have
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def tokenize_pairs(
+    rows: Any,
+    tokenizer,
+    *,
+    max_length: int | None = 1024,
+    truncation_mode: str = "keep_start",
+    on_bad_row: str = "error",
+    rejects_path: str | None = None,
+    cache_dir: str | None = None,
+) -> TokenizedPairs:
+    """Validate, then tokenize every pair of `rows` (a RowSource or anything load_rows takes)."""
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(
+            f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}"
+        )
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    src = load_rows(rows)
+    py_rows = src.to_list()
+
+    cache_path = None
+    if cache_dir is not None:
+        key = json.dumps(
+            [
+                _CACHE_VERSION,
+                src.fingerprint(py_rows),
+                tokenizer_fingerprint(tokenizer),
+                max_length,
+                truncation_mode,
+                on_bad_row,
+            ]
+        )
+        fp = hashlib.sha256(key.encode()).hexdigest()
+        cache_path = os.path.join(cache_dir, f"pairs-{fp[:40]}.npz")
+        if os.path.exists(cache_path):
+            out = TokenizedPairs.load(cache_path)
+            out.source = src.name
+            _write_rejects(out.rejects, rejects_path)
+            return out
+
+    checked = validate_rows(src, py_rows, on_bad_row=on_bad_row)
+    bad = list(checked.rejects)
+    toks, more_bad = _tokenize_rows(
+        src,
+        py_rows,
+        checked.good,
+        checked.format,
+        tokenizer,
+        max_length,
+        truncation_mode,
+        on_bad_row,
+    )
+    bad = sorted(bad + more_bad, key=lambda e: e.row if e.row is not None else -1)
+    rejects = [
+        {
+            "row": e.row,
+            "line": e.line,
+            "field": e.field,
+            "kind": e.kind,
+            "reason": e.reason,
+            "content": py_rows[e.row] if e.row is not None else None,
+        }
+        for e in bad
+    ]
+    out = _pack(toks, src.name, checked.format, rejects)
+    if rejects:
+        logger.warning(
+            "%s: skipped %d of %d rows %s%s",
+            src.name,
+            len(rejects),
+            len(py_rows),
+            dict(out.skipped),
+            f"; see {rejects_path}" if rejects_path else "",
+        )
+    _write_rejects(rejects, rejects_path)
+    if cache_path is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        out.fingerprint = os.path.basename(cache_path)
+        out.save(cache_path)
+    return out
+
+
+def _tokenize_rows(
+    src: RowSource,
+    py_rows: list[dict],
+    good: list[int],
+    fmt: Format | None,
+    tokenizer,
+    max_length: int | None,
+    truncation_mode: str,
+    on_bad_row: str,
+) -> tuple[list[tuple[int, list[int], list[int], list[int]]], list[PreferenceDataError]]:
+    """(row, prompt_ids, chosen_ids, rejected_ids) of each good row, and the rows that failed here.
+
+    With on_bad_row="error" the first failure raises at once, so a broken template costs one row.
+    """
+    stop = on_bad_row == "error"
+    if fmt is None or not good:
+        return [], []
+    examples = [py_rows[i] for i in good]
+    if fmt.implicit_prompt:
+        examples = [extract_prompt(ex) for ex in examples]
+    if fmt.conversational:
+        encoded, bad = _encode_conversational(src, good, examples, tokenizer, stop)
+    else:
+        encoded, bad = _encode_text(good, examples, tokenizer), []
+
+    out = []
+    for i, p, pc, pr in encoded:
+        # the completion starts where prompt and prompt+completion first differ (a template may
+        # render the prompt alone differently, or tokens may merge across the boundary)
+        n = min(_common_prefix(p, pc), _common_prefix(p, pr))
+        prompt_ids, chosen_ids, rejected_ids = p[:n], pc[n:], pr[n:]
+        err = None
+        if max_length is not None and truncation_mode == "keep_start" and n >= max_length:
+            err = src.error(
+                i,
+                "prompt",
+                f"prompt is {n} tokens, >= max_length {max_length}: keep_start truncation "
+                "would leave no completion token",
+                "prompt_too_long",
+            )
+        elif not chosen_ids or not rejected_ids:
+            empty = "chosen" if not chosen_ids else "rejected"
+            err = src.error(i, empty, "completion has no tokens", "empty_completion_tokens")
+        if err is not None:
+            if stop:
+                raise err
+            bad.append(err)
+            continue
+        out.append((i, prompt_ids, chosen_ids, rejected_ids))
+    bad.sort(key=lambda e: e.row)
+    return out, bad
+
+
+def _encode_text(good: list[int], examples: list[dict], tokenizer):
+    eos = tokenizer.eos_token
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token: TRL appends it to every text completion")
+    texts: dict[str, list[str]] = {k: [] for k in _KEYS}
+    for ex in examples:
+        texts["prompt"].append(ex["prompt"])
+        for k in ("chosen", "rejected"):
+            c = ex[k] if ex[k].endswith(eos) else ex[k] + eos
+            texts[k].append(ex["prompt"] + c)
+    ids: dict[str, list[list[int]]] = {k: [] for k in _KEYS}
+    for k in _KEYS:
+        # batched calls give the same ids as TRL's one-text calls, much faster
+        for s in range(0, len(texts[k]), _BATCH):
+            ids[k].extend(tokenizer(text=texts[k][s : s + _BATCH])["input_ids"])
+    return [(i, ids["prompt"][j], ids["chosen"][j], ids["rejected"][j]) for j, i in enumerate(good)]
+
+
+def _encode_conversational(
+    src: RowSource, good: list[int], examples: list[dict], tokenizer, stop: bool
+):
+    encoded, bad = [], []
+    for i, ex in zip(good, examples, strict=True):
+        tools = ex.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        kwargs = {"tools": tools, **(ex.get("chat_template_kwargs") or {})}
+        field = "prompt"
+        try:
+            p = _chat_ids(tokenizer, ex["prompt"], add_generation_prompt=True, **kwargs)
+            field = "chosen"
+            pc = _chat_ids(tokenizer, ex["prompt"] + ex["chosen"], **kwargs)
+            field = "rejected"
+            pr = _chat_ids(tokenizer, ex["prompt"] + ex["rejected"], **kwargs)
+        except Exception as e:  # jinja raises its own types (TemplateError, TypeError, ...)
+            err = src.error(
+                i, field, f"chat template failed: {type(e).__name__}: {e}", "template_error"
+            )
+            if stop:
+                raise err from e
+            bad.append(err)
+            continue
+        encoded.append((i, p, pc, pr))
+    return encoded, bad
+
+
+def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _pack(toks, source: str, fmt: Format | None, rejects: list[dict]) -> TokenizedPairs:
+    flat, offsets = {}, {}
+    for j, k in enumerate(_KEYS):
+        seqs = [t[j + 1] for t in toks]
+        lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        offsets[k] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        flat[k] = np.fromiter(
+            (x for s in seqs for x in s), dtype=np.int32, count=int(offsets[k][-1])
+        )
+    return TokenizedPairs(
+        flat=flat,
+        offsets=offsets,
+        rows=np.array([t[0] for t in toks], dtype=np.int64),
+        source=source,
+        format=fmt.name if fmt is not None else "",
+        skipped=dict(Counter(r["kind"] for r in rejects)),
+        rejects=rejects,
+    )
+
+
+def _write_rejects(rejects: list[dict], path: str | None) -> None:
+    """Every rejected row with its reason and original content, as JSONL, written atomically."""
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r, default=str, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,118 @@
+"""Test helpers for the data pipeline: a tiny local tokenizer and TRL's own preprocessing as truth.
+
+Nothing here downloads: the tokenizer is a byte-level BPE trained in ~0.1 s on the sentences below,
+so tokens merge across a prompt/completion boundary as real tokenizers do (which is what makes the
+common-prefix rule matter). Used by tests/test_data.py.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+SPECIAL = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
+SPECIAL += ["<think>", "</think>", "<|tools|>"]
+
+# A generation prompt that differs from the rendered conversation when `think` is set, as in
+# Gemma/Qwen-style templates: the prompt alone is then not a prefix of prompt+completion.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|tools|>{{ tools | tojson }}<|end|>{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% if think %}<think></think>{% endif %}{% endif %}"
+)
+
+SENTENCES = [
+    "The sky is blue. The sky is green. The sun is in the sky, not in the sea.",
+    "What color is the sky? It is blue. It is green. Where is the sun?",
+    "Hello world, how are you today? I am fine, thank you very much.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "Le ciel est bleu. Der Himmel ist blau. El cielo es azul.",
+]
+
+
+def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """A PreTrainedTokenizerFast with BOS added to plain text, EOS/PAD set and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(SENTENCES * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+def trl_prepare(rows: list[dict], tokenizer, max_length=1024, truncation_mode="keep_start"):
+    """TRL 1.16's `DPOTrainer._prepare_dataset` on `rows`, without building a trainer."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    stub = SimpleNamespace(_tokenizer=tokenizer)
+    args = SimpleNamespace(
+        dataset_num_proc=None, max_length=max_length, truncation_mode=truncation_mode
+    )
+    ds = rows if isinstance(rows, Dataset) else Dataset.from_list(rows)
+    out = DPOTrainer._prepare_dataset(stub, ds, tokenizer, args, "train")
+    return [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in out]
+
+
+STANDARD = [
+    {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    {
+        "prompt": "Where is the sun?",
+        "chosen": " The sun is in the sky.",
+        "rejected": " In the sea.",
+    },
+    # the prompt ends mid-word: tokens merge across the boundary, the prefix rule decides
+    {"prompt": "Hello wor", "chosen": "ld, how are you?</s>", "rejected": "ld! I am fine."},
+    {"prompt": "", "chosen": "Paris is the capital.", "rejected": "Berlin is the capital."},
+]
+
+IMPLICIT = [
+    {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+    {"chosen": "Where is the sun? In the sky.", "rejected": "Where is the sun? In the sea."},
+    {"chosen": "Le ciel est bleu.", "rejected": "Le ciel est bleu. Der Himmel ist blau."},
+]
+
+
+def _msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+CONVERSATIONAL = [
+    {
+        "prompt": [_msg("user", "What color is the sky?")],
+        "chosen": [_msg("assistant", "It is blue.")],
+        "rejected": [_msg("assistant", "It is green.")],
+    },
+    {
+        "prompt": [_msg("system", "Be brief."), _msg("user", "Where is the sun?")],
+        "chosen": [_msg("assistant", "In the sky.")],
+        "rejected": [_msg("assistant", "In the sea.")],
+    },
+]
+
+IMPLICIT_CONVERSATIONAL = [
+    {
+        "chosen": [_msg("user", "What color is the sky?"), _msg("assistant", "It is blue.")],
+        "rejected": [_msg("user", "What color is the sky?"), _msg("assistant", "It is green.")],
+    },
+    {
+        "chosen": [_msg("user", "Hello world"), _msg("assistant", "I am fine.")],
+        "rejected": [_msg("user", "Hello world"), _msg("assistant", "How are you?")],
+    },
+]
