@@ -1,0 +1,110 @@
+"""Epoch plans: which pairs form each micro-batch, and how they are laid out.
+
+Two ways to cut an epoch into micro-batches:
+* by count (TRL's way): `per_device_train_batch_size` pairs each, order random (seeded by
+  `data_seed or seed` and the epoch, so a resumed run replays the same order) or sequential;
+* by tokens (`max_tokens_per_batch`): the best-fit-decreasing planner in `csd_fast.planner`
+  fills micro-batches up to the budget without splitting a pair (or a CLO example).
+
+The layout is independent of the plan: padded (TRL's collator), packed (`padding_free`) or
+prefix-shared (`prefix_sharing`), all producing a `csd_fast.batch.PairBatch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from csd_fast.batch import PairBatch, collate_padded
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    batch_size: int
+    max_tokens_per_batch: int | None = None
+    layout: str = "padded"  # padded | packed | prefix
+    shuffle: bool = True
+    seed: int = 42
+    drop_last: bool = False
+    max_length: int | None = 1024
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+
+
+def layout_for(padding_free: bool, prefix_sharing: bool) -> str:
+    if prefix_sharing:
+        return "prefix"
+    return "packed" if padding_free else "padded"
+
+
+def pair_costs(
+    lengths: tuple[np.ndarray, np.ndarray, np.ndarray], layout: str, max_length
+) -> np.ndarray:
+    """Tokens each pair occupies in a row of the given layout (after truncation)."""
+    prompt, chosen, rejected = (np.asarray(x, dtype=np.int64) for x in lengths)
+    c = prompt + chosen
+    r = prompt + rejected
+    if max_length is not None:
+        c, r = np.minimum(c, max_length), np.minimum(r, max_length)
+    if layout == "prefix":
+        # the prompt counts once; truncation may cut it, so never exceed the unshared cost
+        return np.minimum(c + r, prompt + chosen + rejected)
+    return c + r
+
+
+def epoch_plan(
+    num_examples: int,
+    epoch: int,
+    opts: BatchingOptions,
+    costs: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> list[list[int]]:
+    """The micro-batches (lists of example indices) of one epoch, deterministic in (seed, epoch)."""
+    if opts.max_tokens_per_batch:
+        from csd_fast.planner import plan_batches
+
+        if costs is None:
+            raise ValueError("max_tokens_per_batch needs per-pair token costs")
+        per_rank = plan_batches(
+            costs,
+            opts.max_tokens_per_batch,
+            seed=opts.seed,
+            epoch=epoch if opts.shuffle else 0,
+            world_size=1,
+            groups=groups,
+        )
+        return [list(map(int, mb)) for mb in per_rank[0]]
+    if opts.shuffle:
+        g = torch.Generator().manual_seed(opts.seed + epoch)
+        order = torch.randperm(num_examples, generator=g).tolist()
+    else:
+        order = list(range(num_examples))
+    bs = opts.batch_size
+    plan = [order[i : i + bs] for i in range(0, num_examples, bs)]
+    if opts.drop_last and plan and len(plan[-1]) < bs:
+        plan.pop()
+    return plan
+
+
+def make_collate(opts: BatchingOptions, pad_token_id: int) -> Callable[[Sequence[dict]], PairBatch]:
+    """The collate function of a layout, closed over the truncation and padding options."""
+    if opts.layout == "padded":
+        return lambda examples: collate_padded(
+            list(examples),
+            pad_token_id,
+            max_length=opts.max_length,
+            truncation_mode=opts.truncation_mode,
+            pad_to_multiple_of=opts.pad_to_multiple_of,
+        )
+    from csd_fast.packing import collate_packed
+
+    return lambda examples: collate_packed(
+        list(examples),
+        pad_token_id,
+        max_length=opts.max_length,
+        truncation_mode=opts.truncation_mode,
+        prefix_sharing=opts.layout == "prefix",
+    )

@@ -1,0 +1,213 @@
+"""The optimizer-step loop behind `DPOTrainer.train()`: accumulation, clipping, logs, eval, saves.
+
+Resume is exact: the epoch plan is a pure function of (seed, epoch), a checkpoint stores the
+number of micro-batches of the current epoch already consumed, and the optimizer, scheduler and
+RNG states are restored, so 4 steps equal 2 steps + resume + 2 steps bit for bit on CPU.
+Micro-batches are weighted by their pair count within an optimizer step: with equal-sized
+padded batches that is TRL's loss / gradient_accumulation_steps, and with token-budget packing
+every pair still counts once, however pairs fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from csd_fast import checkpoint as ckpt
+from csd_fast.optim import build_optimizer, build_scheduler
+
+
+def _due(step: int, every: float | int | None, total: int) -> bool:
+    if not every:
+        return False
+    every = math.ceil(total * every) if every < 1 else int(every)
+    return every > 0 and step % every == 0
+
+
+def _resolve_resume(trainer, resume) -> Path | None:
+    if not resume:
+        return None
+    if resume is True:
+        path = ckpt.latest_checkpoint(Path(trainer.args.output_dir))
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {trainer.args.output_dir}")
+        return path
+    return Path(resume)
+
+
+def run_training(trainer, resume_from_checkpoint=None):
+    args = trainer.args
+    model = trainer.model
+    ga = args.gradient_accumulation_steps
+    steps_per_epoch = trainer._steps_per_epoch()
+    if args.max_steps and args.max_steps > 0:
+        max_steps = args.max_steps
+        num_epochs = math.ceil(max_steps / steps_per_epoch)
+    else:
+        num_epochs = math.ceil(args.num_train_epochs)
+        max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+    if trainer.optimizer is None:
+        trainer.optimizer = build_optimizer(model, args)
+    if trainer.lr_scheduler is None:
+        trainer.lr_scheduler = build_scheduler(trainer.optimizer, args, max_steps)
+    opt, sched = trainer.optimizer, trainer.lr_scheduler
+    progress = ckpt.TrainProgress()
+    writer = trainer._writer()
+    resume_path = _resolve_resume(trainer, resume_from_checkpoint)
+    if resume_path is not None:
+        ckpt.load_weights(model, resume_path)
+        progress = ckpt.load_training_state(resume_path, optimizer=opt, scheduler=sched)
+        trainer._metrics.add_tokens("train", progress.total_tokens)  # TRL's cumulative count
+        writer.truncate_after(progress.global_step)
+    trainer.progress = progress
+    state = trainer.state
+    state.global_step, state.max_steps = progress.global_step, max_steps
+    state.num_train_epochs = num_epochs
+    state.log_history = list(progress.log_history)
+    state.best_metric, state.best_model_checkpoint = (
+        progress.best_metric,
+        progress.best_model_checkpoint,
+    )
+    state.epoch = progress.epoch + progress.micro_in_epoch / max(1, steps_per_epoch * ga)
+    trainer._policy_is_initial = False
+    trainer._fire("on_train_begin")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(
+        total=max_steps, initial=progress.global_step, disable=args.disable_tqdm, desc="train"
+    )
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "pairs": 0, "t0": time.perf_counter()}
+    grad_norm = None
+    epoch = progress.epoch
+    while epoch < num_epochs and state.global_step < max_steps:
+        plan = trainer._plan(trainer.train_pairs, "train", epoch)
+        micro = progress.micro_in_epoch if epoch == progress.epoch else 0
+        trainer._fire("on_epoch_begin")
+        while micro < len(plan) and state.global_step < max_steps:
+            group = plan[micro : micro + ga]
+            step_pairs = sum(len(idx) for idx in group)
+            step_loss = 0.0
+            for idx in group:
+                batch = trainer._collate(trainer.train_pairs, idx, "train")
+                loss = trainer.compute_loss(batch, "train")
+                weight = batch.num_pairs / step_pairs
+                (loss * weight).backward()
+                step_loss += float(loss.detach()) * weight
+                window["tokens"] += batch.num_real_tokens
+                window["pairs"] += batch.num_pairs
+            micro += len(group)
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.epoch = epoch + micro / len(plan)
+            progress.global_step, progress.epoch, progress.micro_in_epoch = (
+                state.global_step,
+                epoch,
+                micro,
+            )
+            window["loss"] += step_loss
+            window["steps"] += 1
+            bar.update(1)
+            trainer._fire("on_step_end")
+            _after_step(trainer, window, grad_norm, max_steps, bar)
+            if trainer.control.should_training_stop:
+                break
+        if trainer.control.should_training_stop:
+            break
+        trainer._fire("on_epoch_end")
+        if micro >= len(plan):
+            epoch += 1
+            progress.epoch, progress.micro_in_epoch = epoch, 0
+            if args.eval_strategy == "epoch" and trainer.eval_pairs is not None:
+                _evaluate_and_track(trainer)
+            if args.save_strategy == "epoch":
+                _save(trainer)
+    bar.close()
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        ckpt.load_weights(model, Path(state.best_model_checkpoint))
+    trainer._fire("on_train_end")
+    return state
+
+
+def _after_step(trainer, window, grad_norm, max_steps, bar) -> None:
+    args, state = trainer.args, trainer.state
+    step = state.global_step
+    log_now = _due(step, args.logging_steps, max_steps) or (args.logging_first_step and step == 1)
+    if args.logging_strategy == "no":
+        log_now = False
+    if log_now or step == max_steps and window["steps"]:
+        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+        logs = {"loss": window["loss"] / window["steps"]}
+        if grad_norm is not None:
+            logs["grad_norm"] = grad_norm
+        logs["learning_rate"] = trainer.lr_scheduler.get_last_lr()[0]
+        logs.update(trainer._metrics.pop("train"))
+        logs["tokens_per_second"] = window["tokens"] / elapsed
+        logs["pairs_per_second"] = window["pairs"] / elapsed
+        trainer.log(logs)
+        bar.set_postfix(
+            loss=f"{logs['loss']:.4f}",
+            acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}",
+            tok_s=f"{logs['tokens_per_second']:.0f}",
+        )
+        window.update(loss=0.0, steps=0, tokens=0, pairs=0, t0=time.perf_counter())
+    eval_every = args.eval_steps or args.logging_steps
+    if (
+        args.eval_strategy == "steps"
+        and trainer.eval_pairs is not None
+        and (_due(step, eval_every, max_steps) or step == max_steps)
+    ):
+        _evaluate_and_track(trainer)
+    if args.save_strategy == "steps" and _due(step, args.save_steps, max_steps):
+        _save(trainer)
+    if trainer.control.should_save:
+        trainer.control.should_save = False
+        _save(trainer)
+
+
+def _evaluate_and_track(trainer) -> None:
+    metrics = trainer.evaluate()
+    args, state = trainer.args, trainer.state
+    key = args.metric_for_best_model or "loss"
+    key = key if key.startswith("eval_") else f"eval_{key}"
+    value = metrics.get(key)
+    if value is None:
+        return
+    greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in key
+    better = state.best_metric is None or (
+        value > state.best_metric if greater else value < state.best_metric
+    )
+    if better:
+        state.best_metric = trainer.progress.best_metric = value
+        if args.save_strategy in ("best", "steps", "epoch") and args.save_strategy != "no":
+            path = _save(trainer)
+            state.best_model_checkpoint = trainer.progress.best_model_checkpoint = str(path)
+            ckpt.write_json_atomically(path / ckpt.STATE_FILE, asdict(trainer.progress))
+
+
+def _save(trainer) -> Path:
+    args, state = trainer.args, trainer.state
+    out = Path(args.output_dir)
+    path = out / f"checkpoint-{state.global_step}"
+    trainer.progress.log_history = list(state.log_history)
+    model = trainer.model
+    ckpt.save_checkpoint(
+        path,
+        model=model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.lr_scheduler,
+        progress=trainer.progress,
+        tokenizer=trainer.processing_class,
+        config=args.to_dict(),
+    )
+    ckpt.rotate_checkpoints(out, args.save_total_limit, keep=state.best_model_checkpoint)
+    trainer._fire("on_save")
+    return path

@@ -1,0 +1,116 @@
+"""Loading and preparing the policy and reference models for preference training.
+
+* `load_model`: a path or hub id -> `AutoModelForCausalLM` with `model_init_kwargs`;
+* `prepare_models`: PEFT wrapping (the reference is then the policy with adapters disabled, no
+  second copy), a frozen reference copy of an in-memory policy (TRL 1.16 instead reloads it from
+  `config._name_or_path`, which fails for a model never saved), dropout off, gradient
+  checkpointing, the packed attention function for padding-free layouts, and on GPU with
+  `fused` Liger-Kernel's RMSNorm / RoPE / SwiGLU kernels where Liger supports the architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+
+def load_model(path: str, args) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(args.model_init_kwargs or {}) if isinstance(args.model_init_kwargs, dict) else {}
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "auto"))
+    if isinstance(dtype, str) and dtype not in ("auto", None):
+        dtype = getattr(torch, dtype)
+    kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def load_tokenizer(model: nn.Module, path: str | None):
+    from transformers import AutoTokenizer
+
+    source = path or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source:
+        raise ValueError("processing_class is required when the model was not loaded from a path")
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def prepare_models(model: nn.Module, ref_model: nn.Module | None, peft_config, args):
+    """Return (policy, reference or None) ready for training; see the module docstring."""
+    if peft_config is not None:
+        try:
+            from peft import get_peft_model
+        except ImportError as e:
+            raise ImportError("peft_config needs `pip install peft`") from e
+        model = get_peft_model(model, peft_config)
+    elif ref_model is None and not (args.precompute_ref_log_probs or args.ref_cache_dir):
+        ref_model = copy.deepcopy(model)
+    # with precomputed reference log-probs the untrained policy scores the data once: no copy
+    if ref_model is not None:
+        freeze(ref_model)
+    if args.disable_dropout:
+        disable_dropout(model)
+        if ref_model is not None:
+            disable_dropout(ref_model)
+    if args.gradient_checkpointing:
+        kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+        target = model.get_base_model() if hasattr(model, "get_base_model") else model
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(target, "enable_input_require_grads"):
+            target.enable_input_require_grads()
+    if args.padding_free or args.prefix_sharing:
+        from csd_fast.attention import enable_packed_attention
+
+        for m in (model, ref_model):
+            if m is not None:
+                enable_packed_attention(m)
+    if args.fused and torch.cuda.is_available():
+        for m in (model, ref_model):
+            if m is not None:
+                apply_liger_kernels(m)
+    model.train()
+    return model, ref_model
+
+
+def apply_liger_kernels(model: nn.Module) -> bool:
+    """Swap RMSNorm, RoPE and SwiGLU for Liger's Triton kernels (GPU only; not the LM head).
+
+    The LM head stays ours (the fused log-prob kernel), so Liger's fused linear cross-entropy is
+    always off. Returns False, with a warning, where Liger is missing or lacks the architecture.
+    """
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        warnings.warn(
+            "fused=True on GPU: liger-kernel is not installed, layers stay eager", stacklevel=2
+        )
+        return False
+    from csd_fast.forward import unwrap_causal_lm
+
+    lm = unwrap_causal_lm(model)
+    try:
+        _apply_liger_kernel_to_instance(
+            model=lm, fused_linear_cross_entropy=False, cross_entropy=False
+        )
+    except (ValueError, TypeError, NotImplementedError) as e:
+        warnings.warn(f"Liger kernels not applied to {lm.config.model_type}: {e}", stacklevel=2)
+        return False
+    return True

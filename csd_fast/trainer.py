@@ -1,0 +1,370 @@
+"""`DPOTrainer`: TRL 1.16's constructor and metrics over csd-fast's own lean training loop.
+
+    from csd_fast import DPOTrainer, DPOConfig       # instead of `from trl import ...`
+    trainer = DPOTrainer(model="path/or/model", args=DPOConfig(output_dir="out"),
+                         train_dataset=ds, processing_class=tokenizer)
+    trainer.train()
+
+One core serves both faces: `csd-train` builds a `DPOConfig` and calls this class, so the CLI
+and the Python API share batching (`batching`), forward (`forward`), losses (`losses`) and
+metrics (`metrics`). Per optimizer step:
+
+    for each of gradient_accumulation_steps micro-batches (a PairBatch in any layout):
+        policy forward -> chosen/rejected logps; reference logps (cached table or live no-grad)
+        loss = preference_loss(...) * pairs_in_micro / pairs_in_step  -> backward
+    clip, AdamW step, schedule step; log / evaluate / checkpoint when due
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerControl, TrainerState
+
+from csd_fast import checkpoint as ckpt
+from csd_fast.batching import BatchingOptions, epoch_plan, layout_for, make_collate, pair_costs
+from csd_fast.config import DPOConfig
+from csd_fast.forward import head_impl_for, reference_logps, sequence_forward, unwrap_causal_lm
+from csd_fast.optim import select_trainable
+from csd_fast.refcache import cached_table, compute_table, model_fingerprint, pairs_fingerprint
+from csd_fast.reporting import MetricsWriter, plot_curves
+
+
+class DPOTrainer:
+    """Drop-in for `trl.DPOTrainer` (1.16): same arguments, same logged metrics."""
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        from csd_fast.models import load_model, load_tokenizer, prepare_models
+
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = DPOConfig(output_dir=f"{Path(name).name}-DPO")
+        if data_collator is not None:
+            raise NotImplementedError(
+                "a custom data_collator is not supported: layouts are built-in"
+            )
+        if compute_metrics is not None:
+            raise NotImplementedError(
+                "compute_metrics is not supported yet (TRL deprecates it too)"
+            )
+        if quantization_config is not None:
+            raise NotImplementedError("quantization_config is not supported yet")
+        self.args = args
+        torch.manual_seed(args.seed)
+        self.device = _device(args)
+        model_path = model if isinstance(model, str) else None
+        self.model = load_model(model, args) if model_path else model
+        self.processing_class = processing_class or load_tokenizer(self.model, model_path)
+        if isinstance(ref_model, str):
+            ref_model = load_model(ref_model, args)
+        self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
+        self.layout = layout_for(args.padding_free, args.prefix_sharing)
+        self.trainable = select_trainable(self.model, args.trainable_params)
+        self.model.to(self.device)
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        self.loss_params = args.loss_params()
+        self.head_impl = head_impl_for(args.fused)
+        self.optimizer, self.lr_scheduler = optimizers
+        self.callbacks = list(callbacks or [])
+        self.state = TrainerState()
+        self.control = TrainerControl()
+        self.progress = ckpt.TrainProgress()
+        from csd_fast.metrics import MetricsLog
+
+        self._metrics = MetricsLog()
+        self.train_pairs = (
+            self._tokenize(train_dataset, "train") if train_dataset is not None else None
+        )
+        self.eval_pairs = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
+        self._ref_tables: dict[str, object] = {}
+        self._policy_is_initial = True  # until training starts the policy is its own reference
+        if args.precompute_ref_log_probs or args.ref_cache_dir:
+            for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
+                if pairs is not None:
+                    self._ref_tables[name] = self._precompute(pairs, name)
+        self._policy_is_initial = False  # from here on the policy no longer equals the reference
+
+    # ----------------------------------------------------------------------------- data
+    def _tokenize(self, dataset, name: str):
+        from csd_fast.data import load_rows, tokenize_pairs
+
+        a = self.args
+        out = Path(a.output_dir)
+        return tokenize_pairs(
+            load_rows(dataset, split="train" if name == "train" else "test"),
+            self.processing_class,
+            max_length=a.max_length,
+            truncation_mode=a.truncation_mode,
+            on_bad_row=a.on_bad_row,
+            rejects_path=out / f"rejected_rows_{name}.jsonl",
+            cache_dir=getattr(a, "dataset_cache_dir", None),
+        )
+
+    def _batching(self, mode: str) -> BatchingOptions:
+        a = self.args
+        train = mode == "train"
+        strategy = getattr(a, "train_sampling_strategy", "random")
+        return BatchingOptions(
+            batch_size=a.per_device_train_batch_size if train else a.per_device_eval_batch_size,
+            max_tokens_per_batch=a.max_tokens_per_batch,
+            layout=self.layout,
+            shuffle=train and strategy != "sequential",
+            seed=a.data_seed if a.data_seed is not None else a.seed,
+            drop_last=train and a.dataloader_drop_last,
+            max_length=a.max_length,
+            truncation_mode=a.truncation_mode,
+            pad_to_multiple_of=a.pad_to_multiple_of
+            if isinstance(a.pad_to_multiple_of, int)
+            else None,
+        )
+
+    def _plan(self, pairs, mode: str, epoch: int) -> list[list[int]]:
+        opts = self._batching(mode)
+        costs = groups = None
+        if opts.max_tokens_per_batch:
+            costs = pair_costs(pairs.lengths(), self.layout, self.args.max_length)
+            groups = getattr(pairs, "groups", lambda: None)()
+        return epoch_plan(len(pairs), epoch, opts, costs, groups)
+
+    def _collate(self, pairs, idx: list[int], mode: str):
+        examples = [dict(pairs[i]) for i in idx]
+        table = self._ref_tables.get(mode)
+        if table is not None:
+            for ex in examples:
+                ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
+        pad = self.processing_class.pad_token_id
+        if pad is None:
+            pad = self.processing_class.eos_token_id
+        return make_collate(self._batching(mode), pad)(examples).to(self.device)
+
+    # ------------------------------------------------------------------------ reference
+    @contextlib.contextmanager
+    def _reference(self):
+        """The frozen reference: a separate model, or the policy with its LoRA adapters off."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        elif hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield self.model
+        elif self._policy_is_initial:
+            yield self.model
+        else:
+            raise RuntimeError(
+                "no reference model: pass ref_model or precompute reference log-probs"
+            )
+
+    def _ref_logps(self, batch):
+        if batch.ref_chosen_logps is not None:
+            return batch.ref_chosen_logps, batch.ref_rejected_logps
+        with self._reference() as ref, self._autocast():
+            return reference_logps(
+                ref, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
+            )
+
+    def _precompute(self, pairs, name: str):
+        a = self.args
+        opts = self._batching("eval")
+        bs = a.precompute_ref_batch_size or opts.batch_size
+        batches = [list(range(i, min(i + bs, len(pairs)))) for i in range(0, len(pairs), bs)]
+        examples = [pairs[i] for i in range(len(pairs))]
+        collate = make_collate(opts, self.processing_class.pad_token_id or 0)
+
+        def build():
+            return compute_table(examples, batches, collate, self._score_ref, self.device)
+
+        def key_parts():
+            with self._reference() as ref:
+                fp = model_fingerprint(ref)
+            opts_key = {"max_length": a.max_length, "trunc": a.truncation_mode, "ld": a.ld_alpha}
+            return fp, pairs_fingerprint(examples), opts_key
+
+        table, how = cached_table(a.ref_cache_dir, key_parts, build)
+        print(f"[csd-fast] reference log-probs for {name}: {len(pairs)} pairs ({how})")
+        return table
+
+    def _score_ref(self, batch):
+        with self._reference() as ref, self._autocast():
+            return reference_logps(
+                ref, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
+            )
+
+    # ----------------------------------------------------------------------------- step
+    def _autocast(self):
+        if self.device.type == "cuda" and self.args.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def compute_loss(self, batch, mode: str = "train") -> torch.Tensor:
+        """Loss of one micro-batch (mean over its pairs); records TRL's metrics under `mode`."""
+        from csd_fast.losses import PairLogps, preference_loss
+        from csd_fast.metrics import pair_metrics
+
+        ref_c, ref_r = self._ref_logps(batch)
+        with self._autocast():
+            fwd = sequence_forward(
+                self.model, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
+            )
+        lengths = batch.sequence_lengths()
+        P = batch.num_pairs
+        logps = PairLogps(
+            chosen_logps=fwd.chosen_logps.float(),
+            rejected_logps=fwd.rejected_logps.float(),
+            ref_chosen_logps=ref_c.float(),
+            ref_rejected_logps=ref_r.float(),
+            chosen_lengths=lengths[:P],
+            rejected_lengths=lengths[P:],
+            sft_mask=batch.sft_mask,
+            group_ids=batch.group_ids,
+        )
+        loss = preference_loss(self.loss_params, logps)
+        metrics = pair_metrics(
+            self.loss_params,
+            logps,
+            token_entropy=fwd.entropy,
+            token_mean_logit=fwd.mean_logit,
+            token_is_top1=fwd.is_top1,
+            token_seq_ids=batch.sequence_ids(),
+            num_pairs=P,
+        )
+        if batch.capacity:
+            metrics["padding_efficiency"] = batch.num_real_tokens / batch.capacity
+        if self.layout == "prefix":
+            metrics["prefix_tokens_saved"] = float(batch.num_tokens - batch.num_real_tokens)
+        self._metrics.add(mode, metrics)
+        if mode == "train":
+            self._metrics.add_tokens(mode, batch.num_tokens)
+            self.progress.total_tokens += batch.num_tokens
+        return loss
+
+    # ---------------------------------------------------------------------------- train
+    def _steps_per_epoch(self) -> int:
+        n_micro = len(self._plan(self.train_pairs, "train", 0))
+        ga = self.args.gradient_accumulation_steps
+        return max(n_micro // ga + int(n_micro % ga > 0), 1)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None):
+        """Train; `resume_from_checkpoint=True` continues from output_dir's latest checkpoint."""
+        from csd_fast.loop import run_training
+
+        if self.train_pairs is None:
+            raise ValueError("train() needs a train_dataset")
+        return run_training(self, resume_from_checkpoint)
+
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """Loss and TRL's metrics over the eval set, logged with the `eval_` prefix."""
+        pairs = (
+            self._tokenize(eval_dataset, "eval") if eval_dataset is not None else self.eval_pairs
+        )
+        if pairs is None:
+            raise ValueError("evaluate() needs an eval_dataset")
+        was_training = self.model.training
+        self.model.eval()
+        start = time.perf_counter()
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for idx in self._plan(pairs, "eval", 0):
+                batch = self._collate(pairs, idx, "eval")
+                total += float(self.compute_loss(batch, "eval")) * batch.num_pairs
+                n += batch.num_pairs
+        self.model.train(was_training)
+        metrics = {f"{metric_key_prefix}_loss": total / max(n, 1)}
+        metrics.update(self._metrics.pop("eval"))
+        runtime = time.perf_counter() - start
+        metrics[f"{metric_key_prefix}_runtime"] = runtime
+        metrics[f"{metric_key_prefix}_samples_per_second"] = n / max(runtime, 1e-9)
+        self.log(metrics)
+        self._fire("on_evaluate", metrics=metrics)
+        return metrics
+
+    # -------------------------------------------------------------------------- logging
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self.state.epoch is not None:
+            logs = {**logs, "epoch": self.state.epoch}
+        entry = {**logs, "step": self.state.global_step}
+        self.state.log_history.append(entry)
+        self._writer().write(self.state.global_step, logs)
+        self._fire("on_log", logs=logs)
+
+    def _writer(self) -> MetricsWriter:
+        if getattr(self, "_metrics_writer", None) is None:
+            self._metrics_writer = MetricsWriter(
+                self.args.output_dir, self.args.report_to, getattr(self.args, "run_name", None)
+            )
+        return self._metrics_writer
+
+    # ------------------------------------------------------------------------ callbacks
+    def add_callback(self, callback) -> None:
+        self.callbacks.append(callback() if isinstance(callback, type) else callback)
+
+    def pop_callback(self, callback):
+        for cb in self.callbacks:
+            if cb is callback or (isinstance(callback, type) and isinstance(cb, callback)):
+                self.callbacks.remove(cb)
+                return cb
+        return None
+
+    remove_callback = pop_callback
+
+    def _fire(self, event: str, **kwargs) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is None:
+                continue
+            result = fn(
+                self.args,
+                self.state,
+                self.control,
+                model=self.model,
+                processing_class=self.processing_class,
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                **kwargs,
+            )
+            if result is not None:
+                self.control = result
+
+    # -------------------------------------------------------------------------- saving
+    def save_model(self, output_dir: str | None = None) -> Path:
+        """Weights (safetensors, HF layout) and tokenizer, written atomically."""
+        out = Path(output_dir or self.args.output_dir)
+        model = (
+            unwrap_causal_lm(self.model) if not hasattr(self.model, "peft_config") else self.model
+        )
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.processing_class.save_pretrained(tmp)
+
+        if out.exists() and any(out.iterdir()) and output_dir is None:
+            # output_dir also holds checkpoints and logs: write the files in place, each atomic
+            model.save_pretrained(out, safe_serialization=True)
+            self.processing_class.save_pretrained(out)
+            return out
+        return ckpt.write_dir_atomically(out, write)
+
+    def plot(self) -> Path | None:
+        return plot_curves(self.args.output_dir)
+
+
+def _device(args) -> torch.device:
+    if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
