@@ -125,8 +125,23 @@ def check_row(row: dict, i: int, src: RowSource) -> Format:
     if implicit and _closest("prompt", [k for k in row if k not in PAIR_COLUMNS]):
         # a misspelt prompt would otherwise silently turn the row into implicit-prompt format
         raise _missing_column(row, "prompt", src, i)
-    conversational = isinstance(row["chosen"], list)
     fields = ("chosen", "rejected") if implicit else PAIR_COLUMNS
+    is_list = {name: isinstance(row[name], list) for name in fields}
+    votes = Counter(is_list.values())
+    conversational = votes[True] > votes[False] or (votes[True] == votes[False] == 1)
+    if votes[True] and any(isinstance(row[name], str) for name in fields):
+        # strings and message lists in one row: name the field that disagrees with the others
+        odd = next(n for n in fields if is_list[n] != conversational)
+        others = [n for n in fields if n != odd]
+        raise src.error(
+            i,
+            odd,
+            f"mixed formats within the row: {odd!r} is "
+            + ("a list of messages" if is_list[odd] else "a string")
+            + f" but {' and '.join(map(repr, others))} "
+            + ("are strings" if not conversational else "are lists of messages"),
+            "mixed_format",
+        )
     for name in fields:
         what = "prompt" if name == "prompt" else "completion"
         if conversational:
