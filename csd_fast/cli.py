@@ -1,0 +1,212 @@
+"""`csd-train`: DPO / CLO training from the command line.
+
+    csd-train --fused                                  # built-in demo: tiny model, bilingual pairs
+    csd-train --model_name_or_path M --dataset_name data.jsonl --output_dir out --loss_type sigmoid
+    csd-train --config recipe.yaml --learning_rate 5e-7  # flags override the file
+    csd-train --output_dir out --resume                # continue from the latest checkpoint
+
+Every `DPOConfig` field is a flag named as the field (`--max_steps`, also `--max-steps`), as in
+`trl dpo`. The resolved configuration is printed and saved to `<output_dir>/config.yaml`. With no
+model and no data the built-in demo runs with its recipe (`csd_fast.demo.DEMO_RECIPE`), any flag
+overriding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+# Options of the script itself (not training hyperparameters), like TRL's ScriptArguments.
+SCRIPT_OPTIONS = {
+    "model_name_or_path": (str, None, "policy model: a local directory or hub id"),
+    "ref_model_name_or_path": (
+        str,
+        None,
+        "separate reference model (default: frozen initial policy)",
+    ),
+    "dataset_name": (str, None, "training pairs: JSONL, Parquet, or a save_to_disk directory"),
+    "eval_dataset_name": (str, None, "held-out pairs (same formats)"),
+    "dataset_train_split": (str, "train", "split to train on when the source has splits"),
+    "dataset_test_split": (str, "test", "split to evaluate on when the source has splits"),
+    "resume": (
+        str,
+        None,
+        "resume: a checkpoint directory, or no value for the latest in output_dir",
+    ),
+}
+
+
+def _base_type(tp):
+    """(scalar type, is_list) of a dataclass field annotation such as `list[str] | None`."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"typing": typing, "Any": typing.Any})  # annotations are strings (PEP 563)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if lists:
+            inner = typing.get_args(lists[0])
+            return (inner[0] if inner else str), True
+        return _base_type(args[0]) if len(args) == 1 else (str, False)
+    if origin is list:
+        inner = typing.get_args(tp)
+        return (inner[0] if inner else str), True
+    if origin is dict:
+        return dict, False
+    return tp, False
+
+
+def _parse_bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def _converter(tp):
+    if tp is bool:
+        return _parse_bool
+    if tp is dict:
+        return json.loads
+    if tp in (int, float, str):
+        return tp
+    return lambda v: _auto(v)
+
+
+def _auto(v: str):
+    """Values of fields typed loosely (`int | str`): numbers stay numbers."""
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return None if v.lower() in ("none", "null") else v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from csd_fast.config import DPOConfig
+
+    parser = argparse.ArgumentParser(
+        prog="csd-train",
+        description="DPO / CLO preference training (TRL-compatible options).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML recipe; flags given on the command line override it")
+    script = parser.add_argument_group("script")
+    for name, (tp, default, help_) in SCRIPT_OPTIONS.items():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        if name == "resume":
+            script.add_argument(*flags, dest=name, nargs="?", const=True, default=None, help=help_)
+        else:
+            script.add_argument(*flags, dest=name, type=tp, default=default, help=help_)
+    train = parser.add_argument_group("training (DPOConfig)")
+    for f in dataclasses.fields(DPOConfig):
+        if not f.init or f.name.startswith("_"):
+            continue
+        tp, is_list = _base_type(f.type)
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if tp is bool and not is_list:
+            kwargs.update(nargs="?", const=True, type=_parse_bool)
+        elif is_list:
+            kwargs.update(nargs="+", type=_converter(tp))
+        else:
+            kwargs.update(type=_converter(tp))
+        train.add_argument(*flags, **kwargs)
+    return parser
+
+
+def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
+    """(script options, DPOConfig kwargs): recipe file < demo recipe < command-line flags."""
+    from csd_fast.config import DPOConfig
+
+    ns = vars(build_parser().parse_args(argv))
+    config_path = ns.pop("config")
+    script = {k: ns.pop(k) for k in SCRIPT_OPTIONS}
+    recipe = {}
+    if config_path:
+        recipe = yaml.safe_load(Path(config_path).read_text()) or {}
+        if not isinstance(recipe, dict):
+            raise SystemExit(f"{config_path}: a recipe must be a mapping of option: value")
+        for k in list(recipe):
+            if k.replace("-", "_") in SCRIPT_OPTIONS and script.get(k.replace("-", "_")) is None:
+                script[k.replace("-", "_")] = recipe.pop(k)
+        known = {f.name for f in dataclasses.fields(DPOConfig)}
+        unknown = [k for k in recipe if k.replace("-", "_") not in known]
+        if unknown:
+            raise SystemExit(f"{config_path}: unknown option(s) {unknown}")
+        recipe = {k.replace("-", "_"): v for k, v in recipe.items()}
+    demo = script["model_name_or_path"] is None and script["dataset_name"] is None
+    merged = {}
+    if demo:
+        from csd_fast.demo import DEMO_RECIPE
+
+        merged.update(DEMO_RECIPE)
+        merged.setdefault("output_dir", "runs/demo")
+    merged.update(recipe)
+    merged.update(ns)  # only flags actually given (argparse.SUPPRESS drops the rest)
+    script["demo"] = demo
+    if "output_dir" not in merged:
+        raise SystemExit("csd-train: --output_dir is required (except for the built-in demo)")
+    return script, merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    from csd_fast import DPOConfig, DPOTrainer
+
+    script, kwargs = resolve(argv)
+    output_dir = Path(kwargs["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if script["demo"]:
+        from csd_fast.demo import build_demo
+
+        assets = build_demo(output_dir / "demo_assets")
+        script["model_name_or_path"] = str(assets.model_dir)
+        script["dataset_name"] = str(assets.train_file)
+        script["eval_dataset_name"] = str(assets.eval_file)
+        print(f"[csd-train] built-in demo: tiny model and bilingual pairs in {assets.model_dir}")
+    if script["model_name_or_path"] is None or script["dataset_name"] is None:
+        raise SystemExit("csd-train: give both --model_name_or_path and --dataset_name")
+    if script["eval_dataset_name"] and kwargs.get("eval_strategy", "no") == "no":
+        kwargs["eval_strategy"] = "steps"
+    args = DPOConfig(**kwargs)
+    resolved = {
+        "script": {k: v for k, v in script.items() if k != "demo"},
+        "training": args.to_dict(),
+    }
+    text = yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)
+    print(text)
+    (output_dir / "config.yaml").write_text(text)
+    ref = script["ref_model_name_or_path"]
+    trainer = DPOTrainer(
+        model=script["model_name_or_path"],
+        ref_model=ref,
+        args=args,
+        train_dataset=script["dataset_name"],
+        eval_dataset=script["eval_dataset_name"],
+    )
+    trainer.train(resume_from_checkpoint=script["resume"])
+    trainer.save_model(str(output_dir / "final"))
+    summary = {}
+    if trainer.eval_pairs is not None:
+        summary = trainer.evaluate()
+    png = trainer.plot()
+    keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+    shown = ", ".join(f"{k}={summary[k]:.4f}" for k in keys if k in summary)
+    print(f"[csd-train] done: {trainer.state.global_step} steps; {shown}")
+    print(f"[csd-train] metrics: {output_dir / 'metrics.jsonl'}; model: {output_dir / 'final'}")
+    if png:
+        print(f"[csd-train] curves: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
