@@ -197,6 +197,18 @@ def test_bad_conversational_row_names_row_and_field(case, tok):
     assert reason in e.value.reason and "row 2" in str(e.value)
 
 
+def test_jsonl_rows_are_validated_as_written(tok, tmp_path):
+    # Arrow would turn the missing key into content=None; the error must say what the file says
+    rows = copy.deepcopy(CONVERSATIONAL) + [BAD_MESSAGES["missing_content"][0]]
+    path = _write_jsonl(tmp_path / "train.jsonl", rows)
+    assert isinstance(load_rows(str(path)).rows, datasets.Dataset)
+    with pytest.raises(
+        PreferenceDataError,
+        match="row 2 \\(line 3\\), field 'chosen': message 0: missing 'content'",
+    ):
+        tokenize_pairs(str(path), tok)
+
+
 def test_template_error_is_a_bad_row(tok):
     # a template that refuses system messages, as some models' templates do
     strict = tiny_tokenizer(

@@ -35,6 +35,9 @@ class RowSource:
     name: str  # the file / folder path, or "<Dataset>"
     lines: list[int] | None = None  # 1-based line of each row (JSONL sources only)
     content_hash: str | None = field(default=None, repr=False)  # sha256 of the file bytes
+    # the rows exactly as parsed (JSONL): validated and written to the rejects file as the user
+    # wrote them, since Arrow turns a missing message key into None
+    raw: list[dict] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -113,7 +116,9 @@ def load_rows(source: Any, *, split: str = "train") -> RowSource:
         )
     if lower.endswith(_JSON_EXT):
         rows, lines = _read_json(path)
-        return RowSource(_as_dataset(rows), path, lines=lines, content_hash=_file_hash(path))
+        return RowSource(
+            _as_dataset(rows), path, lines=lines, content_hash=_file_hash(path), raw=rows
+        )
     raise PreferenceDataError(
         path,
         None,

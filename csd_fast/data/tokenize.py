@@ -169,7 +169,8 @@ def tokenize_pairs(
             _write_rejects(out.rejects, rejects_path)
             return out
 
-    checked = validate_rows(src, py_rows, on_bad_row=on_bad_row)
+    raw = src.raw if src.raw is not None else py_rows
+    checked = validate_rows(src, raw, on_bad_row=on_bad_row)
     bad = list(checked.rejects)
     toks, more_bad = _tokenize_rows(
         src,
@@ -189,7 +190,7 @@ def tokenize_pairs(
             "field": e.field,
             "kind": e.kind,
             "reason": e.reason,
-            "content": py_rows[e.row] if e.row is not None else None,
+            "content": raw[e.row] if e.row is not None else None,
         }
         for e in bad
     ]
