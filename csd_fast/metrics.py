@@ -1,0 +1,167 @@
+"""Training metrics with TRL 1.16 DPOTrainer's names and definitions, and their window average.
+
+Per micro-batch (TRL `_compute_loss`), with P pairs and rewards r = β·(log πθ - log πref):
+
+    rewards/chosen, rewards/rejected     mean over pairs of r_c, r_r
+    rewards/accuracies                   mean over pairs of [r_c > r_r] (strict: ties count 0)
+    rewards/margins                      mean over pairs of r_c - r_r
+    logps/chosen, logps/rejected         mean over pairs of the summed policy log-probs
+    logits/chosen, logits/rejected       token-weighted mean, over the chosen (rejected) completion
+                                         tokens, of each token's vocab-mean logit
+    mean_token_accuracy                  share of CHOSEN completion tokens whose label is the argmax
+    entropy                              token-weighted mean entropy over chosen + rejected tokens
+    num_tokens                           cumulative count of training attention-mask tokens (TRL
+                                         counts the padded rows' mask: `PairBatch.num_tokens`)
+
+Token-weighted metrics of an empty set are 0.0, as in TRL. At logging time (`DPOTrainer.log`) each
+metric is the plain mean of its per-micro-batch values over the window, not re-weighted by token or
+pair counts; `num_tokens` is the cumulative total; eval keys get an "eval_" prefix.
+
+Across data-parallel ranks TRL gathers before dividing; `pair_metric_sums` returns (sum, count) per
+metric so a caller can all-reduce them before `metrics_from_sums`. Test: `python -m pytest
+tests/test_metrics.py -q`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from csd_fast.losses import LossParams, PairLogps, rewards
+
+
+def pair_metric_sums(
+    params: LossParams,
+    logps: PairLogps,
+    *,
+    token_entropy: Tensor | None,
+    token_mean_logit: Tensor | None,
+    token_is_top1: Tensor | None,
+    token_seq_ids: Tensor,
+    num_pairs: int,
+) -> dict[str, Tensor]:
+    """metric name -> fp64 tensor [sum, count]; token_* are (N,) over scored tokens whose
+    token_seq_ids (N,) lie in 0..2P-1 (chosen 0..P-1, rejected P..2P-1). A None token input omits
+    its metrics."""
+    if logps.num_pairs != num_pairs:
+        raise ValueError(f"num_pairs={num_pairs} but the log-probs hold {logps.num_pairs} pairs")
+    f64 = torch.float64
+    r_c, r_r = rewards(params, logps)
+    # compare in the input dtype, as TRL does, so ties are decided identically
+    correct = r_c > r_r
+    r_c, r_r = r_c.to(f64), r_r.to(f64)
+    P = torch.tensor(float(num_pairs), dtype=f64, device=r_c.device)
+
+    def pair_mean(values: Tensor) -> Tensor:
+        return torch.stack([values.to(f64).sum(), P])
+
+    out = {
+        "rewards/chosen": pair_mean(r_c),
+        "rewards/rejected": pair_mean(r_r),
+        "rewards/accuracies": pair_mean(correct),
+        "rewards/margins": pair_mean(r_c - r_r),
+        "logps/chosen": pair_mean(logps.chosen_logps.detach()),
+        "logps/rejected": pair_mean(logps.rejected_logps.detach()),
+    }
+
+    is_chosen = token_seq_ids < num_pairs  # (N,)
+
+    def token_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+        values = values.detach().to(f64)
+        if mask is None:
+            n = torch.tensor(float(values.numel()), dtype=f64, device=values.device)
+            return torch.stack([values.sum(), n])
+        return torch.stack([values[mask].sum(), mask.sum().to(f64)])
+
+    if token_mean_logit is not None:
+        out["logits/chosen"] = token_mean(token_mean_logit, is_chosen)
+        out["logits/rejected"] = token_mean(token_mean_logit, ~is_chosen)
+    if token_is_top1 is not None:
+        out["mean_token_accuracy"] = token_mean(token_is_top1, is_chosen)
+    if token_entropy is not None:
+        out["entropy"] = token_mean(token_entropy, None)
+    return {k: v.to(r_c.device) for k, v in out.items()}
+
+
+def metrics_from_sums(sums: dict[str, Tensor]) -> dict[str, float]:
+    """[sum, count] per metric -> sum / count as floats (0.0 for an empty count, as in TRL)."""
+    out = {}
+    for key, pair in sums.items():
+        total, count = pair.tolist()
+        out[key] = total / count if count > 0 else 0.0
+    return out
+
+
+def pair_metrics(
+    params: LossParams,
+    logps: PairLogps,
+    *,
+    token_entropy: Tensor | None,
+    token_mean_logit: Tensor | None,
+    token_is_top1: Tensor | None,
+    token_seq_ids: Tensor,
+    num_pairs: int,
+) -> dict[str, float]:
+    """TRL's per-micro-batch metrics of one process (see the module docstring for definitions)."""
+    sums = pair_metric_sums(
+        params,
+        logps,
+        token_entropy=token_entropy,
+        token_mean_logit=token_mean_logit,
+        token_is_top1=token_is_top1,
+        token_seq_ids=token_seq_ids,
+        num_pairs=num_pairs,
+    )
+    return metrics_from_sums(sums)
+
+
+class MetricsLog:
+    """Collects per-micro-batch metric dicts per mode and averages them at logging time like TRL.
+
+    Call `add` once per micro-batch (any keys: "loss" or "aux_loss" too), `add_tokens` with the
+    micro-batch's attention-mask token count, and `pop(mode)` when the trainer logs.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self.total_train_tokens = 0  # TRL's _total_train_tokens: only training batches count
+
+    def _check(self, mode: str) -> None:
+        if mode not in self._values:
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+
+    def add(self, mode: str, metrics: dict[str, float]) -> None:
+        self._check(mode)
+        for key, value in metrics.items():
+            self._values[mode][key].append(float(value))
+        # TRL resets num_tokens to the running total in every _compute_loss, eval included
+        self._values[mode]["num_tokens"] = [float(self.total_train_tokens)]
+
+    def add_tokens(self, mode: str, n: int) -> None:
+        """Count n attention-mask tokens of a micro-batch; TRL counts training batches only."""
+        self._check(mode)
+        if mode == "train":
+            self.total_train_tokens += int(n)
+        self._values[mode]["num_tokens"] = [float(self.total_train_tokens)]
+
+    def pop(self, mode: str) -> dict[str, float]:
+        """Window means (num_tokens: cumulative), "eval_"-prefixed in eval; clears the window."""
+        self._check(mode)
+        values = self._values[mode]
+        out = {key: sum(v) / len(v) for key, v in values.items() if v}
+        values.clear()
+        if mode == "eval":
+            out = {f"eval_{key}": v for key, v in out.items()}
+        return out
+
+
+def throughput(num_tokens: int, num_pairs: int, seconds: float) -> dict[str, float]:
+    """tokens/s and pairs/s over a timed span (0.0 for a zero-length span)."""
+    if seconds <= 0:
+        return {"tokens_per_second": 0.0, "pairs_per_second": 0.0}
+    return {"tokens_per_second": num_tokens / seconds, "pairs_per_second": num_pairs / seconds}
