@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench --help`. Run from the repo root; never installed."""
