@@ -60,8 +60,11 @@ class Case:
     flops: float | None = None  # model FLOPs of one call (no recompute) -> TFLOP/s
     bytes: float | None = None  # minimal HBM/DRAM traffic of one call -> GB/s
     items: dict[str, float] = field(default_factory=dict)  # e.g. {"tokens": n} -> tokens/s
-    # e2e scenarios time themselves (step callbacks): timer(warmup, reps) -> seconds per step
-    timer: Callable[[int, int], list[float]] | None = None
+    # e2e scenarios time themselves (step callbacks): prepare(warmup, reps) builds the trainer
+    # outside the memory window, then timer() trains and returns seconds per measured step
+    prepare: Callable[[int, int], None] | None = None
+    timer: Callable[[], list[float]] | None = None
+    extra: dict[str, tuple[str, float]] = field(default_factory=dict)  # metric -> (unit, value)
 
 
 def results_dir() -> Path:
@@ -193,9 +196,11 @@ def _gpu_peak(fn: Callable[[], object]) -> float:
 def measure(case: Case, device: str, warmup: int, reps: int) -> dict:
     """Run one case: -> {"times": [s, ...], "peak_bytes": b}."""
     if case.timer is not None:  # e2e: the baseline is the built trainer; peak over the whole run
+        if case.prepare is not None:
+            case.prepare(warmup, reps)
         out: dict = {}
         peak = (_gpu_peak if device == "cuda" else _cpu_peak)(
-            lambda: out.setdefault("t", case.timer(warmup, reps))
+            lambda: out.setdefault("t", case.timer())
         )
         return {"times": out["t"], "peak_bytes": peak}
     fn = case.fn
@@ -221,7 +226,7 @@ def _child(spec: dict) -> None:
     try:
         case = mod.setup(spec["provider"], spec["mode"], spec["shape"], spec["device"])
         res = measure(case, spec["device"], spec["warmup"], spec["reps"])
-        res.update(flops=case.flops, bytes=case.bytes, items=case.items)
+        res.update(flops=case.flops, bytes=case.bytes, items=case.items, extra=case.extra)
     except Skip as e:
         res = {"skip": str(e)}
     except Exception as e:  # a provider that breaks must not take the whole run down
@@ -260,6 +265,8 @@ def result_rows(name: str, provider: str, mode: str, shape: dict, res: dict) -> 
             metrics.append((metric, unit, w / p50, w / p80, w / p20))
     for item, count in (res.get("items") or {}).items():
         metrics.append((f"{item}_per_s", f"{item}/s", count / p50, count / p80, count / p20))
+    for metric, (unit, value) in (res.get("extra") or {}).items():
+        metrics.append((metric, unit, value, value, value))
     mem = res["peak_bytes"] / 2**20
     metrics.append(("peak_mem", "MiB", mem, mem, mem))
     return [dict(base, metric=m, unit=u, p50=f"{a:.6g}", p20=f"{b:.6g}", p80=f"{c:.6g}")
@@ -302,4 +309,7 @@ def finish_rows(rows: list[dict], device: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _child(json.loads(sys.argv[1]))
+    # run the imported copy, so that `Skip` raised by benchmarks is the class caught in _child
+    from bench.common import _child as child
+
+    child(json.loads(sys.argv[1]))
