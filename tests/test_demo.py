@@ -152,7 +152,7 @@ def test_data_splits_disjoint_and_sized(tokenizer):
         assert set(tokenizer(r["prompt"] + r["chosen"])["input_ids"]) <= seen
 
 
-def test_make_data_regenerates_committed_files(tmp_path, monkeypatch):
+def test_make_data_regenerates_committed_files():
     train, evals = make_data.make_items()
     assert make_data.to_pairs(train, 0) == _rows(DEMO_TRAIN_FILE)
     assert make_data.to_pairs(evals, len(train)) == _rows(DEMO_EVAL_FILE)
@@ -252,3 +252,34 @@ def test_demo_recipe_learns_held_out_preferences(tmp_path):
     step, accuracy, margin = history[-1]
     assert accuracy >= 0.9, f"held-out rewards/accuracies {accuracy:.3f} after {step} steps"
     assert margin > 1.0, f"held-out rewards/margins {margin:.3f}: learned, but barely"
+
+
+@pytest.mark.slow
+def test_demo_under_trl_dpo_trainer(tmp_path, monkeypatch):
+    """TRL 1.16 itself: same tokenization as `tokenize_pair`, and DEMO_RECIPE learns there too."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from transformers import AutoTokenizer
+
+    assets = build_demo(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(assets.tokenizer_dir)
+    data = datasets.load_dataset(
+        "json", data_files={"train": str(assets.train_file), "eval": str(assets.eval_file)}
+    )
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "out"), use_cpu=True, disable_tqdm=True, **DEMO_RECIPE
+    )
+    trainer = trl.DPOTrainer(
+        model=str(assets.model_dir),
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["eval"],
+        processing_class=tokenizer,
+    )
+    for k in (0, 1, 333):
+        ours = tokenize_pair(tokenizer, data["train"][k])
+        assert {key: trainer.train_dataset[k][key] for key in ours} == ours
+    trainer.train()
+    final = [log for log in trainer.state.log_history if "eval_rewards/accuracies" in log][-1]
+    assert final["eval_rewards/accuracies"] >= 0.9, final
