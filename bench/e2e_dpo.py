@@ -132,6 +132,10 @@ def setup(provider: str, mode: str, shape: dict, device: str) -> Case:
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":  # steps are queued asynchronously; stamp when one is done
+                import torch
+
+                torch.cuda.synchronize()
             stamps.append(time.perf_counter())
 
     def prepare(warmup: int, reps: int) -> None:
