@@ -1,0 +1,116 @@
+"""Launch configurations for the Triton kernels, chosen per target.
+
+The target is read once from the running torch build and device:
+
+    interpreter   TRITON_INTERPRET=1 (CPU CI): one small config, so nothing is benchmarked
+    gfx90a / hip  torch.version.hip set (MI250X: wavefront 64, 64 KiB LDS, no TMA / wgmma)
+    sm90, sm80    CUDA compute capability 9.x+ / 8.x (A100 and older Ampere-class parts)
+
+Every config is portable Triton (tl.dot on register tiles, no TMA descriptors or warp
+specialisation), so the same kernel source runs on all targets; only block sizes, warps and
+pipeline stages differ. Shared memory per stage is (BLOCK_N + BLOCK_V) * BLOCK_H * 2 bytes for
+bf16, which the gfx90a configs keep within 64 KiB at num_stages=2.
+
+Used by kernels/logprob.py and kernels/pair_loss.py; `python -m csd_fast.kernels.autotune` prints
+the target and its configs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - the CPU path works without triton
+    triton = None
+
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)
+_LOGPROB_FWD = {
+    "interpreter": [(16, 32, 16, 1, 1)],
+    "sm90": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    "sm80": [(128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
+    # wavefront 64: 4 warps are 256 lanes; LDS 64 KiB caps (BLOCK_N + BLOCK_V) * BLOCK_H * stages
+    "gfx90a": [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 4, 2)],
+    "hip": [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2)],
+    "other": [(64, 64, 32, 4, 2)],
+}
+# The backward holds an fp32 (BLOCK_N, BLOCK_V) gradient tile next to the recompute accumulator,
+# so it uses smaller tiles than the forward.
+_LOGPROB_BWD = {
+    "interpreter": [(16, 32, 16, 1, 1)],
+    "sm90": [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
+    "sm80": [(64, 128, 32, 8, 3), (64, 64, 64, 4, 3)],
+    "gfx90a": [(64, 64, 32, 4, 2), (32, 64, 64, 4, 2)],
+    "hip": [(64, 64, 32, 4, 2)],
+    "other": [(64, 64, 32, 4, 2)],
+}
+# Pair loss: one program per pair walks its tokens in blocks of BLOCK_T.
+_PAIR_LOSS_BLOCK_T = {"interpreter": 16, "gfx90a": 512, "hip": 512}
+
+
+def is_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def target() -> str:
+    """Name of the config table for this process: interpreter, gfx90a, hip, sm90, sm80, other."""
+    if is_interpreter():
+        return "interpreter"
+    if not torch.cuda.is_available():
+        return "other"
+    if torch.version.hip:
+        arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", "")
+        return "gfx90a" if arch.startswith("gfx90a") else "hip"
+    major, _ = torch.cuda.get_device_capability()
+    if major >= 9:
+        return "sm90"
+    return "sm80" if major >= 8 else "other"
+
+
+def _configs(table: dict, tgt: str | None) -> list:
+    rows = table.get(tgt or target(), table["other"])
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
+        for bn, bv, bh, w, s in rows
+    ]
+
+
+def logprob_fwd_configs(tgt: str | None = None) -> list:
+    return _configs(_LOGPROB_FWD, tgt)
+
+
+def logprob_bwd_configs(tgt: str | None = None) -> list:
+    return _configs(_LOGPROB_BWD, tgt)
+
+
+def pair_loss_block(tgt: str | None = None) -> int:
+    return _PAIR_LOSS_BLOCK_T.get(tgt or target(), 1024)
+
+
+def num_programs_hint() -> int:
+    """Programs that fill the device about four times over (SMs / CUs x 4); 8 elsewhere."""
+    if is_interpreter() or not torch.cuda.is_available():
+        return 8
+    return 4 * torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def logprob_split_v(N: int, V: int) -> int:
+    """Vocabulary splits of the log-prob forward: enough programs to fill the device when
+    N / BLOCK_N alone cannot, each split keeping >= 512 columns (64 in the interpreter, so the
+    tests cross split boundaries) so the partials stay cheap to combine."""
+    min_cols = 64 if is_interpreter() else 512
+    row_blocks = -(-N // 64)
+    want = -(-num_programs_hint() // row_blocks)
+    return max(1, min(-(-V // min_cols), want))
+
+
+if __name__ == "__main__":
+    print("target:", target())
+    for name, fn in (("fwd", logprob_fwd_configs), ("bwd", logprob_bwd_configs)):
+        for cfg in fn():
+            print(f"logprob {name}: {cfg}")
+    print("pair_loss BLOCK_T:", pair_loss_block())

@@ -1,0 +1,635 @@
+"""Fused linear -> log-prob: each label's log-probability under the LM head, never forming (N, V).
+
+    y = hidden @ weight.T + bias                          (N, V), only ever one tile of it
+    z = transform(y) = softcap * tanh(y * logit_scale / softcap) / temperature
+    logps[n] = z[n, labels[n]] - logsumexp_v z[n, v]      (0 where labels[n] == ignore_index)
+
+replaces the eager torch (the `eager` impl, also the fp64 reference):
+
+    z = transform(F.linear(hidden, weight, bias).float())            # (N, V)
+    logps = z.log_softmax(-1).gather(-1, labels[:, None])[:, 0]
+
+Backward, per row with incoming gradient g (0 on ignored rows):
+    dL/dz[n, v] = g[n] * (1[v == labels[n]] - softmax(z)[n, v])
+    dL/dy = dL/dz * logit_scale * (1 - tanh^2) / temperature, dH = dL/dy @ W, dW = dL/dy.T @ H.
+
+Implementations (`impl=`): "triton" (fused kernels below: tl.dot tiles, an online log-sum-exp over
+vocabulary blocks, fp32 atomics for dH / dW / dbias), "chunked" (the same algorithm in torch on
+(chunk_n, chunk_v) tiles with matmuls, recomputed in backward: the CPU path), "eager" (full logits).
+"auto" = triton for CUDA / ROCm tensors when triton imports, else chunked.
+
+Optional stats (no grad), with TRL's definitions (trl/kernels/chunked_logprob.py), per row:
+entropy = -sum_v p log p, mean_logit = mean_v z, is_top1 = labels[n] is the first argmax of z.
+
+Tests: python -m pytest tests/kernels/test_logprob.py -q   (TRITON_INTERPRET=1 on CPU)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import autotune
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the chunked path needs no triton
+    triton = None
+    tl = None
+
+IMPLS = ("auto", "triton", "chunked", "eager")
+TILE_ELEMENTS = 1 << 22  # chunked impl: fp32 elements per (chunk_n, chunk_v) tile, 16 MiB
+CHUNK_V = 8192
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+class LogprobStats(NamedTuple):
+    entropy: Tensor  # (N,) fp32
+    mean_logit: Tensor  # (N,) fp32
+    is_top1: Tensor  # (N,) bool, False on ignored rows
+
+
+@dataclass(frozen=True)
+class LogprobParams:
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+    ignore_index: int = -100
+    return_stats: bool = False
+    impl: str = "auto"
+    chunk_n: int | None = None  # chunked impl: rows per tile (None: TILE_ELEMENTS // chunk_v)
+    chunk_v: int = CHUNK_V  # chunked impl: vocabulary columns per tile
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.softcap is not None and self.softcap <= 0:
+            raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@_jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn, stride_wv,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    # y = h[offs_n] @ w[offs_v].T + b in fp32, reduced over H in BLOCK_H steps
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :],
+                    mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :],
+                    mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+        if UPCAST:
+            h, w = h.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@_jit
+def _logprob_fwd_kernel(
+    h_ptr,  # (N, H) hidden, unit stride along H
+    w_ptr,  # (V, H) weight, unit stride along H
+    b_ptr,  # (V,) bias (unused without HAS_BIAS)
+    labels_ptr,  # (N,) int64
+    part_ptr,  # (6, SPLIT_V, N) fp32 out: max, sumexp, sum(e*z), sum(z), max before label, z_label
+    N, V, H, stride_hn, stride_wv,
+    logit_scale, softcap, inv_temp, ignore_index,
+    SPLIT_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    # Program (pid_n, pid_v) folds vocabulary range pid_v of rows pid_n into online-LSE partials;
+    # splitting V keeps the GPU full when N / BLOCK_N is smaller than the number of SMs.
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    logit_scale = tl.cast(logit_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=ignore_index)
+    per_split = tl.cdiv(tl.cdiv(V, SPLIT_V), BLOCK_V) * BLOCK_V
+    v_start = pid_v * per_split
+    v_end = tl.minimum(v_start + per_split, V)
+
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    xs = tl.zeros((BLOCK_N,), tl.float32)
+    zsum = tl.zeros((BLOCK_N,), tl.float32)
+    before = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    z_label = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        # 1. logits tile and the head's transform
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask_v = offs_v < v_end
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn,
+                         stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                         UPCAST)  # fmt: skip
+        z = z * logit_scale
+        if HAS_SOFTCAP:
+            z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)  # softcap * tanh(z / softcap)
+        z = z * inv_temp
+        # 2. the label's logit lies in exactly one tile of one split
+        is_label = offs_v[None, :] == labels[:, None]
+        z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+        if HAS_STATS:
+            zsum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+            early = mask_v[None, :] & (offs_v[None, :] < labels[:, None])
+            before = tl.maximum(before, tl.max(tl.where(early, z, float("-inf")), axis=1))
+        # 3. online log-sum-exp: every tile has a valid column, so new_m is finite
+        z_in = tl.where(mask_v[None, :], z, float("-inf"))
+        new_m = tl.maximum(m, tl.max(z_in, axis=1))
+        rescale = tl.exp(m - new_m)
+        e = tl.exp(z_in - new_m[:, None])  # 0 outside the tile, where z stays finite
+        s = s * rescale + tl.sum(e, axis=1)
+        if HAS_STATS:
+            xs = xs * rescale + tl.sum(e * z, axis=1)
+        m = new_m
+
+    row = part_ptr + pid_v * N + offs_n
+    plane = SPLIT_V * N
+    tl.store(row, m, mask=mask_n)
+    tl.store(row + plane, s, mask=mask_n)
+    tl.store(row + 5 * plane, z_label, mask=mask_n)
+    if HAS_STATS:
+        tl.store(row + 2 * plane, xs, mask=mask_n)
+        tl.store(row + 3 * plane, zsum, mask=mask_n)
+        tl.store(row + 4 * plane, before, mask=mask_n)
+
+
+@_jit
+def _logprob_bwd_kernel(
+    h_ptr,  # (N, H) hidden
+    w_ptr,  # (V, H) weight
+    b_ptr,  # (V,) bias (unused without HAS_BIAS)
+    labels_ptr,  # (N,) int64
+    lse_ptr,  # (N,) fp32 log-sum-exp of z from the forward
+    g_ptr,  # (N,) fp32 incoming gradient, already 0 on ignored rows
+    dh_ptr,  # (N, H) fp32 out, zeroed, accumulated with atomics over vocabulary blocks
+    dw_ptr,  # (V, H) fp32 out, zeroed, accumulated with atomics over row blocks
+    db_ptr,  # (V,) fp32 out, zeroed
+    N, V, H, stride_hn, stride_wv,
+    logit_scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    logit_scale = tl.cast(logit_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+
+    # 1. recompute the tile and the transform's derivative dz/dy
+    y = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn,
+                     stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                     UPCAST)  # fmt: skip
+    u = y * logit_scale
+    if HAS_SOFTCAP:
+        t = 2.0 * tl.sigmoid(2.0 * u / softcap) - 1.0
+        z = softcap * t * inv_temp
+        dz_dy = logit_scale * inv_temp * (1.0 - t * t)
+    else:
+        z = u * inv_temp
+        dz_dy = logit_scale * inv_temp
+    # 2. dL/dy = g * (onehot - softmax) * dz/dy, zero outside the valid tile
+    p = tl.exp(z - lse[:, None])
+    onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
+    d = g[:, None] * (onehot - p) * dz_dy
+    d = tl.where(mask_n[:, None] & mask_v[None, :], d, 0.0)
+    if NEED_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(d, axis=0), mask=mask_v)
+    # 3. feed dH and dW one H block at a time; the tile is rounded to the input dtype for the dot,
+    #    as the eager backward rounds its logits gradient, and accumulated in fp32
+    dc = d.to(h_ptr.dtype.element_ty)
+    if UPCAST:
+        dc = dc.to(tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        if NEED_DH:
+            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :],
+                        mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+            if UPCAST:
+                w = w.to(tl.float32)
+            dh = tl.dot(dc, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
+            tl.atomic_add(dh_ptr + offs_n[:, None] * H + offs_h[None, :], dh,
+                          mask=mask_n[:, None] & mask_h[None, :])  # fmt: skip
+        if NEED_DW:
+            h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :],
+                        mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+            if UPCAST:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(dc), h, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
+            tl.atomic_add(dw_ptr + offs_v[:, None] * H + offs_h[None, :], dw,
+                          mask=mask_v[:, None] & mask_h[None, :])  # fmt: skip
+
+
+_AUTOTUNED: dict[str, object] = {}
+
+
+def _kernel(name: str):
+    # Built on first use, so importing this module never touches the GPU
+    if name not in _AUTOTUNED:
+        if name == "fwd":
+            fn = triton.autotune(autotune.logprob_fwd_configs(), key=["V", "H", "HAS_STATS"])(
+                _logprob_fwd_kernel
+            )
+        else:
+            fn = triton.autotune(
+                autotune.logprob_bwd_configs(),
+                key=["V", "H"],
+                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"],  # atomics: benchmark from zero
+            )(_logprob_bwd_kernel)
+        _AUTOTUNED[name] = fn
+    return _AUTOTUNED[name]
+
+
+def _check_triton(hidden: Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("impl='triton' needs triton; use impl='chunked'")
+    if hidden.device.type == "cpu" and not autotune.is_interpreter():
+        raise RuntimeError(
+            "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import"
+        )
+
+
+def _scalars(p: LogprobParams) -> tuple[float, float, float]:
+    return float(p.logit_scale), float(p.softcap or 1.0), 1.0 / float(p.temperature)
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    # fp32 inputs must not silently drop to tf32 (the fp32 path is held to fp32 tolerances); half
+    # inputs take the backend default, since gfx90a accepts no "tf32" precision string
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # triton 3.9's interpreter returns garbage from tl.dot on bf16 operands (numpy has no bf16);
+    # widening the exactly-representable bf16 values to fp32 first gives the same products
+    return autotune.is_interpreter() and dtype == torch.bfloat16
+
+
+def _triton_fwd(hidden, weight, bias, labels, p: LogprobParams):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    split = autotune.logprob_split_v(N, V)
+    part = torch.empty((6, split, N), dtype=torch.float32, device=hidden.device)
+    scale, cap, inv_t = _scalars(p)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
+    _kernel("fwd")[grid](
+        hidden, weight, bias if bias is not None else part, labels, part,
+        N, V, H, hidden.stride(0), weight.stride(0), scale, cap, inv_t, p.ignore_index,
+        SPLIT_V=split, HAS_BIAS=bias is not None, HAS_SOFTCAP=p.softcap is not None,
+        HAS_STATS=p.return_stats, DOT_PRECISION=_dot_precision(hidden.dtype),
+        UPCAST=_upcast(hidden.dtype),
+    )  # fmt: skip
+    # combine the vocabulary splits exactly as the online update would
+    m = part[0].amax(0)
+    w = torch.exp(part[0] - m)  # (split, N); empty splits have max -inf and weigh 0
+    s = (part[1] * w).sum(0)
+    lse = m + torch.log(s)
+    z_label = part[5].sum(0)
+    stats = None
+    if p.return_stats:
+        xs = (part[2] * w).sum(0)
+        before = part[4].amax(0)
+        valid = labels != p.ignore_index
+        top1 = valid & (z_label >= m) & (z_label > before)
+        stats = (lse - xs / s, part[3].sum(0) / V, top1)
+    return lse, z_label, stats
+
+
+def _triton_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    dh = torch.zeros((N, H), dtype=torch.float32, device=dev) if needs[0] else dummy
+    dw = torch.zeros((V, H), dtype=torch.float32, device=dev) if needs[1] else dummy
+    db = torch.zeros((V,), dtype=torch.float32, device=dev) if needs[2] else dummy
+    scale, cap, inv_t = _scalars(p)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"]))
+    _kernel("bwd")[grid](
+        hidden, weight, bias if bias is not None else dummy, labels, lse, g, dh, dw, db,
+        N, V, H, hidden.stride(0), weight.stride(0), scale, cap, inv_t,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=p.softcap is not None, NEED_DH=needs[0],
+        NEED_DW=needs[1], NEED_DB=needs[2], DOT_PRECISION=_dot_precision(hidden.dtype),
+        UPCAST=_upcast(hidden.dtype),
+    )  # fmt: skip
+    return tuple(x if need else None for x, need in zip((dh, dw, db), needs, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked torch implementation (the CPU path): same algorithm, (chunk_n, chunk_v) tiles
+# ---------------------------------------------------------------------------------------------
+
+
+def _transform_(y: Tensor, p: LogprobParams) -> Tensor:
+    """In place on an fp32 tile: y -> softcap * tanh(y * logit_scale / softcap) / temperature."""
+    if p.logit_scale != 1.0:
+        y.mul_(p.logit_scale)
+    if p.softcap is not None:
+        y.div_(p.softcap).tanh_().mul_(p.softcap)
+    if p.temperature != 1.0:
+        y.div_(p.temperature)
+    return y
+
+
+def _tiles(hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LogprobParams):
+    """Yield (n0, n1, v0, v1, w_chunk, y) with y = hidden[n0:n1] @ weight[v0:v1].T + b in fp32.
+
+    CPU matmuls run in fp32 (bf16 GEMMs are slow there and this is more accurate); on a GPU the
+    GEMM runs in the input dtype and only the tile is upcast. Outer loop over vocabulary chunks so
+    each weight chunk is converted once.
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    mm_dtype = torch.float32 if hidden.device.type == "cpu" else hidden.dtype
+    cv = max(1, min(V, p.chunk_v))
+    cn = max(1, p.chunk_n or TILE_ELEMENTS // cv)
+    h = hidden.to(mm_dtype)
+    for v0 in range(0, V, cv):
+        v1 = min(V, v0 + cv)
+        w = weight[v0:v1].to(mm_dtype)
+        b = bias[v0:v1].float() if bias is not None else None
+        for n0 in range(0, N, cn):
+            n1 = min(N, n0 + cn)
+            y = (h[n0:n1] @ w.T).float()  # (n, v)
+            if b is not None:
+                y.add_(b)
+            yield n0, n1, v0, v1, h[n0:n1], w, y
+
+
+def _chunked_fwd(hidden, weight, bias, labels, p: LogprobParams):
+    N, V = hidden.shape[0], weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    m = torch.full((N,), float("-inf"), **f32)
+    s, xs, zsum, z_label = (torch.zeros(N, **f32) for _ in range(4))
+    before = torch.full((N,), float("-inf"), **f32)
+    for n0, n1, v0, v1, _, _, z in _tiles(hidden, weight, bias, p):
+        z = _transform_(z, p)
+        local = labels[n0:n1] - v0
+        inside = (local >= 0) & (local < v1 - v0)
+        picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None])[:, 0]
+        z_label[n0:n1] += torch.where(inside, picked, 0.0)
+        if p.return_stats:
+            zsum[n0:n1] += z.sum(1)
+            cols = torch.arange(v1 - v0, device=z.device)
+            early = cols[None, :] < local[:, None]
+            b_tile = z.masked_fill(~early, float("-inf")).amax(1)
+            torch.maximum(before[n0:n1], b_tile, out=before[n0:n1])
+        new_m = torch.maximum(m[n0:n1], z.amax(1))
+        rescale = torch.exp(m[n0:n1] - new_m)
+        if p.return_stats:
+            e = torch.exp(z - new_m[:, None])
+            xs[n0:n1] = xs[n0:n1] * rescale + (e * z).sum(1)
+            e_sum = e.sum(1)
+        else:
+            e_sum = z.sub_(new_m[:, None]).exp_().sum(1)  # z is dead: reuse its memory
+        s[n0:n1] = s[n0:n1] * rescale + e_sum
+        m[n0:n1] = new_m
+    lse = m + torch.log(s)
+    stats = None
+    if p.return_stats:
+        top1 = (labels != p.ignore_index) & (z_label >= m) & (z_label > before)
+        stats = (lse - xs / s, zsum / V, top1)
+    return lse, z_label, stats
+
+
+def _addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with an fp32 accumulator; half inputs on CUDA keep the product in fp32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError):
+            acc.addmm_(a.float(), b.float())
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _chunked_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dh = torch.zeros((N, H), **f32) if needs[0] else None
+    dw = torch.zeros((V, H), **f32) if needs[1] else None
+    db = torch.zeros((V,), **f32) if needs[2] else None
+    for n0, n1, v0, v1, h, w, y in _tiles(hidden, weight, bias, p):
+        # d = g * (onehot - softmax(z)) * dz/dy, built in place on the tile
+        u = y.mul_(p.logit_scale) if p.logit_scale != 1.0 else y
+        t = torch.tanh(u / p.softcap) if p.softcap is not None else None
+        z = t * (p.softcap / p.temperature) if t is not None else u.div_(p.temperature)
+        gn = g[n0:n1]
+        d = z.sub_(lse[n0:n1, None]).exp_().mul_(-gn[:, None])
+        local = labels[n0:n1] - v0
+        inside = (local >= 0) & (local < v1 - v0)
+        d.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], torch.where(inside, gn, 0)[:, None])
+        d.mul_(p.logit_scale / p.temperature)
+        if t is not None:
+            d.mul_(t.square_().neg_().add_(1.0))
+        if db is not None:
+            db[v0:v1] += d.sum(0)
+        d = d.to(h.dtype)
+        if dh is not None:
+            _addmm_fp32_(dh[n0:n1], d, w)
+        if dw is not None:
+            _addmm_fp32_(dw[v0:v1], d.T, h)
+    return dh, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager reference, autograd wiring and the public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def _eager(hidden, weight, bias, labels, p: LogprobParams, dtype: torch.dtype | None = None):
+    """Full-logits torch: `dtype=None` is plain torch at the input dtype (fp32 log-softmax);
+    `dtype=torch.float64` upcasts everything first (the reference)."""
+    if dtype is not None:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    y = F.linear(hidden, weight, bias)  # (N, V)
+    y = y if dtype is not None else y.float()
+    z = y * p.logit_scale
+    if p.softcap is not None:
+        z = p.softcap * torch.tanh(z / p.softcap)
+    z = z / p.temperature
+    valid = labels != p.ignore_index
+    logp_all = z.log_softmax(-1)
+    logps = logp_all.gather(-1, labels.masked_fill(~valid, 0)[:, None])[:, 0]
+    logps = torch.where(valid, logps, torch.zeros_like(logps))
+    if not p.return_stats:
+        return logps, None
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        stats = LogprobStats(entropy, z.mean(-1), valid & (z.argmax(-1) == labels))
+    return logps, stats
+
+
+def _resolve(p: LogprobParams, hidden: Tensor) -> str:
+    if p.impl != "auto":
+        return p.impl
+    if triton is not None and hidden.device.type == "cuda":  # ROCm tensors are "cuda" too
+        return "triton"
+    return "chunked"
+
+
+def _forward(hidden, weight, bias, labels, p: LogprobParams, impl: str):
+    """-> (logps fp32 (N,), lse (N,), stats tuple | None), for the triton / chunked impls."""
+    fwd = _triton_fwd if impl == "triton" else _chunked_fwd
+    lse, z_label, stats = fwd(hidden, weight, bias, labels, p)
+    logps = torch.where(labels != p.ignore_index, z_label - lse, 0.0)
+    return logps, lse, stats
+
+
+class LinearLogprobFunction(torch.autograd.Function):
+    """(hidden, weight, bias, labels, params) -> (logps, entropy, mean_logit, is_top1).
+
+    Saves only the inputs and the (N,) log-sum-exp; the backward recomputes each tile."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, p: LogprobParams):
+        impl = _resolve(p, hidden)
+        logps, lse, stats = _forward(hidden, weight, bias, labels, p, impl)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.params, ctx.impl = p, impl
+        if stats is None:
+            return logps, None, None, None
+        ctx.mark_non_differentiable(*stats)
+        return (logps, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        p, needs = ctx.params, ctx.needs_input_grad[:3]
+        g = torch.where(labels != p.ignore_index, grad_logps.float(), 0.0).contiguous()
+        bwd = _triton_bwd if ctx.impl == "triton" else _chunked_bwd
+        dh, dw, db = bwd(hidden, weight, bias, labels, lse, g, p, needs)
+        return (
+            dh.to(hidden.dtype) if dh is not None else None,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None,
+            None,
+            None,
+        )
+
+
+def _prepare(hidden, weight, bias, labels, p: LogprobParams):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden (N, H) and weight (V, H), got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"labels must be (N,) = {tuple(hidden.shape[:1])}, got {tuple(labels.shape)}"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be (V,) = {tuple(weight.shape[:1])}, got {tuple(bias.shape)}")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"hidden must be fp32 / bf16 / fp16, got {hidden.dtype}")
+    impl = _resolve(p, hidden)
+    if impl == "triton":
+        _check_triton(hidden)
+        # the kernels index H with unit stride and expect matching operand dtypes
+        weight = weight.to(hidden.dtype)
+        bias = bias.to(hidden.dtype) if bias is not None else None
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    return hidden, weight, bias, labels.long().contiguous()
+
+
+def fused_linear_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_stats: bool = False,
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, LogprobStats]:
+    """Log-prob (N,) fp32 of each label under `transform(hidden @ weight.T + bias)`, 0 on ignored
+    rows; differentiable in hidden, weight, bias. With return_stats, also LogprobStats (no grad)."""
+    p = LogprobParams(logit_scale, softcap, temperature, ignore_index, return_stats, impl)
+    if p.impl == "eager":
+        logps, stats = _eager(hidden, weight, bias, labels, p)
+        return (logps, stats) if return_stats else logps
+    hidden, weight, bias, labels = _prepare(hidden, weight, bias, labels, p)
+    logps, *stats = LinearLogprobFunction.apply(hidden, weight, bias, labels, p)
+    return (logps, LogprobStats(*stats)) if return_stats else logps
+
+
+@torch.no_grad()
+def linear_logprob_inference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_stats: bool = False,
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, LogprobStats]:
+    """Forward-only `fused_linear_logprob` for reference-model passes: no autograd state is kept."""
+    p = LogprobParams(logit_scale, softcap, temperature, ignore_index, return_stats, impl)
+    if p.impl == "eager":
+        logps, stats = _eager(hidden, weight, bias, labels, p)
+    else:
+        hidden, weight, bias, labels = _prepare(hidden, weight, bias, labels, p)
+        logps, _, raw = _forward(hidden, weight, bias, labels, p, _resolve(p, hidden))
+        stats = LogprobStats(*raw) if raw is not None else None
+    return (logps, stats) if return_stats else logps
+
+
+def fused_linear_logprob_ref(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_stats: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor | tuple[Tensor, LogprobStats]:
+    """Eager full-logits reference computed in `dtype` (fp64 truth for tests, fp32 for benches);
+    differentiable, results in `dtype`."""
+    p = LogprobParams(logit_scale, softcap, temperature, ignore_index, return_stats, "eager")
+    logps, stats = _eager(hidden, weight, bias, labels, p, dtype=dtype)
+    return (logps, stats) if return_stats else logps
