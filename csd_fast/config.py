@@ -1,0 +1,467 @@
+"""`DPOConfig`: TRL 1.16's DPOConfig fields and defaults, as a plain dataclass.
+
+    from csd_fast import DPOConfig            # instead of `from trl import DPOConfig`
+    args = DPOConfig(output_dir="out", beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1, 1])
+
+Every field of `trl.DPOConfig` 1.16 (its own and the `transformers.TrainingArguments` ones it
+inherits) is accepted with TRL's default, so a script written for TRL runs unchanged. We do not
+subclass TrainingArguments: its `__post_init__` sets up accelerate and devices, which this
+engine does not want at config time (and the CLI's `--help` must stay cheap).
+
+Three kinds of inherited fields (see `_UNSUPPORTED`):
+  * used by the engine (learning_rate, warmup, batch sizes, logging/eval/save, ...);
+  * harmless: accepted at any value, no effect here (log_level, ddp_timeout, hub ids, ...);
+  * unsupported: accepted at the default; any other value raises NotImplementedError naming the
+    field (deepspeed, fsdp, torch_compile, push_to_hub, ...) -- never silently ignored.
+Fields TRL removed by 1.16 (`REMOVED_FIELDS`) are unknown keywords, hence TRL's own TypeError.
+
+Our extensions come last and are off by default, so the defaults reproduce TRL.
+Run the tests: `python -m pytest tests/test_config.py -q`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "clo",
+)  # fmt: skip
+SCHEDULES = (
+    "linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
+    "cosine_with_restarts", "polynomial", "inverse_sqrt", "warmup_stable_decay",
+)  # fmt: skip
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+STRATEGIES = ("no", "steps", "epoch")
+# DPOConfig fields of older TRL releases that 1.16 no longer has. Passing one gives the plain
+# dataclass TypeError, the same TRL 1.16 gives (checked against trl in tests/test_config.py).
+REMOVED_FIELDS = (
+    "rpo_alpha", "max_prompt_length", "max_completion_length", "reference_free",
+    "use_logits_to_keep", "ref_model_init_kwargs", "model_adapter_name", "ref_adapter_name",
+    "force_use_ref_model", "generate_during_eval", "label_pad_token_id", "padding_value",
+    "is_encoder_decoder", "tools", "use_liger_loss", "base_model_attribute_name",
+)  # fmt: skip
+# Fields whose value may be a JSON string on the command line (TRL's _VALID_DICT_FIELDS).
+_DICT_FIELDS = (
+    "model_init_kwargs", "lr_scheduler_kwargs", "gradient_checkpointing_kwargs",
+    "activation_checkpointing_kwargs", "fsdp_config", "accelerator_config", "deepspeed",
+)  # fmt: skip
+
+
+def _f(default: Any = None, help: str = "", **meta: Any) -> Any:
+    """A dataclass field with `metadata['help']` (for the CLI); list/dict defaults are copied."""
+    if isinstance(default, list | dict):
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **meta}
+        )
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _no(default: Any = None, help: str = "") -> Any:
+    """An inherited field we accept only at its default (anything else: NotImplementedError)."""
+    return _f(default, f"{help} Not supported by csd-fast: only the default is accepted.".strip(),
+              unsupported=True)  # fmt: skip
+
+
+@dataclass
+class DPOConfig:
+    """TRL 1.16 `DPOConfig` (and the TrainingArguments it inherits) plus csd-fast's extensions."""
+
+    # ---- output, run control -------------------------------------------------------------
+    output_dir: str | None = _f(None, "Where checkpoints, metrics and the final model go.")
+    overwrite_output_dir: bool = _f(False, "Accepted for older scripts; has no effect.")
+    do_train: bool = _f(False, "For scripts only; the trainer does not read it.")
+    do_eval: bool = _f(False, "For scripts only; set True when eval_strategy is not 'no'.")
+    do_predict: bool = _f(False, "For scripts only; the trainer does not read it.")
+    resume_from_checkpoint: str | None = _f(None, "For scripts; pass it to `train()` to resume.")
+    seed: int = _f(42, "Random seed set at the start of training (model init, shuffling).")
+    data_seed: int | None = _f(None, "Seed of the data sampler; `seed` when None.")
+    use_cpu: bool = _f(False, "Train on the CPU even when an accelerator is available.")
+    # ---- optimisation --------------------------------------------------------------------
+    learning_rate: float = _f(1e-6, "Initial (peak) learning rate of AdamW. TRL's default 1e-6.")
+    lr_scheduler_type: str = _f("linear", f"Learning-rate schedule: one of {', '.join(SCHEDULES)}.")
+    lr_scheduler_kwargs: dict | str | None = _f(
+        None, "Extra schedule arguments, e.g. {'min_lr': 1e-7}."
+    )
+    warmup_steps: float = _f(0, "Linear warmup: a step count (>= 1) or a ratio of the run (< 1).")
+    warmup_ratio: float | None = _f(None, "Older name for a warmup ratio (transformers < 5).")
+    per_device_train_batch_size: int = _f(8, "Preference pairs per device per micro-batch.")
+    per_device_eval_batch_size: int = _f(8, "Preference pairs per device per evaluation batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    num_train_epochs: float = _f(3.0, "Epochs to train (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norm weights).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    optim: str = _f("adamw_torch_fused", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
+    # ---- precision, memory ---------------------------------------------------------------
+    bf16: bool | None = _f(None, "bf16 mixed precision; None means True unless fp16 (TRL's rule).")
+    fp16: bool = _no(False, "fp16 mixed precision.")
+    tf32: bool | None = _f(None, "Allow TF32 matmuls on Ampere+ GPUs.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    gradient_checkpointing_kwargs: dict | str | None = _f(None, "E.g. {'use_reentrant': False}.")
+    activation_checkpointing: bool | None = _f(
+        None, "transformers 5's name for gradient_checkpointing."
+    )
+    activation_checkpointing_kwargs: dict | str | None = _f(None, "New name of the kwargs above.")
+    torch_empty_cache_steps: int | None = _f(None, "Empty the device cache every N steps.")
+    # ---- logging, evaluation, saving -----------------------------------------------------
+    logging_strategy: str = _f("steps", "When to log: 'no', 'steps' or 'epoch'.")
+    logging_steps: float = _f(10, "Log every N optimizer steps (a ratio of the run if < 1).")
+    logging_first_step: bool = _f(False, "Also log after the first optimizer step.")
+    logging_nan_inf_filter: bool = _f(True, "Skip nan/inf losses when averaging the logged loss.")
+    logging_dir: str | None = _f(
+        None, "TensorBoard directory (older name); output_dir/runs if None."
+    )
+    report_to: str | list[str] | None = _f("none", "'none', 'tensorboard', 'wandb' or a list.")
+    run_name: str | None = _f(None, "Run name for W&B / TensorBoard.")
+    disable_tqdm: bool | None = _f(None, "Hide the progress bar.")
+    eval_strategy: str = _f("no", "When to evaluate: 'no', 'steps' or 'epoch'.")
+    eval_steps: float | None = _f(None, "Evaluate every N steps; logging_steps when None.")
+    save_strategy: str = _f("steps", "When to checkpoint: 'no', 'steps', 'epoch' or 'best'.")
+    save_steps: float = _f(500, "Checkpoint every N optimizer steps (a ratio if < 1).")
+    save_total_limit: int | None = _f(None, "Keep at most N checkpoints (the best is kept too).")
+    save_only_model: bool = _no(False, "Save only the weights in checkpoints.")
+    load_best_model_at_end: bool = _f(False, "Reload the best checkpoint when training ends.")
+    metric_for_best_model: str | None = _f(None, "Metric that picks the best checkpoint ('loss').")
+    greater_is_better: bool | None = _f(None, "Whether a larger metric is better.")
+    # ---- data loading --------------------------------------------------------------------
+    dataloader_num_workers: int = _f(0, "Accepted; batches are built in the main process.")
+    dataloader_drop_last: bool = _no(False, "Drop the last incomplete batch.")
+    dataloader_pin_memory: bool = _f(True, "Accepted; no effect.")
+    dataloader_persistent_workers: bool = _f(False, "Accepted; no effect.")
+    dataloader_prefetch_factor: int | None = _f(None, "Accepted; no effect.")
+    dataloader_multiprocessing_context: str | None = _f(None, "Accepted; no effect.")
+    dataloader_in_order: bool = _f(True, "Accepted; no effect.")
+    remove_unused_columns: bool = _f(True, "Accepted; extra dataset columns are always ignored.")
+    label_names: list[str] | None = _f(None, "Accepted; no effect for DPO.")
+    train_sampling_strategy: str = _no("random", "Order of training samples.")
+    length_column_name: str = _f("length", "Accepted; no effect.")
+    # ---- accepted, no effect here (logging destinations, distributed knobs, hub ids) -----
+    log_level: str = _f("passive", "Accepted; no effect.")
+    log_level_replica: str = _f("warning", "Accepted; no effect.")
+    log_on_each_node: bool = _f(True, "Accepted; no effect.")
+    include_num_input_tokens_seen: str | bool = _f("no", "Accepted; num_tokens is always logged.")
+    project: str = _f("huggingface", "Accepted; no effect (Trackio).")
+    trackio_space_id: str | None = _f(None, "Accepted; no effect.")
+    trackio_bucket_id: str | None = _f(None, "Accepted; no effect.")
+    trackio_static_space_id: str | bool | None = _f(None, "Accepted; no effect.")
+    prediction_loss_only: bool = _f(False, "Accepted; no effect.")
+    eval_do_concat_batches: bool = _f(True, "Accepted; no effect.")
+    eval_use_gather_object: bool = _f(False, "Accepted; no effect.")
+    eval_accumulation_steps: int | None = _f(None, "Accepted; no effect.")
+    include_for_metrics: list[str] = _f([], "Accepted; no effect.")
+    batch_eval_metrics: bool = _f(False, "Accepted; no effect.")
+    skip_memory_metrics: bool = _f(True, "Accepted; no effect.")
+    average_tokens_across_devices: bool = _f(True, "Accepted; no effect for DPO.")
+    use_cache: bool = _f(False, "Accepted; the KV cache is off in training.")
+    save_on_each_node: bool = _f(False, "Accepted; no effect.")
+    local_rank: int = _f(-1, "Accepted; ranks come from torchrun's environment.")
+    ddp_find_unused_parameters: bool | None = _f(None, "Accepted; no effect.")
+    ddp_bucket_cap_mb: int | None = _f(None, "Accepted; no effect.")
+    ddp_broadcast_buffers: bool | None = _f(None, "Accepted; no effect.")
+    ddp_static_graph: bool | None = _f(None, "Accepted; no effect.")
+    ddp_backend: str | None = _f(None, "Accepted; no effect.")
+    ddp_timeout: int = _f(1800, "Accepted; no effect.")
+    hub_token: str | None = _f(None, "Accepted; no effect (push_to_hub is unsupported).")
+    hub_private_repo: bool | None = _f(None, "Accepted; no effect.")
+    hub_model_id: str | None = _f(None, "Accepted; no effect.")
+    hub_strategy: str = _f("every_save", "Accepted; no effect.")
+    hub_always_push: bool = _f(False, "Accepted; no effect.")
+    hub_revision: str | None = _f(None, "Accepted; no effect.")
+    # ---- inherited, not supported (default only) -----------------------------------------
+    optim_args: str | None = _no(None, "Extra optimizer arguments.")
+    optim_target_modules: str | list[str] | None = _no(None, "GaLore/APOLLO target modules.")
+    label_smoothing_factor: float = _no(0.0, "HF label smoother (DPO has label_smoothing).")
+    bf16_full_eval: bool = _no(False, "Evaluate fully in bf16.")
+    fp16_full_eval: bool = _no(False, "Evaluate fully in fp16.")
+    torch_compile: bool = _no(False, "torch.compile the model.")
+    torch_compile_backend: str | None = _no(None, "torch.compile backend.")
+    torch_compile_mode: str | None = _no(None, "torch.compile mode.")
+    use_liger_kernel: bool = _no(False, "Patch the model with Liger kernels (use `fused`).")
+    liger_kernel_config: dict | None = _no(None, "Liger kernel options.")
+    neftune_noise_alpha: float | None = _no(None, "NEFTune embedding noise.")
+    auto_find_batch_size: bool = _no(False, "Search a batch size that fits.")
+    eval_delay: float = _no(0, "Steps/epochs before the first evaluation.")
+    eval_on_start: bool = _no(False, "Evaluate before training.")
+    enable_jit_checkpoint: bool = _no(False, "Checkpoint on SIGTERM.")
+    push_to_hub: bool = _no(False, "Push checkpoints to the Hugging Face Hub.")
+    ignore_data_skip: bool = _no(False, "Do not fast-forward data on resume.")
+    restore_callback_states_from_checkpoint: bool = _no(False, "Restore callback states.")
+    full_determinism: bool = _no(False, "Deterministic algorithms for distributed runs.")
+    accelerator_config: dict | str | None = _no(None, "accelerate options.")
+    parallelism_config: Any = _no(None, "accelerate ParallelismConfig.")
+    fsdp: str | bool | None = _no(None, "FSDP via accelerate.")
+    fsdp_config: dict | str | None = _no(None, "FSDP options.")
+    deepspeed: dict | str | None = _no(None, "DeepSpeed config.")
+    debug: str | list[str] = _no("", "transformers debug options.")
+
+    # ---- TRL DPOConfig: model --------------------------------------------------------------
+    model_init_kwargs: dict[str, Any] | str | None = _f(
+        None, "Keyword arguments for from_pretrained when `model` is a path (e.g. dtype)."
+    )
+    trust_remote_code: bool = _f(False, "Allow models/tokenizers with custom code.")
+    router_aux_loss_coef: float | None = _no(None, "MoE load-balancing loss coefficient.")
+    disable_dropout: bool = _f(True, "Disable dropout in the policy and reference models.")
+    # ---- TRL DPOConfig: data -----------------------------------------------------------------
+    dataset_num_proc: int | None = _f(None, "Accepted; tokenization runs in one process.")
+    max_length: int | None = _f(1024, "Max tokens of prompt + completion; None: no truncation.")
+    truncation_mode: str = _f(
+        "keep_start", "How over-long sequences are cut: 'keep_start' ('keep_end' is deprecated).",
+        choices=["keep_end", "keep_start"],
+    )  # fmt: skip
+    padding_free: bool = _f(
+        False, "Pack pairs into one row without padding (real packing; TRL 1.16 disables it)."
+    )
+    pad_to_multiple_of: int | str | None = _f(
+        "auto", "Pad lengths to a multiple of N ('auto': none)."
+    )
+    precompute_ref_log_probs: bool = _f(
+        False, "Compute reference log-probs for the whole dataset before training."
+    )
+    precompute_ref_batch_size: int | None = _f(None, "Batch size of that precomputation.")
+    # ---- TRL DPOConfig: loss -----------------------------------------------------------------
+    loss_type: list[str] = _f(
+        ["sigmoid"], f"Loss type(s), combined with loss_weights: {', '.join(LOSS_TYPES)}."
+    )
+    loss_weights: list[float] | None = _f(None, "Weight of each loss_type (default 1.0 each).")
+    ld_alpha: float | None = _f(None, "LD-DPO alpha in [0, 1] for the verbose tokens.")
+    f_divergence_type: str = _f(
+        "reverse_kl", "f-DPO regularizer: reverse_kl, forward_kl, js_divergence, alpha_divergence."
+    )
+    f_alpha_divergence_coef: float = _f(0.5, "alpha of the alpha-divergence.")
+    label_smoothing: float = _f(0.0, "Robust DPO flip probability / EXO epsilon.")
+    beta: float = _f(0.1, "Strength of the tie to the reference model (tau for IPO).")
+    use_weighting: bool = _f(False, "WPO weighting of pairs by length-normalized policy prob.")
+    discopop_tau: float = _f(0.05, "DiscoPOP temperature.")
+    activation_offloading: bool = _no(False, "Offload activations to the CPU.")
+    sync_ref_model: bool = _no(False, "TR-DPO: mix the policy into the reference periodically.")
+    ref_model_mixup_alpha: float = _f(0.6, "TR-DPO alpha (needs sync_ref_model).")
+    ref_model_sync_steps: int = _f(512, "TR-DPO period (needs sync_ref_model).")
+    pad_token: str | None = _f(None, "Deprecated in TRL: set tokenizer.pad_token instead.")
+
+    # ---- csd-fast extensions (off by default: the defaults reproduce TRL) -------------------
+    fused: bool = _f(False, "Use the fused kernels (lm-head + log-prob + loss).")
+    prefix_sharing: bool = _f(
+        False, "Pack [prompt, chosen, rejected] once per pair (prompt computed once)."
+    )
+    ref_cache_dir: str | None = _f(None, "Persistent cache of reference log-probs (reused runs).")
+    max_tokens_per_batch: int | None = _f(
+        None, "Token budget per packed micro-batch (padding_free/prefix_sharing)."
+    )
+    trainable_params: list[str] | None = _f(
+        None, "Regex patterns of parameter names to train (others frozen); all when None."
+    )
+    on_bad_row: str = _f("error", "Bad dataset row: 'error' stops, 'skip' skips and records it.")
+    min_lr: float | None = _f(None, "Floor of the cosine schedule (cosine_with_min_lr).")
+    clo_lambda: float = _f(0.5, "CLO: weight of the NLL term on the target language.")
+
+    def __post_init__(self) -> None:
+        for name in _DICT_FIELDS:  # the CLI passes dicts as JSON text
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().startswith("{"):
+                setattr(self, name, json.loads(value))
+        self._check_unsupported()
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"  # transformers 5's default
+        # TRL's rule: bf16 unless fp16 was asked for.
+        self.bf16 = (not self.fp16) if self.bf16 is None else bool(self.bf16)
+        # transformers 5 renamed gradient_checkpointing -> activation_checkpointing; the new
+        # name wins when given, and both read the same afterwards.
+        if self.activation_checkpointing is not None:
+            self.gradient_checkpointing = bool(self.activation_checkpointing)
+        self.activation_checkpointing = self.gradient_checkpointing
+        if self.activation_checkpointing_kwargs is not None:
+            self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+        self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        if self.warmup_ratio is not None and not self.warmup_steps:
+            self.warmup_steps = float(self.warmup_ratio)
+        if isinstance(self.include_num_input_tokens_seen, bool):
+            self.include_num_input_tokens_seen = (
+                "all" if self.include_num_input_tokens_seen else "no"
+            )
+        if self.disable_tqdm is None:
+            self.disable_tqdm = False
+        self._check_choices()
+        self._derive_logging_eval_save()
+        self._normalise_report_to()
+        self._normalise_loss()
+        if isinstance(self.pad_to_multiple_of, str):
+            text = self.pad_to_multiple_of.lower()
+            self.pad_to_multiple_of = None if text in ("auto", "none", "null") else int(text)
+        if self.pad_token is not None:
+            warnings.warn(
+                "`pad_token` is deprecated: set `tokenizer.pad_token` and pass the tokenizer as "
+                "`processing_class`.",
+                FutureWarning,
+                stacklevel=3,
+            )
+        if self.truncation_mode == "keep_end":
+            warnings.warn(
+                "truncation_mode='keep_end' is deprecated (removed in TRL 2.0); use 'keep_start'.",
+                FutureWarning,
+                stacklevel=3,
+            )
+
+    # -- validation helpers ----------------------------------------------------------------
+    def _check_unsupported(self) -> None:
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("unsupported"):
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            value = getattr(self, f.name)
+            if value != default and not (value in ("", [], None) and default in ("", [], None)):
+                raise NotImplementedError(
+                    f"DPOConfig.{f.name}={value!r} is not supported by csd-fast yet "
+                    f"(only the default {default!r} is accepted)"
+                )
+
+    def _check_choices(self) -> None:
+        checks = {
+            "lr_scheduler_type": SCHEDULES,
+            "optim": OPTIMIZERS,
+            "logging_strategy": STRATEGIES,
+            "eval_strategy": STRATEGIES,
+            "save_strategy": (*STRATEGIES, "best"),
+            "truncation_mode": ("keep_start", "keep_end"),
+            "on_bad_row": ("error", "skip"),
+        }
+        for name, allowed in checks.items():
+            value = getattr(self, name)
+            value = getattr(value, "value", value)  # a transformers enum member
+            setattr(self, name, value)
+            if value not in allowed:
+                err = NotImplementedError if name in ("lr_scheduler_type", "optim") else ValueError
+                raise err(f"DPOConfig.{name}={value!r} is not supported; expected one of {allowed}")
+
+    def _derive_logging_eval_save(self) -> None:
+        # transformers' rules: integer step counts above 1, eval_steps falls back to
+        # logging_steps, load_best_model_at_end implies metric 'loss' and needs matching strategies.
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and value > 1:
+                if value != int(value):
+                    raise ValueError(f"--{name} must be an integer if bigger than 1: {value}")
+                setattr(self, name, int(value))
+        if self.logging_strategy == "steps" and self.logging_steps == 0:
+            raise ValueError("logging_strategy='steps' requires a non-zero logging_steps")
+        if self.eval_strategy != "no":
+            self.do_eval = True
+        if self.eval_strategy == "steps" and not self.eval_steps:
+            if not self.logging_steps:
+                raise ValueError("eval_strategy='steps' requires eval_steps or logging_steps")
+            self.eval_steps = self.logging_steps
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.load_best_model_at_end and self.save_strategy != "best":
+            if self.eval_strategy != self.save_strategy:
+                raise ValueError(
+                    "load_best_model_at_end requires the save and eval strategy to match, except "
+                    f"when save_strategy='best' (eval: {self.eval_strategy!r}, save: "
+                    f"{self.save_strategy!r})"
+                )
+            if self.eval_strategy == "steps" and self.save_steps % self.eval_steps != 0:
+                raise ValueError(
+                    "load_best_model_at_end requires save_steps to be a multiple of eval_steps "
+                    f"(save_steps={self.save_steps}, eval_steps={self.eval_steps})"
+                )
+
+    def _normalise_report_to(self) -> None:
+        # transformers turns 'none' into [] and a single name into a list; 'all' means every
+        # integration we support that is installed.
+        rt = self.report_to
+        if rt is None or rt == "none" or rt == ["none"]:
+            self.report_to = []
+        elif rt == "all" or rt == ["all"]:
+            import importlib.util
+
+            self.report_to = [
+                m for m in ("tensorboard", "wandb") if importlib.util.find_spec(m) is not None
+            ]
+        else:
+            self.report_to = [rt] if isinstance(rt, str) else list(rt)
+
+    def _normalise_loss(self) -> None:
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type)
+        if self.loss_weights is not None:
+            self.loss_weights = [float(w) for w in self.loss_weights]
+            if len(self.loss_weights) != len(self.loss_type):
+                raise ValueError(
+                    "`loss_weights` must have the same length as `loss_type` when combining "
+                    f"multiple losses. Got {len(self.loss_weights)} weights for "
+                    f"{len(self.loss_type)} loss types."
+                )
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"Unknown loss_type {unknown}; expected among {list(LOSS_TYPES)}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+
+    # -- public helpers ----------------------------------------------------------------------
+    def loss_params(self):
+        """The loss settings as `csd_fast.losses.LossParams` (what `preference_loss` reads)."""
+        from csd_fast.losses import LossParams
+
+        return LossParams(
+            loss_type=tuple(self.loss_type),
+            loss_weights=None if self.loss_weights is None else tuple(self.loss_weights),
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.discopop_tau,
+            clo_lambda=self.clo_lambda,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as plain JSON/YAML-safe values (what `from_yaml` reads back)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = getattr(value, "value", value)  # enums (if a caller set one)
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> DPOConfig:
+        """Build from a YAML mapping of field: value; keyword `overrides` win over the file.
+
+        Dashes in keys are accepted (`max-steps`), as on the command line.
+        """
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{path}: expected a mapping of option: value, got {type(data).__name__}"
+            )
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        data.update(overrides)
+        return cls(**data)
+
+    def to_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def fields_for_cli(cls) -> list[tuple[str, Any, Any, str]]:
+        """(name, type annotation, default, help) of every field, for building `--help`."""
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out.append((f.name, f.type, default, f.metadata.get("help", "")))
+        return out
