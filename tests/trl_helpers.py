@@ -1,0 +1,161 @@
+"""Parity harness: run TRL 1.16's DPOTrainer and csd-fast's on the same tiny model and data.
+
+Used by tests/test_trl_parity.py; also runnable alone to look at TRL's log history:
+    python tests/trl_helpers.py            # prints TRL's per-step logs on the tiny Llama
+
+Everything is local and fp32 on CPU: a tiny Llama or Qwen2 built from a config and saved to a
+temp dir (TRL reloads the reference model from `model.config._name_or_path`), the byte-level
+tokenizer of tests/data_helpers.py, `HF_HUB_OFFLINE=1`, `report_to="none"`, `bf16=False`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from data_helpers import tiny_tokenizer  # noqa: E402
+
+ARCHS = ("llama", "qwen2")
+TOPICS = ["sky", "sun", "sea", "capital", "world", "color", "France", "Germany"]
+ANSWERS = ["blue", "green", "in the sky", "in the sea", "Paris", "Berlin", "fine", "red"]
+
+
+def tiny_model(arch: str, vocab_size: int, seed: int = 0):
+    """A 2-layer causal LM with random weights (fixed seed); fp32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).float()
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).float()
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def save_tiny(arch: str, root: str | Path) -> tuple[str, object]:
+    """Save tokenizer + model to `root/arch` (once); return (path, tokenizer)."""
+    path = Path(root) / arch
+    tok = tiny_tokenizer()
+    if not (path / "config.json").exists():
+        tiny_model(arch, len(tok)).save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path), tok
+
+
+def rows(fmt: str, n: int = 12) -> list[dict]:
+    """`n` short preference pairs in one of TRL's formats: standard, conversational, implicit."""
+    out = []
+    for i in range(n):
+        topic, good, bad = TOPICS[i % 8], ANSWERS[i % 8], ANSWERS[(i * 3 + 1) % 8]
+        if good == bad:
+            bad = "not sure"
+        prompt = f"Where is the {topic}?" if i % 2 else f"What about the {topic}? Say it"
+        extra = " today" * (i % 3)  # unequal lengths, so padding and masks matter
+        if fmt == "standard":
+            out.append(
+                {"prompt": prompt, "chosen": f" It is {good}{extra}.", "rejected": f" {bad}."}
+            )
+        elif fmt == "implicit":
+            out.append({"chosen": f"{prompt} It is {good}{extra}.", "rejected": f"{prompt} {bad}."})
+        elif fmt == "conversational":
+            out.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": f"It is {good}{extra}."}],
+                    "rejected": [{"role": "assistant", "content": f"{bad}."}],
+                }
+            )
+        else:
+            raise ValueError(f"unknown format {fmt!r}")
+    return out
+
+
+def base_kwargs(output_dir: str | Path, **overrides) -> dict:
+    """DPOConfig kwargs shared by both sides: fp32, every step logged, no saving, 3 steps."""
+    kw = dict(
+        output_dir=str(output_dir), bf16=False, use_cpu=True, report_to="none",
+        logging_steps=1, save_strategy="no", max_steps=3, per_device_train_batch_size=4,
+        learning_rate=1e-3, max_length=32, gradient_checkpointing=False, disable_tqdm=True,
+        seed=0, dataloader_num_workers=0,
+    )  # fmt: skip
+    kw.update(overrides)
+    return kw
+
+
+def run(
+    impl: str, arch: str, model_root: str | Path, out_dir: str | Path, data: list[dict], **kw
+) -> tuple[list[dict], dict]:
+    """Train with `impl` ('trl' or 'csd'); return (log_history, final state_dict on CPU).
+
+    The model is loaded from the saved directory on both sides (same init bits); the tokenizer
+    is the one saved next to it.
+    """
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if impl == "trl":
+        from trl import DPOConfig, DPOTrainer
+    elif impl == "csd":
+        from csd_fast import DPOConfig, DPOTrainer
+    else:
+        raise ValueError(impl)
+    path, _ = save_tiny(arch, model_root)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    tok = AutoTokenizer.from_pretrained(path)
+    args = DPOConfig(**base_kwargs(out_dir, **kw))
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
+        processing_class=tok,
+    )  # fmt: skip
+    trainer.train()
+    state = {k: v.detach().float().cpu().clone() for k, v in trainer.model.state_dict().items()}
+    return list(trainer.state.log_history), state
+
+
+def step_logs(history: list[dict]) -> list[dict]:
+    """Per-step training logs (drop the end-of-training summary with train_runtime etc.)."""
+    return [h for h in history if "loss" in h and "train_runtime" not in h]
+
+
+def compare_logs(ours: list[dict], ref: list[dict], rtol=1e-4, atol=1e-6, skip=()) -> list[str]:
+    """Every key `ref` logs at each step must be in `ours` and agree; returns the mismatches."""
+    problems = []
+    ours, ref = step_logs(ours), step_logs(ref)
+    if len(ours) != len(ref):
+        return [f"{len(ours)} logged steps vs TRL's {len(ref)}"]
+    for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
+        for key, want in r.items():
+            if key in skip:
+                continue
+            if key not in o:
+                problems.append(f"step {i}: {key!r} missing (TRL: {want})")
+                continue
+            got = o[key]
+            bad = (
+                not math.isclose(got, want, rel_tol=rtol, abs_tol=atol)
+                if isinstance(want, float | int)
+                else got != want
+            )
+            if bad:
+                problems.append(f"step {i}: {key} = {got!r}, TRL {want!r}")
+    return problems
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hist, _ = run("trl", "llama", tmp, Path(tmp) / "out", rows("standard"))
+        for h in hist:
+            print(h)
