@@ -289,6 +289,8 @@ class DPOConfig:
             )
         if self.disable_tqdm is None:
             self.disable_tqdm = False
+        if isinstance(self.debug, str):
+            self.debug = self.debug.split()
         self._check_choices()
         self._derive_logging_eval_save()
         self._normalise_report_to()

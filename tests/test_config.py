@@ -1,0 +1,237 @@
+"""`csd_fast.DPOConfig` against `trl.DPOConfig` 1.16: defaults, errors, YAML round trip.
+
+Run: `python -m pytest tests/test_config.py -q`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import pytest
+
+from csd_fast.config import REMOVED_FIELDS, DPOConfig
+
+trl = pytest.importorskip("trl")
+
+# Fields whose normalised value intentionally differs from TRL's after __post_init__.
+INTENDED = {
+    # TRL asks torch for the device ("auto" -> 128 on Neuron only); we never pad to a multiple.
+    "pad_to_multiple_of",
+    # transformers turns None into an AcceleratorConfig object; we do not use accelerate.
+    "accelerator_config",
+    # transformers: True iff the logger level is above WARN at config time; ours False (bar shown).
+    "disable_tqdm",
+    # transformers warns and mirrors gradient_checkpointing into activation_checkpointing;
+    # we mirror too, compared separately below.
+    "activation_checkpointing",
+}
+OURS_ONLY = {
+    "warmup_ratio", "logging_dir", "overwrite_output_dir",  # transformers < 5 names, accepted
+    "fused", "prefix_sharing", "ref_cache_dir", "max_tokens_per_batch", "trainable_params",
+    "on_bad_row", "min_lr", "clo_lambda",
+}  # fmt: skip
+
+
+def _plain(v):
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("out"))
+    with pytest.warns(FutureWarning):  # transformers 5: gradient_checkpointing is deprecated
+        ref = trl.DPOConfig(output_dir=out, bf16=False)
+    return DPOConfig(output_dir=out, bf16=False), ref
+
+
+def test_every_trl_field_is_accepted(pair):
+    ours, ref = pair
+    names = {f.name for f in dataclasses.fields(ref) if f.init}
+    missing = names - {f.name for f in dataclasses.fields(ours)}
+    assert not missing, f"TRL fields csd_fast.DPOConfig does not accept: {sorted(missing)}"
+    extra = {f.name for f in dataclasses.fields(ours)} - names
+    assert extra == OURS_ONLY
+
+
+def test_defaults_equal_trl_field_by_field(pair):
+    ours, ref = pair
+    diffs = []
+    for f in dataclasses.fields(ref):
+        if not f.init or f.name in INTENDED:
+            continue
+        a, b = _plain(getattr(ours, f.name)), _plain(getattr(ref, f.name))
+        if a != b:
+            diffs.append(f"{f.name}: ours {a!r}, trl {b!r}")
+    assert not diffs, "\n".join(diffs)
+
+
+def test_documented_trl_defaults(pair):
+    ours, _ = pair
+    assert ours.learning_rate == 1e-6 and ours.logging_steps == 10
+    assert ours.gradient_checkpointing is True and ours.activation_checkpointing is True
+    assert ours.loss_type == ["sigmoid"] and ours.beta == 0.1 and ours.max_length == 1024
+    assert ours.report_to == [] and ours.eval_strategy == "no" and ours.save_steps == 500
+    assert ours.num_train_epochs == 3.0 and ours.max_steps == -1 and ours.warmup_steps == 0
+    assert ours.optim == "adamw_torch_fused" and ours.lr_scheduler_type == "linear"
+    # extensions off, so the defaults reproduce TRL
+    assert not (ours.fused or ours.padding_free or ours.prefix_sharing)
+    assert ours.ref_cache_dir is None and ours.trainable_params is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"fp16": False},
+        {"bf16": True},
+        {"loss_type": "ipo"},
+        {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+        {"pad_to_multiple_of": "8"},
+        {"pad_to_multiple_of": "none"},
+        {"eval_strategy": "steps", "logging_steps": 5},
+        {
+            "eval_strategy": "steps",
+            "eval_steps": 4,
+            "save_steps": 8,
+            "load_best_model_at_end": True,
+        },
+        {"metric_for_best_model": "rewards/accuracies"},
+        {"report_to": "tensorboard"},
+        {"logging_steps": 20.0, "save_steps": 0.5},
+        {"warmup_steps": 0.1, "lr_scheduler_type": "cosine"},
+        {"include_num_input_tokens_seen": True},
+        {"model_init_kwargs": '{"dtype": "float32"}'},
+        {"gradient_checkpointing_kwargs": {"use_reentrant": False}},
+    ],
+)
+def test_normalisation_matches_trl(tmp_path, kwargs):
+    # use_cpu: TRL's bf16 default raises on a machine without a bf16 GPU unless use_cpu is set
+    # (ours does not: the trainer falls back to fp32 on CPU).
+    kwargs = {"use_cpu": True, **kwargs}
+    ours = DPOConfig(output_dir=str(tmp_path), **kwargs)
+    with pytest.warns(FutureWarning):
+        ref = trl.DPOConfig(output_dir=str(tmp_path), **kwargs)
+    for name in ("bf16", "loss_type", "loss_weights", "eval_steps", "do_eval", "logging_steps",
+                 "save_steps", "metric_for_best_model", "greater_is_better", "report_to",
+                 "warmup_steps", "include_num_input_tokens_seen", "model_init_kwargs",
+                 "gradient_checkpointing_kwargs", "lr_scheduler_type"):  # fmt: skip
+        assert _plain(getattr(ours, name)) == _plain(getattr(ref, name)), name
+    if "pad_to_multiple_of" in kwargs:
+        assert ours.pad_to_multiple_of == ref.pad_to_multiple_of
+
+
+@pytest.mark.parametrize("name", REMOVED_FIELDS)
+def test_removed_fields_give_trls_type_error(tmp_path, name):
+    with pytest.raises(TypeError) as theirs:
+        trl.DPOConfig(output_dir=str(tmp_path), **{name: 1})
+    with pytest.raises(TypeError) as ours:
+        DPOConfig(output_dir=str(tmp_path), **{name: 1})
+    assert str(ours.value) == str(theirs.value)
+    assert f"unexpected keyword argument '{name}'" in str(ours.value)
+
+
+def test_loss_weights_length_checked_like_trl(tmp_path):
+    kw = dict(output_dir=str(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    with pytest.raises(ValueError) as theirs:
+        trl.DPOConfig(**kw)
+    with pytest.raises(ValueError) as ours:
+        DPOConfig(**kw)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"deepspeed": "ds.json"},
+        {"fsdp": "full_shard"},
+        {"torch_compile": True},
+        {"torch_compile_mode": "max-autotune"},
+        {"push_to_hub": True},
+        {"use_liger_kernel": True},
+        {"fp16": True},
+        {"sync_ref_model": True},
+        {"activation_offloading": True},
+        {"neftune_noise_alpha": 5.0},
+        {"train_sampling_strategy": "group_by_length"},
+        {"optim": "sgd"},
+        {"lr_scheduler_type": "reduce_lr_on_plateau"},
+    ],
+)
+def test_unsupported_non_defaults_raise(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(NotImplementedError, match=name):
+        DPOConfig(output_dir="x", **kwargs)
+
+
+def test_harmless_fields_accepted():
+    cfg = DPOConfig(
+        output_dir="x", log_level="info", ddp_timeout=60, dataloader_num_workers=2,
+        hub_model_id="me/model", do_train=True, remove_unused_columns=False,
+    )  # fmt: skip
+    assert cfg.ddp_timeout == 60 and cfg.dataloader_num_workers == 2
+
+
+def test_bad_values_raise():
+    with pytest.raises(ValueError, match="on_bad_row"):
+        DPOConfig(on_bad_row="ignore")
+    with pytest.raises(ValueError, match="loss_type"):
+        DPOConfig(loss_type="dpo")
+    with pytest.raises(ValueError, match="load_best_model_at_end"):
+        DPOConfig(load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch")
+
+
+def test_padding_free_stays_on_without_warning(recwarn):
+    # TRL 1.16 warns and falls back to padding; ours packs for real.
+    assert DPOConfig(padding_free=True).padding_free is True
+    assert not [w for w in recwarn if "padding" in str(w.message).lower()]
+
+
+def test_deprecations_warn_like_trl():
+    with pytest.warns(FutureWarning, match="pad_token"):
+        DPOConfig(pad_token="<pad>")
+    with pytest.warns(FutureWarning, match="keep_end"):
+        DPOConfig(truncation_mode="keep_end")
+
+
+def test_output_dir_default():
+    assert DPOConfig().output_dir == "trainer_output"
+
+
+def test_warmup_ratio_compat():
+    assert DPOConfig(warmup_ratio=0.1).warmup_steps == 0.1
+    assert DPOConfig(warmup_ratio=0.1, warmup_steps=5).warmup_steps == 5
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = DPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1, 2],
+                    trainable_params=[r"\.self_attn\."], eval_strategy="steps", eval_steps=3,
+                    model_init_kwargs={"dtype": "float32"}, report_to="tensorboard")  # fmt: skip
+    path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(path)
+    again = DPOConfig.from_yaml(path)
+    assert again == cfg
+    over = DPOConfig.from_yaml(path, beta=0.3, max_steps=7)
+    assert (over.beta, over.max_steps, over.loss_weights) == (0.3, 7, [1.0, 2.0])
+
+
+def test_from_yaml_accepts_dashes_and_rejects_unknown(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("max-steps: 4\nlearning_rate: 1.0e-4\n")
+    assert DPOConfig.from_yaml(path).max_steps == 4
+    path.write_text("rpo_alpha: 1.0\n")
+    with pytest.raises(TypeError, match="rpo_alpha"):
+        DPOConfig.from_yaml(path)
+
+
+def test_fields_for_cli_and_loss_params():
+    rows = {name: (tp, default, help_) for name, tp, default, help_ in DPOConfig.fields_for_cli()}
+    assert rows["beta"][1] == 0.1 and rows["loss_type"][1] == ["sigmoid"]
+    assert all(h for _, _, h in rows.values()), "every field needs a help text"
+    params = DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1, 0.5], beta=0.2).loss_params()
+    assert params.loss_type == ("sigmoid", "sft") and params.loss_weights == (1.0, 0.5)
+    assert params.beta == 0.2 and params.clo_lambda == 0.5
