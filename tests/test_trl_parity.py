@@ -92,6 +92,26 @@ def test_warmup_cosine_clipping(models, tmp_path):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "ext",
+    [{"fused": True}, {"ref_cache_dir": "CACHE"}, {"padding_free": True}, {"prefix_sharing": True}],
+    ids=["fused", "ref_cache_dir", "padding_free", "prefix_sharing"],
+)
+def test_extensions_keep_trl_numbers(models, tmp_path, ext):
+    """Our extensions on, TRL with its defaults: the logged numbers must not move."""
+    if "padding_free" in ext or "prefix_sharing" in ext:
+        pytest.importorskip("csd_fast.attention")  # the packed layouts' attention masks
+    ext = {k: str(tmp_path / "refcache") if v == "CACHE" else v for k, v in ext.items()}
+    data = rows("standard", 8)
+    ref_logs, ref_w = run("trl", "llama", models, tmp_path / "trl", data)
+    for attempt in range(2 if "ref_cache_dir" in ext else 1):  # 2nd run reads the cache
+        our_logs, our_w = run("csd", "llama", models, tmp_path / f"csd{attempt}", data, **ext)
+        problems = compare_logs(our_logs, ref_logs)
+        assert not problems, "\n".join(problems)
+        worst = max((our_w[k] - ref_w[k]).abs().max().item() for k in ref_w)
+        assert worst <= WEIGHT_ATOL, f"final weights differ by up to {worst:.3g}"
+
+
 def test_harness_detects_a_difference(models, tmp_path):
     """The comparison is not vacuous: a different beta changes TRL's logged rewards."""
     data = rows("standard", 8)
