@@ -134,7 +134,7 @@ class DPOConfig:
     greater_is_better: bool | None = _f(None, "Whether a larger metric is better.")
     # ---- data loading --------------------------------------------------------------------
     dataloader_num_workers: int = _f(0, "Accepted; batches are built in the main process.")
-    dataloader_drop_last: bool = _no(False, "Drop the last incomplete batch.")
+    dataloader_drop_last: bool = _f(False, "Drop the last incomplete batch.")
     dataloader_pin_memory: bool = _f(True, "Accepted; no effect.")
     dataloader_persistent_workers: bool = _f(False, "Accepted; no effect.")
     dataloader_prefetch_factor: int | None = _f(None, "Accepted; no effect.")
@@ -142,7 +142,9 @@ class DPOConfig:
     dataloader_in_order: bool = _f(True, "Accepted; no effect.")
     remove_unused_columns: bool = _f(True, "Accepted; extra dataset columns are always ignored.")
     label_names: list[str] | None = _f(None, "Accepted; no effect for DPO.")
-    train_sampling_strategy: str = _no("random", "Order of training samples.")
+    train_sampling_strategy: str = _f(
+        "random", "Order of training samples: 'random' (seeded per epoch) or 'sequential'."
+    )
     length_column_name: str = _f("length", "Accepted; no effect.")
     # ---- accepted, no effect here (logging destinations, distributed knobs, hub ids) -----
     log_level: str = _f("passive", "Accepted; no effect.")
@@ -269,6 +271,11 @@ class DPOConfig:
             if isinstance(value, str) and value.strip().startswith("{"):
                 setattr(self, name, json.loads(value))
         self._check_unsupported()
+        if self.train_sampling_strategy not in ("random", "sequential"):
+            raise NotImplementedError(
+                f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported yet "
+                "('random', 'sequential'; token-budget batching: max_tokens_per_batch)"
+            )
         if self.output_dir is None:
             self.output_dir = "trainer_output"  # transformers 5's default
         # TRL's rule: bf16 unless fp16 was asked for.

@@ -75,9 +75,12 @@ def run_training(trainer, resume_from_checkpoint=None):
     )
     state.epoch = progress.epoch + progress.micro_in_epoch / max(1, steps_per_epoch * ga)
     trainer._policy_is_initial = False
+    progress_start, pairs_seen = state.global_step, 0
     trainer._fire("on_train_begin")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    by_tokens = bool(args.max_tokens_per_batch)
+    train_start, total_loss = time.perf_counter(), 0.0
     bar = tqdm(
         total=max_steps, initial=progress.global_step, disable=args.disable_tqdm, desc="train"
     )
@@ -95,14 +98,18 @@ def run_training(trainer, resume_from_checkpoint=None):
             for idx in group:
                 batch = trainer._collate(trainer.train_pairs, idx, "train")
                 loss = trainer.compute_loss(batch, "train")
-                weight = batch.num_pairs / step_pairs
+                # count-based batches: TRL's mean of micro-batch means; token budgets: per pair
+                weight = batch.num_pairs / step_pairs if by_tokens else 1.0 / len(group)
                 (loss * weight).backward()
                 step_loss += float(loss.detach()) * weight
                 window["tokens"] += batch.num_real_tokens
                 window["pairs"] += batch.num_pairs
+                pairs_seen += batch.num_pairs
             micro += len(group)
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+            # TRL logs the pre-clip norm, computed even when clipping is off
+            max_norm = args.max_grad_norm if args.max_grad_norm else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            lr_used = sched.get_last_lr()[0]  # TRL logs the rate of this update, not the next
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -114,10 +121,11 @@ def run_training(trainer, resume_from_checkpoint=None):
                 micro,
             )
             window["loss"] += step_loss
+            total_loss += step_loss
             window["steps"] += 1
             bar.update(1)
             trainer._fire("on_step_end")
-            _after_step(trainer, window, grad_norm, max_steps, bar)
+            _after_step(trainer, window, grad_norm, lr_used, max_steps, bar)
             if trainer.control.should_training_stop:
                 break
         if trainer.control.should_training_stop:
@@ -131,13 +139,23 @@ def run_training(trainer, resume_from_checkpoint=None):
             if args.save_strategy == "epoch":
                 _save(trainer)
     bar.close()
+    runtime = time.perf_counter() - train_start
+    steps_run = max(state.global_step - progress_start, 1)
+    trainer.log(
+        {
+            "train_runtime": runtime,
+            "train_samples_per_second": pairs_seen / max(runtime, 1e-9),
+            "train_steps_per_second": steps_run / max(runtime, 1e-9),
+            "train_loss": total_loss / steps_run,
+        }
+    )
     if args.load_best_model_at_end and state.best_model_checkpoint:
         ckpt.load_weights(model, Path(state.best_model_checkpoint))
     trainer._fire("on_train_end")
     return state
 
 
-def _after_step(trainer, window, grad_norm, max_steps, bar) -> None:
+def _after_step(trainer, window, grad_norm, lr_used, max_steps, bar) -> None:
     args, state = trainer.args, trainer.state
     step = state.global_step
     log_now = _due(step, args.logging_steps, max_steps) or (args.logging_first_step and step == 1)
@@ -148,7 +166,7 @@ def _after_step(trainer, window, grad_norm, max_steps, bar) -> None:
         logs = {"loss": window["loss"] / window["steps"]}
         if grad_norm is not None:
             logs["grad_norm"] = grad_norm
-        logs["learning_rate"] = trainer.lr_scheduler.get_last_lr()[0]
+        logs["learning_rate"] = lr_used
         logs.update(trainer._metrics.pop("train"))
         logs["tokens_per_second"] = window["tokens"] / elapsed
         logs["pairs_per_second"] = window["pairs"] / elapsed

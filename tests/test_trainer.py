@@ -1,0 +1,242 @@
+"""The training loop: exact resume, crash-safe checkpoints, trainable selection, reference handling.
+
+Run: python -m pytest tests/test_trainer.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from data_helpers import tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+from csd_fast import DPOConfig, DPOTrainer
+from csd_fast import checkpoint as ckpt
+
+ROWS = [
+    {"prompt": f"The cat sat {i % 3}", "chosen": " on the mat.", "rejected": " is happy."}
+    for i in range(8)
+] + [
+    {"prompt": f"Hello world {i % 2}", "chosen": " the dog runs.", "rejected": " the mat sat."}
+    for i in range(8)
+]
+
+
+def tiny_model(tok, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def make_args(tmp_path, **kw) -> DPOConfig:
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        bf16=False,
+        report_to="none",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        seed=0,
+    )
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    tok = tiny_tokenizer()
+    full = DPOTrainer(
+        tiny_model(tok), args=make_args(tmp_path / "a"), train_dataset=ROWS, processing_class=tok
+    )
+    full.train()
+
+    first = DPOTrainer(
+        tiny_model(tok),
+        args=make_args(tmp_path / "b", save_strategy="steps", save_steps=2),
+        train_dataset=ROWS,
+        processing_class=tok,
+        callbacks=[StopAt(2)],
+    )
+    first.train()
+    assert first.state.global_step == 2
+    assert ckpt.latest_checkpoint(tmp_path / "b").name == "checkpoint-2"
+
+    resumed = DPOTrainer(
+        tiny_model(tok),
+        args=make_args(tmp_path / "b", save_strategy="steps", save_steps=2),
+        train_dataset=ROWS,
+        processing_class=tok,
+    )
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    want, got = _params(full.model), _params(resumed.model)
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"{name} differs after resume"
+    # the logged history of the resumed run continues the interrupted one
+    losses_full = [h["loss"] for h in full.state.log_history if "loss" in h]
+    losses_res = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+    assert losses_res == losses_full
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    args = make_args(tmp_path, save_strategy="steps", save_steps=2)
+    trainer = DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS, processing_class=tok)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint dies half-written
+                raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    progress = ckpt.load_progress(tmp_path / "checkpoint-2")
+    assert progress.global_step == 2
+    model = tiny_model(tok, seed=1)
+    ckpt.load_weights(model, tmp_path / "checkpoint-2")  # complete and loadable
+
+
+def test_trainable_params_trains_attention_only(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    before = _params(model)
+    args = make_args(tmp_path, max_steps=2, trainable_params=[r"\.self_attn\."])
+    trainer = DPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tok)
+    trainer.train()
+    after = _params(trainer.model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "nothing trained"
+    assert all(".self_attn." in n for n in changed)
+    assert any(n.endswith("q_proj.weight") for n in changed)
+
+
+def test_trainable_params_matching_nothing_is_an_error(tmp_path):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="match no parameter"):
+        DPOTrainer(
+            tiny_model(tok),
+            args=make_args(tmp_path, trainable_params=["nope"]),
+            train_dataset=ROWS,
+            processing_class=tok,
+        )
+
+
+def test_in_memory_model_gets_a_frozen_reference(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_model(tok)
+    assert not model.config._name_or_path  # never saved: TRL 1.16 cannot reload it
+    trainer = DPOTrainer(
+        model, args=make_args(tmp_path, max_steps=3), train_dataset=ROWS, processing_class=tok
+    )
+    ref_before = _params(trainer.ref_model)
+    trainer.train()
+    assert all(
+        torch.equal(v, dict(trainer.ref_model.named_parameters())[k]) for k, v in ref_before.items()
+    )
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+    first = trainer.state.log_history[0]
+    # at step 1 the policy equals the reference: rewards are exactly zero
+    assert first["rewards/chosen"] == 0.0 and first["rewards/margins"] == 0.0
+    steps = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    assert steps[-1]["rewards/margins"] > 0
+
+
+def test_precomputed_reference_matches_live_reference(tmp_path):
+    tok = tiny_tokenizer()
+    live = DPOTrainer(
+        tiny_model(tok), args=make_args(tmp_path / "live"), train_dataset=ROWS, processing_class=tok
+    )
+    live.train()
+    pre = DPOTrainer(
+        tiny_model(tok),
+        args=make_args(
+            tmp_path / "pre", precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "cache")
+        ),
+        train_dataset=ROWS,
+        processing_class=tok,
+    )
+    assert pre.ref_model is None  # no second copy in memory
+    pre.train()
+    steps = [
+        (a, b)
+        for a, b in zip(live.state.log_history, pre.state.log_history, strict=True)
+        if "rewards/chosen" in a
+    ]
+    assert len(steps) == 4
+    for a, b in steps:
+        for key in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert len(list((tmp_path / "cache").glob("ref_logps-*.npz"))) == 1
+    # a second run with the same reference and data hits the persistent cache
+    again = DPOTrainer(
+        tiny_model(tok),
+        args=make_args(
+            tmp_path / "again", precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "cache")
+        ),
+        train_dataset=ROWS,
+        processing_class=tok,
+    )
+    assert len(list((tmp_path / "cache").glob("ref_logps-*.npz"))) == 1
+    assert again._ref_tables["train"][0] == pre._ref_tables["train"][0]
+
+
+def test_eval_logs_prefixed_metrics_and_tracks_best(tmp_path):
+    tok = tiny_tokenizer()
+    args = make_args(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+    )
+    trainer = DPOTrainer(
+        tiny_model(tok), args=args, train_dataset=ROWS, eval_dataset=ROWS[:6], processing_class=tok
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert "eval_rewards/accuracies" in evals[0] and "eval_logps/chosen" in evals[0]
+    best = min(evals, key=lambda h: h["eval_loss"])
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
