@@ -1,0 +1,190 @@
+"""`csd-train`: flag spelling, recipes, the built-in demo, and equality with the Python API.
+
+Run: python -m pytest tests/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from csd_fast import DPOConfig, DPOTrainer
+from csd_fast.cli import main, resolve
+from csd_fast.demo import build_demo
+from csd_fast.reporting import read_metrics
+
+TRL_KEYS = (
+    "loss",
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/margins",
+    "logps/rejected",
+    "logits/chosen",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
+)
+
+
+def test_flags_take_both_spellings_and_override_the_recipe(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"learning_rate": 1e-4, "max_steps": 7, "beta": 0.3, "loss_type": ["sigmoid", "sft"]}
+        )
+    )
+    script, kw = resolve(
+        [
+            "--config",
+            str(recipe),
+            "--max-steps",
+            "3",
+            "--output_dir",
+            "o",
+            "--model_name_or_path",
+            "m",
+            "--dataset-name",
+            "d.jsonl",
+            "--loss_weights",
+            "1.0",
+            "0.5",
+            "--fused",
+        ]
+    )
+    assert kw["max_steps"] == 3  # flag beats file
+    assert kw["learning_rate"] == 1e-4 and kw["beta"] == 0.3  # file beats default
+    assert kw["loss_weights"] == [1.0, 0.5] and kw["fused"] is True
+    assert script["dataset_name"] == "d.jsonl" and not script["demo"]
+    args = DPOConfig(**kw)
+    assert args.loss_type == ["sigmoid", "sft"]
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rat: 0.1\n")
+    with pytest.raises(SystemExit, match="learning_rat"):
+        resolve(["--config", str(recipe), "--output_dir", "o"])
+
+
+def test_removed_trl_field_is_rejected_like_trl(tmp_path):
+    with pytest.raises(SystemExit):  # argparse: no such flag
+        resolve(["--rpo_alpha", "0.5", "--output_dir", "o"])
+
+
+def _demo_flags(out, *extra):
+    return [
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "12",
+        "--eval_steps",
+        "6",
+        "--logging_steps",
+        "3",
+        *extra,
+    ]
+
+
+def test_demo_fused_equals_unfused_and_learns(tmp_path):
+    assert main(_demo_flags(tmp_path / "eager")) == 0
+    assert main(_demo_flags(tmp_path / "fused", "--fused")) == 0
+    eager, fused = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "fused")
+    assert len(eager) == len(fused) > 0
+    for a, b in zip(eager, fused, strict=True):
+        for key, value in a.items():
+            if isinstance(value, float) and "per_second" not in key and "runtime" not in key:
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["step"], key)
+    saved = yaml.safe_load((tmp_path / "fused" / "config.yaml").read_text())
+    assert saved["training"]["fused"] is True and saved["training"]["max_steps"] == 12
+    assert (tmp_path / "fused" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "fused" / "final" / "model.safetensors").exists()
+
+
+def test_full_demo_reaches_held_out_accuracy(tmp_path):
+    """The README's first command: the demo recipe, fused, must end >= 0.9 on held-out pairs."""
+    assert main(["--fused", "--output_dir", str(tmp_path)]) == 0
+    evals = [r for r in read_metrics(tmp_path) if "eval_rewards/accuracies" in r]
+    assert evals and evals[-1]["eval_rewards/accuracies"] >= 0.9
+
+
+def test_cli_equals_python_api(tmp_path):
+    assets = build_demo(tmp_path / "assets")
+    flags = [
+        "--model_name_or_path",
+        str(assets.model_dir),
+        "--dataset_name",
+        str(assets.train_file),
+        "--output_dir",
+        str(tmp_path / "cli"),
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        "8",
+        "--bf16",
+        "false",
+        "--gradient_checkpointing",
+        "false",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--max_length",
+        "64",
+        "--disable_tqdm",
+        "true",
+    ]
+    assert main(flags) == 0
+    args = DPOConfig(
+        output_dir=str(tmp_path / "api"),
+        max_steps=4,
+        logging_steps=1,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        max_length=64,
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(str(assets.model_dir), args=args, train_dataset=str(assets.train_file))
+    trainer.train()
+    cli_rows = [r for r in read_metrics(tmp_path / "cli") if "rewards/chosen" in r]
+    api_rows = [h for h in trainer.state.log_history if "rewards/chosen" in h]
+    assert len(cli_rows) == len(api_rows) == 4
+    for a, b in zip(cli_rows, api_rows, strict=True):
+        for key in TRL_KEYS:
+            assert a[key] == b[key], key  # same code path: identical, not just close
+
+
+def test_bad_row_names_file_row_and_field(tmp_path):
+    assets = build_demo(tmp_path / "assets")
+    rows = [json.loads(line) for line in assets.train_file.read_text().splitlines()[:6]]
+    rows[3]["chosen"] = ""
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = [
+        "--model_name_or_path",
+        str(assets.model_dir),
+        "--dataset_name",
+        str(data),
+        "--max_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--bf16",
+        "false",
+    ]
+    from csd_fast.data import PreferenceDataError
+
+    with pytest.raises(PreferenceDataError, match=r"bad\.jsonl, row 3.*'chosen'"):
+        main([*base, "--output_dir", str(tmp_path / "strict")])
+    assert main([*base, "--output_dir", str(tmp_path / "skip"), "--on_bad_row", "skip"]) == 0
+    rejected = (tmp_path / "skip" / "rejected_rows_train.jsonl").read_text().splitlines()
+    assert len(rejected) == 1 and "chosen" in rejected[0]
