@@ -66,6 +66,7 @@ class DPOTrainer:
             )
         if quantization_config is not None:
             raise NotImplementedError("quantization_config is not supported yet")
+        _check_supported(args)
         self.args = args
         torch.manual_seed(args.seed)
         self.device = _device(args)
@@ -82,6 +83,7 @@ class DPOTrainer:
             self.ref_model.to(self.device)
         self.loss_params = args.loss_params()
         self.head_impl = head_impl_for(args.fused)
+        self._fused_loss_type = _fused_loss_type(args, self.loss_params)
         self.optimizer, self.lr_scheduler = optimizers
         self.callbacks = list(callbacks or [])
         self.state = TrainerState()
@@ -234,7 +236,23 @@ class DPOTrainer:
             sft_mask=batch.sft_mask,
             group_ids=batch.group_ids,
         )
-        loss = preference_loss(self.loss_params, logps)
+        if self._fused_loss_type is not None:
+            from csd_fast.kernels.pair_loss import fused_pair_loss
+
+            loss, _, _ = fused_pair_loss(
+                fwd.token_logps,
+                batch.seq_offsets,
+                logps.ref_chosen_logps,
+                logps.ref_rejected_logps,
+                loss_type=self._fused_loss_type,
+                beta=self.loss_params.beta,
+                label_smoothing=self.loss_params.label_smoothing,
+                sft_mask=batch.sft_mask,
+                clo_lambda=self.loss_params.clo_lambda,
+                group_ids=batch.group_ids,
+            )
+        else:
+            loss = preference_loss(self.loss_params, logps)
         metrics = pair_metrics(
             self.loss_params,
             logps,
@@ -368,3 +386,34 @@ def _device(args) -> torch.device:
     if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def _fused_loss_type(args, params) -> str | None:
+    """The loss the fused pair-loss kernel can take over, or None (torch reference losses).
+
+    The kernel covers one loss type at a time with the plain reverse-KL log-ratio on unweighted
+    sums; combinations, f-divergences, LD-DPO and WPO stay on `csd_fast.losses`.
+    """
+    if not args.fused or len(params.loss_type) != 1:
+        return None
+    from csd_fast.kernels.pair_loss import SUPPORTED as PAIR_LOSS_TYPES
+
+    plain = (
+        params.f_divergence_type == "reverse_kl"
+        and args.ld_alpha is None
+        and not args.use_weighting
+        and (params.loss_weights is None or params.loss_weights == (1.0,))
+    )
+    return params.loss_type[0] if plain and params.loss_type[0] in PAIR_LOSS_TYPES else None
+
+
+def _check_supported(args) -> None:
+    """Options the config accepts (TRL's surface) that this trainer cannot honour yet: say so."""
+    if args.use_weighting:
+        raise NotImplementedError(
+            "use_weighting (WPO) is not supported yet: the head does not return log-sum-sq-probs"
+        )
+    if args.logging_strategy not in ("steps", "no"):
+        raise NotImplementedError(f"logging_strategy={args.logging_strategy!r}: use 'steps'")
+    if args.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
