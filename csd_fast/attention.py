@@ -115,7 +115,8 @@ def _dense_attention(q, k, v, allowed, scaling, dropout, softcap) -> Tensor:
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
         scores = torch.tanh(scores / softcap) * softcap
         if allowed.dtype == torch.bool:
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            # finfo.min, not -inf: a padding row with no key left gives a finite (unused) output
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         else:
             scores = scores + allowed
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
