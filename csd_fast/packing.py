@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from csd_fast.batch import PairBatch, _pair_fields, truncate_pair
@@ -247,3 +248,34 @@ def _cumsum32(lengths: list[int]) -> torch.Tensor:
     out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     out[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
     return out
+
+
+def pair_costs(
+    prompt: np.ndarray,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    *,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    prefix_sharing: bool = False,
+) -> np.ndarray:
+    """Exact tokens `collate_packed` places for each pair (lengths in, (n,) int64 out).
+
+    The planner's budget is then a hard bound: with keep_end the two sequences may keep prompts
+    of different lengths, and such a pair is not shared (two segments), as in `collate_packed`.
+    """
+    p, c, r = (np.asarray(x, dtype=np.int64) for x in (prompt, chosen, rejected))
+    if max_length is None:
+        pc, pr = p, p
+    elif truncation_mode == "keep_start":
+        pc = pr = np.minimum(p, max_length)
+        c, r = np.minimum(c, max_length - pc), np.minimum(r, max_length - pr)
+    elif truncation_mode == "keep_end":
+        c, r = np.minimum(c, max_length), np.minimum(r, max_length)
+        pc, pr = np.minimum(p, max_length - c), np.minimum(p, max_length - r)
+    else:
+        raise ValueError(f"Unsupported truncation mode: {truncation_mode}")
+    unshared = pc + c + pr + r
+    if not prefix_sharing:
+        return unshared
+    return np.where(pc == pr, pc + c + r, unshared)

@@ -181,3 +181,15 @@ def test_unsupported_model_is_refused_by_name():
     assert not ok and "gpt2" in why
     with pytest.raises(ValueError, match="gpt2"):
         attention.enable_packed_attention(model)
+
+
+def test_gradient_checkpointing_keeps_the_layout():
+    """Checkpointed layers re-run attention in backward: the packing kwargs must reach it again."""
+    model = make_model("mistral", seed=2)
+    ex = examples(seed=9)
+    want = dpo_step(model, collate_padded(ex, 0, max_length=12))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    attention.enable_packed_attention(model)
+    b = collate_packed(ex, 0, max_length=12, prefix_sharing=True)
+    assert_same_step(dpo_step(model, b), want)

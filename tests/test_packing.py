@@ -182,3 +182,21 @@ def test_llama_logps_equal_padded(mode):
                     row_capacity=cap,
                 )  # fmt: skip
                 torch.testing.assert_close(_seq_logps(model, b), ref)
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+@pytest.mark.parametrize("trunc", [(None, "keep_start"), (7, "keep_start"), (7, "keep_end")])
+def test_pair_costs_are_the_tokens_placed(prefix_sharing, trunc):
+    from csd_fast.packing import pair_costs
+
+    max_length, mode = trunc
+    ex = random_examples(40, seed=6)
+    lengths = [[len(e[k]) for e in ex] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    costs = pair_costs(
+        *lengths, max_length=max_length, truncation_mode=mode, prefix_sharing=prefix_sharing
+    )
+    for e, cost in zip(ex, costs.tolist(), strict=True):
+        b = collate_packed(
+            [e], 0, max_length=max_length, truncation_mode=mode, prefix_sharing=prefix_sharing
+        )
+        assert b.num_real_tokens == cost
