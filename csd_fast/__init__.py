@@ -10,7 +10,7 @@ __all__ = ["DPOConfig", "DPOTrainer", "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy so `import csd_fast` stays cheap (the CLI's --help, the data tools) and never drags in trl.
+    # Lazy so `import csd_fast` stays cheap (the CLI's --help, the data tools).
     if name == "DPOConfig":
         from csd_fast.config import DPOConfig
 

@@ -72,7 +72,8 @@ class PairBatch:
     def sequence_ids(self) -> Tensor:
         """(N,) sequence id of each scored token (0..P-1 chosen, P..2P-1 rejected)."""
         lengths = self.sequence_lengths()
-        return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        seq = torch.arange(lengths.numel(), device=lengths.device)
+        return torch.repeat_interleave(seq, lengths)
 
     def to(self, device: torch.device | str) -> PairBatch:
         def move(x):
@@ -123,7 +124,8 @@ def truncate_pair(
                 p = p[len(p) - (max_length - keep_c) :] if max_length > keep_c else []
             else:
                 raise ValueError(
-                    f"Unsupported truncation mode: {truncation_mode}, expected 'keep_start' or 'keep_end'"
+                    f"Unsupported truncation mode: {truncation_mode}, "
+                    "expected 'keep_start' or 'keep_end'"
                 )
         out.append((p, c))
     return out[0], out[1]
@@ -187,7 +189,7 @@ def collate_padded(
 
 
 def _pair_fields(examples: list[dict]) -> dict:
-    """The per-pair tensors every layout carries (row ids, CLO groups, cached reference log-probs)."""
+    """The per-pair tensors every layout carries (row ids, CLO groups, cached reference)."""
     out: dict = {
         "pair_ids": torch.tensor([int(ex.get("row", i)) for i, ex in enumerate(examples)]),
     }

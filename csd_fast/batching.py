@@ -34,25 +34,28 @@ class BatchingOptions:
     pad_to_multiple_of: int | None = None
 
 
-def layout_for(padding_free: bool, prefix_sharing: bool) -> str:
+def layout_for(padding_free: bool, prefix_sharing: bool, max_tokens_per_batch=None) -> str:
+    """A token budget implies packing: padded rows would spend it on padding."""
     if prefix_sharing:
         return "prefix"
-    return "packed" if padding_free else "padded"
+    return "packed" if padding_free or max_tokens_per_batch else "padded"
 
 
 def pair_costs(
-    lengths: tuple[np.ndarray, np.ndarray, np.ndarray], layout: str, max_length
+    lengths: tuple[np.ndarray, np.ndarray, np.ndarray], opts: BatchingOptions
 ) -> np.ndarray:
-    """Tokens each pair occupies in a row of the given layout (after truncation)."""
-    prompt, chosen, rejected = (np.asarray(x, dtype=np.int64) for x in lengths)
-    c = prompt + chosen
-    r = prompt + rejected
-    if max_length is not None:
-        c, r = np.minimum(c, max_length), np.minimum(r, max_length)
-    if layout == "prefix":
-        # the prompt counts once; truncation may cut it, so never exceed the unshared cost
-        return np.minimum(c + r, prompt + chosen + rejected)
-    return c + r
+    """Tokens each pair occupies in a packed row: exactly what `collate_packed` places."""
+    from csd_fast.packing import pair_costs as packed_costs
+
+    prompt, chosen, rejected = lengths
+    return packed_costs(
+        prompt,
+        chosen,
+        rejected,
+        max_length=opts.max_length,
+        truncation_mode=opts.truncation_mode,
+        prefix_sharing=opts.layout == "prefix",
+    )
 
 
 def epoch_plan(

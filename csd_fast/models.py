@@ -76,7 +76,7 @@ def prepare_models(model: nn.Module, ref_model: nn.Module | None, peft_config, a
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if hasattr(target, "enable_input_require_grads"):
             target.enable_input_require_grads()
-    if args.padding_free or args.prefix_sharing:
+    if args.padding_free or args.prefix_sharing or args.max_tokens_per_batch:
         from csd_fast.attention import enable_packed_attention
 
         for m in (model, ref_model):

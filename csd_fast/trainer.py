@@ -76,7 +76,7 @@ class DPOTrainer:
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, args)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
-        self.layout = layout_for(args.padding_free, args.prefix_sharing)
+        self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
         self.trainable = select_trainable(self.model, args.trainable_params)
         self.model.to(self.device)
         if self.ref_model is not None:
@@ -142,7 +142,7 @@ class DPOTrainer:
         opts = self._batching(mode)
         costs = groups = None
         if opts.max_tokens_per_batch:
-            costs = pair_costs(pairs.lengths(), self.layout, self.args.max_length)
+            costs = pair_costs(pairs.lengths(), opts)
             groups = getattr(pairs, "groups", lambda: None)()
         return epoch_plan(len(pairs), epoch, opts, costs, groups)
 

@@ -240,3 +240,20 @@ def test_eval_logs_prefixed_metrics_and_tracks_best(tmp_path):
     assert "eval_rewards/accuracies" in evals[0] and "eval_logps/chosen" in evals[0]
     best = min(evals, key=lambda h: h["eval_loss"])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+
+
+def test_token_budget_batches_cover_every_pair_once_within_budget(tmp_path):
+    tok = tiny_tokenizer()
+    args = make_args(
+        tmp_path, max_steps=0, num_train_epochs=1, max_tokens_per_batch=96, prefix_sharing=True
+    )
+    trainer = DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS, processing_class=tok)
+    plan = trainer._plan(trainer.train_pairs, "train", 0)
+    assert sorted(i for mb in plan for i in mb) == list(range(len(ROWS)))
+    for mb in plan:
+        batch = trainer._collate(trainer.train_pairs, mb, "train")
+        assert batch.layout == "prefix" and batch.num_real_tokens <= 96
+        assert batch.num_real_tokens < batch.num_tokens  # the shared prompts were saved
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == len(plan) and all(h["padding_efficiency"] > 0.5 for h in logged)
