@@ -42,6 +42,11 @@ SCRIPT_OPTIONS = {
     ),
 }
 
+ALIASES = {
+    "ref_model_name_or_path": ["--ref_model", "--ref-model"],
+    "model_name_or_path": ["--model"],
+}
+
 
 def _base_type(tp):
     """(scalar type, is_list) of a dataclass field annotation such as `list[str] | None`."""
@@ -103,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     script = parser.add_argument_group("script")
     for name, (tp, default, help_) in SCRIPT_OPTIONS.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags += ALIASES.get(name, [])
         if name == "resume":
             script.add_argument(*flags, dest=name, nargs="?", const=True, default=None, help=help_)
         else:

@@ -188,3 +188,19 @@ def test_bad_row_names_file_row_and_field(tmp_path):
     assert main([*base, "--output_dir", str(tmp_path / "skip"), "--on_bad_row", "skip"]) == 0
     rejected = (tmp_path / "skip" / "rejected_rows_train.jsonl").read_text().splitlines()
     assert len(rejected) == 1 and "chosen" in rejected[0]
+
+
+def test_runs_without_trl_installed(tmp_path):
+    """csd_fast never imports trl at run time: block it and train the demo."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['trl'] = None\n"
+        "from csd_fast.cli import main\n"
+        f"main(['--fused', '--output_dir', {str(tmp_path)!r}, '--max_steps', '3',"
+        " '--eval_strategy', 'no'])\n"
+        "assert 'trl' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "final" / "model.safetensors").exists()

@@ -257,3 +257,31 @@ def test_token_budget_batches_cover_every_pair_once_within_budget(tmp_path):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == len(plan) and all(h["padding_efficiency"] > 0.5 for h in logged)
+
+
+def test_lora_reference_is_the_model_with_adapters_off(tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = tiny_tokenizer()
+    base = tiny_model(tok)
+    base_params = _params(base)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = DPOTrainer(
+        base,
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=ROWS,
+        processing_class=tok,
+        peft_config=lora,
+    )
+    assert trainer.ref_model is None  # no second copy in memory
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "rewards/chosen" in h]
+    assert steps[0]["rewards/chosen"] == 0.0  # LoRA B starts at zero: policy == reference
+    assert steps[-1]["rewards/margins"] != 0.0
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    # the base weights are untouched: disabling the adapters gives the reference back
+    with trainer.model.disable_adapter():
+        for name, p in trainer.model.get_base_model().named_parameters():
+            if "lora_" not in name:
+                key = name.replace(".base_layer", "")
+                assert torch.equal(p, base_params[key]), name
