@@ -9,7 +9,8 @@ The target is read once from the running torch build and device:
 Every config is portable Triton (tl.dot on register tiles, no TMA descriptors or warp
 specialisation), so the same kernel source runs on all targets; only block sizes, warps and
 pipeline stages differ. Shared memory per stage is (BLOCK_N + BLOCK_V) * BLOCK_H * 2 bytes for
-bf16, which the gfx90a configs keep within 64 KiB at num_stages=2.
+bf16, which the gfx90a configs keep within 64 KiB at num_stages=2 (tests/kernels/test_autotune.py).
+Also the per-dtype tl.dot choices (dot_precision, upcast_for_dot) and the vocabulary split counts.
 
 Used by kernels/logprob.py and kernels/pair_loss.py; `python -m csd_fast.kernels.autotune` prints
 the target and its configs.
@@ -37,16 +38,30 @@ _LOGPROB_FWD = {
     "hip": [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2)],
     "other": [(64, 64, 32, 4, 2)],
 }
-# The backward holds an fp32 (BLOCK_N, BLOCK_V) gradient tile next to the recompute accumulator,
-# so it uses smaller tiles than the forward.
-_LOGPROB_BWD = {
+# Backward, dH kernel: one program per row block streams the vocabulary, so BLOCK_V is its reuse
+# factor (flops per byte of the fp32 accumulator rows it read-modify-writes when H spans several
+# blocks is BLOCK_V / 2): wide BLOCK_V, moderate BLOCK_N. It holds two fp32 (BLOCK_N, BLOCK_V)
+# tiles (logits, dlogits) next to the dot accumulator, hence 8 warps for 64 x 256.
+_LOGPROB_BWD_DH = {
     "interpreter": [(16, 32, 16, 1, 1)],
-    "sm90": [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
-    "sm80": [(64, 128, 32, 8, 3), (64, 64, 64, 4, 3)],
-    "gfx90a": [(64, 64, 32, 4, 2), (32, 64, 64, 4, 2)],
-    "hip": [(64, 64, 32, 4, 2)],
+    "sm90": [(64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3)],
+    "sm80": [(64, 256, 32, 8, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 2)],
+    # LDS per stage (BLOCK_N + BLOCK_V) * BLOCK_H * 2 B: (64 + 128) * 64 * 2 * 2 stages = 48 KiB
+    "gfx90a": [(64, 128, 64, 4, 2), (32, 128, 64, 4, 2), (64, 64, 64, 4, 2)],
+    "hip": [(64, 128, 32, 4, 2), (64, 64, 64, 4, 2)],
     "other": [(64, 64, 32, 4, 2)],
 }
+# Backward, dW kernel: one program per vocabulary block streams the rows: BLOCK_N is the reuse
+# factor, so the mirror image of the dH table.
+_LOGPROB_BWD_DW = {
+    "interpreter": [(16, 32, 16, 1, 1)],
+    "sm90": [(256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
+    "sm80": [(256, 64, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 2)],
+    "gfx90a": [(128, 64, 64, 4, 2), (128, 32, 64, 4, 2), (64, 64, 64, 4, 2)],
+    "hip": [(128, 64, 32, 4, 2), (64, 64, 64, 4, 2)],
+    "other": [(64, 64, 32, 4, 2)],
+}
+GFX90A_LDS_BYTES = 64 * 1024
 # Pair loss: one program per pair walks its tokens in blocks of BLOCK_T.
 _PAIR_LOSS_BLOCK_T = {"interpreter": 16, "gfx90a": 512, "hip": 512}
 
@@ -83,8 +98,31 @@ def logprob_fwd_configs(tgt: str | None = None) -> list:
     return _configs(_LOGPROB_FWD, tgt)
 
 
-def logprob_bwd_configs(tgt: str | None = None) -> list:
-    return _configs(_LOGPROB_BWD, tgt)
+def logprob_bwd_dh_configs(tgt: str | None = None) -> list:
+    return _configs(_LOGPROB_BWD_DH, tgt)
+
+
+def logprob_bwd_dw_configs(tgt: str | None = None) -> list:
+    return _configs(_LOGPROB_BWD_DW, tgt)
+
+
+def lds_bytes(cfg, elem_bytes: int = 2) -> int:
+    """Shared memory the pipelined operand tiles of a logprob config take (bf16 by default)."""
+    bn, bv, bh = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_V"], cfg.kwargs["BLOCK_H"]
+    return (bn + bv) * bh * elem_bytes * max(1, cfg.num_stages)
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot input_precision: fp32 inputs must not silently drop to tf32 (the fp32 path is held to
+    fp32 tolerances); half inputs take the backend default, since gfx90a accepts no "tf32"."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def upcast_for_dot(dtype: torch.dtype) -> bool:
+    """triton 3.9's interpreter returns garbage from tl.dot on bf16 operands (numpy has no bf16);
+    widening the exactly-representable bf16 values to fp32 first gives the same products. Real
+    GPUs keep bf16 MMA."""
+    return is_interpreter() and dtype == torch.bfloat16
 
 
 def pair_loss_block(tgt: str | None = None) -> int:
@@ -108,9 +146,17 @@ def logprob_split_v(N: int, V: int) -> int:
     return max(1, min(-(-V // min_cols), want))
 
 
+def logprob_bwd_split_v(N: int, V: int, H: int, budget_bytes: int = 256 << 20) -> int:
+    """Vocabulary splits of the dH kernel: as for the forward, but each split costs an fp32 (N, H)
+    partial plane, so the planes together stay within `budget_bytes` (one split always allowed)."""
+    cap = max(1, budget_bytes // max(1, N * H * 4))
+    return max(1, min(logprob_split_v(N, V), cap))
+
+
 if __name__ == "__main__":
     print("target:", target())
-    for name, fn in (("fwd", logprob_fwd_configs), ("bwd", logprob_bwd_configs)):
+    tables = ("fwd", logprob_fwd_configs), ("bwd dh", logprob_bwd_dh_configs)
+    for name, fn in (*tables, ("bwd dw", logprob_bwd_dw_configs)):
         for cfg in fn():
             print(f"logprob {name}: {cfg}")
     print("pair_loss BLOCK_T:", pair_loss_block())

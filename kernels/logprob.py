@@ -13,9 +13,18 @@ Backward, per row with incoming gradient g (0 on ignored rows):
     dL/dz[n, v] = g[n] * (1[v == labels[n]] - softmax(z)[n, v])
     dL/dy = dL/dz * logit_scale * (1 - tanh^2) / temperature, dH = dL/dy @ W, dW = dL/dy.T @ H.
 
-Implementations (`impl=`): "triton" (fused kernels below: tl.dot tiles, an online log-sum-exp over
-vocabulary blocks, fp32 atomics for dH / dW / dbias), "chunked" (the same algorithm in torch on
-(chunk_n, chunk_v) tiles with matmuls, recomputed in backward: the CPU path), "eager" (full logits).
+Implementations (`impl=`):
+  "triton"   the kernels below. Forward: per row block, an online log-sum-exp over vocabulary
+             blocks (optionally split over V for small N); saves only lse (N,). Backward, with no
+             atomics (each output element has one writer, so results do not depend on launch
+             order): a dH kernel over row blocks that recomputes each (rows, vocab) tile and adds
+             dlogits @ W[vblock], and a dW / dbias kernel over vocabulary blocks that adds
+             dlogits.T @ H[rows]; fp32 accumulation in registers when H fits one block, else in the
+             program's own fp32 output rows. Row blocks whose g is all 0 (ignored labels) are
+             skipped, and each kernel launches only if its input needs a gradient.
+  "chunked"  the same algorithm in torch on (chunk_n, chunk_v) tiles (kernels/logprob_chunked.py):
+             the CPU path.
+  "eager"    full logits, plain torch.
 "auto" = triton for CUDA / ROCm tensors when triton imports, else chunked.
 
 Optional stats (no grad), with TRL's definitions (trl/kernels/chunked_logprob.py), per row:
@@ -34,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autotune
+from .logprob_chunked import CHUNK_V, chunked_bwd, chunked_fwd
 
 try:
     import triton
@@ -43,8 +53,6 @@ except ImportError:  # pragma: no cover - the chunked path needs no triton
     tl = None
 
 IMPLS = ("auto", "triton", "chunked", "eager")
-TILE_ELEMENTS = 1 << 22  # chunked impl: fp32 elements per (chunk_n, chunk_v) tile, 16 MiB
-CHUNK_V = 8192
 
 
 def _jit(fn):
@@ -178,36 +186,14 @@ def _logprob_fwd_kernel(
 
 
 @_jit
-def _logprob_bwd_kernel(
-    h_ptr,  # (N, H) hidden
-    w_ptr,  # (V, H) weight
-    b_ptr,  # (V,) bias (unused without HAS_BIAS)
-    labels_ptr,  # (N,) int64
-    lse_ptr,  # (N,) fp32 log-sum-exp of z from the forward
-    g_ptr,  # (N,) fp32 incoming gradient, already 0 on ignored rows
-    dh_ptr,  # (N, H) fp32 out, zeroed, accumulated with atomics over vocabulary blocks
-    dw_ptr,  # (V, H) fp32 out, zeroed, accumulated with atomics over row blocks
-    db_ptr,  # (V,) fp32 out, zeroed
-    N, V, H, stride_hn, stride_wv,
-    logit_scale, softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_DH: tl.constexpr,
-    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+def _dlogits_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, labels, lse, g, H, stride_hn,
+    stride_wv, logit_scale, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    logit_scale = tl.cast(logit_scale, tl.float32)
-    softcap = tl.cast(softcap, tl.float32)
-    inv_temp = tl.cast(inv_temp, tl.float32)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    mask_n = offs_n < N
-    mask_v = offs_v < V
-    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
-
-    # 1. recompute the tile and the transform's derivative dz/dy
+    # dL/dy = g * (onehot - softmax(z)) * dz/dy on one recomputed tile, 0 outside the valid tile;
+    # rounded to the input dtype for the next dot, as the eager backward rounds its logits gradient
     y = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, H, stride_hn,
                      stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
                      UPCAST)  # fmt: skip
@@ -219,55 +205,170 @@ def _logprob_bwd_kernel(
     else:
         z = u * inv_temp
         dz_dy = logit_scale * inv_temp
-    # 2. dL/dy = g * (onehot - softmax) * dz/dy, zero outside the valid tile
     p = tl.exp(z - lse[:, None])
     onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
     d = g[:, None] * (onehot - p) * dz_dy
     d = tl.where(mask_n[:, None] & mask_v[None, :], d, 0.0)
-    if NEED_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(d, axis=0), mask=mask_v)
-    # 3. feed dH and dW one H block at a time; the tile is rounded to the input dtype for the dot,
-    #    as the eager backward rounds its logits gradient, and accumulated in fp32
     dc = d.to(h_ptr.dtype.element_ty)
     if UPCAST:
         dc = dc.to(tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        if NEED_DH:
+    return d, dc
+
+
+@_jit
+def _logprob_bwd_dh_kernel(
+    h_ptr,  # (N, H) hidden
+    w_ptr,  # (V, H) weight
+    b_ptr,  # (V,) bias (unused without HAS_BIAS)
+    labels_ptr,  # (N,) int64
+    lse_ptr,  # (N,) fp32 log-sum-exp of z from the forward
+    g_ptr,  # (N,) fp32 incoming gradient, already 0 on ignored rows
+    dh_ptr,  # (SPLIT_V, N, H) fp32 out; program (pid_n, pid_v) alone writes its rows of plane pid_v
+    N, V, H, stride_hn, stride_wv,
+    logit_scale, softcap, inv_temp,
+    SPLIT_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ONE_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    # dH[rows] = sum over vocabulary blocks of dlogits @ W[vblock], in a fixed order, by one program
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    logit_scale = tl.cast(logit_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_n = offs_n < N
+    labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    # 1. this split's vocabulary range; a block whose rows all have g == 0 gets an empty range
+    per_split = tl.cdiv(tl.cdiv(V, SPLIT_V), BLOCK_V) * BLOCK_V
+    v_start = pid_v * per_split
+    v_end = tl.minimum(v_start + per_split, V)
+    v_stop = tl.where(tl.max(tl.abs(g), axis=0) > 0.0, v_end, v_start)
+    out = dh_ptr + pid_v.to(tl.int64) * N * H + offs_n[:, None] * H
+    acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)  # 2a. ONE_H: the register accumulator
+    if not ONE_H:
+        # 2b. wider H: the program's own rows of the output are the fp32 accumulator, zeroed
+        #     first, then read-modify-written per vocabulary block; no other program touches them
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            tl.store(out + offs_h[None, :], acc, mask=mask_n[:, None] & (offs_h < H)[None, :])
+    for v0 in range(v_start, v_stop, BLOCK_V):
+        # 3. recompute the tile's dlogits, then add dlogits @ W[vblock] one H block at a time
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask_v = offs_v < v_end
+        _, dc = _dlogits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, labels, lse,
+                              g, H, stride_hn, stride_wv, logit_scale, softcap, inv_temp,
+                              HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                              UPCAST)  # fmt: skip
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
             w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :],
                         mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
             if UPCAST:
                 w = w.to(tl.float32)
-            dh = tl.dot(dc, w, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_H)
-            tl.atomic_add(dh_ptr + offs_n[:, None] * H + offs_h[None, :], dh,
-                          mask=mask_n[:, None] & mask_h[None, :])  # fmt: skip
-        if NEED_DW:
-            h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :],
-                        mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
-            if UPCAST:
-                h = h.to(tl.float32)
-            dw = tl.dot(tl.trans(dc), h, input_precision=DOT_PRECISION)  # (BLOCK_V, BLOCK_H)
-            tl.atomic_add(dw_ptr + offs_v[:, None] * H + offs_h[None, :], dw,
-                          mask=mask_v[:, None] & mask_h[None, :])  # fmt: skip
+            if ONE_H:
+                acc = tl.dot(dc, w, acc, input_precision=DOT_PRECISION)
+            else:
+                mask = mask_n[:, None] & mask_h[None, :]
+                part = tl.load(out + offs_h[None, :], mask=mask, other=0.0)
+                part = tl.dot(dc, w, part, input_precision=DOT_PRECISION)
+                tl.store(out + offs_h[None, :], part, mask=mask)
+    if ONE_H:  # 4. stored once
+        offs_h = tl.arange(0, BLOCK_H)
+        tl.store(out + offs_h[None, :], acc, mask=mask_n[:, None] & (offs_h < H)[None, :])
+
+
+@_jit
+def _logprob_bwd_dw_kernel(
+    h_ptr,  # (N, H) hidden
+    w_ptr,  # (V, H) weight
+    b_ptr,  # (V,) bias (unused without HAS_BIAS)
+    labels_ptr,  # (N,) int64
+    lse_ptr,  # (N,) fp32 log-sum-exp of z from the forward
+    g_ptr,  # (N,) fp32 incoming gradient, already 0 on ignored rows
+    dw_ptr,  # (V, H) fp32 out (unused without NEED_DW); program pid_v alone writes rows offs_v
+    db_ptr,  # (V,) fp32 out (unused without NEED_DB)
+    N, V, H, stride_hn, stride_wv,
+    logit_scale, softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr, ONE_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    # dW[vblock] = sum over row blocks of dlogits.T @ H[rows], in a fixed order, by one program
+    pid_v = tl.program_id(0)
+    logit_scale = tl.cast(logit_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    mask_v = offs_v < V
+    out = dw_ptr + offs_v[:, None] * H
+    db = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)  # 1a. ONE_H: the register accumulator
+    if NEED_DW and not ONE_H:
+        # 1b. wider H: the program's own rows of dW are the accumulator, zeroed first
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            tl.store(out + offs_h[None, :], acc, mask=mask_v[:, None] & (offs_h < H)[None, :])
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        mask_n = offs_n < N
+        g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+        # 2. row blocks whose g is all 0 (ignored labels) contribute nothing: skip the recompute
+        if tl.max(tl.abs(g), axis=0) > 0.0:
+            labels = tl.load(labels_ptr + offs_n, mask=mask_n, other=-1)
+            lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+            d, dc = _dlogits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, labels,
+                                  lse, g, H, stride_hn, stride_wv, logit_scale, softcap,
+                                  inv_temp, HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H,
+                                  DOT_PRECISION, UPCAST)  # fmt: skip
+            if NEED_DB:
+                db += tl.sum(d, axis=0)
+            if NEED_DW:
+                # 3. dW[vblock] += dc.T @ H[rows], one H block at a time
+                for h0 in range(0, H, BLOCK_H):
+                    offs_h = h0 + tl.arange(0, BLOCK_H)
+                    mask_h = offs_h < H
+                    h = tl.load(h_ptr + offs_n[:, None] * stride_hn + offs_h[None, :],
+                                mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+                    if UPCAST:
+                        h = h.to(tl.float32)
+                    if ONE_H:
+                        acc = tl.dot(tl.trans(dc), h, acc, input_precision=DOT_PRECISION)
+                    else:
+                        mask = mask_v[:, None] & mask_h[None, :]
+                        part = tl.load(out + offs_h[None, :], mask=mask, other=0.0)
+                        part = tl.dot(tl.trans(dc), h, part, input_precision=DOT_PRECISION)
+                        tl.store(out + offs_h[None, :], part, mask=mask)
+    if NEED_DW and ONE_H:  # 4. stored once
+        offs_h = tl.arange(0, BLOCK_H)
+        tl.store(out + offs_h[None, :], acc, mask=mask_v[:, None] & (offs_h < H)[None, :])
+    if NEED_DB:
+        tl.store(db_ptr + offs_v, db, mask=mask_v)
 
 
 _AUTOTUNED: dict[str, object] = {}
+_ONE_H = {"ONE_H": lambda args: args["H"] <= args["BLOCK_H"]}
 
 
 def _kernel(name: str):
-    # Built on first use, so importing this module never touches the GPU
+    # Built on first use, so importing this module never touches the GPU. Every output element is
+    # written by exactly one program, so autotuning needs no reset between benchmark runs.
     if name not in _AUTOTUNED:
         if name == "fwd":
             fn = triton.autotune(autotune.logprob_fwd_configs(), key=["V", "H", "HAS_STATS"])(
                 _logprob_fwd_kernel
             )
+        elif name == "dh":
+            fn = triton.autotune(autotune.logprob_bwd_dh_configs(), key=["V", "H", "SPLIT_V"])(
+                triton.heuristics(_ONE_H)(_logprob_bwd_dh_kernel)
+            )
         else:
-            fn = triton.autotune(
-                autotune.logprob_bwd_configs(),
-                key=["V", "H"],
-                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"],  # atomics: benchmark from zero
-            )(_logprob_bwd_kernel)
+            fn = triton.autotune(autotune.logprob_bwd_dw_configs(), key=["V", "H", "NEED_DW"])(
+                triton.heuristics(_ONE_H)(_logprob_bwd_dw_kernel)
+            )
         _AUTOTUNED[name] = fn
     return _AUTOTUNED[name]
 
@@ -285,16 +386,13 @@ def _scalars(p: LogprobParams) -> tuple[float, float, float]:
     return float(p.logit_scale), float(p.softcap or 1.0), 1.0 / float(p.temperature)
 
 
-def _dot_precision(dtype: torch.dtype) -> str | None:
-    # fp32 inputs must not silently drop to tf32 (the fp32 path is held to fp32 tolerances); half
-    # inputs take the backend default, since gfx90a accepts no "tf32" precision string
-    return "ieee" if dtype == torch.float32 else None
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    # triton 3.9's interpreter returns garbage from tl.dot on bf16 operands (numpy has no bf16);
-    # widening the exactly-representable bf16 values to fp32 first gives the same products
-    return autotune.is_interpreter() and dtype == torch.bfloat16
+def _flags(p: LogprobParams, hidden: Tensor, bias: Tensor | None) -> dict:
+    return dict(
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=p.softcap is not None,
+        DOT_PRECISION=autotune.dot_precision(hidden.dtype),
+        UPCAST=autotune.upcast_for_dot(hidden.dtype),
+    )
 
 
 def _triton_fwd(hidden, weight, bias, labels, p: LogprobParams):
@@ -302,14 +400,11 @@ def _triton_fwd(hidden, weight, bias, labels, p: LogprobParams):
     V = weight.shape[0]
     split = autotune.logprob_split_v(N, V)
     part = torch.empty((6, split, N), dtype=torch.float32, device=hidden.device)
-    scale, cap, inv_t = _scalars(p)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
     _kernel("fwd")[grid](
         hidden, weight, bias if bias is not None else part, labels, part,
-        N, V, H, hidden.stride(0), weight.stride(0), scale, cap, inv_t, p.ignore_index,
-        SPLIT_V=split, HAS_BIAS=bias is not None, HAS_SOFTCAP=p.softcap is not None,
-        HAS_STATS=p.return_stats, DOT_PRECISION=_dot_precision(hidden.dtype),
-        UPCAST=_upcast(hidden.dtype),
+        N, V, H, hidden.stride(0), weight.stride(0), *_scalars(p), p.ignore_index,
+        SPLIT_V=split, HAS_STATS=p.return_stats, **_flags(p, hidden, bias),
     )  # fmt: skip
     # combine the vocabulary splits exactly as the online update would
     m = part[0].amax(0)
@@ -328,142 +423,31 @@ def _triton_fwd(hidden, weight, bias, labels, p: LogprobParams):
 
 
 def _triton_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
+    """Two contention-free kernels: dH over row blocks, dW / dbias over vocabulary blocks; each is
+    launched only when its input needs a gradient (a frozen or LoRA head skips dW)."""
     N, H = hidden.shape
     V = weight.shape[0]
-    dev = hidden.device
-    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
-    dh = torch.zeros((N, H), dtype=torch.float32, device=dev) if needs[0] else dummy
-    dw = torch.zeros((V, H), dtype=torch.float32, device=dev) if needs[1] else dummy
-    db = torch.zeros((V,), dtype=torch.float32, device=dev) if needs[2] else dummy
-    scale, cap, inv_t = _scalars(p)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"]))
-    _kernel("bwd")[grid](
-        hidden, weight, bias if bias is not None else dummy, labels, lse, g, dh, dw, db,
-        N, V, H, hidden.stride(0), weight.stride(0), scale, cap, inv_t,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=p.softcap is not None, NEED_DH=needs[0],
-        NEED_DW=needs[1], NEED_DB=needs[2], DOT_PRECISION=_dot_precision(hidden.dtype),
-        UPCAST=_upcast(hidden.dtype),
-    )  # fmt: skip
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dummy = torch.empty(1, **f32)
+    common = (hidden, weight, bias if bias is not None else dummy, labels, lse, g)
+    sizes = (N, V, H, hidden.stride(0), weight.stride(0), *_scalars(p))
+    dh = dw = db = None
+    if needs[0]:
+        # small N cannot fill the device with row blocks alone: split the vocabulary too and add
+        # the fp32 partial planes afterwards, in a fixed order
+        split = autotune.logprob_bwd_split_v(N, V, H)
+        part = torch.empty((split, N, H), **f32)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
+        _kernel("dh")[grid](*common, part, *sizes, SPLIT_V=split, **_flags(p, hidden, bias))
+        dh = part[0] if split == 1 else part.sum(0)
+    if needs[1] or needs[2]:
+        dw = torch.empty((V, H), **f32) if needs[1] else dummy
+        db = torch.empty((V,), **f32) if needs[2] else dummy
+        grid = lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),)
+        _kernel("dw")[grid](
+            *common, dw, db, *sizes, NEED_DW=needs[1], NEED_DB=needs[2], **_flags(p, hidden, bias)
+        )  # fmt: skip
     return tuple(x if need else None for x, need in zip((dh, dw, db), needs, strict=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# Chunked torch implementation (the CPU path): same algorithm, (chunk_n, chunk_v) tiles
-# ---------------------------------------------------------------------------------------------
-
-
-def _transform_(y: Tensor, p: LogprobParams) -> Tensor:
-    """In place on an fp32 tile: y -> softcap * tanh(y * logit_scale / softcap) / temperature."""
-    if p.logit_scale != 1.0:
-        y.mul_(p.logit_scale)
-    if p.softcap is not None:
-        y.div_(p.softcap).tanh_().mul_(p.softcap)
-    if p.temperature != 1.0:
-        y.div_(p.temperature)
-    return y
-
-
-def _tiles(hidden: Tensor, weight: Tensor, bias: Tensor | None, p: LogprobParams):
-    """Yield (n0, n1, v0, v1, w_chunk, y) with y = hidden[n0:n1] @ weight[v0:v1].T + b in fp32.
-
-    CPU matmuls run in fp32 (bf16 GEMMs are slow there and this is more accurate); on a GPU the
-    GEMM runs in the input dtype and only the tile is upcast. Outer loop over vocabulary chunks so
-    each weight chunk is converted once.
-    """
-    N, V = hidden.shape[0], weight.shape[0]
-    mm_dtype = torch.float32 if hidden.device.type == "cpu" else hidden.dtype
-    cv = max(1, min(V, p.chunk_v))
-    cn = max(1, p.chunk_n or TILE_ELEMENTS // cv)
-    h = hidden.to(mm_dtype)
-    for v0 in range(0, V, cv):
-        v1 = min(V, v0 + cv)
-        w = weight[v0:v1].to(mm_dtype)
-        b = bias[v0:v1].float() if bias is not None else None
-        for n0 in range(0, N, cn):
-            n1 = min(N, n0 + cn)
-            y = (h[n0:n1] @ w.T).float()  # (n, v)
-            if b is not None:
-                y.add_(b)
-            yield n0, n1, v0, v1, h[n0:n1], w, y
-
-
-def _chunked_fwd(hidden, weight, bias, labels, p: LogprobParams):
-    N, V = hidden.shape[0], weight.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    m = torch.full((N,), float("-inf"), **f32)
-    s, xs, zsum, z_label = (torch.zeros(N, **f32) for _ in range(4))
-    before = torch.full((N,), float("-inf"), **f32)
-    for n0, n1, v0, v1, _, _, z in _tiles(hidden, weight, bias, p):
-        z = _transform_(z, p)
-        local = labels[n0:n1] - v0
-        inside = (local >= 0) & (local < v1 - v0)
-        picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None])[:, 0]
-        z_label[n0:n1] += torch.where(inside, picked, 0.0)
-        if p.return_stats:
-            zsum[n0:n1] += z.sum(1)
-            cols = torch.arange(v1 - v0, device=z.device)
-            early = cols[None, :] < local[:, None]
-            b_tile = z.masked_fill(~early, float("-inf")).amax(1)
-            torch.maximum(before[n0:n1], b_tile, out=before[n0:n1])
-        new_m = torch.maximum(m[n0:n1], z.amax(1))
-        rescale = torch.exp(m[n0:n1] - new_m)
-        if p.return_stats:
-            e = torch.exp(z - new_m[:, None])
-            xs[n0:n1] = xs[n0:n1] * rescale + (e * z).sum(1)
-            e_sum = e.sum(1)
-        else:
-            e_sum = z.sub_(new_m[:, None]).exp_().sum(1)  # z is dead: reuse its memory
-        s[n0:n1] = s[n0:n1] * rescale + e_sum
-        m[n0:n1] = new_m
-    lse = m + torch.log(s)
-    stats = None
-    if p.return_stats:
-        top1 = (labels != p.ignore_index) & (z_label >= m) & (z_label > before)
-        stats = (lse - xs / s, zsum / V, top1)
-    return lse, z_label, stats
-
-
-def _addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with an fp32 accumulator; half inputs on CUDA keep the product in fp32."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif acc.device.type == "cuda":
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except (TypeError, RuntimeError):
-            acc.addmm_(a.float(), b.float())
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-def _chunked_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
-    N, H = hidden.shape
-    V = weight.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    dh = torch.zeros((N, H), **f32) if needs[0] else None
-    dw = torch.zeros((V, H), **f32) if needs[1] else None
-    db = torch.zeros((V,), **f32) if needs[2] else None
-    for n0, n1, v0, v1, h, w, y in _tiles(hidden, weight, bias, p):
-        # d = g * (onehot - softmax(z)) * dz/dy, built in place on the tile
-        u = y.mul_(p.logit_scale) if p.logit_scale != 1.0 else y
-        t = torch.tanh(u / p.softcap) if p.softcap is not None else None
-        z = t * (p.softcap / p.temperature) if t is not None else u.div_(p.temperature)
-        gn = g[n0:n1]
-        d = z.sub_(lse[n0:n1, None]).exp_().mul_(-gn[:, None])
-        local = labels[n0:n1] - v0
-        inside = (local >= 0) & (local < v1 - v0)
-        d.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], torch.where(inside, gn, 0)[:, None])
-        d.mul_(p.logit_scale / p.temperature)
-        if t is not None:
-            d.mul_(t.square_().neg_().add_(1.0))
-        if db is not None:
-            db[v0:v1] += d.sum(0)
-        d = d.to(h.dtype)
-        if dh is not None:
-            _addmm_fp32_(dh[n0:n1], d, w)
-        if dw is not None:
-            _addmm_fp32_(dw[v0:v1], d.T, h)
-    return dh, dw, db
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +489,7 @@ def _resolve(p: LogprobParams, hidden: Tensor) -> str:
 
 def _forward(hidden, weight, bias, labels, p: LogprobParams, impl: str):
     """-> (logps fp32 (N,), lse (N,), stats tuple | None), for the triton / chunked impls."""
-    fwd = _triton_fwd if impl == "triton" else _chunked_fwd
+    fwd = _triton_fwd if impl == "triton" else chunked_fwd
     lse, z_label, stats = fwd(hidden, weight, bias, labels, p)
     logps = torch.where(labels != p.ignore_index, z_label - lse, 0.0)
     return logps, lse, stats
@@ -532,7 +516,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         p, needs = ctx.params, ctx.needs_input_grad[:3]
         g = torch.where(labels != p.ignore_index, grad_logps.float(), 0.0).contiguous()
-        bwd = _triton_bwd if ctx.impl == "triton" else _chunked_bwd
+        bwd = _triton_bwd if ctx.impl == "triton" else chunked_bwd
         dh, dw, db = bwd(hidden, weight, bias, labels, lse, g, p, needs)
         return (
             dh.to(hidden.dtype) if dh is not None else None,
