@@ -35,15 +35,18 @@ Tests: python -m pytest tests/kernels/test_logprob.py -q   (TRITON_INTERPRET=1 o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import autotune
-from .logprob_chunked import CHUNK_V, chunked_bwd, chunked_fwd
+from .logprob_chunked import (  # noqa: F401 - LogprobParams / Stats and the ref are public here
+    LogprobParams,
+    LogprobStats,
+    chunked_bwd,
+    chunked_fwd,
+    eager_logprob,
+    fused_linear_logprob_ref,
+)
 
 try:
     import triton
@@ -52,37 +55,9 @@ except ImportError:  # pragma: no cover - the chunked path needs no triton
     triton = None
     tl = None
 
-IMPLS = ("auto", "triton", "chunked", "eager")
-
 
 def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
-
-
-class LogprobStats(NamedTuple):
-    entropy: Tensor  # (N,) fp32
-    mean_logit: Tensor  # (N,) fp32
-    is_top1: Tensor  # (N,) bool, False on ignored rows
-
-
-@dataclass(frozen=True)
-class LogprobParams:
-    logit_scale: float = 1.0
-    softcap: float | None = None
-    temperature: float = 1.0
-    ignore_index: int = -100
-    return_stats: bool = False
-    impl: str = "auto"
-    chunk_n: int | None = None  # chunked impl: rows per tile (None: TILE_ELEMENTS // chunk_v)
-    chunk_v: int = CHUNK_V  # chunked impl: vocabulary columns per tile
-
-    def __post_init__(self) -> None:
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.softcap is not None and self.softcap <= 0:
-            raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,32 +426,8 @@ def _triton_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Eager reference, autograd wiring and the public functions
+# Autograd wiring and the public functions
 # ---------------------------------------------------------------------------------------------
-
-
-def _eager(hidden, weight, bias, labels, p: LogprobParams, dtype: torch.dtype | None = None):
-    """Full-logits torch: `dtype=None` is plain torch at the input dtype (fp32 log-softmax);
-    `dtype=torch.float64` upcasts everything first (the reference)."""
-    if dtype is not None:
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    y = F.linear(hidden, weight, bias)  # (N, V)
-    y = y if dtype is not None else y.float()
-    z = y * p.logit_scale
-    if p.softcap is not None:
-        z = p.softcap * torch.tanh(z / p.softcap)
-    z = z / p.temperature
-    valid = labels != p.ignore_index
-    logp_all = z.log_softmax(-1)
-    logps = logp_all.gather(-1, labels.masked_fill(~valid, 0)[:, None])[:, 0]
-    logps = torch.where(valid, logps, torch.zeros_like(logps))
-    if not p.return_stats:
-        return logps, None
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        stats = LogprobStats(entropy, z.mean(-1), valid & (z.argmax(-1) == labels))
-    return logps, stats
 
 
 def _resolve(p: LogprobParams, hidden: Tensor) -> str:
@@ -567,7 +518,7 @@ def fused_linear_logprob(
     rows; differentiable in hidden, weight, bias. With return_stats, also LogprobStats (no grad)."""
     p = LogprobParams(logit_scale, softcap, temperature, ignore_index, return_stats, impl)
     if p.impl == "eager":
-        logps, stats = _eager(hidden, weight, bias, labels, p)
+        logps, stats = eager_logprob(hidden, weight, bias, labels, p)
         return (logps, stats) if return_stats else logps
     hidden, weight, bias, labels = _prepare(hidden, weight, bias, labels, p)
     logps, *stats = LinearLogprobFunction.apply(hidden, weight, bias, labels, p)
@@ -591,29 +542,9 @@ def linear_logprob_inference(
     """Forward-only `fused_linear_logprob` for reference-model passes: no autograd state is kept."""
     p = LogprobParams(logit_scale, softcap, temperature, ignore_index, return_stats, impl)
     if p.impl == "eager":
-        logps, stats = _eager(hidden, weight, bias, labels, p)
+        logps, stats = eager_logprob(hidden, weight, bias, labels, p)
     else:
         hidden, weight, bias, labels = _prepare(hidden, weight, bias, labels, p)
         logps, _, raw = _forward(hidden, weight, bias, labels, p, _resolve(p, hidden))
         stats = LogprobStats(*raw) if raw is not None else None
-    return (logps, stats) if return_stats else logps
-
-
-def fused_linear_logprob_ref(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None = None,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_stats: bool = False,
-    dtype: torch.dtype = torch.float64,
-) -> Tensor | tuple[Tensor, LogprobStats]:
-    """Eager full-logits reference computed in `dtype` (fp64 truth for tests, fp32 for benches);
-    differentiable, results in `dtype`."""
-    p = LogprobParams(logit_scale, softcap, temperature, ignore_index, return_stats, "eager")
-    logps, stats = _eager(hidden, weight, bias, labels, p, dtype=dtype)
     return (logps, stats) if return_stats else logps

@@ -6,24 +6,75 @@ backward recomputes every tile, turns it into the logits gradient in place and f
 through fp32 matmuls. Peak transient memory is one tile (TILE_ELEMENTS fp32 values) plus the inputs'
 fp32 copies on CPU, whatever N * V is.
 
-`p` is a kernels.logprob.LogprobParams (logit_scale, softcap, temperature, ignore_index,
-return_stats, chunk_n, chunk_v). Tested through kernels/logprob.py:
+Also the torch-only pieces shared with the Triton path (re-exported by kernels/logprob.py, the
+public import path): LogprobParams, LogprobStats, the eager full-logits implementation and
+`fused_linear_logprob_ref` (the fp64 truth of the tests). Tested through kernels/logprob.py:
 
     python -m pytest tests/kernels/test_logprob.py -q -k chunked
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # the params dataclass lives with the public API
-    from .logprob import LogprobParams
-
+IMPLS = ("auto", "triton", "chunked", "eager")
 TILE_ELEMENTS = 1 << 22  # fp32 elements per (chunk_n, chunk_v) tile, 16 MiB
 CHUNK_V = 8192
+
+
+class LogprobStats(NamedTuple):
+    entropy: Tensor  # (N,) fp32
+    mean_logit: Tensor  # (N,) fp32
+    is_top1: Tensor  # (N,) bool, False on ignored rows
+
+
+@dataclass(frozen=True)
+class LogprobParams:
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+    ignore_index: int = -100
+    return_stats: bool = False
+    impl: str = "auto"
+    chunk_n: int | None = None  # chunked impl: rows per tile (None: TILE_ELEMENTS // chunk_v)
+    chunk_v: int = CHUNK_V  # chunked impl: vocabulary columns per tile
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.softcap is not None and self.softcap <= 0:
+            raise ValueError(f"softcap must be > 0 or None, got {self.softcap}")
+
+
+def eager_logprob(hidden, weight, bias, labels, p: LogprobParams, dtype: torch.dtype | None = None):
+    """Full-logits torch: `dtype=None` is plain torch at the input dtype (fp32 log-softmax);
+    `dtype=torch.float64` upcasts everything first (the reference)."""
+    if dtype is not None:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    y = F.linear(hidden, weight, bias)  # (N, V)
+    y = y if dtype is not None else y.float()
+    z = y * p.logit_scale
+    if p.softcap is not None:
+        z = p.softcap * torch.tanh(z / p.softcap)
+    z = z / p.temperature
+    valid = labels != p.ignore_index
+    logp_all = z.log_softmax(-1)
+    logps = logp_all.gather(-1, labels.masked_fill(~valid, 0)[:, None])[:, 0]
+    logps = torch.where(valid, logps, torch.zeros_like(logps))
+    if not p.return_stats:
+        return logps, None
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        stats = LogprobStats(entropy, z.mean(-1), valid & (z.argmax(-1) == labels))
+    return logps, stats
 
 
 def transform_(y: Tensor, p: LogprobParams) -> Tensor:
@@ -141,3 +192,23 @@ def chunked_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
         if dw is not None:
             _addmm_fp32_(dw[v0:v1], d.T, h)
     return dh, dw, db
+
+
+def fused_linear_logprob_ref(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_stats: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor | tuple[Tensor, LogprobStats]:
+    """Eager full-logits reference computed in `dtype` (fp64 truth for tests, fp32 for benches);
+    differentiable, results in `dtype`."""
+    p = LogprobParams(logit_scale, softcap, temperature, ignore_index, return_stats, "eager")
+    logps, stats = eager_logprob(hidden, weight, bias, labels, p, dtype=dtype)
+    return (logps, stats) if return_stats else logps
