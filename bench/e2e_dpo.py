@@ -50,7 +50,7 @@ MODELS = {  # vocab-heavy on CPU so that the LM head matters, as it does at V=12
 }  # fmt: skip
 PRESETS = {  # B pairs per step; prompt ~P words, completions ~C words (uniform in [x/2, 3x/2))
     "smoke": [{"model": "tiny", "B": 2, "P": 16, "C": 8, "providers": ("trl", "csd-all")}],
-    "quick": [{"model": "tiny", "B": 4, "P": 128, "C": 64, "providers": ("trl", "csd-all")}],
+    "quick": [{"model": "tiny", "B": 4, "P": 128, "C": 64}],  # every provider: attribution
     "gpu": [{"model": "1b", "B": 8, "P": 512, "C": 256},
             {"model": "8b", "B": 4, "P": 512, "C": 256, "providers": ("trl", "csd-all")}],
 }  # fmt: skip
