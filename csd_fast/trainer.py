@@ -96,12 +96,14 @@ class DPOTrainer:
             self._tokenize(train_dataset, "train") if train_dataset is not None else None
         )
         self.eval_pairs = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
-        self._ref_tables: dict[str, object] = {}
+        # reference tables by the identity of the tokenized set they score: an evaluate() on a
+        # new dataset must never read another set's rows
+        self._ref_tables: dict[int, object] = {}
         self._policy_is_initial = True  # until training starts the policy is its own reference
         if args.precompute_ref_log_probs or args.ref_cache_dir:
             for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
                 if pairs is not None:
-                    self._ref_tables[name] = self._precompute(pairs, name)
+                    self._ref_tables[id(pairs)] = self._precompute(pairs, name)
         self._policy_is_initial = False  # from here on the policy no longer equals the reference
 
     # ----------------------------------------------------------------------------- data
@@ -148,7 +150,7 @@ class DPOTrainer:
 
     def _collate(self, pairs, idx: list[int], mode: str):
         examples = [dict(pairs[i]) for i in idx]
-        table = self._ref_tables.get(mode)
+        table = self._ref_tables.get(id(pairs))
         if table is not None:
             for ex in examples:
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
