@@ -18,9 +18,11 @@ CLO `group` (both pairs of one example) is one unit. Steps:
 4. the epoch shuffles the rounds (numpy generator seeded by (seed, epoch)): the bins themselves
    are the same every epoch, their order is not.
 
-Step 1 also exists in C++ (`csrc/planner.cpp`, module `csd_fast._planner`, built by setup.py when
-a compiler is present). Both find "least room that fits" the same way, with a tree over room values
-and a min-heap of bin ids per value, so they return identical bins (tests/test_planner.py).
+Steps 1-3 also exist in C++ (`csrc/planner.cpp`, module `csd_fast._planner`, built by setup.py
+when a compiler is present), which returns flat arrays; the shuffle stays numpy's and the nested
+lists are built once, in C++. Both find "least room that fits" the same way (the least room
+value >= cost held by an open bin, then the lowest bin id among those), so they return identical
+plans (tests/test_planner.py); ~34x faster on 1M pairs (bench/ops_planner.py).
 """
 
 from __future__ import annotations
@@ -92,20 +94,13 @@ def _bfd_python(costs: np.ndarray, budget: int) -> np.ndarray:
     return out
 
 
-def _bfd_bins(unit_costs: np.ndarray, budget: int, impl: str) -> tuple[np.ndarray, np.ndarray]:
+def _bfd_bins(unit_costs: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Best-fit decreasing: (unit ids grouped by bin, bin offsets), bins in opening order."""
     key = budget - unit_costs  # largest first, ties by index; 16-bit keys get numpy's radix sort
     key = key.astype(np.uint16) if budget < 2**16 else key
     order = np.argsort(key, kind="stable")
     sorted_costs = np.ascontiguousarray(unit_costs[order], dtype=np.int64)
-    if impl == "native" or (impl == "auto" and _native is not None):
-        if _native is None:
-            raise ImportError(
-                "csd_fast._planner is not built (python setup.py build_ext --inplace)"
-            )
-        bin_of = np.frombuffer(_native.bfd(sorted_costs, int(budget)), dtype=np.int64)
-    else:
-        bin_of = _bfd_python(sorted_costs, int(budget))
+    bin_of = _bfd_python(sorted_costs, int(budget))
     by_bin = np.argsort(bin_of, kind="stable")  # keeps processing order inside a bin
     offsets = np.zeros(int(bin_of.max(initial=-1)) + 2, dtype=np.int64)
     np.cumsum(np.bincount(bin_of), out=offsets[1:])
@@ -113,9 +108,13 @@ def _bfd_bins(unit_costs: np.ndarray, budget: int, impl: str) -> tuple[np.ndarra
 
 
 def _units(costs: np.ndarray, groups: np.ndarray | None):
-    """(unit costs, unit -> pair indices): one unit per pair, or per CLO group."""
+    """(unit costs, pairs bin by unit, unit offsets): one unit per pair, or per CLO group.
+
+    Unit u holds pairs[offsets[u]:offsets[u + 1]] (index order); units are ordered by their
+    first pair. Without groups the last two are None (unit u is pair u).
+    """
     if groups is None:
-        return costs, None
+        return costs, None, None
     groups = np.asarray(groups)
     if groups.shape != costs.shape:
         raise ValueError(f"groups has shape {groups.shape}, costs {costs.shape}")
@@ -123,8 +122,43 @@ def _units(costs: np.ndarray, groups: np.ndarray | None):
     rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")  # units by first pair
     unit = rank[inverse]
     members = np.argsort(unit, kind="stable")
-    split = np.cumsum(np.bincount(unit))[:-1]
-    return np.bincount(unit, weights=costs).astype(np.int64), np.split(members, split)
+    offsets = np.zeros(len(first) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(unit), out=offsets[1:])
+    return np.bincount(unit, weights=costs).astype(np.int64), members, offsets
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """concatenate(arange(s, s + n) for s, n in zip(starts, lengths)), without a Python loop."""
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+
+
+def _plan_native(unit_costs, budget, seed, epoch, world_size, members, member_offsets):
+    """plan_batches with steps 1-3 in C++ (flat arrays) and the lists built once, in C++ too."""
+    unit_ids, start, end, assigned, repeated = _native.plan(unit_costs, budget, world_size)
+    unit_ids, start, end, assigned = (
+        np.frombuffer(b, dtype=np.int64) for b in (unit_ids, start, end, assigned)
+    )
+    if repeated:
+        num_bins = len(start) - repeated
+        warnings.warn(
+            f"{num_bins} micro-batches cannot be split over {world_size} ranks: repeating "
+            f"{repeated} of them this epoch",
+            stacklevel=3,
+        )
+    values = unit_ids
+    if members is not None:  # units to their pairs; bin bounds move from units to pairs
+        sizes = member_offsets[unit_ids + 1] - member_offsets[unit_ids]
+        values = members[_ranges(member_offsets[unit_ids], sizes)].astype(np.int64)
+        cum = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=cum[1:])
+        start, end = cum[start], cum[end]
+    rounds = assigned.reshape(-1, world_size)
+    rng = np.random.default_rng([seed, epoch])
+    seq = rounds[rng.permutation(len(rounds))].T.ravel()  # bins in output order, rank by rank
+    bins = _native.lists(values, start[seq], end[seq])
+    steps = len(rounds)
+    return [bins[r * steps : (r + 1) * steps] for r in range(world_size)]
 
 
 def _equalise(bins: list[list[int]], world_size: int) -> list[list[int]]:
@@ -171,15 +205,27 @@ def plan_batches(
         raise ValueError(f"costs must be 1-D, got shape {costs.shape}")
     if (costs < 0).any():
         raise ValueError(f"pair {int(np.argmax(costs < 0))} has a negative cost")
-    unit_costs, members = _units(costs, groups)
+    unit_costs, members, member_offsets = _units(costs, groups)
     over = np.flatnonzero(unit_costs > budget)
     if len(over):
         u = int(over[0])
-        what = f"pair {u}" if members is None else f"group of pairs {members[u].tolist()}"
+        if members is None:
+            what = f"pair {u}"
+        else:
+            what = f"group of pairs {members[member_offsets[u] : member_offsets[u + 1]].tolist()}"
         raise ValueError(
             f"{what} costs {int(unit_costs[u])} tokens, more than max_tokens_per_batch={budget}"
         )
-    flat, offsets = _bfd_bins(unit_costs, budget, impl)
+    if impl == "native" or (impl == "auto" and _native is not None):
+        if _native is None:
+            raise ImportError(
+                "csd_fast._planner is not built (python setup.py build_ext --inplace)"
+            )
+        unit_costs = np.ascontiguousarray(unit_costs, dtype=np.int64)
+        return _plan_native(
+            unit_costs, int(budget), seed, epoch, world_size, members, member_offsets
+        )
+    flat, offsets = _bfd_bins(unit_costs, budget)
     flat_list = flat.tolist()
     ends = offsets.tolist()
     bins = [flat_list[ends[k] : ends[k + 1]] for k in range(len(ends) - 1)]
@@ -189,7 +235,8 @@ def plan_batches(
     else:
         tokens = np.add.reduceat(unit_costs[flat], offsets[:-1]).tolist() if bins else []
     if members is not None:  # units back to pairs, a group's pairs in index order
-        bins = [[i for u in b for i in members[u].tolist()] for b in bins]
+        groups_of = np.split(members, member_offsets[1:-1])
+        bins = [[i for u in b for i in groups_of[u].tolist()] for b in bins]
     heavy_first = sorted(range(len(bins)), key=lambda i: (-tokens[i], i))
     load = [0] * world_size
     assigned = []

@@ -7,6 +7,8 @@ The native half runs only when csd_fast._planner is built (`python setup.py buil
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -100,31 +102,76 @@ def test_more_ranks_than_bins_splits_then_repeats():
     assert plan == [[[0]], [[0]]]
 
 
-def test_empty_input():
-    assert plan_batches(np.zeros(0, dtype=np.int64), 10, seed=0, epoch=0) == [[]]
+@pytest.mark.parametrize("impl", ["python", pytest.param("native", marks=native)])
+def test_empty_input(impl):
+    none = np.zeros(0, dtype=np.int64)
+    assert plan_batches(none, 10, seed=0, epoch=0, impl=impl) == [[]]
+    assert plan_batches(none, 10, seed=0, epoch=0, world_size=3, impl=impl) == [[], [], []]
+    assert plan_batches(none, 10, seed=0, epoch=0, groups=none, impl=impl) == [[]]
+
+
+def _both(costs, budget, **kw):
+    """(native plan, python plan), each with the warnings it raised."""
+    out = []
+    for impl in ("native", "python"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan = plan_batches(costs, budget, impl=impl, **kw)
+        out.append((plan, [str(w.message) for w in caught]))
+    return out
 
 
 @native
 def test_native_matches_python_on_random_inputs():
     rng = np.random.default_rng(4)
-    for trial in range(60):
+    # budgets on both sides of the 64-bit word edges of the native room set, and past 16-bit keys
+    edges = [1, 2, 63, 64, 65, 4095, 4096, 4097, 70000]
+    for trial in range(90):
         n = int(rng.integers(1, 400))
-        budget = int(rng.integers(8, 3000)) if trial % 3 else 70000  # also past 16-bit keys
-        hi = max(2, budget // int(rng.integers(1, 8)))
-        costs = rng.integers(1, hi + 1, n)
+        budget = edges[trial % len(edges)] if trial % 2 else int(rng.integers(8, 3000))
+        hi = max(1, budget // int(rng.integers(1, 8)))
+        costs = rng.integers(0 if trial % 5 == 0 else 1, hi + 1, n)  # zero-cost pairs too
         costs[rng.integers(0, n)] = budget  # a pair that fills the budget
         order = np.argsort(-costs, kind="stable")
         sorted_costs = np.ascontiguousarray(costs[order], dtype=np.int64)
         want = planner._bfd_python(sorted_costs, budget)
         got = np.frombuffer(planner._native.bfd(sorted_costs, budget), dtype=np.int64)
         np.testing.assert_array_equal(got, want)
-        kw = dict(seed=trial, epoch=trial % 3, world_size=int(rng.integers(1, 5)))
+        kw = dict(seed=trial, epoch=trial % 3, world_size=int(rng.integers(1, 9)))
         groups = rng.integers(0, n, n) if trial % 2 else None
         if groups is not None and np.bincount(groups, weights=costs).max() > budget:
             groups = None
-        assert plan_batches(costs, budget, groups=groups, impl="native", **kw) == plan_batches(
-            costs, budget, groups=groups, impl="python", **kw
+        (native_plan, native_warn), (python_plan, python_warn) = _both(
+            costs, budget, groups=groups, **kw
         )
+        assert native_plan == python_plan, (trial, budget, kw)
+        assert native_warn == python_warn
+
+
+@native
+def test_native_matches_python_when_ranks_split_and_repeat():
+    # few, big pairs over many ranks: bins are split (several times) and then repeated
+    for n, world_size in [(1, 8), (3, 8), (9, 4), (13, 8), (2, 2)]:
+        costs = np.full(n, 30)
+        costs[::2] = 70
+        groups = np.arange(n) // 2
+        for g in (None, groups):
+            (native_plan, native_warn), (python_plan, python_warn) = _both(
+                costs, 200, seed=1, epoch=0, world_size=world_size, groups=g
+            )
+            assert native_plan == python_plan and native_warn == python_warn
+            assert all(isinstance(i, int) for rank in native_plan for mb in rank for i in mb)
+
+
+@native
+def test_native_matches_python_on_a_large_plan():
+    costs = np.clip(np.random.default_rng(5).lognormal(6.0, 0.7, 20000), 8, 4096).astype(np.int64)
+    groups = np.arange(20000) // 2  # CLO: two pairs per example
+    for g in (None, groups):
+        (native_plan, _), (python_plan, _) = _both(
+            costs, 8192, seed=3, epoch=4, world_size=8, groups=g
+        )
+        assert native_plan == python_plan
 
 
 @native
@@ -133,3 +180,9 @@ def test_native_rejects_bad_buffers():
         planner._native.bfd(np.array([1, 2], dtype=np.int32), 10)
     with pytest.raises(ValueError, match="outside"):
         planner._native.bfd(np.array([11], dtype=np.int64), 10)
+    with pytest.raises(ValueError, match="outside"):
+        planner._native.plan(np.array([-1], dtype=np.int64), 10, 2)
+    with pytest.raises(ValueError, match="starts <= ends"):
+        planner._native.lists(np.arange(3), np.array([0]), np.array([4]))
+    got = planner._native.lists(np.arange(5), np.array([0, 2, 1]), np.array([2, 2, 4]))
+    assert got == [[0, 1], [], [1, 2, 3]]
