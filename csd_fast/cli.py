@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[csd-train] built-in demo: tiny model and bilingual pairs in {assets.model_dir}")
     if script["model_name_or_path"] is None or script["dataset_name"] is None:
         raise SystemExit("csd-train: give both --model_name_or_path and --dataset_name")
-    if script["eval_dataset_name"] and kwargs.get("eval_strategy", "no") == "no":
-        kwargs["eval_strategy"] = "steps"
+    if script["eval_dataset_name"] and "eval_strategy" not in kwargs:
+        kwargs["eval_strategy"] = "steps"  # an eval set given without a strategy: evaluate
     args = DPOConfig(**kwargs)
     resolved = {
         "script": {k: v for k, v in script.items() if k != "demo"},
@@ -201,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.train(resume_from_checkpoint=script["resume"])
     trainer.save_model(str(output_dir / "final"))
-    summary = {}
-    if trainer.eval_pairs is not None:
-        summary = trainer.evaluate()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    summary = evals[-1] if evals else {}
+    if trainer.eval_pairs is not None and summary.get("step") != trainer.state.global_step:
+        summary = trainer.evaluate()  # the final weights were not evaluated yet
     png = trainer.plot()
     keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
     shown = ", ".join(f"{k}={summary[k]:.4f}" for k in keys if k in summary)

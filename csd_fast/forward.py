@@ -102,6 +102,11 @@ def token_logps_and_stats(
     out = backbone(model)(**kwargs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden.flatten(0, 1).index_select(0, batch.token_index)  # (N, H)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # the residual stream leaves the final norm in fp32; the head runs in the autocast dtype,
+        # as an eager lm_head under autocast would (the kernels then read bf16 tiles)
+        hidden = hidden.to(torch.get_autocast_dtype(dev))
     spec = head_spec(model)
     result = fused_linear_logprob(
         hidden,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -101,7 +100,11 @@ def run_training(trainer, resume_from_checkpoint=None):
                 # count-based batches: TRL's mean of micro-batch means; token budgets: per pair
                 weight = batch.num_pairs / step_pairs if by_tokens else 1.0 / len(group)
                 (loss * weight).backward()
-                step_loss += float(loss.detach()) * weight
+                value = float(loss.detach())
+                if args.logging_nan_inf_filter and not math.isfinite(value):
+                    # HF's filter: a non-finite loss is logged as the window's running mean
+                    value = window["loss"] / max(window["steps"], 1)
+                step_loss += value * weight
                 window["tokens"] += batch.num_real_tokens
                 window["pairs"] += batch.num_pairs
                 pairs_seen += batch.num_pairs
@@ -130,14 +133,13 @@ def run_training(trainer, resume_from_checkpoint=None):
                 break
         if trainer.control.should_training_stop:
             break
-        trainer._fire("on_epoch_end")
         if micro >= len(plan):
             epoch += 1
             progress.epoch, progress.micro_in_epoch = epoch, 0
-            if args.eval_strategy == "epoch" and trainer.eval_pairs is not None:
-                _evaluate_and_track(trainer)
-            if args.save_strategy == "epoch":
-                _save(trainer)
+            trainer.control.should_evaluate |= args.eval_strategy == "epoch"
+            trainer.control.should_save |= args.save_strategy == "epoch"
+            trainer._fire("on_epoch_end")
+            _evaluate_and_save(trainer)
     bar.close()
     runtime = time.perf_counter() - train_start
     steps_run = max(state.global_step - progress_start, 1)
@@ -152,16 +154,27 @@ def run_training(trainer, resume_from_checkpoint=None):
     if args.load_best_model_at_end and state.best_model_checkpoint:
         ckpt.load_weights(model, Path(state.best_model_checkpoint))
     trainer._fire("on_train_end")
+    trainer.close_writer()
     return state
 
 
 def _after_step(trainer, window, grad_norm, lr_used, max_steps, bar) -> None:
-    args, state = trainer.args, trainer.state
+    """transformers' default flow: decide log / evaluate / save, then honour callbacks' flags."""
+    args, state, control = trainer.args, trainer.state, trainer.control
     step = state.global_step
-    log_now = _due(step, args.logging_steps, max_steps) or (args.logging_first_step and step == 1)
-    if args.logging_strategy == "no":
-        log_now = False
-    if log_now or step == max_steps and window["steps"]:
+    if args.logging_strategy == "steps" and (
+        _due(step, args.logging_steps, max_steps) or (args.logging_first_step and step == 1)
+    ):
+        control.should_log = True
+    eval_every = args.eval_steps or args.logging_steps
+    if args.eval_strategy == "steps" and (_due(step, eval_every, max_steps) or step >= max_steps):
+        control.should_evaluate = True  # like HF, the last step is evaluated too
+    if args.save_strategy == "steps" and (
+        _due(step, args.save_steps, max_steps) or step >= max_steps
+    ):
+        control.should_save = True
+    if control.should_log and window["steps"]:
+        control.should_log = False
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
         logs = {"loss": window["loss"] / window["steps"]}
         if grad_norm is not None:
@@ -177,44 +190,48 @@ def _after_step(trainer, window, grad_norm, lr_used, max_steps, bar) -> None:
             tok_s=f"{logs['tokens_per_second']:.0f}",
         )
         window.update(loss=0.0, steps=0, tokens=0, pairs=0, t0=time.perf_counter())
-    eval_every = args.eval_steps or args.logging_steps
-    if (
-        args.eval_strategy == "steps"
-        and trainer.eval_pairs is not None
-        and (_due(step, eval_every, max_steps) or step == max_steps)
-    ):
-        _evaluate_and_track(trainer)
-    if args.save_strategy == "steps" and _due(step, args.save_steps, max_steps):
-        _save(trainer)
-    if trainer.control.should_save:
-        trainer.control.should_save = False
-        _save(trainer)
+    _evaluate_and_save(trainer)
+    every = args.torch_empty_cache_steps
+    if every and step % every == 0 and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def _evaluate_and_track(trainer) -> None:
-    metrics = trainer.evaluate()
+def _evaluate_and_save(trainer) -> None:
+    """Run the evaluation and the save the control flags ask for; track the best checkpoint."""
+    args, control = trainer.args, trainer.control
+    improved = False
+    if control.should_evaluate:
+        control.should_evaluate = False
+        if trainer.eval_pairs is not None:
+            improved = _track_best(trainer, trainer.evaluate())
+    if control.should_save or (args.save_strategy == "best" and improved):
+        control.should_save = False
+        _save(trainer, best=improved)
+
+
+def _track_best(trainer, metrics: dict) -> bool:
+    """Update the best metric (eval loss unless metric_for_best_model says otherwise)."""
     args, state = trainer.args, trainer.state
     key = args.metric_for_best_model or "loss"
     key = key if key.startswith("eval_") else f"eval_{key}"
     value = metrics.get(key)
     if value is None:
-        return
+        return False
     greater = args.greater_is_better if args.greater_is_better is not None else "loss" not in key
     better = state.best_metric is None or (
         value > state.best_metric if greater else value < state.best_metric
     )
     if better:
         state.best_metric = trainer.progress.best_metric = value
-        if args.save_strategy in ("best", "steps", "epoch") and args.save_strategy != "no":
-            path = _save(trainer)
-            state.best_model_checkpoint = trainer.progress.best_model_checkpoint = str(path)
-            ckpt.write_json_atomically(path / ckpt.STATE_FILE, asdict(trainer.progress))
+    return better
 
 
-def _save(trainer) -> Path:
+def _save(trainer, best: bool = False) -> Path:
     args, state = trainer.args, trainer.state
     out = Path(args.output_dir)
     path = out / f"checkpoint-{state.global_step}"
+    if best:  # recorded before writing, so the checkpoint's own state names it
+        state.best_model_checkpoint = trainer.progress.best_model_checkpoint = str(path)
     trainer.progress.log_history = list(state.log_history)
     model = trainer.model
     ckpt.save_checkpoint(

@@ -21,23 +21,31 @@ def load_model(path: str, args) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(args.model_init_kwargs or {}) if isinstance(args.model_init_kwargs, dict) else {}
-    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "auto"))
-    if isinstance(dtype, str) and dtype not in ("auto", None):
+    # TRL loads float32 unless told otherwise: bf16 master weights would round away small updates
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "float32"))
+    if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
 
-def load_tokenizer(model: nn.Module, path: str | None):
+def load_tokenizer(model: nn.Module, path: str | None, args):
     from transformers import AutoTokenizer
 
     source = path or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not source:
         raise ValueError("processing_class is required when the model was not loaded from a path")
-    tok = AutoTokenizer.from_pretrained(source)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+
+
+def ensure_pad_token(tokenizer, args) -> None:
+    """TRL's rule: `args.pad_token` if given, else the tokenizer's own, else EOS."""
+    if getattr(args, "pad_token", None) is not None:
+        tokenizer.pad_token = args.pad_token
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -18,7 +18,13 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsWriter:
     """Append-only JSONL of logged metrics plus optional TensorBoard / W&B sinks."""
 
-    def __init__(self, output_dir: str | Path, report_to: list[str] | str | None, run_name=None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        report_to: list[str] | str | None,
+        run_name=None,
+        logging_dir: str | Path | None = None,
+    ):
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         targets = report_to if isinstance(report_to, list) else [report_to or "none"]
@@ -35,7 +41,7 @@ class MetricsWriter:
                     raise ImportError(
                         "report_to='tensorboard' needs `pip install tensorboard`"
                     ) from e
-                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
+                self._tb = SummaryWriter(log_dir=str(logging_dir or Path(output_dir) / "runs"))
             elif t == "wandb":
                 try:
                     import wandb
@@ -117,7 +123,8 @@ def plot_curves(output_dir: str | Path, filename: str = "curves.png") -> Path | 
                 ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 30 else None, label=key)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(output_dir) / filename

@@ -51,7 +51,7 @@ class DPOTrainer:
         quantization_config=None,
         peft_config=None,
     ):
-        from csd_fast.models import load_model, load_tokenizer, prepare_models
+        from csd_fast.models import ensure_pad_token, load_model, load_tokenizer, prepare_models
 
         if args is None:
             name = model if isinstance(model, str) else type(model).__name__
@@ -67,12 +67,15 @@ class DPOTrainer:
         if quantization_config is not None:
             raise NotImplementedError("quantization_config is not supported yet")
         _check_supported(args)
+        if args.tf32 is not None and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
         torch.manual_seed(args.seed)
         self.device = _device(args)
         model_path = model if isinstance(model, str) else None
         self.model = load_model(model, args) if model_path else model
-        self.processing_class = processing_class or load_tokenizer(self.model, model_path)
+        self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
+        ensure_pad_token(self.processing_class, args)
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, args)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
@@ -99,6 +102,8 @@ class DPOTrainer:
         # reference tables by the identity of the tokenized set they score: an evaluate() on a
         # new dataset must never read another set's rows
         self._ref_tables: dict[int, object] = {}
+        self._plans: dict[tuple[int, str, int], list[list[int]]] = {}
+        self._ref_fingerprint: str | None = None
         self._policy_is_initial = True  # until training starts the policy is its own reference
         if args.precompute_ref_log_probs or args.ref_cache_dir:
             for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
@@ -141,12 +146,22 @@ class DPOTrainer:
         )
 
     def _plan(self, pairs, mode: str, epoch: int) -> list[list[int]]:
-        opts = self._batching(mode)
-        costs = groups = None
-        if opts.max_tokens_per_batch:
-            costs = pair_costs(pairs.lengths(), opts)
-            groups = getattr(pairs, "groups", lambda: None)()
-        return epoch_plan(len(pairs), epoch, opts, costs, groups)
+        """The micro-batches of one epoch; planned once per (set, mode, epoch) and kept."""
+        key = (id(pairs), mode, epoch)
+        if key not in self._plans:
+            opts = self._batching(mode)
+            costs = groups = None
+            if opts.max_tokens_per_batch:
+                costs = pair_costs(pairs.lengths(), opts)
+                groups = getattr(pairs, "groups", lambda: None)()
+            # only the current epoch's plan is worth keeping
+            self._plans = {k: v for k, v in self._plans.items() if k[:2] != key[:2]}
+            self._plans[key] = epoch_plan(len(pairs), epoch, opts, costs, groups)
+        return self._plans[key]
+
+    @property
+    def _pad_id(self) -> int:
+        return self.processing_class.pad_token_id
 
     def _collate(self, pairs, idx: list[int], mode: str):
         examples = [dict(pairs[i]) for i in idx]
@@ -154,10 +169,7 @@ class DPOTrainer:
         if table is not None:
             for ex in examples:
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
-        pad = self.processing_class.pad_token_id
-        if pad is None:
-            pad = self.processing_class.eos_token_id
-        return make_collate(self._batching(mode), pad)(examples).to(self.device)
+        return make_collate(self._batching(mode), self._pad_id)(examples).to(self.device)
 
     # ------------------------------------------------------------------------ reference
     @contextlib.contextmanager
@@ -176,12 +188,18 @@ class DPOTrainer:
             )
 
     def _ref_logps(self, batch):
+        """Cached table values when the batch carries them, else a live no-grad reference pass."""
         if batch.ref_chosen_logps is not None:
             return batch.ref_chosen_logps, batch.ref_rejected_logps
         with self._reference() as ref, self._autocast():
-            return reference_logps(
-                ref, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
-            )
+            was_training = ref.training
+            ref.eval()  # the reference never sees dropout, even with disable_dropout=False
+            try:
+                return reference_logps(
+                    ref, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
+                )
+            finally:
+                ref.train(was_training)
 
     def _precompute(self, pairs, name: str):
         a = self.args
@@ -189,26 +207,22 @@ class DPOTrainer:
         bs = a.precompute_ref_batch_size or opts.batch_size
         batches = [list(range(i, min(i + bs, len(pairs)))) for i in range(0, len(pairs), bs)]
         examples = [pairs[i] for i in range(len(pairs))]
-        collate = make_collate(opts, self.processing_class.pad_token_id or 0)
+        collate = make_collate(opts, self._pad_id)
 
         def build():
-            return compute_table(examples, batches, collate, self._score_ref, self.device)
+            return compute_table(examples, batches, collate, self._ref_logps, self.device)
 
         def key_parts():
-            with self._reference() as ref:
-                fp = model_fingerprint(ref)
+            if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
+                with self._reference() as ref:
+                    self._ref_fingerprint = model_fingerprint(ref)
+            fp = self._ref_fingerprint
             opts_key = {"max_length": a.max_length, "trunc": a.truncation_mode, "ld": a.ld_alpha}
             return fp, pairs_fingerprint(examples), opts_key
 
         table, how = cached_table(a.ref_cache_dir, key_parts, build)
         print(f"[csd-fast] reference log-probs for {name}: {len(pairs)} pairs ({how})")
         return table
-
-    def _score_ref(self, batch):
-        with self._reference() as ref, self._autocast():
-            return reference_logps(
-                ref, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
-            )
 
     # ----------------------------------------------------------------------------- step
     def _autocast(self):
@@ -326,9 +340,18 @@ class DPOTrainer:
     def _writer(self) -> MetricsWriter:
         if getattr(self, "_metrics_writer", None) is None:
             self._metrics_writer = MetricsWriter(
-                self.args.output_dir, self.args.report_to, getattr(self.args, "run_name", None)
+                self.args.output_dir,
+                self.args.report_to,
+                getattr(self.args, "run_name", None),
+                logging_dir=getattr(self.args, "logging_dir", None),
             )
         return self._metrics_writer
+
+    def close_writer(self) -> None:
+        """Flush and close TensorBoard / W&B; a later log() opens a new writer."""
+        if getattr(self, "_metrics_writer", None) is not None:
+            self._metrics_writer.close()
+            self._metrics_writer = None
 
     # ------------------------------------------------------------------------ callbacks
     def add_callback(self, callback) -> None:
@@ -417,5 +440,3 @@ def _check_supported(args) -> None:
         )
     if args.logging_strategy not in ("steps", "no"):
         raise NotImplementedError(f"logging_strategy={args.logging_strategy!r}: use 'steps'")
-    if args.tf32 is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)

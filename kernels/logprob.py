@@ -490,12 +490,12 @@ def _prepare(hidden, weight, bias, labels, p: LogprobParams):
         raise ValueError(f"bias must be (V,) = {tuple(weight.shape[:1])}, got {tuple(bias.shape)}")
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"hidden must be fp32 / bf16 / fp16, got {hidden.dtype}")
-    impl = _resolve(p, hidden)
-    if impl == "triton":
+    if _resolve(p, hidden) == "triton":
         _check_triton(hidden)
-        # the kernels index H with unit stride and expect matching operand dtypes
-        weight = weight.to(hidden.dtype)
-        bias = bias.to(hidden.dtype) if bias is not None else None
+    # both impls expect matching operand dtypes (under autocast the hidden states arrive in bf16
+    # while the master weights are fp32); the cast is differentiable, so dW flows back in fp32
+    weight = weight.to(hidden.dtype)
+    bias = bias.to(hidden.dtype) if bias is not None else None
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     return hidden, weight, bias, labels.long().contiguous()

@@ -107,6 +107,7 @@ def test_full_demo_reaches_held_out_accuracy(tmp_path):
     assert main(["--fused", "--output_dir", str(tmp_path)]) == 0
     evals = [r for r in read_metrics(tmp_path) if "eval_rewards/accuracies" in r]
     assert evals and evals[-1]["eval_rewards/accuracies"] >= 0.9
+    assert len({r["step"] for r in evals}) == len(evals)  # the final step is evaluated once
 
 
 def test_cli_equals_python_api(tmp_path):

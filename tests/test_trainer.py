@@ -243,6 +243,28 @@ def test_eval_logs_prefixed_metrics_and_tracks_best(tmp_path):
     assert "eval_rewards/accuracies" in evals[0] and "eval_logps/chosen" in evals[0]
     best = min(evals, key=lambda h: h["eval_loss"])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_evaluate_new_set_after_training_needs_a_reference(tmp_path):
+    """With precomputed tables and no reference model, a new eval set cannot be scored by the
+    trained policy (TRL would silently use it as its own reference): say so."""
+    tok = tiny_tokenizer()
+    args = make_args(tmp_path, max_steps=1, precompute_ref_log_probs=True)
+    trainer = DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS, processing_class=tok)
+    trainer.train()
+    with pytest.raises(RuntimeError, match="no reference model"):
+        trainer.evaluate(eval_dataset=ROWS[:4])
+
+
+def test_model_path_loads_in_float32_like_trl(tmp_path):
+    tok = tiny_tokenizer()
+    tiny_model(tok).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    trainer = DPOTrainer(
+        str(tmp_path / "bf16"), args=make_args(tmp_path / "out", max_steps=1), train_dataset=ROWS
+    )
+    assert next(trainer.model.parameters()).dtype == torch.float32
 
 
 def test_token_budget_batches_cover_every_pair_once_within_budget(tmp_path):
