@@ -192,12 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     (output_dir / "config.yaml").write_text(text)
     ref = script["ref_model_name_or_path"]
+    from csd_fast.data import load_rows
+
+    # the split options pick a split of a save_to_disk DatasetDict; files have one split
+    train = load_rows(script["dataset_name"], split=script["dataset_train_split"])
+    evalset = script["eval_dataset_name"]
+    if evalset:
+        evalset = load_rows(evalset, split=script["dataset_test_split"])
     trainer = DPOTrainer(
         model=script["model_name_or_path"],
         ref_model=ref,
         args=args,
-        train_dataset=script["dataset_name"],
-        eval_dataset=script["eval_dataset_name"],
+        train_dataset=train,
+        eval_dataset=evalset,
     )
     trainer.train(resume_from_checkpoint=script["resume"])
     trainer.save_model(str(output_dir / "final"))

@@ -205,3 +205,60 @@ def test_runs_without_trl_installed(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_dataset_splits_of_a_saved_datasetdict(tmp_path):
+    import datasets
+
+    assets = build_demo(tmp_path / "assets")
+    rows = [json.loads(line) for line in assets.train_file.read_text().splitlines()]
+    dd = datasets.DatasetDict(
+        {
+            "fit": datasets.Dataset.from_list(rows[:24]),
+            "heldout": datasets.Dataset.from_list(rows[24:32]),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "dd"))
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "--model_name_or_path",
+                str(assets.model_dir),
+                "--dataset_name",
+                str(tmp_path / "dd"),
+                "--eval_dataset_name",
+                str(tmp_path / "dd"),
+                "--dataset_train_split",
+                "fit",
+                "--dataset_test_split",
+                "heldout",
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "2",
+                "--bf16",
+                "false",
+                "--report_to",
+                "none",
+                "--per_device_eval_batch_size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert evals and evals[-1]["eval_samples_per_second"] > 0
+    with pytest.raises(Exception, match="split"):
+        main(
+            [
+                "--model_name_or_path",
+                str(assets.model_dir),
+                "--dataset_name",
+                str(tmp_path / "dd"),
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+            ]
+        )
