@@ -75,8 +75,9 @@ class ForwardOutput:
     """Per-token and per-sequence results of one micro-batch forward."""
 
     token_logps: Tensor  # (N,) fp32
-    chosen_logps: Tensor  # (P,)
+    chosen_logps: Tensor  # (P,) LD-weighted when ld_alpha is set
     rejected_logps: Tensor  # (P,)
+    plain_chosen_logps: Tensor | None = None  # (P,) unweighted, only when ld_alpha is set
     entropy: Tensor | None = None  # (N,) no grad
     mean_logit: Tensor | None = None  # (N,)
     is_top1: Tensor | None = None  # (N,) bool
@@ -161,6 +162,9 @@ def sequence_forward(
     seq_logps = segment_sum(summed, batch.seq_offsets)  # (2P,)
     P = batch.num_pairs
     out = ForwardOutput(token_logps, seq_logps[:P], seq_logps[P:])
+    if weights is not None:
+        chosen_end = batch.seq_offsets[P]  # chosen tokens come first
+        out.plain_chosen_logps = segment_sum(token_logps[:chosen_end], batch.seq_offsets[: P + 1])
     if stats is not None:
         out.entropy, out.mean_logit, out.is_top1 = stats
     return out

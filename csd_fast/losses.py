@@ -141,6 +141,9 @@ class PairLogps:
     sft_mask: Tensor | None = None  # (P,) bool: pairs whose chosen feeds sft/NLL (None: all)
     group_ids: Tensor | None = None  # (P,) CLO example of each pair
     weights: Tensor | None = None  # (P,) WPO weights (use_weighting), already detached
+    # (P,) unweighted chosen sums when chosen_logps carry LD-DPO weights (ld_alpha): the NLL
+    # terms (sft, clo) are plain token means in TRL, whatever the length weighting
+    nll_chosen_logps: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -185,7 +188,8 @@ def _sft_nll(logps: PairLogps) -> Tensor:
     Summed log-probs over summed lengths is TRL's mean over all chosen tokens of the micro-batch.
     The denominator is clamped to 1 so a micro-batch without such tokens gives 0 (TRL: NaN).
     """
-    chosen, lengths = logps.chosen_logps, logps.chosen_lengths
+    chosen = logps.chosen_logps if logps.nll_chosen_logps is None else logps.nll_chosen_logps
+    lengths = logps.chosen_lengths
     if logps.sft_mask is not None:
         mask = logps.sft_mask.to(torch.bool)
         chosen, lengths = chosen[mask], lengths[mask]

@@ -251,6 +251,7 @@ class DPOTrainer:
             rejected_lengths=lengths[P:],
             sft_mask=batch.sft_mask,
             group_ids=batch.group_ids,
+            nll_chosen_logps=fwd.plain_chosen_logps,
         )
         if self._fused_loss_type is not None:
             from csd_fast.kernels.pair_loss import fused_pair_loss

@@ -55,6 +55,28 @@ def test_sigmoid_plus_sft_weighted(models, tmp_path):
     _check(models, tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], n=8)
 
 
+def test_ld_alpha_with_sft(models, tmp_path):
+    # LD-DPO weights the longer tail; the NLL term stays a plain token mean in TRL
+    _check(models, tmp_path, loss_type=["sigmoid", "sft"], ld_alpha=0.5, n=8)
+
+
+@pytest.mark.parametrize("f_div", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergence(models, tmp_path, f_div):
+    _check(models, tmp_path, f_divergence_type=f_div, f_alpha_divergence_coef=0.3, n=8)
+
+
+def test_eval_metrics_and_sparse_logging(models, tmp_path):
+    # logging every 2 steps over 5, eval every 2 and at the end (as HF): same entries, same values
+    kw = dict(max_steps=5, logging_steps=2, eval_strategy="steps", eval_steps=2, eval_rows=6)
+    data = rows("standard", 12)
+    ref_logs, _ = run("trl", "llama", models, tmp_path / "trl", data, **kw)
+    our_logs, _ = run("csd", "llama", models, tmp_path / "csd", data, **kw)
+    assert [h["step"] for h in step_logs(ref_logs)] == [2, 4]
+    assert [h["step"] for h in ref_logs if "eval_loss" in h] == [2, 4, 5]
+    problems = compare_logs(our_logs, ref_logs)
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.parametrize("fmt", ["conversational", "implicit"])
 def test_dataset_formats(models, tmp_path, fmt):
     _check(models, tmp_path, fmt=fmt, n=8)

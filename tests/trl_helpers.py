@@ -110,12 +110,14 @@ def run(
         from csd_fast import DPOConfig, DPOTrainer
     else:
         raise ValueError(impl)
+    eval_rows = kw.pop("eval_rows", 0)
     path, _ = save_tiny(arch, model_root)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tok = AutoTokenizer.from_pretrained(path)
     args = DPOConfig(**base_kwargs(out_dir, **kw))
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
+        eval_dataset=datasets.Dataset.from_list(data[:eval_rows]) if eval_rows else None,
         processing_class=tok,
     )  # fmt: skip
     trainer.train()
@@ -128,10 +130,22 @@ def step_logs(history: list[dict]) -> list[dict]:
     return [h for h in history if "loss" in h and "train_runtime" not in h]
 
 
+def eval_logs(history: list[dict]) -> list[dict]:
+    """Evaluation entries, without the wall-clock keys (runtime, per-second rates)."""
+    timing = ("runtime", "per_second")
+    return [
+        {k: v for k, v in h.items() if not any(t in k for t in timing)}
+        for h in history
+        if "eval_loss" in h
+    ]
+
+
 def compare_logs(ours: list[dict], ref: list[dict], rtol=1e-4, atol=1e-6, skip=()) -> list[str]:
-    """Every key `ref` logs at each step must be in `ours` and agree; returns the mismatches."""
+    """Every key `ref` logs at each step (and each evaluation) must be in `ours` and agree."""
     problems = []
-    ours, ref = step_logs(ours), step_logs(ref)
+    if len(eval_logs(ours)) != len(eval_logs(ref)):
+        return [f"{len(eval_logs(ours))} evaluations vs TRL's {len(eval_logs(ref))}"]
+    ours, ref = step_logs(ours) + eval_logs(ours), step_logs(ref) + eval_logs(ref)
     if len(ours) != len(ref):
         return [f"{len(ours)} logged steps vs TRL's {len(ref)}"]
     for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
