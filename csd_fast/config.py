@@ -28,14 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "clo",
-)  # fmt: skip
-SCHEDULES = (
-    "linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup",
-    "cosine_with_restarts", "polynomial", "inverse_sqrt", "warmup_stable_decay",
-)  # fmt: skip
+from csd_fast.losses import LOSS_TYPES
+from csd_fast.optim import SCHEDULES
+
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 STRATEGIES = ("no", "steps", "epoch")
 # DPOConfig fields of older TRL releases that 1.16 no longer has. Passing one gives the plain

@@ -97,7 +97,7 @@ def token_logps_and_stats(
     temperature: float = 1.0,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """Run the backbone over the batch rows and score the completion tokens through the head."""
-    from csd_fast.kernels.logprob import fused_linear_logprob
+    from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
 
     kwargs = dict(batch.model_kwargs)
     out = backbone(model)(**kwargs, use_cache=False)
@@ -109,7 +109,9 @@ def token_logps_and_stats(
         # as an eager lm_head under autocast would (the kernels then read bf16 tiles)
         hidden = hidden.to(torch.get_autocast_dtype(dev))
     spec = head_spec(model)
-    result = fused_linear_logprob(
+    # reference passes (no grad) take the forward-only kernel: no autograd state is kept
+    head = fused_linear_logprob if torch.is_grad_enabled() else linear_logprob_inference
+    result = head(
         hidden,
         spec.weight,
         batch.token_labels,
