@@ -2,11 +2,12 @@
 
 Nothing here downloads: the tokenizer is a byte-level BPE trained in ~0.1 s on the sentences below,
 so tokens merge across a prompt/completion boundary as real tokenizers do (which is what makes the
-common-prefix rule matter). Used by tests/test_data.py.
+common-prefix rule matter). Also the source builders and the CLO tables of tests/test_data.py.
 """
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 SPECIAL = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
@@ -70,6 +71,30 @@ def trl_prepare(rows: list[dict], tokenizer, max_length=1024, truncation_mode="k
     return [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in out]
 
 
+def write_jsonl(path, rows, blank_first=False):
+    lines = ([""] if blank_first else []) + [json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_source(kind: str, rows: list[dict], tmp_path):
+    """`rows` as a .jsonl / .parquet file, a Dataset, a DatasetDict or a save_to_disk folder."""
+    import datasets
+
+    if kind == "jsonl":
+        return str(write_jsonl(tmp_path / "train.jsonl", rows))
+    ds = datasets.Dataset.from_list(rows)
+    if kind == "parquet":
+        ds.to_parquet(str(tmp_path / "train.parquet"))
+        return str(tmp_path / "train.parquet")
+    if kind == "dataset":
+        return ds
+    if kind == "datasetdict":
+        return datasets.DatasetDict({"train": ds, "test": ds.select([0])})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    return str(tmp_path / "saved")
+
+
 STANDARD = [
     {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
     {
@@ -116,3 +141,44 @@ IMPLICIT_CONVERSATIONAL = [
         "rejected": [_msg("user", "Hello world"), _msg("assistant", "How are you?")],
     },
 ]
+
+# CLO: English SFT examples and their translations, ids out of order and two target languages
+TRANSLATIONS = [
+    {"id": "a", "lang": "en", "prompt": "What color is the sky?", "response": " It is blue."},
+    {"id": "b", "lang": "fr", "prompt": "Le ciel?", "response": " Le ciel est bleu."},
+    {"id": "a", "lang": "de", "prompt": "Der Himmel?", "response": " Der Himmel ist blau."},
+    {"id": "b", "lang": "en", "prompt": "The sky?", "response": " The sky is blue."},
+]
+
+_T = TRANSLATIONS
+BAD_TRANSLATIONS = {  # rows, (row, field) of the error, words in the reason
+    "no_translation": (_T[:2] + _T[3:], (0, "id"), "'a' has no translation"),
+    "no_english": (_T[1:], (1, "id"), "'a' has no 'en' row"),
+    "two_english": (_T + [{**_T[0], "prompt": "Sky?"}], (4, "lang"), "(row 0)"),
+    "two_targets": (_T + [{**_T[2], "lang": "es"}], (4, "lang"), "target-language row (row 2)"),
+    "missing_field": (_T[:3] + [{"id": "b", "lang": "en", "prompt": "x"}], (3, "response"), ""),
+    "bad_id": (_T + [{**_T[0], "id": 1.5}], (4, "id"), "got float"),
+}
+
+
+def _with(i, **kw):
+    rows = [{**r, "group": g, "sft": g == 1} for r, g in zip(STANDARD, [0, 0, 1, 1], strict=True)]
+    rows[i] = {**rows[i], **kw}
+    return rows
+
+
+def _without(i, col):
+    rows = _with(0)
+    del rows[i][col]
+    return rows
+
+
+BAD_CLO = {  # rows, (row, field, kind)
+    "float_group": (_with(2, group=1.5), (2, "group", "bad_group")),
+    "bool_group": (_with(1, group=True), (1, "group", "bad_group")),
+    "str_sft": (_with(3, sft="yes"), (3, "sft", "bad_sft")),
+    "missing_group": (_without(2, "group"), (2, "group", "missing_group")),
+    "missing_sft": (_without(1, "sft"), (1, "sft", "missing_sft")),
+    "stray_sft": ([dict(STANDARD[0], sft=True)] + STANDARD[1:], (0, "sft", "stray_sft")),
+    "mixed_id_types": (_with(3, group="x"), (3, "group", "bad_group")),
+}

@@ -1,4 +1,4 @@
-"""Tests for csd_fast.data: sources, format validation, TRL-exact tokenization, skip/rejects, cache.
+"""Tests for csd_fast.data: sources, validation, TRL-exact tokenization, skip/rejects, cache, CLO.
 
 Run: python -m pytest tests/test_data.py -q
 Truth for the token ids is TRL 1.16's own `DPOTrainer._prepare_dataset`, called unbound on a stub.
@@ -13,17 +13,25 @@ import pickle
 import datasets
 import pytest
 from data_helpers import (
+    BAD_CLO,
+    BAD_TRANSLATIONS,
     CONVERSATIONAL,
     IMPLICIT,
     IMPLICIT_CONVERSATIONAL,
     STANDARD,
+    TRANSLATIONS,
+    make_source,
     tiny_tokenizer,
     trl_prepare,
+    write_jsonl,
 )
 
+from csd_fast.batch import collate_padded
 from csd_fast.data import (
     PreferenceDataError,
     TokenizedPairs,
+    clo_pairs_from_translations,
+    default_cache_dir,
     load_rows,
     tokenize_pairs,
     tokenizer_fingerprint,
@@ -43,29 +51,14 @@ def tok():
     return tiny_tokenizer()
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path):
+    """The default cache_dir="auto" writes under $CSD_FAST_CACHE: keep it per test, off ~/.cache."""
+    monkeypatch.setenv("CSD_FAST_CACHE", str(tmp_path / "auto-cache"))
+
+
 def _ids(pairs: TokenizedPairs) -> list[dict]:
     return [{k: pairs[i][k] for k in IDS} for i in range(len(pairs))]
-
-
-def _write_jsonl(path, rows, blank_first=False):
-    lines = ([""] if blank_first else []) + [json.dumps(r) for r in rows]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _make_source(kind: str, rows: list[dict], tmp_path):
-    if kind == "jsonl":
-        return str(_write_jsonl(tmp_path / "train.jsonl", rows))
-    ds = datasets.Dataset.from_list(rows)
-    if kind == "parquet":
-        ds.to_parquet(str(tmp_path / "train.parquet"))
-        return str(tmp_path / "train.parquet")
-    if kind == "dataset":
-        return ds
-    if kind == "datasetdict":
-        return datasets.DatasetDict({"train": ds, "test": ds.select([0])})
-    ds.save_to_disk(str(tmp_path / "saved"))
-    return str(tmp_path / "saved")
 
 
 # -- TRL parity ---------------------------------------------------------------------------------
@@ -99,7 +92,7 @@ def test_matches_trl_with_tools_and_template_kwargs(tok):
 @pytest.mark.parametrize("fmt", ["standard", "conversational", "implicit_conversational"])
 def test_every_source_kind_gives_trl_ids(kind, fmt, tok, tmp_path):
     rows = FORMATS[fmt]
-    src = load_rows(_make_source(kind, rows, tmp_path))
+    src = load_rows(make_source(kind, rows, tmp_path))
     assert len(src) == len(rows)
     assert _ids(tokenize_pairs(src, tok)) == trl_prepare(rows, tok)
 
@@ -164,7 +157,7 @@ BAD_ROWS = {
 def test_bad_standard_row_names_file_row_field(case, tok, tmp_path):
     bad, field, reason = BAD_ROWS[case]
     rows = STANDARD[:2] + [bad] + STANDARD[2:]
-    path = _write_jsonl(tmp_path / "train.jsonl", rows, blank_first=True)
+    path = write_jsonl(tmp_path / "train.jsonl", rows, blank_first=True)
     with pytest.raises(PreferenceDataError) as e:
         tokenize_pairs(str(path), tok)
     err = e.value
@@ -200,7 +193,7 @@ def test_bad_conversational_row_names_row_and_field(case, tok):
 def test_jsonl_rows_are_validated_as_written(tok, tmp_path):
     # Arrow would turn the missing key into content=None; the error must say what the file says
     rows = copy.deepcopy(CONVERSATIONAL) + [BAD_MESSAGES["missing_content"][0]]
-    path = _write_jsonl(tmp_path / "train.jsonl", rows)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
     assert isinstance(load_rows(str(path)).rows, datasets.Dataset)
     with pytest.raises(
         PreferenceDataError,
@@ -228,7 +221,7 @@ def test_skip_writes_rejects_and_counts(tok, tmp_path):
     long_prompt = {"prompt": "Hello world, " * 10, "chosen": " a", "rejected": " b"}
     bad = [BAD_ROWS["empty_completion"][0], BAD_ROWS["identical"][0], long_prompt]
     rows = [STANDARD[0], bad[0], STANDARD[1], bad[1], STANDARD[2], bad[2]]
-    path = _write_jsonl(tmp_path / "train.jsonl", rows)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
     rejects = tmp_path / "out" / "rejects.jsonl"
     pairs = tokenize_pairs(
         str(path), tok, max_length=16, on_bad_row="skip", rejects_path=str(rejects)
@@ -275,7 +268,7 @@ def count_calls(monkeypatch, tok):
 
 @pytest.mark.parametrize("fmt", ["standard", "conversational"])
 def test_cache_hit_does_not_retokenize(fmt, tok, tmp_path, count_calls):
-    src = _make_source("jsonl", FORMATS[fmt], tmp_path)
+    src = make_source("jsonl", FORMATS[fmt], tmp_path)
     cache = str(tmp_path / "cache")
     first = tokenize_pairs(src, tok, cache_dir=cache)
     assert count_calls["n"] > 0 and not first.from_cache
@@ -330,7 +323,7 @@ def test_tokenized_pairs_indexing(tok):
 
 
 def test_split_and_error_pickling(tmp_path):
-    dd = _make_source("datasetdict", STANDARD, tmp_path)
+    dd = make_source("datasetdict", STANDARD, tmp_path)
     assert len(load_rows(dd, split="test")) == 1
     with pytest.raises(PreferenceDataError, match="no split 'dev'"):
         load_rows(dd, split="dev")
@@ -344,3 +337,111 @@ def test_split_and_error_pickling(tmp_path):
         5,
     )
     assert str(back) == "a.jsonl, row 3 (line 5), field 'chosen': empty completion"
+
+
+# -- CLO: group / sft columns -----------------------------------------------------------------
+
+
+def test_clo_pairs_from_translations_builds_both_pairs_per_id():
+    en_a, fr_b, de_a, en_b = TRANSLATIONS
+    assert clo_pairs_from_translations(TRANSLATIONS) == [
+        {"prompt": en_a["prompt"], "chosen": en_a["response"], "rejected": de_a["response"]}
+        | {"group": "a", "sft": False},
+        {"prompt": de_a["prompt"], "chosen": de_a["response"], "rejected": en_a["response"]}
+        | {"group": "a", "sft": True},
+        {"prompt": en_b["prompt"], "chosen": en_b["response"], "rejected": fr_b["response"]}
+        | {"group": "b", "sft": False},
+        {"prompt": fr_b["prompt"], "chosen": fr_b["response"], "rejected": en_b["response"]}
+        | {"group": "b", "sft": True},
+    ]
+
+
+@pytest.mark.parametrize("case", list(BAD_TRANSLATIONS))
+def test_clo_translation_errors_name_the_row(case):
+    rows, where, reason = BAD_TRANSLATIONS[case]
+    with pytest.raises(PreferenceDataError) as e:
+        clo_pairs_from_translations(rows)
+    assert (e.value.row, e.value.field) == where and reason in e.value.reason
+
+
+@pytest.mark.parametrize("kind", ["list", "jsonl", "dataset"])
+def test_clo_columns_reach_pairs_and_collator(kind, tok, tmp_path):
+    rows = clo_pairs_from_translations(TRANSLATIONS)
+    src = rows if kind == "list" else make_source(kind, rows, tmp_path)
+    pairs = tokenize_pairs(src, tok)
+    plain = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    assert _ids(pairs) == trl_prepare(plain, tok)  # the extra columns change no id
+    assert pairs.groups().tolist() == [0, 0, 1, 1]  # str ids numbered in first-seen order
+    assert [p["sft"] for p in pairs] == [False, True, False, True]
+    assert [p["group"] for p in pairs] == [0, 0, 1, 1]
+    batch = collate_padded(list(pairs), tok.pad_token_id)
+    assert batch.group_ids.tolist() == [0, 0, 1, 1]
+    assert batch.sft_mask.tolist() == [False, True, False, True]
+    assert (
+        tokenize_pairs(plain, tok).groups() is None and "group" not in tokenize_pairs(plain, tok)[0]
+    )
+
+
+def test_clo_columns_survive_the_cache(tok, tmp_path, count_calls):
+    rows = [{**r, "group": g} for r, g in zip(STANDARD, [10, 10, 3, 7], strict=True)]
+    rows = [{**r, "sft": i % 2 == 1} for i, r in enumerate(rows)]
+    src, cache = make_source("jsonl", rows, tmp_path), tmp_path / "cache"
+    first = tokenize_pairs(src, tok, cache_dir=cache)
+    count_calls["n"] = 0
+    second = tokenize_pairs(src, tok, cache_dir=cache)
+    assert second.from_cache and count_calls["n"] == 0
+    assert second.groups().tolist() == [10, 10, 3, 7]  # int ids kept as given
+    assert list(second) == list(first) and second[1]["sft"] is True
+
+
+@pytest.mark.parametrize("case", list(BAD_CLO))
+def test_bad_clo_columns_name_row_and_field(case, tok, tmp_path):
+    rows, where = BAD_CLO[case]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(PreferenceDataError) as e:
+        tokenize_pairs(str(path), tok)
+    assert (e.value.row, e.value.field, e.value.kind) == where
+    assert e.value.source == str(path) and f"row {where[0]}" in str(e.value)
+
+
+def test_skipped_rows_do_not_renumber_groups(tok):
+    rows = [{**r, "group": g} for r, g in zip(STANDARD, ["x", "y", "x", "z"], strict=True)]
+    rows[1] = {**rows[1], "rejected": rows[1]["chosen"]}  # skipped, but "y" still numbered
+    pairs = tokenize_pairs(rows, tok, on_bad_row="skip")
+    assert pairs.skipped == {"identical_pair": 1}
+    assert [p["row"] for p in pairs] == [0, 2, 3] and pairs.groups().tolist() == [0, 0, 2]
+
+
+# -- sources and the default cache ------------------------------------------------------------
+
+
+def test_streaming_source_is_not_implemented():
+    stream = datasets.Dataset.from_list(STANDARD).to_iterable_dataset()
+    with pytest.raises(NotImplementedError, match="streaming"):
+        load_rows(stream)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("CSD_FAST_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c" / "pairs"
+    monkeypatch.setenv("CSD_FAST_CACHE", "off")
+    assert default_cache_dir() is None
+    monkeypatch.delenv("CSD_FAST_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "csd_fast" / "pairs"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "csd_fast" / "pairs"
+
+
+def test_second_run_hits_the_default_cache(tok, tmp_path, monkeypatch, count_calls):
+    monkeypatch.setenv("CSD_FAST_CACHE", str(tmp_path / "c"))
+    src = make_source("jsonl", STANDARD, tmp_path)
+    assert not tokenize_pairs(src, tok).from_cache
+    count_calls["n"] = 0
+    again = tokenize_pairs(src, tok)  # cache_dir="auto" is the default
+    assert again.from_cache and count_calls["n"] == 0
+    (path,) = (tmp_path / "c" / "pairs").glob("pairs-*.npz")
+    assert not tokenize_pairs(src, tok, cache_dir=None).from_cache  # None: no cache at all
+    path.write_bytes(b"truncated")  # an unreadable cache is a miss, not a crash
+    assert _ids(tokenize_pairs(src, tok)) == _ids(again)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from csd_fast.data.clo import clo_pairs_from_translations
 from csd_fast.data.errors import PreferenceDataError
 from csd_fast.data.formats import (
     ALLOWED_ROLES,
@@ -12,7 +13,12 @@ from csd_fast.data.formats import (
     validate_rows,
 )
 from csd_fast.data.sources import RowSource, load_rows
-from csd_fast.data.tokenize import TokenizedPairs, tokenize_pairs, tokenizer_fingerprint
+from csd_fast.data.tokenize import (
+    TokenizedPairs,
+    default_cache_dir,
+    tokenize_pairs,
+    tokenizer_fingerprint,
+)
 
 __all__ = [
     "ALLOWED_ROLES",
@@ -22,6 +28,8 @@ __all__ = [
     "TokenizedPairs",
     "Validated",
     "check_row",
+    "clo_pairs_from_translations",
+    "default_cache_dir",
     "extract_prompt",
     "load_rows",
     "tokenize_pairs",

@@ -25,7 +25,10 @@ from csd_fast.data.sources import RowSource
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool", "developer")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-OPTIONAL_COLUMNS = ("tools", "chat_template_kwargs")
+OPTIONAL_COLUMNS = ("tools", "chat_template_kwargs", "group", "sft")
+# CLO columns: `group` ties the pairs of one example together (int or str id), `sft` marks the pairs
+# whose chosen response feeds the NLL term; a column is all-or-nothing across the rows
+CLO_COLUMNS = ("group", "sft")
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,15 @@ def _check_extras(row: dict, src: RowSource, i: int) -> None:
             f"expected a dict, got {type(kwargs).__name__}",
             "bad_chat_template_kwargs",
         )
+    group = row.get("group")
+    # bool is an int subclass: True as a group id is almost surely a misplaced sft value
+    if group is not None and (isinstance(group, bool) or not isinstance(group, (int, str))):
+        raise src.error(
+            i, "group", f"expected an int or str id, got {type(group).__name__}", "bad_group"
+        )
+    sft = row.get("sft")
+    if sft is not None and not isinstance(sft, bool):
+        raise src.error(i, "sft", f"expected a bool, got {type(sft).__name__}", "bad_sft")
 
 
 @dataclass
@@ -204,13 +216,17 @@ def validate_rows(
         raise src.error(None, None, "no rows", "empty_source")
     formats: dict[int, Format] = {}
     errors: dict[int, PreferenceDataError] = {}
+    column_errors = _clo_column_errors(rows, src)
     for i, row in enumerate(rows):
         try:
             formats[i] = check_row(row, i, src)
         except PreferenceDataError as e:
             errors[i] = e
-            if on_bad_row == "error":
-                break  # nothing before i was bad; a mixed-format row before i is checked below
+        else:
+            if i in column_errors:
+                errors[i] = column_errors[i]
+        if i in errors and on_bad_row == "error":
+            break  # nothing before i was bad; a mixed-format row before i is checked below
     common = Counter(formats.values()).most_common(1)[0][0] if formats else None
     if common is not None:
         first = min(i for i, f in formats.items() if f == common)
@@ -228,3 +244,52 @@ def validate_rows(
         raise errors[min(errors)]
     good = [i for i in range(len(rows)) if i not in errors]
     return Validated(common, good, [errors[i] for i in sorted(errors)])
+
+
+def _clo_column_errors(rows: list[dict], src: RowSource) -> dict[int, PreferenceDataError]:
+    """Rows that break the all-or-nothing rule of a CLO column, or mix int and str group ids.
+
+    As with formats the majority decides: a column most rows carry is missing from the others,
+    one that few rows carry is stray in those few (a dropped column must not sink 10,000 rows).
+    """
+    errors: dict[int, PreferenceDataError] = {}
+
+    def flag(i: int, col: str, reason: str, kind: str) -> None:
+        errors.setdefault(i, src.error(i, col, reason, kind))
+
+    for col in CLO_COLUMNS:
+        present = [i for i, r in enumerate(rows) if r.get(col) is not None]
+        if not present:
+            continue
+        have = set(present)
+        absent = [i for i in range(len(rows)) if i not in have]
+        if absent and 2 * len(present) < len(rows):
+            for i in present:
+                flag(
+                    i,
+                    col,
+                    f"set here but missing from most rows (like row {absent[0]})",
+                    f"stray_{col}",
+                )
+            continue
+        for i in absent:
+            flag(
+                i, col, f"missing, but other rows have it (like row {present[0]})", f"missing_{col}"
+            )
+        if col == "group":
+            ids = [i for i in present if type(rows[i][col]) in (int, str)]
+            kinds = Counter(type(rows[i][col]) for i in ids)
+            if len(kinds) > 1:  # ints and strs could collide once the strs are numbered
+                common = kinds.most_common(1)[0][0]
+                first = next(i for i in ids if type(rows[i][col]) is common)
+                for i in ids:
+                    if type(rows[i][col]) is not common:
+                        name = type(rows[i][col]).__name__
+                        flag(
+                            i,
+                            col,
+                            f"a {name} id, but the others are {common.__name__} ids "
+                            f"(like row {first})",
+                            "bad_group",
+                        )
+    return errors

@@ -93,6 +93,14 @@ def load_rows(source: Any, *, split: str = "train") -> RowSource:
         return RowSource(_pick_split(source, split, "<DatasetDict>"), f"<DatasetDict>[{split}]")
     if isinstance(source, datasets.Dataset):
         return RowSource(source, "<Dataset>")
+    if isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        # tokenization, validation and the planner all need the whole set (lengths, row ids)
+        raise NotImplementedError(
+            f"streaming sources ({type(source).__name__}) are not supported: csd-fast validates "
+            "and tokenizes the whole set up front. Load it without streaming=True, or "
+            "materialise it with datasets.Dataset.from_generator(lambda: iter(ds), "
+            "features=ds.features)"
+        )
     if isinstance(source, (list, tuple)) and all(isinstance(r, dict) for r in source):
         return RowSource(list(source), "<list>")
     if not isinstance(source, (str, os.PathLike)):

@@ -2,10 +2,16 @@
 
     from csd_fast.data import tokenize_pairs
     pairs = tokenize_pairs("data/train.jsonl", tokenizer, max_length=1024, on_bad_row="skip",
-                           rejects_path="rejects.jsonl", cache_dir=".cache/pairs")
+                           rejects_path="rejects.jsonl")   # cached under default_cache_dir()
     pairs[0]           # {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...], "row": 0}
+                       # (+ "group": int and "sft": bool when the source has those CLO columns)
     pairs.lengths()    # (prompt, chosen, rejected) token counts as numpy arrays, for packing
+    pairs.groups()     # (n,) int64 CLO example id per pair, or None
     pairs.skipped      # {"empty_completion": 3, "prompt_too_long": 1}
+
+The cache (`cache_dir="auto"`, the default) lives in $CSD_FAST_CACHE/pairs, else
+$XDG_CACHE_HOME/csd_fast/pairs, else ~/.cache/csd_fast/pairs; `cache_dir=None` turns it off. Its
+key is the source content, the tokenizer and the options, so an edit to either is a miss.
 
 Same steps as `DPOTrainer._prepare_dataset`: implicit prompts extracted; EOS appended to plain-text
 completions that lack it; conversational prompts rendered with `add_generation_prompt=True` (with
@@ -26,6 +32,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +43,8 @@ from csd_fast.data.sources import RowSource, load_rows
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1  # bump when the tokenization rules change, so old caches are never read
+# bump when the tokenization rules or the stored fields change, so old caches are never read
+_CACHE_VERSION = 2  # 2: CLO group/sft columns stored
 _BATCH = 1024  # rows per batched tokenizer call for plain text
 _KEYS = ("prompt", "chosen", "rejected")
 
@@ -54,6 +62,8 @@ class TokenizedPairs:
     rejects: list[dict] = field(default_factory=list)  # one record per skipped row
     fingerprint: str = ""
     from_cache: bool = False
+    group: np.ndarray | None = None  # (n,) int64 CLO example id of each pair (None: no column)
+    sft: np.ndarray | None = None  # (n,) bool, pair's chosen feeds the NLL term (None: no column)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -68,6 +78,10 @@ class TokenizedPairs:
             lo, hi = self.offsets[k][i], self.offsets[k][i + 1]
             out[f"{k}_ids"] = self.flat[k][lo:hi].tolist()
         out["row"] = int(self.rows[i])
+        if self.group is not None:
+            out["group"] = int(self.group[i])
+        if self.sft is not None:
+            out["sft"] = bool(self.sft[i])
         return out
 
     def __iter__(self):
@@ -76,6 +90,10 @@ class TokenizedPairs:
     def lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prompt, chosen, rejected) token counts, each (n,) int64, untruncated."""
         return tuple(np.diff(self.offsets[k]) for k in _KEYS)  # type: ignore[return-value]
+
+    def groups(self) -> np.ndarray | None:
+        """(n,) int64 CLO example id of each pair, for keeping a group in one micro-batch."""
+        return self.group
 
     @property
     def num_skipped(self) -> int:
@@ -93,6 +111,9 @@ class TokenizedPairs:
         }
         arrays = {f"{k}_flat": self.flat[k] for k in _KEYS}
         arrays.update({f"{k}_offsets": self.offsets[k] for k in _KEYS})
+        arrays.update(
+            {k: v for k, v in (("group", self.group), ("sft", self.sft)) if v is not None}
+        )
         meta_json = json.dumps(meta, default=str, ensure_ascii=False)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -113,6 +134,8 @@ class TokenizedPairs:
                 rejects=meta["rejects"],
                 fingerprint=meta["fingerprint"],
                 from_cache=True,
+                group=z["group"] if "group" in z.files else None,
+                sft=z["sft"] if "sft" in z.files else None,
             )
 
 
@@ -129,6 +152,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
+def default_cache_dir() -> Path | None:
+    """Where `cache_dir="auto"` keeps tokenized pairs; None when CSD_FAST_CACHE is "" or "off".
+
+    $CSD_FAST_CACHE/pairs if that is set, else $XDG_CACHE_HOME/csd_fast/pairs, else
+    ~/.cache/csd_fast/pairs.
+    """
+    env = os.environ.get("CSD_FAST_CACHE")
+    if env is not None:
+        if env.strip().lower() in ("", "0", "off", "none", "false"):
+            return None
+        return Path(env).expanduser() / "pairs"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base).expanduser() / "csd_fast" / "pairs"
+
+
 def tokenize_pairs(
     rows: Any,
     tokenizer,
@@ -137,9 +175,12 @@ def tokenize_pairs(
     truncation_mode: str = "keep_start",
     on_bad_row: str = "error",
     rejects_path: str | None = None,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike | None = "auto",
 ) -> TokenizedPairs:
-    """Validate, then tokenize every pair of `rows` (a RowSource or anything load_rows takes)."""
+    """Validate, then tokenize every pair of `rows` (a RowSource or anything load_rows takes).
+
+    `cache_dir`: "auto" (default_cache_dir()), a folder, or None for no cache.
+    """
     if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(
             f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}"
@@ -149,8 +190,12 @@ def tokenize_pairs(
     src = load_rows(rows)
     py_rows = src.to_list()
 
+    auto = isinstance(cache_dir, str) and cache_dir == "auto"
+    if auto:
+        cache_dir = default_cache_dir()
     cache_path = None
     if cache_dir is not None:
+        cache_dir = os.fspath(cache_dir)
         key = json.dumps(
             [
                 _CACHE_VERSION,
@@ -164,10 +209,14 @@ def tokenize_pairs(
         fp = hashlib.sha256(key.encode()).hexdigest()
         cache_path = os.path.join(cache_dir, f"pairs-{fp[:40]}.npz")
         if os.path.exists(cache_path):
-            out = TokenizedPairs.load(cache_path)
-            out.source = src.name
-            _write_rejects(out.rejects, rejects_path)
-            return out
+            try:
+                out = TokenizedPairs.load(cache_path)
+            except Exception as e:  # truncated by a full disk, written by another version, ...
+                logger.warning("%s: unreadable cache (%s), tokenizing again", cache_path, e)
+            else:
+                out.source = src.name
+                _write_rejects(out.rejects, rejects_path)
+                return out
 
     raw = src.raw if src.raw is not None else py_rows
     checked = validate_rows(src, raw, on_bad_row=on_bad_row)
@@ -195,6 +244,7 @@ def tokenize_pairs(
         for e in bad
     ]
     out = _pack(toks, src.name, checked.format, rejects)
+    out.group, out.sft = _clo_columns(raw, out.rows)
     if rejects:
         logger.warning(
             "%s: skipped %d of %d rows %s%s",
@@ -206,10 +256,37 @@ def tokenize_pairs(
         )
     _write_rejects(rejects, rejects_path)
     if cache_path is not None:
-        os.makedirs(cache_dir, exist_ok=True)
         out.fingerprint = os.path.basename(cache_path)
-        out.save(cache_path)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            out.save(cache_path)
+        except OSError as e:
+            if not auto:
+                raise
+            # a read-only home must not stop training: the cache only saves time
+            logger.warning("could not write the tokenization cache %s: %s", cache_path, e)
     return out
+
+
+def _clo_columns(raw: list[dict], rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-pair (group, sft) arrays from the source rows' CLO columns, or None where absent.
+
+    Int group ids are kept as given (logs and the user's data agree); str ids are numbered in
+    first-seen order over the whole source, so skipping a row never renumbers the others.
+    Validation has already made each column all-or-nothing and of one type over the kept rows.
+    """
+    group = sft = None
+    if len(rows) and raw[int(rows[0])].get("group") is not None:
+        ids: dict[str, int] = {}
+        for r in raw:
+            g = r.get("group")
+            if isinstance(g, str):
+                ids.setdefault(g, len(ids))
+        vals = [raw[i]["group"] for i in rows.tolist()]
+        group = np.array([ids[g] if isinstance(g, str) else g for g in vals], dtype=np.int64)
+    if len(rows) and raw[int(rows[0])].get("sft") is not None:
+        sft = np.array([bool(raw[i]["sft"]) for i in rows.tolist()], dtype=bool)
+    return group, sft
 
 
 def _tokenize_rows(
