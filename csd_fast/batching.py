@@ -79,7 +79,9 @@ def epoch_plan(
             world_size=1,
             groups=groups,
         )
-        return [list(map(int, mb)) for mb in per_rank[0]]
+        return per_rank[0]  # both planner paths return lists of Python ints
+    if groups is not None:
+        return _grouped_plan(groups, epoch, opts)
     if opts.shuffle:
         g = torch.Generator().manual_seed(opts.seed + epoch)
         order = torch.randperm(num_examples, generator=g).tolist()
@@ -88,6 +90,28 @@ def epoch_plan(
     bs = opts.batch_size
     plan = [order[i : i + bs] for i in range(0, num_examples, bs)]
     if opts.drop_last and plan and len(plan[-1]) < bs:
+        plan.pop()
+    return plan
+
+
+def _grouped_plan(groups: np.ndarray, epoch: int, opts: BatchingOptions) -> list[list[int]]:
+    """Count-based batches that never split a group (CLO: an example's two pairs train together).
+
+    Groups are shuffled as units (seeded like the ungrouped order) and packed in order into
+    micro-batches of at most `batch_size` pairs; a group larger than that gets its own batch.
+    """
+    ids, first = np.unique(groups, return_index=True)
+    members = [np.flatnonzero(groups == g).tolist() for g in ids[np.argsort(first)]]
+    if opts.shuffle:
+        g = torch.Generator().manual_seed(opts.seed + epoch)
+        members = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+    plan: list[list[int]] = []
+    for m in members:
+        if plan and len(plan[-1]) + len(m) <= opts.batch_size:
+            plan[-1].extend(m)
+        else:
+            plan.append(list(m))
+    if opts.drop_last and plan and len(plan[-1]) < opts.batch_size:
         plan.pop()
     return plan
 

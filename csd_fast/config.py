@@ -259,6 +259,11 @@ class DPOConfig:
     on_bad_row: str = _f("error", "Bad dataset row: 'error' stops, 'skip' skips and records it.")
     min_lr: float | None = _f(None, "Floor of the cosine schedule (cosine_with_min_lr).")
     clo_lambda: float = _f(0.5, "CLO: weight of the NLL term on the target language.")
+    dataset_cache_dir: str | None = _f(
+        "auto",
+        "Tokenized-pairs cache: 'auto' ($CSD_FAST_CACHE/pairs or ~/.cache/csd_fast/pairs), a "
+        "directory, or None for no cache.",
+    )
 
     def __post_init__(self) -> None:
         for name in _DICT_FIELDS:  # the CLI passes dicts as JSON text
@@ -271,6 +276,13 @@ class DPOConfig:
                 f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported yet "
                 "('random', 'sequential'; token-budget batching: max_tokens_per_batch)"
             )
+        if isinstance(self.dataset_cache_dir, str) and self.dataset_cache_dir.lower() in (
+            "none",
+            "null",
+            "off",
+            "",
+        ):
+            self.dataset_cache_dir = None
         if self.output_dir is None:
             self.output_dir = "trainer_output"  # transformers 5's default
         # TRL's rule: bf16 unless fp16 was asked for.

@@ -124,7 +124,7 @@ class DPOTrainer:
             truncation_mode=a.truncation_mode,
             on_bad_row=a.on_bad_row,
             rejects_path=out / f"rejected_rows_{name}.jsonl",
-            cache_dir=getattr(a, "dataset_cache_dir", None),
+            cache_dir=a.dataset_cache_dir,
         )
 
     def _batching(self, mode: str) -> BatchingOptions:
@@ -150,10 +150,10 @@ class DPOTrainer:
         key = (id(pairs), mode, epoch)
         if key not in self._plans:
             opts = self._batching(mode)
-            costs = groups = None
+            costs = None
+            groups = pairs.groups()  # CLO examples stay in one micro-batch (None: no groups)
             if opts.max_tokens_per_batch:
                 costs = pair_costs(pairs.lengths(), opts)
-                groups = getattr(pairs, "groups", lambda: None)()
             # only the current epoch's plan is worth keeping
             self._plans = {k: v for k, v in self._plans.items() if k[:2] != key[:2]}
             self._plans[key] = epoch_plan(len(pairs), epoch, opts, costs, groups)

@@ -15,3 +15,5 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# tests never write the user's tokenization cache; the cache tests point it at a tmp dir
+os.environ.setdefault("CSD_FAST_CACHE", "off")

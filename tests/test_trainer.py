@@ -310,3 +310,41 @@ def test_lora_reference_is_the_model_with_adapters_off(tmp_path):
             if "lora_" not in name:
                 key = name.replace(".base_layer", "")
                 assert torch.equal(p, base_params[key]), name
+
+
+def _clo_rows(n: int) -> list[dict]:
+    from csd_fast.data import clo_pairs_from_translations
+
+    words = ["cat", "dog", "mat", "sat", "happy", "runs", "world", "hello"]
+    src = []
+    for i in range(n):
+        a, b = words[i % 8], words[(i * 3 + 1) % 8]
+        src.append({"id": i, "lang": "en", "prompt": f"The {a} {i % 3}", "response": f" the {b}."})
+        src.append({"id": i, "lang": "da", "prompt": f"Hello {a} {i % 3}", "response": f" is {b}."})
+    return clo_pairs_from_translations(src)
+
+
+@pytest.mark.parametrize("budget", [None, 120])
+def test_clo_keeps_examples_together_and_trains(tmp_path, budget):
+    tok = tiny_tokenizer()
+    rows = _clo_rows(6)
+    args = make_args(
+        tmp_path,
+        loss_type="clo",
+        per_device_train_batch_size=3,
+        max_steps=3,
+        max_tokens_per_batch=budget,
+        trainable_params=[r"\.self_attn\."],
+    )
+    trainer = DPOTrainer(tiny_model(tok), args=args, train_dataset=rows, processing_class=tok)
+    plan = trainer._plan(trainer.train_pairs, "train", 0)
+    groups = trainer.train_pairs.groups()
+    for mb in plan:  # an example's two pairs are never split across micro-batches
+        ids = {int(groups[i]) for i in mb}
+        assert sum(int((groups == g).sum()) for g in ids) == len(mb)
+    batch = trainer._collate(trainer.train_pairs, plan[0], "train")
+    assert batch.sft_mask is not None and batch.group_ids is not None
+    assert int(batch.sft_mask.sum()) == len(plan[0]) // 2  # only the translated chosen is NLL'd
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h and "rewards/margins" in h]
+    assert len(steps) == 3 and steps[-1]["rewards/margins"] > 0
