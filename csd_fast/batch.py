@@ -164,12 +164,10 @@ def collate_padded(
         attention_mask[r, : len(ids)] = 1
         # token p+j is predicted from position p+j-1; a completion that starts the row (no prompt
         # kept) loses its first token, exactly as TRL's shifted completion mask does
-        for j in range(len(c)):
-            pos = len(p) + j - 1
-            if pos >= 0:
-                index.append(r * T + pos)
-                labels.append(c[j])
-        offsets.append(len(index))
+        skip = 1 if not p and c else 0
+        index.append(r * T + torch.arange(len(p) - 1 + skip, len(ids) - 1, dtype=torch.long))
+        labels.append(torch.tensor(c[skip:], dtype=torch.long))
+        offsets.append(offsets[-1] + len(c) - skip)
     position_ids = torch.arange(T, dtype=torch.long).expand(R, T).contiguous()
     return PairBatch(
         model_kwargs={
@@ -177,8 +175,8 @@ def collate_padded(
             "attention_mask": attention_mask,
             "position_ids": position_ids,
         },
-        token_index=torch.tensor(index, dtype=torch.long),
-        token_labels=torch.tensor(labels, dtype=torch.long),
+        token_index=torch.cat(index),
+        token_labels=torch.cat(labels),
         seq_offsets=torch.tensor(offsets, dtype=torch.long),
         layout="padded",
         **_pair_fields(examples),

@@ -87,11 +87,14 @@ def pair_metric_sums(
 
 def metrics_from_sums(sums: dict[str, Tensor]) -> dict[str, float]:
     """[sum, count] per metric -> sum / count as floats (0.0 for an empty count, as in TRL)."""
-    out = {}
-    for key, pair in sums.items():
-        total, count = pair.tolist()
-        out[key] = total / count if count > 0 else 0.0
-    return out
+    if not sums:
+        return {}
+    # one device-to-host copy for all metrics, not one sync per metric
+    table = torch.stack([pair.to(torch.float64) for pair in sums.values()]).cpu().tolist()
+    return {
+        key: total / count if count > 0 else 0.0
+        for key, (total, count) in zip(sums, table, strict=True)
+    }
 
 
 def pair_metrics(
