@@ -106,6 +106,7 @@ def apply_liger_kernels(model: nn.Module) -> bool:
     """
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         warnings.warn(
             "fused=True on GPU: liger-kernel is not installed, layers stay eager", stacklevel=2
@@ -114,6 +115,12 @@ def apply_liger_kernels(model: nn.Module) -> bool:
     from csd_fast.forward import unwrap_causal_lm
 
     lm = unwrap_causal_lm(model)
+    if lm.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        # Liger itself only logs and returns here; say it where a user will see it
+        warnings.warn(
+            f"Liger has no kernels for {lm.config.model_type!r}: layers stay eager", stacklevel=2
+        )
+        return False
     try:
         _apply_liger_kernel_to_instance(
             model=lm, fused_linear_cross_entropy=False, cross_entropy=False
