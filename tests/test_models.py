@@ -1,38 +1,53 @@
 """Model preparation: Liger's layer kernels are swapped in (GPU path), the LM head is left alone.
 
-The swap itself is checked on CPU without running the Triton kernels: the modules' forwards must
-be Liger's, while the output head stays a plain Linear (ours is the fused log-prob kernel).
+The swap is checked on CPU without running the Triton kernels: the modules' forwards must be
+Liger's, while the output head stays a plain Linear (ours is the fused log-prob kernel). Liger
+patches transformers' classes process-wide, so each check runs in its own interpreter.
 
 Run: python -m pytest tests/test_models.py -q
 """
 
 from __future__ import annotations
 
-import pytest
-import transformers as tf
+import subprocess
+import sys
+import textwrap
 
-from csd_fast.models import apply_liger_kernels
+import pytest
 
 pytest.importorskip("liger_kernel")
 
 
+def run_isolated(code: str) -> None:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_liger_swaps_norm_and_mlp_but_not_the_head():
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, head_dim=16))  # fmt: skip
-    head_forward = model.lm_head.forward
-    assert apply_liger_kernels(model)
-    assert model.model.norm.forward.__qualname__.startswith("LigerRMSNorm")
-    assert model.model.layers[0].mlp.forward.__qualname__.startswith("LigerSwiGLU")
-    assert model.lm_head.forward == head_forward
-    assert "Liger" not in type(model).forward.__qualname__  # no fused linear cross-entropy
+    run_isolated("""
+        import transformers as tf
+        from csd_fast.models import apply_liger_kernels
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32,
+            intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16))
+        head_forward = model.lm_head.forward
+        assert apply_liger_kernels(model)
+        assert model.model.norm.forward.__qualname__.startswith("LigerRMSNorm")
+        assert model.model.layers[0].mlp.forward.__qualname__.startswith("LigerSwiGLU")
+        assert model.lm_head.forward == head_forward
+    """)
 
 
 def test_unsupported_architecture_warns_instead_of_failing():
-    class Tiny(tf.GPT2LMHeadModel):
-        pass
-
-    model = Tiny(tf.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2))
-    model.config.model_type = "not-a-liger-model"
-    with pytest.warns(UserWarning):
-        assert apply_liger_kernels(model) is False
+    run_isolated("""
+        import warnings
+        import transformers as tf
+        from csd_fast.models import apply_liger_kernels
+        model = tf.CohereForCausalLM(tf.CohereConfig(vocab_size=64, hidden_size=32,
+            intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert apply_liger_kernels(model) is False
+        assert any("no kernels for 'cohere'" in str(w.message) for w in caught)
+        assert model.model.norm.forward.__qualname__.startswith("Cohere")
+    """)
