@@ -262,3 +262,50 @@ def test_dataset_splits_of_a_saved_datasetdict(tmp_path):
                 "1",
             ]
         )
+
+
+def test_resume_flag_continues_from_the_latest_checkpoint(tmp_path):
+    flags = [
+        "--output_dir",
+        str(tmp_path),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+    ]
+    assert main([*flags, "--max_steps", "2"]) == 0
+    assert main([*flags, "--max_steps", "4", "--resume"]) == 0
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert (tmp_path / "checkpoint-4" / "model.safetensors").exists()
+
+
+def test_tensorboard_receives_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    assert (
+        main(
+            [
+                "--output_dir",
+                str(tmp_path),
+                "--max_steps",
+                "2",
+                "--logging_steps",
+                "1",
+                "--eval_strategy",
+                "no",
+                "--report_to",
+                "tensorboard",
+            ]
+        )
+        == 0
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    assert "rewards/accuracies" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
