@@ -102,13 +102,13 @@ class DPOTrainer:
         # reference tables by the identity of the tokenized set they score: an evaluate() on a
         # new dataset must never read another set's rows
         self._ref_tables: dict[int, object] = {}
-        self._plans: dict[tuple[int, str, int], list[list[int]]] = {}
+        self._plans: dict[tuple[int, str], tuple] = {}  # (set, epoch, plan) per (set, mode)
         self._ref_fingerprint: str | None = None
         self._policy_is_initial = True  # until training starts the policy is its own reference
         if args.precompute_ref_log_probs or args.ref_cache_dir:
             for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
                 if pairs is not None:
-                    self._ref_tables[id(pairs)] = self._precompute(pairs, name)
+                    self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
         self._policy_is_initial = False  # from here on the policy no longer equals the reference
 
     # ----------------------------------------------------------------------------- data
@@ -147,17 +147,18 @@ class DPOTrainer:
 
     def _plan(self, pairs, mode: str, epoch: int) -> list[list[int]]:
         """The micro-batches of one epoch; planned once per (set, mode, epoch) and kept."""
-        key = (id(pairs), mode, epoch)
-        if key not in self._plans:
+        key = (id(pairs), mode)
+        cached = self._plans.get(key)
+        # the entry holds the set itself: an id is only unique while its object is alive
+        if cached is None or cached[0] is not pairs or cached[1] != epoch:
             opts = self._batching(mode)
             costs = None
             groups = pairs.groups()  # CLO examples stay in one micro-batch (None: no groups)
             if opts.max_tokens_per_batch:
                 costs = pair_costs(pairs.lengths(), opts)
-            # only the current epoch's plan is worth keeping
-            self._plans = {k: v for k, v in self._plans.items() if k[:2] != key[:2]}
-            self._plans[key] = epoch_plan(len(pairs), epoch, opts, costs, groups)
-        return self._plans[key]
+            cached = (pairs, epoch, epoch_plan(len(pairs), epoch, opts, costs, groups))
+            self._plans[key] = cached  # only the current epoch's plan is kept
+        return cached[2]
 
     @property
     def _pad_id(self) -> int:
@@ -165,7 +166,8 @@ class DPOTrainer:
 
     def _collate(self, pairs, idx: list[int], mode: str):
         examples = [dict(pairs[i]) for i in idx]
-        table = self._ref_tables.get(id(pairs))
+        owner, table = self._ref_tables.get(id(pairs), (None, None))
+        table = table if owner is pairs else None  # ids are unique only among live objects
         if table is not None:
             for ex in examples:
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
