@@ -361,3 +361,16 @@ def test_clo_keeps_examples_together_and_trains(tmp_path, budget):
     trainer.train()
     steps = [h for h in trainer.state.log_history if "loss" in h and "rewards/margins" in h]
     assert len(steps) == 3 and steps[-1]["rewards/margins"] > 0
+
+
+def test_evaluating_several_new_sets_never_reuses_a_stale_plan(tmp_path):
+    tok = tiny_tokenizer()
+    args = make_args(tmp_path, per_device_eval_batch_size=3)
+    a = DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS, processing_class=tok)
+    b = DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS, processing_class=tok)
+    want = a.evaluate(eval_dataset=ROWS[4:12])
+    for _ in range(3):  # temporary sets come and go; ids may be recycled
+        b.evaluate(eval_dataset=ROWS[:4])
+    got = b.evaluate(eval_dataset=ROWS[4:12])
+    for key in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected"):
+        assert got[key] == want[key], key
