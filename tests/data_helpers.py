@@ -2,7 +2,8 @@
 
 Nothing here downloads: the tokenizer is a byte-level BPE trained in ~0.1 s on the sentences below,
 so tokens merge across a prompt/completion boundary as real tokenizers do (which is what makes the
-common-prefix rule matter). Also the source builders and the CLO tables of tests/test_data.py.
+common-prefix rule matter). Also the source builders, the tokenizer-call counter and the CLO tables
+of tests/test_data.py and tests/test_data_clo.py.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     return fast
 
 
+IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
 def trl_prepare(rows: list[dict], tokenizer, max_length=1024, truncation_mode="keep_start"):
     """TRL 1.16's `DPOTrainer._prepare_dataset` on `rows`, without building a trainer."""
     from datasets import Dataset
@@ -68,7 +72,27 @@ def trl_prepare(rows: list[dict], tokenizer, max_length=1024, truncation_mode="k
     )
     ds = rows if isinstance(rows, Dataset) else Dataset.from_list(rows)
     out = DPOTrainer._prepare_dataset(stub, ds, tokenizer, args, "train")
-    return [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in out]
+    return [{k: ex[k] for k in IDS} for ex in out]
+
+
+def pair_ids(pairs) -> list[dict]:
+    """The token ids of every pair in a TokenizedPairs, in trl_prepare's shape."""
+    return [{k: pairs[i][k] for k in IDS} for i in range(len(pairs))]
+
+
+def count_tokenizer_calls(monkeypatch, tok) -> dict:
+    """Count every call into the tokenizer (plain text and chat template) in calls["n"]."""
+    calls = {"n": 0}
+    cls = type(tok)
+    for name in ("__call__", "apply_chat_template"):
+        orig = getattr(cls, name)
+
+        def wrapped(self, *a, _orig=orig, **kw):
+            calls["n"] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(cls, name, wrapped)
+    return calls
 
 
 def write_jsonl(path, rows, blank_first=False):

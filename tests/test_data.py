@@ -1,6 +1,7 @@
-"""Tests for csd_fast.data: sources, validation, TRL-exact tokenization, skip/rejects, cache, CLO.
+"""Tests for csd_fast.data: sources, validation, TRL-exact tokenization, skip/rejects, cache.
 
 Run: python -m pytest tests/test_data.py -q
+The CLO columns (group / sft) and clo_pairs_from_translations are in tests/test_data_clo.py.
 Truth for the token ids is TRL 1.16's own `DPOTrainer._prepare_dataset`, called unbound on a stub.
 """
 
@@ -13,24 +14,20 @@ import pickle
 import datasets
 import pytest
 from data_helpers import (
-    BAD_CLO,
-    BAD_TRANSLATIONS,
     CONVERSATIONAL,
     IMPLICIT,
     IMPLICIT_CONVERSATIONAL,
     STANDARD,
-    TRANSLATIONS,
+    count_tokenizer_calls,
     make_source,
+    pair_ids,
     tiny_tokenizer,
     trl_prepare,
     write_jsonl,
 )
 
-from csd_fast.batch import collate_padded
 from csd_fast.data import (
     PreferenceDataError,
-    TokenizedPairs,
-    clo_pairs_from_translations,
     default_cache_dir,
     load_rows,
     tokenize_pairs,
@@ -43,7 +40,6 @@ FORMATS = {
     "conversational": CONVERSATIONAL,
     "implicit_conversational": IMPLICIT_CONVERSATIONAL,
 }
-IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +53,6 @@ def _private_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("CSD_FAST_CACHE", str(tmp_path / "auto-cache"))
 
 
-def _ids(pairs: TokenizedPairs) -> list[dict]:
-    return [{k: pairs[i][k] for k in IDS} for i in range(len(pairs))]
-
-
 # -- TRL parity ---------------------------------------------------------------------------------
 
 
@@ -68,7 +60,7 @@ def _ids(pairs: TokenizedPairs) -> list[dict]:
 def test_matches_trl_prepare_dataset(fmt, tok):
     rows = FORMATS[fmt]
     pairs = tokenize_pairs(rows, tok)
-    assert _ids(pairs) == trl_prepare(rows, tok)
+    assert pair_ids(pairs) == trl_prepare(rows, tok)
     assert [pairs[i]["row"] for i in range(len(pairs))] == list(range(len(rows)))
     assert pairs.skipped == {}
 
@@ -83,7 +75,7 @@ def test_matches_trl_with_tools_and_template_kwargs(tok):
         r["chat_template_kwargs"] = {"think": True}
     pairs = tokenize_pairs(rows, tok)
     ref = trl_prepare(rows, tok)
-    assert _ids(pairs) == ref
+    assert pair_ids(pairs) == ref
     plain = tokenize_pairs(CONVERSATIONAL, tok)
     assert pairs[0]["prompt_ids"] != plain[0]["prompt_ids"]  # the tools really were rendered
 
@@ -94,7 +86,7 @@ def test_every_source_kind_gives_trl_ids(kind, fmt, tok, tmp_path):
     rows = FORMATS[fmt]
     src = load_rows(make_source(kind, rows, tmp_path))
     assert len(src) == len(rows)
-    assert _ids(tokenize_pairs(src, tok)) == trl_prepare(rows, tok)
+    assert pair_ids(tokenize_pairs(src, tok)) == trl_prepare(rows, tok)
 
 
 def test_prompt_too_long_is_a_bad_row_not_a_silent_drop(tok, tmp_path):
@@ -108,11 +100,13 @@ def test_prompt_too_long_is_a_bad_row_not_a_silent_drop(tok, tmp_path):
         tokenize_pairs(rows, tok, max_length=max_length)
     assert e.value.field == "prompt" and e.value.kind == "prompt_too_long"
     pairs = tokenize_pairs(rows, tok, max_length=max_length, on_bad_row="skip")
-    assert _ids(pairs) == ref
+    assert pair_ids(pairs) == ref
     assert pairs.skipped == {"prompt_too_long": len(rows) - len(ref)}
     # keep_end keeps the completion end: TRL drops nothing, neither do we
     kept = tokenize_pairs(rows, tok, max_length=max_length, truncation_mode="keep_end")
-    assert _ids(kept) == trl_prepare(rows, tok, max_length=max_length, truncation_mode="keep_end")
+    assert pair_ids(kept) == trl_prepare(
+        rows, tok, max_length=max_length, truncation_mode="keep_end"
+    )
     assert len(kept) == len(rows)
 
 
@@ -228,7 +222,7 @@ def test_skip_writes_rejects_and_counts(tok, tmp_path):
     )
     good = [0, 2, 4]
     assert [pairs[i]["row"] for i in range(len(pairs))] == good
-    assert _ids(pairs) == trl_prepare([rows[i] for i in good], tok, max_length=16)
+    assert pair_ids(pairs) == trl_prepare([rows[i] for i in good], tok, max_length=16)
     assert pairs.skipped == {"empty_completion": 1, "identical_pair": 1, "prompt_too_long": 1}
     assert pairs.num_skipped == 3
     records = [json.loads(line) for line in rejects.read_text().splitlines()]
@@ -252,18 +246,7 @@ def test_skip_keeps_the_majority_format(tok):
 
 @pytest.fixture
 def count_calls(monkeypatch, tok):
-    """Count every call into the tokenizer (plain text and chat template)."""
-    calls = {"n": 0}
-    cls = type(tok)
-    for name in ("__call__", "apply_chat_template"):
-        orig = getattr(cls, name)
-
-        def wrapped(self, *a, _orig=orig, **kw):
-            calls["n"] += 1
-            return _orig(self, *a, **kw)
-
-        monkeypatch.setattr(cls, name, wrapped)
-    return calls
+    return count_tokenizer_calls(monkeypatch, tok)
 
 
 @pytest.mark.parametrize("fmt", ["standard", "conversational"])
@@ -275,7 +258,7 @@ def test_cache_hit_does_not_retokenize(fmt, tok, tmp_path, count_calls):
     count_calls["n"] = 0
     second = tokenize_pairs(src, tok, cache_dir=cache)
     assert count_calls["n"] == 0 and second.from_cache
-    assert _ids(second) == _ids(first)
+    assert pair_ids(second) == pair_ids(first)
     for a, b in zip(first.lengths(), second.lengths(), strict=True):
         assert a.tolist() == b.tolist()
     # any change to what decides the ids is a miss
@@ -339,79 +322,6 @@ def test_split_and_error_pickling(tmp_path):
     assert str(back) == "a.jsonl, row 3 (line 5), field 'chosen': empty completion"
 
 
-# -- CLO: group / sft columns -----------------------------------------------------------------
-
-
-def test_clo_pairs_from_translations_builds_both_pairs_per_id():
-    en_a, fr_b, de_a, en_b = TRANSLATIONS
-    assert clo_pairs_from_translations(TRANSLATIONS) == [
-        {"prompt": en_a["prompt"], "chosen": en_a["response"], "rejected": de_a["response"]}
-        | {"group": "a", "sft": False},
-        {"prompt": de_a["prompt"], "chosen": de_a["response"], "rejected": en_a["response"]}
-        | {"group": "a", "sft": True},
-        {"prompt": en_b["prompt"], "chosen": en_b["response"], "rejected": fr_b["response"]}
-        | {"group": "b", "sft": False},
-        {"prompt": fr_b["prompt"], "chosen": fr_b["response"], "rejected": en_b["response"]}
-        | {"group": "b", "sft": True},
-    ]
-
-
-@pytest.mark.parametrize("case", list(BAD_TRANSLATIONS))
-def test_clo_translation_errors_name_the_row(case):
-    rows, where, reason = BAD_TRANSLATIONS[case]
-    with pytest.raises(PreferenceDataError) as e:
-        clo_pairs_from_translations(rows)
-    assert (e.value.row, e.value.field) == where and reason in e.value.reason
-
-
-@pytest.mark.parametrize("kind", ["list", "jsonl", "dataset"])
-def test_clo_columns_reach_pairs_and_collator(kind, tok, tmp_path):
-    rows = clo_pairs_from_translations(TRANSLATIONS)
-    src = rows if kind == "list" else make_source(kind, rows, tmp_path)
-    pairs = tokenize_pairs(src, tok)
-    plain = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
-    assert _ids(pairs) == trl_prepare(plain, tok)  # the extra columns change no id
-    assert pairs.groups().tolist() == [0, 0, 1, 1]  # str ids numbered in first-seen order
-    assert [p["sft"] for p in pairs] == [False, True, False, True]
-    assert [p["group"] for p in pairs] == [0, 0, 1, 1]
-    batch = collate_padded(list(pairs), tok.pad_token_id)
-    assert batch.group_ids.tolist() == [0, 0, 1, 1]
-    assert batch.sft_mask.tolist() == [False, True, False, True]
-    assert (
-        tokenize_pairs(plain, tok).groups() is None and "group" not in tokenize_pairs(plain, tok)[0]
-    )
-
-
-def test_clo_columns_survive_the_cache(tok, tmp_path, count_calls):
-    rows = [{**r, "group": g} for r, g in zip(STANDARD, [10, 10, 3, 7], strict=True)]
-    rows = [{**r, "sft": i % 2 == 1} for i, r in enumerate(rows)]
-    src, cache = make_source("jsonl", rows, tmp_path), tmp_path / "cache"
-    first = tokenize_pairs(src, tok, cache_dir=cache)
-    count_calls["n"] = 0
-    second = tokenize_pairs(src, tok, cache_dir=cache)
-    assert second.from_cache and count_calls["n"] == 0
-    assert second.groups().tolist() == [10, 10, 3, 7]  # int ids kept as given
-    assert list(second) == list(first) and second[1]["sft"] is True
-
-
-@pytest.mark.parametrize("case", list(BAD_CLO))
-def test_bad_clo_columns_name_row_and_field(case, tok, tmp_path):
-    rows, where = BAD_CLO[case]
-    path = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(PreferenceDataError) as e:
-        tokenize_pairs(str(path), tok)
-    assert (e.value.row, e.value.field, e.value.kind) == where
-    assert e.value.source == str(path) and f"row {where[0]}" in str(e.value)
-
-
-def test_skipped_rows_do_not_renumber_groups(tok):
-    rows = [{**r, "group": g} for r, g in zip(STANDARD, ["x", "y", "x", "z"], strict=True)]
-    rows[1] = {**rows[1], "rejected": rows[1]["chosen"]}  # skipped, but "y" still numbered
-    pairs = tokenize_pairs(rows, tok, on_bad_row="skip")
-    assert pairs.skipped == {"identical_pair": 1}
-    assert [p["row"] for p in pairs] == [0, 2, 3] and pairs.groups().tolist() == [0, 0, 2]
-
-
 # -- sources and the default cache ------------------------------------------------------------
 
 
@@ -444,4 +354,4 @@ def test_second_run_hits_the_default_cache(tok, tmp_path, monkeypatch, count_cal
     (path,) = (tmp_path / "c" / "pairs").glob("pairs-*.npz")
     assert not tokenize_pairs(src, tok, cache_dir=None).from_cache  # None: no cache at all
     path.write_bytes(b"truncated")  # an unreadable cache is a miss, not a crash
-    assert _ids(tokenize_pairs(src, tok)) == _ids(again)
+    assert pair_ids(tokenize_pairs(src, tok)) == pair_ids(again)
