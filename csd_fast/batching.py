@@ -100,8 +100,14 @@ def _grouped_plan(groups: np.ndarray, epoch: int, opts: BatchingOptions) -> list
     Groups are shuffled as units (seeded like the ungrouped order) and packed in order into
     micro-batches of at most `batch_size` pairs; a group larger than that gets its own batch.
     """
-    ids, first = np.unique(groups, return_index=True)
-    members = [np.flatnonzero(groups == g).tolist() for g in ids[np.argsort(first)]]
+    if opts.drop_last:
+        raise NotImplementedError("dataloader_drop_last with CLO groups: batches vary in size")
+    groups = np.asarray(groups)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")  # pair indices, grouped, in group-id order
+    bounds = np.cumsum(np.bincount(inverse))[:-1]
+    by_id = np.split(order, bounds)
+    members = [by_id[i].tolist() for i in np.argsort(first)]  # groups in first-seen order
     if opts.shuffle:
         g = torch.Generator().manual_seed(opts.seed + epoch)
         members = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
@@ -111,8 +117,6 @@ def _grouped_plan(groups: np.ndarray, epoch: int, opts: BatchingOptions) -> list
             plan[-1].extend(m)
         else:
             plan.append(list(m))
-    if opts.drop_last and plan and len(plan[-1]) < opts.batch_size:
-        plan.pop()
     return plan
 
 

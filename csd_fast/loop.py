@@ -43,13 +43,7 @@ def run_training(trainer, resume_from_checkpoint=None):
     args = trainer.args
     model = trainer.model
     ga = args.gradient_accumulation_steps
-    steps_per_epoch = trainer._steps_per_epoch()
-    if args.max_steps and args.max_steps > 0:
-        max_steps = args.max_steps
-        num_epochs = math.ceil(max_steps / steps_per_epoch)
-    else:
-        num_epochs = math.ceil(args.num_train_epochs)
-        max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+    max_steps, num_epochs = _schedule_length(trainer)
     if trainer.optimizer is None:
         trainer.optimizer = build_optimizer(model, args)
     if trainer.lr_scheduler is None:
@@ -66,13 +60,14 @@ def run_training(trainer, resume_from_checkpoint=None):
     trainer.progress = progress
     state = trainer.state
     state.global_step, state.max_steps = progress.global_step, max_steps
-    state.num_train_epochs = num_epochs
+    state.num_train_epochs = num_epochs or math.ceil(max_steps / _steps_in_epoch(trainer, 0))
     state.log_history = list(progress.log_history)
     state.best_metric, state.best_model_checkpoint = (
         progress.best_metric,
         progress.best_model_checkpoint,
     )
-    state.epoch = progress.epoch + progress.micro_in_epoch / max(1, steps_per_epoch * ga)
+    resumed_plan = trainer._plan(trainer.train_pairs, "train", progress.epoch)
+    state.epoch = progress.epoch + progress.micro_in_epoch / max(1, len(resumed_plan))
     trainer._policy_is_initial = False
     progress_start, pairs_seen = state.global_step, 0
     trainer._fire("on_train_begin")
@@ -86,8 +81,10 @@ def run_training(trainer, resume_from_checkpoint=None):
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "pairs": 0, "t0": time.perf_counter()}
     grad_norm = None
     epoch = progress.epoch
-    while epoch < num_epochs and state.global_step < max_steps:
+    while (num_epochs is None or epoch < num_epochs) and state.global_step < max_steps:
         plan = trainer._plan(trainer.train_pairs, "train", epoch)
+        if not plan:
+            raise ValueError("the training set yields no micro-batch (empty, or all dropped)")
         micro = progress.micro_in_epoch if epoch == progress.epoch else 0
         trainer._fire("on_epoch_begin")
         while micro < len(plan) and state.global_step < max_steps:
@@ -127,19 +124,22 @@ def run_training(trainer, resume_from_checkpoint=None):
             total_loss += step_loss
             window["steps"] += 1
             bar.update(1)
+            # transformers' order: the default flags first, then callbacks may add or cancel them
+            _set_step_flags(trainer, max_steps)
             trainer._fire("on_step_end")
-            _after_step(trainer, window, grad_norm, lr_used, max_steps, bar)
+            _act_on_flags(trainer, window, grad_norm, lr_used, bar)
             if trainer.control.should_training_stop:
                 break
-        if trainer.control.should_training_stop:
-            break
-        if micro >= len(plan):
+        if micro >= len(plan):  # advance first, so a checkpoint saved below resumes after it
             epoch += 1
             progress.epoch, progress.micro_in_epoch = epoch, 0
-            trainer.control.should_evaluate |= args.eval_strategy == "epoch"
-            trainer.control.should_save |= args.save_strategy == "epoch"
-            trainer._fire("on_epoch_end")
-            _evaluate_and_save(trainer)
+        # also when stopped mid-epoch (max_steps, a callback), as transformers does
+        trainer.control.should_evaluate |= args.eval_strategy == "epoch"
+        trainer.control.should_save |= args.save_strategy == "epoch"
+        trainer._fire("on_epoch_end")
+        _evaluate_and_save(trainer)
+        if trainer.control.should_training_stop:
+            break
     bar.close()
     runtime = time.perf_counter() - train_start
     steps_run = max(state.global_step - progress_start, 1)
@@ -158,10 +158,31 @@ def run_training(trainer, resume_from_checkpoint=None):
     return state
 
 
-def _after_step(trainer, window, grad_norm, lr_used, max_steps, bar) -> None:
-    """transformers' default flow: decide log / evaluate / save, then honour callbacks' flags."""
-    args, state, control = trainer.args, trainer.state, trainer.control
-    step = state.global_step
+def _steps_in_epoch(trainer, epoch: int) -> int:
+    n_micro = len(trainer._plan(trainer.train_pairs, "train", epoch))
+    ga = trainer.args.gradient_accumulation_steps
+    return max(-(-n_micro // ga), 1)
+
+
+def _schedule_length(trainer) -> tuple[int, int | None]:
+    """(optimizer steps of the run, epochs or None when max_steps decides).
+
+    Token-budget and CLO-grouped plans can differ in length from epoch to epoch, so the total
+    is the sum of each epoch's own steps (equal to transformers' epochs x steps otherwise).
+    """
+    args = trainer.args
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps, None
+    whole = math.floor(args.num_train_epochs)
+    total = sum(_steps_in_epoch(trainer, e) for e in range(whole))
+    if args.num_train_epochs > whole:
+        total += math.ceil((args.num_train_epochs - whole) * _steps_in_epoch(trainer, whole))
+    return max(total, 1), math.ceil(args.num_train_epochs)
+
+
+def _set_step_flags(trainer, max_steps: int) -> None:
+    """transformers' DefaultFlowCallback.on_step_end: when to log, evaluate and save."""
+    args, step, control = trainer.args, trainer.state.global_step, trainer.control
     if args.logging_strategy == "steps" and (
         _due(step, args.logging_steps, max_steps) or (args.logging_first_step and step == 1)
     ):
@@ -173,6 +194,12 @@ def _after_step(trainer, window, grad_norm, lr_used, max_steps, bar) -> None:
         _due(step, args.save_steps, max_steps) or step >= max_steps
     ):
         control.should_save = True
+
+
+def _act_on_flags(trainer, window, grad_norm, lr_used, bar) -> None:
+    """Log, evaluate and save as the control flags (defaults + callbacks) say."""
+    args, state, control = trainer.args, trainer.state, trainer.control
+    step = state.global_step
     if control.should_log and window["steps"]:
         control.should_log = False
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
@@ -212,7 +239,11 @@ def _evaluate_and_save(trainer) -> None:
 def _track_best(trainer, metrics: dict) -> bool:
     """Update the best metric (eval loss unless metric_for_best_model says otherwise)."""
     args, state = trainer.args, trainer.state
-    key = args.metric_for_best_model or "loss"
+    key = args.metric_for_best_model
+    if key is None and (args.load_best_model_at_end or args.save_strategy == "best"):
+        key = "loss"  # transformers' default for these two
+    if key is None:
+        return False
     key = key if key.startswith("eval_") else f"eval_{key}"
     value = metrics.get(key)
     if value is None:

@@ -102,7 +102,7 @@ class DPOTrainer:
         # reference tables by the identity of the tokenized set they score: an evaluate() on a
         # new dataset must never read another set's rows
         self._ref_tables: dict[int, object] = {}
-        self._plans: dict[tuple[int, str], tuple] = {}  # (set, epoch, plan) per (set, mode)
+        self._plans: dict[str, tuple] = {}  # mode -> (tokenized set, epoch, plan)
         self._ref_fingerprint: str | None = None
         self._policy_is_initial = True  # until training starts the policy is its own reference
         if args.precompute_ref_log_probs or args.ref_cache_dir:
@@ -147,9 +147,8 @@ class DPOTrainer:
 
     def _plan(self, pairs, mode: str, epoch: int) -> list[list[int]]:
         """The micro-batches of one epoch; planned once per (set, mode, epoch) and kept."""
-        key = (id(pairs), mode)
-        cached = self._plans.get(key)
-        # the entry holds the set itself: an id is only unique while its object is alive
+        cached = self._plans.get(mode)
+        # one entry per mode, holding the set itself: an id() is unique only while it lives
         if cached is None or cached[0] is not pairs or cached[1] != epoch:
             opts = self._batching(mode)
             costs = None
@@ -157,7 +156,7 @@ class DPOTrainer:
             if opts.max_tokens_per_batch:
                 costs = pair_costs(pairs.lengths(), opts)
             cached = (pairs, epoch, epoch_plan(len(pairs), epoch, opts, costs, groups))
-            self._plans[key] = cached  # only the current epoch's plan is kept
+            self._plans[mode] = cached
         return cached[2]
 
     @property
@@ -292,11 +291,6 @@ class DPOTrainer:
         return loss
 
     # ---------------------------------------------------------------------------- train
-    def _steps_per_epoch(self) -> int:
-        n_micro = len(self._plan(self.train_pairs, "train", 0))
-        ga = self.args.gradient_accumulation_steps
-        return max(n_micro // ga + int(n_micro % ga > 0), 1)
-
     def train(self, resume_from_checkpoint: str | bool | None = None):
         """Train; `resume_from_checkpoint=True` continues from output_dir's latest checkpoint."""
         from csd_fast.loop import run_training

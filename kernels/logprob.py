@@ -493,7 +493,8 @@ def _prepare(hidden, weight, bias, labels, p: LogprobParams):
     if _resolve(p, hidden) == "triton":
         _check_triton(hidden)
     # both impls expect matching operand dtypes (under autocast the hidden states arrive in bf16
-    # while the master weights are fp32); the cast is differentiable, so dW flows back in fp32
+    # while the master weights are fp32). The cast is differentiable: dW is accumulated in fp32
+    # and handed back rounded to the cast's dtype, as an eager lm_head under autocast does
     weight = weight.to(hidden.dtype)
     bias = bias.to(hidden.dtype) if bias is not None else None
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()

@@ -132,9 +132,9 @@ def test_throughput():
 
 
 def _run_trl():
-    # the stand-in TRL trainer lives in test_losses.py; load it by path (tests/ is no package)
-    path = Path(__file__).with_name("test_losses.py")
-    spec = importlib.util.spec_from_file_location("_csd_test_losses", path)
+    # the stand-in TRL trainer lives in test_losses_trl.py; load it by path (tests/ is no package)
+    path = Path(__file__).with_name("test_losses_trl.py")
+    spec = importlib.util.spec_from_file_location("_csd_test_losses_trl", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.run_trl

@@ -78,9 +78,11 @@ RESUME_CASES = {
     "plain": {},
     # 16 pairs / 3 per batch = 6 micro-batches, GA 2 -> 3 steps an epoch with a remainder batch;
     # 5 steps cross the epoch boundary (epoch 1 reshuffles), the stop lands mid-epoch-0
+    # 16 pairs / 3 = 6 micro-batches; GA 4 -> steps of 4 and 2 micro-batches (a remainder), so
+    # the stop at step 2 is an epoch end with its eval, and step 5 is in epoch 2
     "ga_remainder_epoch_boundary": dict(
-        per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=5,
-        eval_strategy="steps", eval_steps=2),
+        per_device_train_batch_size=3, gradient_accumulation_steps=4, max_steps=5,
+        eval_strategy="epoch", save_strategy="steps"),
     "token_budget_prefix": dict(max_tokens_per_batch=96, prefix_sharing=True, max_steps=5),
 }  # fmt: skip
 
@@ -91,12 +93,13 @@ def test_resume_is_bit_exact(tmp_path, case):
     tok = tiny_tokenizer()
     extra = RESUME_CASES[case]
     evalset = ROWS[:6] if extra.get("eval_strategy") else None
-    full = DPOTrainer(tiny_model(tok), args=make_args(tmp_path / "a", **extra), train_dataset=ROWS,
+    args = make_args(tmp_path / "a", **{"save_strategy": "no", **extra})
+    full = DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS,
                       eval_dataset=evalset, processing_class=tok)  # fmt: skip
     full.train()
 
     def interrupted(**kw):
-        args = make_args(tmp_path / "b", save_strategy="steps", save_steps=2, **extra)
+        args = make_args(tmp_path / "b", **{"save_strategy": "steps", **extra}, save_steps=2)
         return DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS, eval_dataset=evalset,
                           processing_class=tok, **kw)  # fmt: skip
 
@@ -374,3 +377,64 @@ def test_evaluating_several_new_sets_never_reuses_a_stale_plan(tmp_path):
     got = b.evaluate(eval_dataset=ROWS[4:12])
     for key in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected"):
         assert got[key] == want[key], key
+
+
+class CancelDefaults(TrainerCallback):
+    """Sees the default flags (set before on_step_end, as in transformers) and cancels them."""
+
+    def __init__(self):
+        self.seen_log = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen_log.append(control.should_log)
+        control.should_save = control.should_evaluate = False
+        return control
+
+
+def test_callbacks_see_and_can_cancel_the_default_flags(tmp_path):
+    tok = tiny_tokenizer()
+    cb = CancelDefaults()
+    args = make_args(
+        tmp_path,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+    )
+    trainer = DPOTrainer(
+        tiny_model(tok),
+        args=args,
+        train_dataset=ROWS,
+        eval_dataset=ROWS[:4],
+        processing_class=tok,
+        callbacks=[cb],
+    )
+    trainer.train()
+    assert cb.seen_log == [True, True]
+    assert ckpt.list_checkpoints(tmp_path) == []
+    assert not [h for h in trainer.state.log_history if "eval_loss" in h]
+
+
+def test_stopping_mid_epoch_still_runs_the_epoch_end(tmp_path):
+    tok = tiny_tokenizer()
+    args = make_args(tmp_path, max_steps=2, eval_strategy="epoch", save_strategy="epoch")
+    trainer = DPOTrainer(
+        tiny_model(tok), args=args, train_dataset=ROWS, eval_dataset=ROWS[:4], processing_class=tok
+    )  # 4 steps an epoch: max_steps stops mid-epoch
+    trainer.train()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [2]
+
+
+def test_epochs_of_varying_length_get_their_own_step_counts(tmp_path):
+    """CLO groups of 1 and 2 pairs pack into a different number of batches each epoch: the
+    schedule is the sum of each epoch's own steps, and every epoch runs whole."""
+    tok = tiny_tokenizer()
+    rows = [dict(r, group=i // 2 if i < 12 else i) for i, r in enumerate(ROWS)]
+    args = make_args(tmp_path, max_steps=-1, num_train_epochs=4, per_device_train_batch_size=3)
+    trainer = DPOTrainer(tiny_model(tok), args=args, train_dataset=rows, processing_class=tok)
+    lengths = [len(trainer._plan(trainer.train_pairs, "train", e)) for e in range(4)]
+    trainer.train()
+    assert trainer.state.global_step == sum(lengths)
+    assert trainer.state.epoch == 4.0
