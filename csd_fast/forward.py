@@ -143,7 +143,7 @@ def length_weights(batch: PairBatch, ld_alpha: float | None) -> Tensor | None:
     start = batch.seq_offsets[:-1].index_select(0, seq)
     pos_in_seq = torch.arange(seq.numel(), device=seq.device) - start
     tail = pos_in_seq >= shared.index_select(0, seq)
-    return torch.where(tail, torch.full_like(pos_in_seq, 0, dtype=torch.float32) + ld_alpha, 1.0)
+    return torch.where(tail, ld_alpha, 1.0).float()
 
 
 def sequence_forward(

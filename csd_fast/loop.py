@@ -3,9 +3,9 @@
 Resume is exact: the epoch plan is a pure function of (seed, epoch), a checkpoint stores the
 number of micro-batches of the current epoch already consumed, and the optimizer, scheduler and
 RNG states are restored, so 4 steps equal 2 steps + resume + 2 steps bit for bit on CPU.
-Micro-batches are weighted by their pair count within an optimizer step: with equal-sized
-padded batches that is TRL's loss / gradient_accumulation_steps, and with token-budget packing
-every pair still counts once, however pairs fall into micro-batches.
+Count-based micro-batches are averaged as TRL does (each micro-batch mean over its pairs, the
+step the mean of those); token-budget micro-batches are weighted by their pair count, so every
+pair counts once however the planner groups them.
 """
 
 from __future__ import annotations
