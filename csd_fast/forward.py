@@ -225,7 +225,12 @@ def token_logps_and_stats(
     `model` is a `PairScorer` (sharded or not) or a bare causal LM (its head is then given the
     `LogprobHead` forward on first use)."""
     if isinstance(model, PairScorer):
-        return model(batch, head_impl, with_stats, temperature)
+        out = model(batch, head_impl, with_stats, temperature)
+        if not torch.is_grad_enabled() and hasattr(model, "reshard"):
+            # an FSDP root keeps its weights gathered for the backward; none follows a no-grad
+            # pass, and weights left gathered would miss the next step's gradient reduction
+            model.reshard()
+        return out
     install_logprob_head(model)
     return _score_tokens(model, batch, head_impl, with_stats, temperature)
 

@@ -58,6 +58,7 @@ class TrainingJob:
     log: Callable[[dict], None]
     evaluate: Callable[[], dict] | None  # None without an eval set
     close: Callable[[], None]  # flush the metric writers
+    train_tokens: Callable[[], int]  # training tokens so far over all ranks (a collective)
 
 
 def _due(step: int, every: float | int | None, total: int) -> bool:
@@ -124,24 +125,6 @@ def _stand_ins(group_plans: list[list[list[int]]], rank: int) -> list[list[int]]
     return out
 
 
-class _TokenCount:
-    """Training tokens over all ranks (TRL's `num_tokens`), reduced only when read."""
-
-    def __init__(self, job: TrainingJob):
-        self.job, self.total = job, job.progress.total_tokens
-        self.local_seen = job.metrics.total_train_tokens
-
-    def sync(self) -> int:
-        job = self.job
-        delta = job.metrics.total_train_tokens - self.local_seen
-        self.local_seen = job.metrics.total_train_tokens
-        if job.env.distributed:
-            delta = int(job.env.all_reduce_sum(torch.tensor([delta], dtype=torch.int64)).item())
-        self.total += delta
-        job.progress.total_tokens = self.total
-        return self.total
-
-
 def run_training(job: TrainingJob, resume_from_checkpoint=None):
     args, env, state, model = job.args, job.env, job.state, job.model
     ga = args.gradient_accumulation_steps
@@ -155,10 +138,10 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         )
         for f in fields(loaded):
             setattr(progress, f.name, getattr(loaded, f.name))
-        job.metrics.add_tokens("train", progress.total_tokens)  # TRL's cumulative count
+        # TRL's cumulative count; each rank counts its own, so the saved total lives on rank 0
+        job.metrics.add_tokens("train", progress.total_tokens if env.is_main else 0)
         if env.is_main:
             job.writer.truncate_after(progress.global_step)
-    tokens = _TokenCount(job)
     state.global_step, state.max_steps = progress.global_step, max_steps
     state.num_train_epochs = num_epochs or math.ceil(max_steps / steps_in_epoch(job.plans, ga, 0))
     state.log_history = list(progress.log_history)
@@ -229,7 +212,7 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
             # transformers' order: the default flags first, then callbacks may add or cancel them
             _set_step_flags(job, max_steps)
             job.fire("on_step_end")
-            _act_on_flags(job, window, tokens, grad_norm, lr_used, bar)
+            _act_on_flags(job, window, grad_norm, lr_used, bar)
             if job.control().should_training_stop:
                 break
         if micro >= len(plan):  # advance first, so a checkpoint saved below resumes after it
@@ -240,7 +223,7 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         control.should_evaluate |= args.eval_strategy == "epoch"
         control.should_save |= args.save_strategy == "epoch"
         job.fire("on_epoch_end")
-        _evaluate_and_save(job, tokens)
+        _evaluate_and_save(job)
         if job.control().should_training_stop:
             break
     bar.close()
@@ -310,7 +293,7 @@ def _set_step_flags(job: TrainingJob, max_steps: int) -> None:
         control.should_save = True
 
 
-def _act_on_flags(job: TrainingJob, window: _Window, tokens, grad_norm, lr_used, bar) -> None:
+def _act_on_flags(job: TrainingJob, window: _Window, grad_norm, lr_used, bar) -> None:
     """Log, evaluate and save as the control flags (defaults + callbacks) say."""
     args, env, control = job.args, job.env, job.control()
     step = job.state.global_step
@@ -327,7 +310,7 @@ def _act_on_flags(job: TrainingJob, window: _Window, tokens, grad_norm, lr_used,
         logs["learning_rate"] = lr_used
         logs.update(job.metrics.pop("train"))
         if env.distributed:
-            logs["num_tokens"] = float(tokens.sync())
+            logs["num_tokens"] = float(job.train_tokens())
         logs["tokens_per_second"] = float(counts[0]) / elapsed
         logs["pairs_per_second"] = float(counts[1]) / elapsed
         job.log(logs)
@@ -337,13 +320,13 @@ def _act_on_flags(job: TrainingJob, window: _Window, tokens, grad_norm, lr_used,
             tok_s=f"{logs['tokens_per_second']:.0f}",
         )
         window.reset()
-    _evaluate_and_save(job, tokens)
+    _evaluate_and_save(job)
     every = args.torch_empty_cache_steps
     if every and step % every == 0 and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _evaluate_and_save(job: TrainingJob, tokens) -> None:
+def _evaluate_and_save(job: TrainingJob) -> None:
     """Run the evaluation and the save the control flags ask for; track the best checkpoint."""
     args, control = job.args, job.control()
     improved = False
@@ -354,7 +337,7 @@ def _evaluate_and_save(job: TrainingJob, tokens) -> None:
     control = job.control()
     if control.should_save or (args.save_strategy == "best" and improved):
         control.should_save = False
-        _save(job, tokens, best=improved)
+        _save(job, best=improved)
 
 
 def _track_best(job: TrainingJob, metrics: dict) -> bool:
@@ -378,7 +361,7 @@ def _track_best(job: TrainingJob, metrics: dict) -> bool:
     return better
 
 
-def _save(job: TrainingJob, tokens, best: bool = False) -> Path:
+def _save(job: TrainingJob, best: bool = False) -> Path:
     args, state, env = job.args, job.state, job.env
     out = Path(args.output_dir)
     path = out / f"checkpoint-{state.global_step}"
@@ -386,7 +369,7 @@ def _save(job: TrainingJob, tokens, best: bool = False) -> Path:
         state.best_model_checkpoint = job.progress.best_model_checkpoint = str(path)
     job.progress.log_history = list(state.log_history)
     if env.distributed:
-        tokens.sync()  # the saved count is the all-rank total
+        job.progress.total_tokens = job.train_tokens()  # the saved count is the all-rank total
     ckpt.save_checkpoint(
         path,
         model=job.model,

@@ -363,9 +363,14 @@ class DPOTrainer:
         self._metrics.add(mode, self._reduce_metrics(sums, dummy))
         if mode == "train" and not dummy:
             self._metrics.add_tokens(mode, batch.num_tokens)
-            if not self.dist.distributed:  # (distributed: the loop keeps the all-rank total)
+            if not self.dist.distributed:  # (distributed: the loop saves the all-rank total)
                 self.progress.total_tokens += batch.num_tokens
         return loss
+
+    def global_train_tokens(self) -> int:
+        """TRL's `num_tokens` over all ranks (each rank counts its own batches)."""
+        local = torch.tensor([self._metrics.total_train_tokens], dtype=torch.int64)
+        return int(self.dist.all_reduce_sum(local).item())
 
     def _reduce_metrics(self, sums: dict, dummy: bool) -> dict:
         """[sum, count] per metric -> sum / count over all ranks, as device scalars (no sync)."""
@@ -421,6 +426,7 @@ class DPOTrainer:
             log=self.log,
             evaluate=self.evaluate if self.eval_pairs is not None else None,
             close=self.close_writer,
+            train_tokens=self.global_train_tokens,
         )
 
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
@@ -449,6 +455,8 @@ class DPOTrainer:
         total, n = self.dist.all_reduce_sum(sums).tolist()
         metrics = {f"{metric_key_prefix}_loss": total / max(n, 1)}
         metrics.update(self._metrics.pop("eval"))
+        if self.dist.distributed:
+            metrics[f"{metric_key_prefix}_num_tokens"] = float(self.global_train_tokens())
         runtime = time.perf_counter() - start
         metrics[f"{metric_key_prefix}_runtime"] = runtime
         metrics[f"{metric_key_prefix}_samples_per_second"] = n / max(runtime, 1e-9)

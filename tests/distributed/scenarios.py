@@ -1,0 +1,103 @@
+"""Training scenarios shared by the torchrun worker (2 ranks x b) and the tests (1 rank x 2b).
+
+Each scenario is DPOConfig overrides plus model options; `build_trainer(name, world, out)` gives
+the trainer of one side, with the per-device batch scaled so both sides see the same pairs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import torch  # noqa: E402
+from data_helpers import tiny_tokenizer  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
+
+GLOBAL_BATCH = 4
+ROWS = [
+    {"prompt": f"The cat sat {i % 3}", "chosen": " on the mat.", "rejected": " is happy."}
+    for i in range(9)
+] + [
+    {"prompt": f"Hello world {i % 2}", "chosen": " the dog runs now.", "rejected": " the sat."}
+    for i in range(9)
+]  # 18 pairs: the last global batch of an epoch (2 pairs) splits 1 + 1 over two ranks
+EVAL_ROWS = ROWS[:5]  # 5 eval pairs: batches of 2 + 2, then 1 + none (a stand-in)
+
+SCENARIOS = {
+    # 4 steps across the epoch end, eval every 2 steps, checkpoints at 2 and 4
+    "packed": dict(padding_free=True, max_steps=6, eval_strategy="steps", eval_steps=3,
+                   save_strategy="steps", save_steps=3),
+    "padded": dict(max_steps=3),
+    "prefix_fused": dict(prefix_sharing=True, fused=True, max_steps=3),
+    "lora": dict(padding_free=True, max_steps=3, learning_rate=1e-2),
+    "attention_only": dict(padding_free=True, max_steps=3, trainable_params=[r"\.self_attn\."]),
+    "ckpt_tied_ga": dict(padding_free=True, max_steps=3, gradient_checkpointing=True,
+                         gradient_accumulation_steps=2),
+    "precompute": dict(padding_free=True, max_steps=3, precompute_ref_log_probs=True),
+}  # fmt: skip
+TIED = {"ckpt_tied_ga"}
+
+
+def tiny_model(tok, tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
+    from csd_fast import DPOConfig, DPOTrainer
+
+    tok = tiny_tokenizer()
+    kw = dict(
+        output_dir=str(out), per_device_train_batch_size=GLOBAL_BATCH // world,
+        per_device_eval_batch_size=GLOBAL_BATCH // world, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+        bf16=False, report_to="none", disable_tqdm=True, gradient_checkpointing=False, seed=0,
+        use_cpu=True,
+    )  # fmt: skip
+    kw.update(SCENARIOS[name])
+    kw.update(overrides)
+    peft_config = None
+    if name == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
+    evalset = EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
+    return DPOTrainer(
+        tiny_model(tok, tied=name in TIED), args=DPOConfig(**kw), train_dataset=ROWS,
+        eval_dataset=evalset, processing_class=tok, peft_config=peft_config,
+        callbacks=callbacks,
+    )  # fmt: skip
+
+
+def history(trainer) -> list[dict]:
+    """Logged values that must match across world sizes (no timings)."""
+    skip = ("second", "runtime")
+    return [
+        {k: v for k, v in h.items() if not any(s in k for s in skip)}
+        for h in trainer.state.log_history
+    ]
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    """Full (gathered) weights on every rank; a collective under FSDP."""
+    from csd_fast.distributed.fsdp import full_state_dict
+
+    return full_state_dict(trainer.model)

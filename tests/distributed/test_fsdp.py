@@ -1,0 +1,143 @@
+"""FSDP2 on CPU with gloo under torchrun: 2 ranks x b == 1 rank x 2b, resume, kill -9, export.
+
+    python -m pytest tests/distributed/test_fsdp.py -q     (two torchrun launches, ~1 min)
+
+One torchrun launch (`worker.py parity`) runs every scenario of `scenarios.py` on two ranks; each
+test runs the same scenario on one process with twice the per-device batch and compares the
+whole logged history (loss, grad norm, every TRL metric, eval metrics) and the final weights.
+The second launch kills rank 1 with SIGKILL as a checkpoint starts: the job must fail, within
+the timeout, with the previous checkpoint intact, and a resume on one process must continue
+exactly as the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import scenarios
+import torch
+
+from csd_fast import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+WORKER = Path(__file__).with_name("worker.py")
+# what depends on how the rows were padded (padding differs with the batch's composition)
+PADDING_KEYS = {"num_tokens", "padding_efficiency", "tokens_per_second", "pairs_per_second"}
+# a resumed run's summary averages the loss over the steps it ran itself (as transformers does)
+RESUMED_SKIP = PADDING_KEYS - {"num_tokens"} | {"train_loss"}
+
+
+def torchrun(out: Path, mode: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CSD_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), str(out), mode]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    proc = torchrun(out, "parity")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
+
+
+def single(name: str, out: Path, **kw):
+    trainer = scenarios.build_trainer(name, 1, out, **kw)
+    trainer.train()
+    return trainer
+
+
+def assert_same_run(got: dict, want_history, want_weights, skip=frozenset(), rtol=1e-5):
+    hist = got["history"]
+    assert len(hist) == len(want_history)
+    for step, (a, b) in enumerate(zip(hist, want_history, strict=True)):
+        keys = set(b) - skip
+        assert set(a) - skip == keys, (step, set(a) ^ set(b))
+        for k in sorted(keys):
+            if isinstance(b[k], float) and not math.isnan(b[k]):
+                assert a[k] == pytest.approx(b[k], rel=rtol, abs=1e-6), (step, k, a[k], b[k])
+            else:
+                assert a[k] == b[k], (step, k)
+    assert got["weights"].keys() == want_weights.keys()
+    for k, w in want_weights.items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("name", sorted(set(scenarios.SCENARIOS)))
+def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name):
+    trainer = single(name, tmp_path)
+    skip = PADDING_KEYS if name in ("padded", "prefix_fused") else PADDING_KEYS - {"num_tokens"}
+    got = torch.load(two_ranks / f"{name}.pt", weights_only=False)
+    assert len(got["history"]) >= 4  # >= 3 steps plus the summary
+    assert_same_run(got, scenarios.history(trainer), scenarios.weights(trainer), skip)
+    if name == "packed":  # eval ran on both sides; rank 1 had no pair in the last eval batch
+        assert any("eval_loss" in h for h in got["history"])
+
+
+def test_resume_on_two_ranks_continues_the_run(two_ranks):
+    want = torch.load(two_ranks / "packed.pt", weights_only=False)
+    got = torch.load(two_ranks / "resume2.pt", weights_only=False)
+    assert_same_run(got, want["history"], want["weights"], RESUMED_SKIP)
+
+
+def test_export_reloads_with_from_pretrained_and_scores_the_same(two_ranks, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from csd_fast.batch import collate_padded
+    from csd_fast.forward import sequence_forward
+
+    trainer = single("packed", tmp_path)  # the same run on one process
+    exported = AutoModelForCausalLM.from_pretrained(two_ranks / "export", dtype=torch.float32)
+    assert not any("lora" in k for k in exported.state_dict())
+    examples = [dict(trainer.train_pairs[i]) for i in range(6)]
+    batch = collate_padded(examples, trainer.processing_class.pad_token_id)
+    with torch.no_grad():
+        want = sequence_forward(trainer.model.eval(), batch, with_stats=False)
+        got = sequence_forward(exported.eval(), batch, with_stats=False)
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-5)
+
+
+def test_export_command_writes_the_same_model_from_a_sharded_checkpoint(two_ranks, tmp_path):
+    from safetensors.torch import load_file
+
+    from csd_fast.__main__ import main
+
+    assert main(["export", str(two_ranks / "packed" / "checkpoint-6"), str(tmp_path / "m")]) == 0
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    want = load_file(two_ranks / "export" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_sharded_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
+    """Saved by two ranks at step 3, resumed on one process with the global batch."""
+    want = torch.load(two_ranks / "packed.pt", weights_only=False)
+    resumed = scenarios.build_trainer("packed", 1, two_ranks / "packed_copy")
+    resumed.train(resume_from_checkpoint=str(two_ranks / "packed" / "checkpoint-3"))
+    got = {"history": scenarios.history(resumed), "weights": scenarios.weights(resumed)}
+    assert_same_run(got, want["history"], want["weights"], RESUMED_SKIP)
+
+
+def test_kill_9_of_one_rank_fails_cleanly_and_resume_works(two_ranks, tmp_path):
+    start = time.monotonic()
+    proc = torchrun(tmp_path, "kill", timeout=180)  # a hang would raise TimeoutExpired
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 180
+    run = tmp_path / "killed"
+    # the step-6 checkpoint never became visible; step 3's is complete and is what resume picks
+    assert ckpt.latest_checkpoint(run).name == "checkpoint-3"
+    assert not (run / "checkpoint-6").exists()
+    want = torch.load(two_ranks / "packed.pt", weights_only=False)
+    resumed = scenarios.build_trainer("packed", 1, run)
+    resumed.train(resume_from_checkpoint=True)
+    got = {"history": scenarios.history(resumed), "weights": scenarios.weights(resumed)}
+    assert_same_run(got, want["history"], want["weights"], RESUMED_SKIP)

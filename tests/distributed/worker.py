@@ -1,0 +1,65 @@
+"""torchrun worker of tests/distributed/test_fsdp.py: runs scenarios on every rank, rank 0 saves.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py OUT MODE
+
+MODE `parity`: every scenario of `scenarios.SCENARIOS` for its full length, plus the packed run
+stopped at step 3 and resumed on the same two ranks, plus a consolidated export of the packed
+run; results (history, gathered weights) in OUT/<name>.pt. MODE `kill`: the packed run, where
+rank 1 kills itself with SIGKILL as the step-6 checkpoint starts writing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scenarios  # noqa: E402
+import torch  # noqa: E402
+
+
+def save(out: Path, name: str, trainer) -> None:
+    result = {"history": scenarios.history(trainer), "weights": scenarios.weights(trainer)}
+    if trainer.dist.is_main:
+        torch.save(result, out / f"{name}.pt")
+
+
+def parity(out: Path) -> None:
+    for name in scenarios.SCENARIOS:
+        trainer = scenarios.build_trainer(name, 2, out / name)
+        trainer.train()
+        save(out, name, trainer)
+        if name == "packed":
+            trainer.save_model(str(out / "export"))
+    # the same packed run, interrupted after its step-3 checkpoint and resumed on two ranks
+    first = scenarios.build_trainer("packed", 2, out / "resume2", [scenarios.StopAt(3)])
+    first.train()
+    resumed = scenarios.build_trainer("packed", 2, out / "resume2")
+    resumed.train(resume_from_checkpoint=True)
+    save(out, "resume2", resumed)
+
+
+def kill(out: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    real = dcp.save
+
+    def dying_save(state, checkpoint_id):
+        if "checkpoint-6" in str(checkpoint_id) and int(os.environ["RANK"]) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(state, checkpoint_id=checkpoint_id)
+
+    dcp.save = dying_save
+    trainer = scenarios.build_trainer("packed", 2, out / "killed")
+    trainer.train()
+
+
+if __name__ == "__main__":
+    target, mode = Path(sys.argv[1]), sys.argv[2]
+    target.mkdir(parents=True, exist_ok=True)
+    {"parity": parity, "kill": kill}[mode](target)
+    from csd_fast.distributed.env import shutdown
+
+    shutdown()
