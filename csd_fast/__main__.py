@@ -16,6 +16,7 @@ import sys
 # name -> ("module:function", one-line help). Parts register themselves here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("csd_fast.cli:main", "DPO / CLO training (also `csd-train`)"),
+    "export": ("csd_fast.distributed.launch:export_main", "checkpoint -> consolidated HF model"),
 }
 
 

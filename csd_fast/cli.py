@@ -4,6 +4,8 @@
     csd-train --model_name_or_path M --dataset_name data.jsonl --output_dir out --loss_type sigmoid
     csd-train --config recipe.yaml --learning_rate 5e-7  # flags override the file
     csd-train --output_dir out --resume                # continue from the latest checkpoint
+    csd-train --nproc 8 ...                            # FSDP2 over 8 local devices (torchrun)
+    csd-train --plan --nproc 8 ...                     # per-device memory estimate, then exit
 
 Every `DPOConfig` field is a flag named as the field (`--max_steps`, also `--max-steps`), as in
 `trl dpo`. The resolved configuration is printed and saved to `<output_dir>/config.yaml`. With no
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -166,6 +169,17 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from csd_fast.distributed.launch import launch_if_asked, pop_option
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plan = "--plan" in argv
+    device_gb, argv = pop_option([a for a in argv if a != "--plan"], ("--device_memory_gb",))
+    if plan:
+        nproc, argv = pop_option(argv, ("--nproc", "--nproc_per_node", "--nproc-per-node"))
+        return print_memory_plan(argv, int(nproc or os.environ.get("WORLD_SIZE", 1)), device_gb)
+    code, argv = launch_if_asked(argv)  # --nproc N: the same command under torchrun
+    if code is not None:
+        return code
     from csd_fast import DPOConfig, DPOTrainer
 
     script, kwargs = resolve(argv)
@@ -189,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         "training": args.to_dict(),
     }
     text = yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)
-    print(text)
-    (output_dir / "config.yaml").write_text(text)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks and writes
+    if main_rank:
+        print(text)
+        (output_dir / "config.yaml").write_text(text)
     ref = script["ref_model_name_or_path"]
     from csd_fast.data import load_rows
 
@@ -212,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = evals[-1] if evals else {}
     if trainer.eval_pairs is not None and summary.get("step") != trainer.state.global_step:
         summary = trainer.evaluate()  # the final weights were not evaluated yet
+    if not main_rank:
+        return 0
     png = trainer.plot()
     keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
     shown = ", ".join(f"{k}={summary[k]:.4f}" for k in keys if k in summary)
@@ -220,6 +238,46 @@ def main(argv: list[str] | None = None) -> int:
     if png:
         print(f"[csd-train] curves: {png}")
     return 0
+
+
+def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -> int:
+    """`--plan`: the per-device memory estimate of this command's run; exit 1 if it cannot fit."""
+    from transformers import AutoConfig
+
+    from csd_fast.config import DPOConfig
+    from csd_fast.distributed.memory import device_memory_bytes, plan_memory
+
+    script, kwargs = resolve(argv)
+    if script["demo"]:
+        from csd_fast.demo import build_demo
+
+        script["model_name_or_path"] = str(
+            build_demo(Path(kwargs["output_dir"]) / "demo_assets").model_dir
+        )
+    args = DPOConfig(**kwargs)
+    config = AutoConfig.from_pretrained(
+        script["model_name_or_path"], trust_remote_code=args.trust_remote_code
+    )
+    tokens = args.max_tokens_per_batch or 2 * args.per_device_train_batch_size * (
+        args.max_length or config.max_position_embeddings
+    )
+    offload = bool((args.fsdp_config or {}).get("cpu_offload"))
+    plan = plan_memory(
+        config,
+        world_size=world_size,
+        tokens_per_micro_batch=tokens,
+        compute_bytes=2 if args.bf16 else 4,
+        trainable_patterns=args.trainable_params,
+        live_reference=not (args.precompute_ref_log_probs or args.ref_cache_dir),
+        gradient_checkpointing=args.gradient_checkpointing,
+        fused_head=args.fused,
+    )
+    device = float(device_gb) * 1024**3 if device_gb else device_memory_bytes()
+    print(plan.render(device))
+    problems = plan.warnings(device, offload)
+    for line in problems:
+        print(line)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -196,7 +196,11 @@ class DPOConfig:
     accelerator_config: dict | str | None = _no(None, "accelerate options.")
     parallelism_config: Any = _no(None, "accelerate ParallelismConfig.")
     fsdp: str | bool | None = _no(None, "FSDP via accelerate.")
-    fsdp_config: dict | str | None = _no(None, "FSDP options.")
+    fsdp_config: dict | str | None = _f(
+        None,
+        "FSDP2 options under torchrun: cpu_offload, reshard_after_forward, param_dtype, "
+        "reduce_dtype (csd_fast.distributed.fsdp.FSDP_CONFIG_KEYS).",
+    )
     deepspeed: dict | str | None = _no(None, "DeepSpeed config.")
     debug: str | list[str] = _no("", "transformers debug options.")
 

@@ -157,16 +157,18 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str | None = None) -> 
     if not (checkpoint / "config.json").exists():
         raise FileNotFoundError(f"{checkpoint}: no config.json (not a csd-fast checkpoint)")
     config = AutoConfig.from_pretrained(checkpoint)
-    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gave a tied head its own storage
     if is_sharded_checkpoint(checkpoint):
         _check_not_peft(checkpoint)
         load_sharded_weights(checkpoint, model)
     else:
         ckpt.load_weights(model, checkpoint)
-    model.tie_weights()
+    if dtype:
+        model.to(getattr(torch, dtype))
+        model.config.dtype = getattr(torch, dtype)
     tokenizer = None
     if (checkpoint / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer

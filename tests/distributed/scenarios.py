@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
-from data_helpers import tiny_tokenizer  # noqa: E402
+from data_helpers import tiny_tokenizer  # noqa: E402, F401  (re-exported for tests)
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
 
 GLOBAL_BATCH = 4

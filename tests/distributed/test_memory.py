@@ -1,0 +1,82 @@
+"""`csd train --plan`: the memory planner against numbers worked out by hand for Llama-3-8B.
+
+Llama-3-8B (H=4096, I=14336, L=32, V=128256, 32 heads, 8 KV heads, untied head):
+  embeddings V*H = 525,336,576; per layer q,o 2*H*H = 33,554,432, k,v 2*H*1024 = 8,388,608,
+  MLP 3*H*I = 176,160,768, two norms 8,192 -> 218,112,000; 32 layers 6,979,584,000;
+  final norm 4,096; head 525,336,576 -> P = 8,030,261,248 (the published count).
+On 8 ranks, bf16, full training, live reference, 16,384 tokens per micro-batch, checkpointed:
+  params 4P/8 = 4,015,130,624        grads 4P/8 = 4,015,130,624
+  optimizer 8P/8 = 8,030,261,248     reference 2P/8 = 2,007,565,312
+  gathered 2 * head (the largest unit) * 2 bytes = 2,101,346,304
+  activations T*H*2*L + T*(6H + 3I)*2 = 4,294,967,296 + 2,214,592,512 = 6,509,559,808
+Run: python -m pytest tests/distributed/test_memory.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig
+
+from csd_fast.distributed.memory import GIB, plan_memory
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 tie_word_embeddings=False)  # fmt: skip
+
+
+def test_llama3_8b_on_eight_ranks_matches_the_hand_count():
+    plan = plan_memory(LlamaConfig(**LLAMA3_8B), world_size=8, tokens_per_micro_batch=16384)
+    assert plan.params == 8_030_261_248
+    assert plan.bytes_per_component == {
+        "params": 4_015_130_624,
+        "gathered": 2_101_346_304,
+        "grads": 4_015_130_624,
+        "optimizer": 8_030_261_248,
+        "reference": 2_007_565_312,
+        "activations": 6_509_559_808,
+    }
+    # offload moves params, grads and optimizer state to the host
+    assert plan.device_total(True) == 2_101_346_304 + 2_007_565_312 + 6_509_559_808
+    assert plan.warnings(80 * GIB, offload=False) == []
+
+
+def test_a_run_that_cannot_fit_is_warned_about_and_offload_changes_the_verdict():
+    one = plan_memory(LlamaConfig(**LLAMA3_8B), world_size=1, tokens_per_micro_batch=16384)
+    # 4 + 4 + 8 + 2 bytes per parameter: ~135 GiB before activations on one 80 GiB device
+    assert one.device_total(False) > 120 * GIB
+    (warning,) = one.warnings(80 * GIB, offload=False)
+    assert "will not fit" in warning and "cpu_offload" in warning
+    assert one.device_total(True) < 80 * GIB and one.warnings(80 * GIB, offload=True) == []
+
+
+def test_attention_only_training_and_a_cached_reference_shrink_the_plan():
+    cfg = LlamaConfig(**LLAMA3_8B)
+    full = plan_memory(cfg, world_size=8, tokens_per_micro_batch=4096)
+    attn = plan_memory(cfg, world_size=8, tokens_per_micro_batch=4096,
+                       trainable_patterns=[r"\.self_attn\."], live_reference=False)  # fmt: skip
+    # q,k,v,o of 32 layers: 32 * (33,554,432 + 8,388,608) = 1,342,177,280 trainable
+    assert attn.trainable == 1_342_177_280
+    assert attn.bytes_per_component["optimizer"] == 1_342_177_280
+    assert attn.bytes_per_component["reference"] == 0
+    assert attn.device_total(False) < full.device_total(False)
+
+
+def test_plan_flag_prints_the_table_and_fails_when_it_cannot_fit(tmp_path, capsys):
+    from csd_fast.cli import main
+
+    LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": 2}).save_pretrained(tmp_path / "m")
+    argv = ["--plan", "--model_name_or_path", str(tmp_path / "m"), "--dataset_name", "x.jsonl",
+            "--output_dir", str(tmp_path / "o"), "--nproc", "2"]  # fmt: skip
+    assert main([*argv, "--device_memory_gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "over 2 device(s)" in out and "optimizer" in out and "cpu offload" in out
+    assert main([*argv, "--device_memory_gb", "1"]) == 1
+    assert "WARNING" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_nproc_must_be_positive(value):
+    from csd_fast.distributed.launch import launch_if_asked
+
+    with pytest.raises(SystemExit):
+        launch_if_asked(["--nproc", value])
