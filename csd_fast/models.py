@@ -2,7 +2,7 @@
 
 * `load_model`: a path or hub id -> `AutoModelForCausalLM` with `model_init_kwargs`;
 * `prepare_models`: PEFT wrapping (the reference is then the policy with adapters disabled, no
-  second copy), a frozen reference copy of an in-memory policy (TRL 1.16 instead reloads it from
+  second copy), a frozen reference copy of an in-memory policy in the compute dtype (TRL 1.16 instead reloads it from
   `config._name_or_path`, which fails for a model never saved), dropout off, gradient
   checkpointing, the packed attention function for padding-free layouts, and on GPU with
   `fused` Liger-Kernel's RMSNorm / RoPE / SwiGLU kernels where Liger supports the architecture.
@@ -61,6 +61,26 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def reference_dtype(model: nn.Module, args) -> torch.dtype:
+    """The dtype the reference computes in: bf16 on an accelerator with bf16, else the model's.
+
+    The reference never steps, so fp32 master weights buy it nothing; under bf16 autocast (or
+    FSDP's bf16 policy) its matmuls run in bf16 either way. On CPU it stays in the model's dtype,
+    which keeps CPU runs exactly as before."""
+    dtype = next(model.parameters()).dtype
+    on_accelerator = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
+    return torch.bfloat16 if on_accelerator and args.bf16 and dtype.is_floating_point else dtype
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy whose parameters are made directly in `dtype` (no full-precision second copy
+    exists at any point: peak memory is the policy plus the reference in its own dtype)."""
+    memo = {}
+    for p in model.parameters():  # a tied parameter appears once: one copy, still tied
+        memo[id(p)] = nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+    return copy.deepcopy(model, memo)
+
+
 def prepare_models(model: nn.Module, ref_model: nn.Module | None, peft_config, args):
     """Return (policy, reference or None) ready for training; see the module docstring."""
     if peft_config is not None:
@@ -70,7 +90,7 @@ def prepare_models(model: nn.Module, ref_model: nn.Module | None, peft_config, a
             raise ImportError("peft_config needs `pip install peft`") from e
         model = get_peft_model(model, peft_config)
     elif ref_model is None and not (args.precompute_ref_log_probs or args.ref_cache_dir):
-        ref_model = copy.deepcopy(model)
+        ref_model = frozen_copy(model, reference_dtype(model, args))
     # with precomputed reference log-probs the untrained policy scores the data once: no copy
     if ref_model is not None:
         freeze(ref_model)

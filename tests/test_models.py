@@ -51,3 +51,22 @@ def test_unsupported_architecture_warns_instead_of_failing():
         assert any("no kernels for 'cohere'" in str(w.message) for w in caught)
         assert model.model.norm.forward.__qualname__.startswith("Cohere")
     """)
+
+
+def test_reference_copy_is_made_in_its_dtype_frozen_and_keeps_ties():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from csd_fast.models import frozen_copy
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    ref = frozen_copy(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ref.parameters())
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight  # still tied, one copy
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p.detach().bfloat16(), q), name
+        assert p.data_ptr() != q.data_ptr()

@@ -122,8 +122,8 @@ def plan_memory(
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     total, trainable, unit = count_params(config, trainable_patterns, lora_rank)
     W, T, B = world_size, tokens_per_micro_batch, compute_bytes
-    H, I, L = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-    per_layer = T * (6 * H + 3 * I) * B
+    H, inter, L = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    per_layer = T * (6 * H + 3 * inter) * B
     acts = T * H * B * L + per_layer if gradient_checkpointing else per_layer * L
     if not fused_head:
         acts += T * text.vocab_size * 4 * 3

@@ -69,8 +69,8 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
     kw = dict(
         output_dir=str(out), per_device_train_batch_size=GLOBAL_BATCH // world,
         per_device_eval_batch_size=GLOBAL_BATCH // world, learning_rate=1e-3, logging_steps=1,
-        save_strategy="no", bf16=False, report_to="none", disable_tqdm=True, gradient_checkpointing=False, seed=0,
-        use_cpu=True,
+        save_strategy="no", bf16=False, report_to="none", disable_tqdm=True, seed=0,
+        gradient_checkpointing=False, use_cpu=True,
     )  # fmt: skip
     kw.update(SCENARIOS[name])
     kw.update(overrides)
