@@ -141,3 +141,11 @@ def test_kill_9_of_one_rank_fails_cleanly_and_resume_works(two_ranks, tmp_path):
     resumed.train(resume_from_checkpoint=True)
     got = {"history": scenarios.history(resumed), "weights": scenarios.weights(resumed)}
     assert_same_run(got, want["history"], want["weights"], RESUMED_SKIP)
+
+
+def test_model_fingerprint_is_rank_independent_and_equals_the_unsharded_one(two_ranks, tmp_path):
+    from csd_fast.refcache import model_fingerprint
+
+    prints = torch.load(two_ranks / "fingerprints.pt")
+    unsharded = model_fingerprint(scenarios.build_trainer("padded", 1, tmp_path).model)
+    assert prints == [unsharded, unsharded]
