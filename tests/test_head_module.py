@@ -50,8 +50,8 @@ def test_lora_on_lm_head_is_honoured(impl):
     from peft import LoraConfig, get_peft_model
 
     model, batch = model_and_batch()
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
-                                                  target_modules=["q_proj", "lm_head"]))  # fmt: skip
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    peft_model = get_peft_model(model, lora)
     for name, p in peft_model.named_parameters():  # B = 0 at init: make the adapter matter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)

@@ -61,7 +61,8 @@ def test_reference_copy_is_made_in_its_dtype_frozen_and_keeps_ties():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+                      num_attention_heads=2, num_key_value_heads=2,
+                      tie_word_embeddings=True)  # fmt: skip
     model = LlamaForCausalLM(cfg)
     ref = frozen_copy(model, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ref.parameters())
