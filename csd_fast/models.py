@@ -4,8 +4,8 @@
 * `prepare_models`: PEFT wrapping (the reference is then the policy with adapters disabled, no
   second copy), a frozen reference copy of an in-memory policy in the compute dtype (TRL 1.16
   instead reloads it from `config._name_or_path`, which fails for a model never saved), dropout
-  off, gradient checkpointing, the packed attention function for padding-free layouts, and on GPU with
-  `fused` Liger-Kernel's RMSNorm / RoPE / SwiGLU kernels where Liger supports the architecture.
+  off, gradient checkpointing, the packed attention function for padding-free layouts, and on GPU
+  with `fused` Liger-Kernel's RMSNorm / RoPE / SwiGLU kernels where Liger supports the architecture.
 """
 
 from __future__ import annotations
