@@ -43,6 +43,8 @@ def torchrun(out: Path, mode: str, timeout: float = 240) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
+    # a single-process checkpoint at step 3, for the workers to resume on two ranks
+    scenarios.build_trainer("packed", 1, out / "one_rank", [scenarios.StopAt(3)]).train()
     proc = torchrun(out, "parity")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
@@ -84,6 +86,12 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name
 def test_resume_on_two_ranks_continues_the_run(two_ranks):
     want = torch.load(two_ranks / "packed.pt", weights_only=False)
     got = torch.load(two_ranks / "resume2.pt", weights_only=False)
+    assert_same_run(got, want["history"], want["weights"], RESUMED_SKIP)
+
+
+def test_single_process_checkpoint_resumes_on_two_ranks(two_ranks):
+    want = torch.load(two_ranks / "packed.pt", weights_only=False)
+    got = torch.load(two_ranks / "from_one.pt", weights_only=False)
     assert_same_run(got, want["history"], want["weights"], RESUMED_SKIP)
 
 

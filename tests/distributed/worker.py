@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py OUT MODE
 
 MODE `parity`: every scenario of `scenarios.SCENARIOS` for its full length, plus the packed run
-stopped at step 3 and resumed on the same two ranks, plus a consolidated export of the packed
+stopped at step 3 and resumed on the same two ranks, the packed run resumed on two ranks from
+the single-process checkpoint OUT/one_rank/checkpoint-3 (written by the test), plus a consolidated export of the packed
 run; results (history, gathered weights) in OUT/<name>.pt. MODE `kill`: the packed run, where
 rank 1 kills itself with SIGKILL as the step-6 checkpoint starts writing.
 """
@@ -45,6 +46,10 @@ def parity(out: Path) -> None:
     resumed = scenarios.build_trainer("packed", 2, out / "resume2")
     resumed.train(resume_from_checkpoint=True)
     save(out, "resume2", resumed)
+    # a single-process checkpoint (HF layout + optimizer.pt), written by the test, on two ranks
+    from_one = scenarios.build_trainer("packed", 2, out / "from_one")
+    from_one.train(resume_from_checkpoint=str(out / "one_rank" / "checkpoint-3"))
+    save(out, "from_one", from_one)
 
 
 def kill(out: Path) -> None:
