@@ -5,8 +5,7 @@
 MODE `parity`: every scenario of `scenarios.SCENARIOS` for its full length, plus the packed run
 stopped at step 3 and resumed on the same two ranks, the packed run resumed on two ranks from
 the single-process checkpoint OUT/one_rank/checkpoint-3 (written by the test), plus a
-consolidated export of the packed
-run; results (history, gathered weights) in OUT/<name>.pt. MODE `kill`: the packed run, where
+consolidated export of the packed run; results (history, gathered weights) in OUT/<name>.pt. MODE `kill`: the packed run, where
 rank 1 kills itself with SIGKILL as the step-6 checkpoint starts writing.
 """
 
