@@ -131,6 +131,7 @@ def save_checkpoint(
     tokenizer=None,
     config: dict | None = None,
     env=None,
+    async_save: bool = False,
 ) -> Path:
     """Write a complete checkpoint directory atomically (sharded DCP when `env` is distributed)."""
     if env is not None and env.distributed:
@@ -138,7 +139,7 @@ def save_checkpoint(
 
         return save_sharded(
             path, env=env, model=model, optimizer=optimizer, scheduler=scheduler,
-            progress=progress, tokenizer=tokenizer, config=config,
+            progress=progress, tokenizer=tokenizer, config=config, async_save=async_save,
         )  # fmt: skip
 
     def write(tmp: Path) -> None:

@@ -227,6 +227,14 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         if job.control().should_training_stop:
             break
     bar.close()
+    if env.distributed:
+        from csd_fast.distributed.checkpoint import wait_for_saves
+
+        wait_for_saves()  # an async checkpoint in flight becomes visible before train() returns
+        if env.is_main:
+            ckpt.rotate_checkpoints(
+                Path(args.output_dir), args.save_total_limit, keep=state.best_model_checkpoint
+            )
     runtime = time.perf_counter() - train_start
     steps_run = max(state.global_step - progress_start, 1)
     pairs_all = int(env.all_reduce_sum(torch.tensor([pairs_seen])).item())
@@ -379,6 +387,7 @@ def _save(job: TrainingJob, best: bool = False) -> Path:
         tokenizer=job.tokenizer,
         config=args.to_dict(),
         env=env,
+        async_save=bool((args.fsdp_config or {}).get("async_checkpoint")),
     )
     if env.is_main:
         ckpt.rotate_checkpoints(out, args.save_total_limit, keep=state.best_model_checkpoint)

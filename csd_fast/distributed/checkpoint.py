@@ -6,8 +6,9 @@
         rng_state_<rank>.pth      each rank's generators
         scheduler.pt, trainer_state.json, training_config.json, config.json, tokenizer files
 
-Every rank writes its shards into `.checkpoint-<step>.tmp-dcp/`; after a barrier rank 0 writes
-the small files, fsyncs and renames the directory into place. A kill -9 at any point before the
+Every rank writes its shards into `.checkpoint-<step>.tmp-dcp/`; after a barrier rank 0 fsyncs
+and renames the directory into place (with `fsdp_config={"async_checkpoint": true}` the shards are
+written by a background thread and the rename waits for it). A kill -9 at any point before the
 rename leaves only the hidden directory, which `list_checkpoints` never returns and the next save
 removes. Resume on another world size: DCP reshards the named tensors on load (a single process
 loads them into plain tensors); the count-based data plan of W ranks x b pairs matches 1 rank x
@@ -48,6 +49,35 @@ def _state(model, optimizer) -> dict:
     return state
 
 
+_PENDING: list = []  # (future, env, tmp, final) of async saves not yet published
+_GROUPS: dict = {}
+
+
+def _checkpoint_group():
+    """A gloo group of all ranks for the background writer's coordination, made once: the
+    training's own (NCCL) group stays free for the next steps' collectives."""
+    import torch.distributed as dist
+
+    if "gloo" not in _GROUPS:
+        _GROUPS["gloo"] = dist.new_group(backend="gloo")
+    return _GROUPS["gloo"]
+
+
+def wait_for_saves() -> None:
+    """Finish and publish every pending async checkpoint (call before reading or exiting)."""
+    while _PENDING:
+        future, env, tmp, final = _PENDING.pop(0)
+        future.result()
+        _publish(env, tmp, final)
+
+
+def _publish(env: DistEnv, tmp: Path, final: Path) -> None:
+    env.barrier()  # every rank's shards are on disk before rank 0 publishes
+    if env.is_main:
+        ckpt.publish_dir(tmp, final)
+    env.barrier()
+
+
 def save_sharded(
     path: Path,
     *,
@@ -58,12 +88,18 @@ def save_sharded(
     progress: ckpt.TrainProgress,
     tokenizer=None,
     config: dict | None = None,
+    async_save: bool = False,
 ) -> Path:
-    """Write a DCP checkpoint from every rank; atomic by a final rename on rank 0."""
+    """Write a DCP checkpoint from every rank; atomic by a final rename on rank 0.
+
+    With `async_save` the state is staged to CPU memory and written by a background thread
+    while training goes on; the directory is renamed into place when the write has finished, at
+    the next save or at `wait_for_saves()` (the end of training), never before."""
     import torch.distributed.checkpoint as dcp
 
     from csd_fast.forward import unwrap_causal_lm
 
+    wait_for_saves()  # one checkpoint in flight at a time
     final = Path(path)
     tmp = final.parent / f".{final.name}.tmp-dcp"
     if env.is_main:
@@ -72,10 +108,17 @@ def save_sharded(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     env.barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+    future = None
+    if async_save:
+        future = dcp.async_save(
+            _state(model, optimizer),
+            checkpoint_id=str(tmp / DCP_DIR),
+            process_group=_checkpoint_group(),
+        )
+    else:
+        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
     torch.save(ckpt.rng_state(), tmp / f"rng_state_{env.rank}.pth")
-    env.barrier()  # every rank's shards are on disk before rank 0 publishes
-    if env.is_main:
+    if env.is_main:  # the small files describe this step: written now, whatever comes later
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         lm = unwrap_causal_lm(model)
@@ -85,14 +128,18 @@ def save_sharded(
         if config is not None:
             ckpt.write_json_atomically(tmp / "training_config.json", config)
         ckpt.write_json_atomically(tmp / ckpt.STATE_FILE, asdict(progress))
-        ckpt.publish_dir(tmp, final)
-    env.barrier()
+    if future is not None:
+        _PENDING.append((future, env, tmp, final))
+    else:
+        _publish(env, tmp, final)
     return final
 
 
 def load_sharded(path: Path, *, env: DistEnv, model, optimizer, scheduler) -> ckpt.TrainProgress:
     """Restore weights, optimizer, schedule and RNG from a DCP checkpoint, any world size."""
     import torch.distributed.checkpoint as dcp
+
+    wait_for_saves()
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,

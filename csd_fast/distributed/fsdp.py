@@ -27,6 +27,7 @@ FSDP_CONFIG_KEYS = {
     "reshard_after_forward": "free gathered layer weights after forward (ZeRO-3; default true)",
     "param_dtype": "compute dtype of gathered parameters (default bfloat16 with bf16 on GPU)",
     "reduce_dtype": "gradient reduce-scatter dtype (default float32)",
+    "async_checkpoint": "write DCP checkpoints in a background thread (published when done)",
 }
 
 

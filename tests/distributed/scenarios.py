@@ -38,6 +38,8 @@ SCENARIOS = {
                          gradient_accumulation_steps=2),
     "precompute": dict(padding_free=True, max_steps=3, precompute_ref_log_probs=True),
 }  # fmt: skip
+# the packed run with checkpoints written in the background (run by the worker, not 1-rank)
+ASYNC = dict(SCENARIOS["packed"], fsdp_config={"async_checkpoint": True})
 TIED = {"ckpt_tied_ga"}
 
 
@@ -72,7 +74,7 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
         save_strategy="no", bf16=False, report_to="none", disable_tqdm=True, seed=0,
         gradient_checkpointing=False, use_cpu=True,
     )  # fmt: skip
-    kw.update(SCENARIOS[name])
+    kw.update(ASYNC if name == "packed_async" else SCENARIOS[name])
     kw.update(overrides)
     peft_config = None
     if name == "lora":
@@ -80,6 +82,7 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
     evalset = EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
+    name = "packed" if name == "packed_async" else name
     return DPOTrainer(
         tiny_model(tok, tied=name in TIED), args=DPOConfig(**kw), train_dataset=ROWS,
         eval_dataset=evalset, processing_class=tok, peft_config=peft_config,

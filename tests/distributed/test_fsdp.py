@@ -95,6 +95,21 @@ def test_single_process_checkpoint_resumes_on_two_ranks(two_ranks):
     assert_same_run(got, want["history"], want["weights"], RESUMED_SKIP)
 
 
+def test_async_checkpoints_publish_complete_and_resume(two_ranks, tmp_path):
+    """Checkpoints written in the background: the run is unchanged, both become visible (the
+    last one before train() returns), and the step-3 one resumes exactly on one process."""
+    want = torch.load(two_ranks / "packed.pt", weights_only=False)
+    got = torch.load(two_ranks / "async.pt", weights_only=False)
+    assert_same_run(got, want["history"], want["weights"], PADDING_KEYS - {"num_tokens"})
+    assert [p.name for p in ckpt.list_checkpoints(two_ranks / "async")] == [
+        "checkpoint-3", "checkpoint-6"]  # fmt: skip
+    assert not list((two_ranks / "async").glob(".checkpoint-*"))
+    resumed = scenarios.build_trainer("packed", 1, tmp_path)
+    resumed.train(resume_from_checkpoint=str(two_ranks / "async" / "checkpoint-3"))
+    got = {"history": scenarios.history(resumed), "weights": scenarios.weights(resumed)}
+    assert_same_run(got, want["history"], want["weights"], RESUMED_SKIP)
+
+
 def test_export_reloads_with_from_pretrained_and_scores_the_same(two_ranks, tmp_path):
     from transformers import AutoModelForCausalLM
 

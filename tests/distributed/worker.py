@@ -5,7 +5,8 @@
 MODE `parity`: every scenario of `scenarios.SCENARIOS` for its full length, plus the packed run
 stopped at step 3 and resumed on the same two ranks, the packed run resumed on two ranks from
 the single-process checkpoint OUT/one_rank/checkpoint-3 (written by the test), plus a
-consolidated export of the packed run; results (history, gathered weights) in OUT/<name>.pt. MODE `kill`: the packed run, where
+consolidated export of the packed run and the packed run with async checkpoints; results
+(history, gathered weights) in OUT/<name>.pt. MODE `kill`: the packed run, where
 rank 1 kills itself with SIGKILL as the step-6 checkpoint starts writing.
 """
 
@@ -50,6 +51,9 @@ def parity(out: Path) -> None:
     from_one = scenarios.build_trainer("packed", 2, out / "from_one")
     from_one.train(resume_from_checkpoint=str(out / "one_rank" / "checkpoint-3"))
     save(out, "from_one", from_one)
+    async_run = scenarios.build_trainer("packed_async", 2, out / "async")
+    async_run.train()
+    save(out, "async", async_run)
 
 
 def kill(out: Path) -> None:
