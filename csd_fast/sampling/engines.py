@@ -78,7 +78,7 @@ class VllmEngine:
                         c.text,
                         c.finish_reason or "stop",
                         _finite(c.cumulative_logprob),
-                    )  # fmt: skip
+                    )
                     for c in comps
                 ]
             )
@@ -143,8 +143,11 @@ class HfEngine:
             return_dict_in_generate=True,
         )
         if not greedy:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p,
-                          top_k=params.top_k if params.top_k > 0 else None)  # fmt: skip
+            kwargs.update(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k if params.top_k > 0 else None,
+            )
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
@@ -178,8 +181,9 @@ class HfEngine:
         self.model = None
 
 
-def open_engine(backend: str, model: str, profile, *, seed: int, max_model_len: int | None,
-                dtype: str = "auto"):  # fmt: skip
+def open_engine(
+    backend: str, model: str, profile, *, seed: int, max_model_len: int | None, dtype: str = "auto"
+):
     """The engine of `backend` ("vllm" | "hf") with the profile's arguments applied."""
     if backend == "vllm":
         return VllmEngine(model, profile.engine, seed=seed, max_model_len=max_model_len)

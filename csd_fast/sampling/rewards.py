@@ -98,8 +98,9 @@ def _is_oom(e: BaseException) -> bool:
 class PackedScorer:
     """A `num_labels=1` AutoModelForSequenceClassification scored packed (or padded)."""
 
-    def __init__(self, model: str, *, dtype: str = "auto", device: str | None = None,
-                 packing: bool = True):  # fmt: skip
+    def __init__(
+        self, model: str, *, dtype: str = "auto", device: str | None = None, packing: bool = True
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from csd_fast.attention import enable_packed_attention, packed_attention_supported
@@ -144,8 +145,14 @@ class PackedScorer:
         h = hidden.last_hidden_state[torch.arange(len(seqs), device=self.device), lengths - 1]
         return self.head(h)[:, 0].float()
 
-    def score(self, seqs: list[list[int]], *, max_batch_tokens: int, max_batch_size: int = 512,
-              on_batch=None) -> np.ndarray:  # fmt: skip
+    def score(
+        self,
+        seqs: list[list[int]],
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int = 512,
+        on_batch=None,
+    ) -> np.ndarray:
         """Rewards of all sequences (input order), batch halved and budget lowered on OOM."""
         out = np.empty(len(seqs), dtype=np.float64)
         pending = token_budget_batches([len(s) for s in seqs], max_batch_tokens, max_batch_size)
@@ -161,8 +168,11 @@ class PackedScorer:
                     torch.cuda.empty_cache()
                 half = len(batch) // 2
                 max_batch_tokens = max(max_batch_tokens // 2, 1)
-                print(f"[score] out of memory on {len(batch)} sequences: splitting, token "
-                      f"budget now {max_batch_tokens}", flush=True)  # fmt: skip
+                print(
+                    f"[score] out of memory on {len(batch)} sequences: splitting, token "
+                    f"budget now {max_batch_tokens}",
+                    flush=True,
+                )
                 pending += [batch[half:], batch[:half]]
                 continue
             out[batch] = rewards.cpu().double().numpy()
@@ -174,8 +184,9 @@ class PackedScorer:
 class VllmScorer:
     """vLLM's pooling runner with the classifier's activation off: raw logits, as PackedScorer."""
 
-    def __init__(self, model: str, engine_args: dict, *, seed: int = 0,
-                 max_model_len: int | None = None):  # fmt: skip
+    def __init__(
+        self, model: str, engine_args: dict, *, seed: int = 0, max_model_len: int | None = None
+    ):
         from transformers import AutoTokenizer
         from vllm import LLM
         from vllm.config import PoolerConfig
@@ -183,8 +194,13 @@ class VllmScorer:
         args = {k: v for k, v in engine_args.items() if k not in ("enable_chunked_prefill",)}
         if max_model_len:
             args.setdefault("max_model_len", max_model_len)
-        self.llm = LLM(model=model, runner="pooling", seed=seed,
-                       pooler_config=PoolerConfig(use_activation=False), **args)  # fmt: skip
+        self.llm = LLM(
+            model=model,
+            runner="pooling",
+            seed=seed,
+            pooler_config=PoolerConfig(use_activation=False),
+            **args,
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(model)
 
     def score(self, seqs: list[list[int]], **_) -> np.ndarray:

@@ -47,8 +47,16 @@ def run_shards(
         print(
             f"[{label}] resuming: {skipped} of {len(shards)} shard(s) already written", flush=True
         )
-    bar = tqdm(total=total, initial=0, unit=unit, desc=label, position=position,
-               dynamic_ncols=True, smoothing=0.1, leave=True)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        initial=0,
+        unit=unit,
+        desc=label,
+        position=position,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        leave=True,
+    )
     bar.set_postfix_str(f"{done_units * rows_per_unit} {unit}s from earlier runs")
     written = 0
     t0 = time.perf_counter()
@@ -62,8 +70,11 @@ def run_shards(
     elapsed = time.perf_counter() - t0
     if todo:
         rate = written / elapsed if elapsed > 0 else float("inf")
-        print(f"[{label}] wrote {written} rows in {len(todo)} shard(s), {elapsed:.1f} s "
-              f"({rate:.1f} rows/s)", flush=True)  # fmt: skip
+        print(
+            f"[{label}] wrote {written} rows in {len(todo)} shard(s), {elapsed:.1f} s "
+            f"({rate:.1f} rows/s)",
+            flush=True,
+        )
     return written
 
 
@@ -80,8 +91,17 @@ def launch_data_parallel(stage: str, argv: list[str], profile, num: int) -> int:
                 env.pop(k, None)
             else:
                 env[k] = v
-        cmd = [sys.executable, "-m", "csd_fast", stage, *argv,
-               "--dp-rank", str(rank), "--dp-size", str(num)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "csd_fast",
+            stage,
+            *argv,
+            "--dp-rank",
+            str(rank),
+            "--dp-size",
+            str(num),
+        ]
         mask = f" {profile.device_mask}={devices[rank]}" if profile.device_mask else ""
         print(f"[{stage}] rank {rank}:{mask} {' '.join(cmd[3:])}", flush=True)
         procs.append(subprocess.Popen(cmd, env=env))

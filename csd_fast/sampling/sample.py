@@ -35,16 +35,16 @@ ENGINE_OPTIONS = [
         "auto",
         "hardware profile (sets engine args and environment)",
         choices=("auto", "cuda", "rocm-mi250x", "cpu"),
-    ),  # fmt: skip
+    ),
     Option(
         "engine_arg",
         dict,
         {},
         "vLLM LLM(...) argument KEY=VALUE, repeatable; overrides the profile",
-    ),  # fmt: skip
+    ),
     Option(
         "env", dict, {}, "environment KEY=VALUE for the engine, repeatable; overrides the profile"
-    ),  # fmt: skip
+    ),
     Option("dtype", str, "auto", "weights dtype for --backend hf (auto: the profile's)"),
     Option("max_model_len", int, None, "engine context length (default: the model's)"),
     Option(
@@ -52,7 +52,7 @@ ENGINE_OPTIONS = [
         str,
         "auto",
         "engine processes on this node: auto (one per visible device) or a count",
-    ),  # fmt: skip
+    ),
     Option("shard", str, None, "i/N: this process takes the shards j with j % N == i"),
     Option("shard_size", int, 64, "prompts per output shard (the unit of resume)", output=True),
     Option("overwrite", bool, False, "delete what the output folder holds and start over"),
@@ -64,7 +64,7 @@ OPTIONS = [
     Option("model", str, None, "policy model directory (or hub id)", required=True),
     Option(
         "prompts", str, None, "JSONL / Parquet / save_to_disk / csd output folder", required=True
-    ),  # fmt: skip
+    ),
     Option("output", str, None, "output folder", required=True),
     Option("num_samples", int, 8, "responses per prompt (K)", output=True),
     Option("temperature", float, 1.0, "sampling temperature (0: greedy)", output=True),
@@ -78,7 +78,7 @@ OPTIONS = [
         0,
         "base seed; each prompt's seed derives from it and the prompt id",
         output=True,
-    ),  # fmt: skip
+    ),
     Option("drop_truncated", bool, False, "drop responses cut by --max-tokens", output=True),
     Option(
         "drop_duplicates",
@@ -86,7 +86,7 @@ OPTIONS = [
         False,
         "drop exact repeats of a response within a prompt",
         output=True,
-    ),  # fmt: skip
+    ),
     Option("chat_template", str, "auto", "auto | none | path to a Jinja template", output=True),
     Option("system_prompt", str, None, "system turn prepended to every chat", output=True),
     *ENGINE_OPTIONS,
@@ -100,11 +100,18 @@ def prompt_seed(seed: int, prompt_id: str, lang: str | None) -> int:
 
 
 SCHEMA_FIELDS = (
-    ("prompt_id", "string"), ("sample_index", "int32"), ("prompt", "string"),
-    ("messages", "string"), ("lang", "string"), ("group", "string"), ("response", "string"),
-    ("num_tokens", "int32"), ("finish_reason", "string"), ("cumulative_logprob", "float64"),
+    ("prompt_id", "string"),
+    ("sample_index", "int32"),
+    ("prompt", "string"),
+    ("messages", "string"),
+    ("lang", "string"),
+    ("group", "string"),
+    ("response", "string"),
+    ("num_tokens", "int32"),
+    ("finish_reason", "string"),
+    ("cumulative_logprob", "float64"),
     ("seed", "int64"),
-)  # fmt: skip
+)
 
 
 def samples_schema():
@@ -126,13 +133,21 @@ def sample_rows(prompts, completions, seeds, *, drop_truncated: bool, drop_dupli
                 dropped["duplicate"] += 1
                 continue
             seen.add(c.text)
-            rows.append({
-                "prompt_id": row.id, "sample_index": k, "prompt": row.prompt,
-                "messages": row.messages_json(), "lang": row.lang, "group": row.group,
-                "response": c.text, "num_tokens": len(c.token_ids),
-                "finish_reason": c.finish_reason, "cumulative_logprob": c.cumulative_logprob,
-                "seed": seed,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": row.id,
+                    "sample_index": k,
+                    "prompt": row.prompt,
+                    "messages": row.messages_json(),
+                    "lang": row.lang,
+                    "group": row.group,
+                    "response": c.text,
+                    "num_tokens": len(c.token_ids),
+                    "finish_reason": c.finish_reason,
+                    "cumulative_logprob": c.cumulative_logprob,
+                    "seed": seed,
+                }
+            )
     return rows, dropped
 
 
@@ -182,15 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     v = parse_options(PROG, "K responses per prompt on vLLM (or transformers).", OPTIONS, argv)
     if v["temperature"] <= 0 and v["num_samples"] != 1:
-        raise UsageError(f"{PROG}: greedy decoding (--temperature 0) draws one sample; "
-                         f"got --num-samples {v['num_samples']}")  # fmt: skip
+        raise UsageError(
+            f"{PROG}: greedy decoding (--temperature 0) draws one sample; "
+            f"got --num-samples {v['num_samples']}"
+        )
     profile = profiles.resolve_profile(v["profile"], v["engine_arg"], v["env"])
     shard = store.parse_shard_spec(v["shard"])
     child = v["dp_rank"] is not None
     prompts = inputs.load_prompts(v["prompts"])
     settings = output_settings(OPTIONS, v)
-    fingerprint = {"model": inputs.model_fingerprint(v["model"]),
-                   "input": inputs.input_fingerprint(v["prompts"])}  # fmt: skip
+    fingerprint = {
+        "model": inputs.model_fingerprint(v["model"]),
+        "input": inputs.input_fingerprint(v["prompts"]),
+    }
     out = store.ShardStore(
         v["output"],
         "samples",
@@ -219,12 +238,22 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(v["model"])
     dtype = v["dtype"] if v["dtype"] != "auto" else profile.engine.get("dtype", "auto")
-    engine = engines.open_engine(v["backend"], v["model"], profile, seed=v["seed"],
-                                 max_model_len=v["max_model_len"], dtype=dtype)  # fmt: skip
+    engine = engines.open_engine(
+        v["backend"],
+        v["model"],
+        profile,
+        seed=v["seed"],
+        max_model_len=v["max_model_len"],
+        dtype=dtype,
+    )
     params = engines.GenParams(
-        n=v["num_samples"], temperature=v["temperature"], top_p=v["top_p"], top_k=v["top_k"],
-        max_tokens=v["max_tokens"], stop=tuple(v["stop"]),
-    )  # fmt: skip
+        n=v["num_samples"],
+        temperature=v["temperature"],
+        top_p=v["top_p"],
+        top_k=v["top_k"],
+        max_tokens=v["max_tokens"],
+        stop=tuple(v["stop"]),
+    )
     dropped_total = {"truncated": 0, "duplicate": 0}
 
     def work(j: int):
@@ -232,26 +261,44 @@ def main(argv: list[str] | None = None) -> int:
 
         start, stop = out.units(j)
         rows = prompts[start:stop]
-        ids = [inputs.render_prompt(tokenizer, r, chat_template=v["chat_template"],
-                                    system_prompt=v["system_prompt"]) for r in rows]  # fmt: skip
+        ids = [
+            inputs.render_prompt(
+                tokenizer, r, chat_template=v["chat_template"], system_prompt=v["system_prompt"]
+            )
+            for r in rows
+        ]
         seeds = [prompt_seed(v["seed"], r.id, r.lang) for r in rows]
         comps = engine.generate(ids, params, seeds)
-        table_rows, dropped = sample_rows(rows, comps, seeds, drop_truncated=v["drop_truncated"],
-                                          drop_duplicates=v["drop_duplicates"])  # fmt: skip
+        table_rows, dropped = sample_rows(
+            rows,
+            comps,
+            seeds,
+            drop_truncated=v["drop_truncated"],
+            drop_duplicates=v["drop_duplicates"],
+        )
         for k in dropped:
             dropped_total[k] += dropped[k]
         return pa.Table.from_pylist(table_rows, schema=samples_schema())
 
     total = sum(out.units(j)[1] - out.units(j)[0] for j in out.todo(worker, workers))
     try:
-        runner.run_shards(out, mine, work, total=total * v["num_samples"], unit="sample",
-                          label=PROG if not child else f"{PROG} [rank {v['dp_rank']}]",
-                          rows_per_unit=v["num_samples"], position=v["dp_rank"] or 0)  # fmt: skip
+        runner.run_shards(
+            out,
+            mine,
+            work,
+            total=total * v["num_samples"],
+            unit="sample",
+            label=PROG if not child else f"{PROG} [rank {v['dp_rank']}]",
+            rows_per_unit=v["num_samples"],
+            position=v["dp_rank"] or 0,
+        )
     finally:
         engine.close()
     if any(dropped_total.values()):
-        print(f"[{PROG}] dropped {dropped_total['truncated']} truncated and "
-              f"{dropped_total['duplicate']} duplicate sample(s)")  # fmt: skip
+        print(
+            f"[{PROG}] dropped {dropped_total['truncated']} truncated and "
+            f"{dropped_total['duplicate']} duplicate sample(s)"
+        )
     code = _report(out, 0) if not child else 0
     return runner.exit_cleanly(code, v["backend"] == "vllm")
 
@@ -260,10 +307,14 @@ def resolved_settings(v: dict, profile, fingerprint: dict) -> dict:
     """What the run uses, printed and saved beside the output."""
     return {
         "settings": {k: x for k, x in v.items() if k not in ("dp_rank", "dp_size")},
-        "profile": {"name": profile.name, "engine": profile.engine, "env": profile.env,
-                    "devices": profile.devices},
+        "profile": {
+            "name": profile.name,
+            "engine": profile.engine,
+            "env": profile.env,
+            "devices": profile.devices,
+        },
         "fingerprint": fingerprint,
-    }  # fmt: skip
+    }
 
 
 def _report(out, code: int) -> int:

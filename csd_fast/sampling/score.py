@@ -25,26 +25,26 @@ OPTIONS = [
         None,
         "reward model directory (sequence classification, 1 label)",
         required=True,
-    ),  # fmt: skip
+    ),
     Option("samples", str, None, "a `csd sample` output folder", required=True),
     Option("output", str, None, "output folder", required=True),
     Option(
         "chat_template", str, "auto", "the RM's template: auto | none | Jinja file", output=True
-    ),  # fmt: skip
+    ),
     Option(
         "max_length",
         int,
         None,
         "truncate scored sequences to this many tokens (keep start)",
         output=True,
-    ),  # fmt: skip
+    ),
     Option(
         "max_batch_tokens",
         int,
         None,
         "token budget of a packed batch (default: 16384 on a "
         "GPU, 2048 on CPU); halved on out-of-memory",
-    ),  # fmt: skip
+    ),
     Option("max_batch_size", int, 512, "sequences per batch at most"),
     Option("packing", bool, True, "pack sequences without padding (--no-packing: padded)"),
     *[o for o in ENGINE_OPTIONS if o.name != "shard_size"],
@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{v['samples']}: sampling is not finished (rerun `csd sample` first)")
     table = store.read_table(v["samples"])
     settings = output_settings(OPTIONS, v)
-    fingerprint = {"model": inputs.model_fingerprint(v["model"]),
-                   "input": inputs.input_fingerprint(v["samples"])}  # fmt: skip
+    fingerprint = {
+        "model": inputs.model_fingerprint(v["model"]),
+        "input": inputs.input_fingerprint(v["samples"]),
+    }
     out = store.ShardStore(
         v["output"],
         "scores",
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=v["overwrite"] and not child,
     )
     if not child:
-        show_settings(PROG, resolved_settings(v, profile, fingerprint),
-                      settings_path(v["output"], shard))  # fmt: skip
+        show_settings(
+            PROG, resolved_settings(v, profile, fingerprint), settings_path(v["output"], shard)
+        )
     dp = 1 if child else data_parallel_size(v["data_parallel"], v["backend"], profile)
     if dp > 1:
         code = runner.launch_data_parallel("score", strip_dp_flags(argv), profile, dp)
@@ -108,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     profiles.apply_env(profile.env)
     dtype = v["dtype"] if v["dtype"] != "auto" else profile.engine.get("dtype", "auto")
     if v["backend"] == "vllm":
-        scorer = rewards.VllmScorer(v["model"], profile.engine, seed=0,
-                                    max_model_len=v["max_model_len"])  # fmt: skip
+        scorer = rewards.VllmScorer(
+            v["model"], profile.engine, seed=0, max_model_len=v["max_model_len"]
+        )
     else:
         scorer = rewards.PackedScorer(v["model"], dtype=dtype, packing=v["packing"])
         layout = "packed" if scorer.packed else f"padded ({scorer.why_padded})"
@@ -124,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = table.slice(start, stop - start).to_pylist()
         seqs = []
         for r in rows:
-            ids = rewards.rm_input_ids(scorer.tokenizer, conversation(r), r["response"],
-                                       v["chat_template"])  # fmt: skip
+            ids = rewards.rm_input_ids(
+                scorer.tokenizer, conversation(r), r["response"], v["chat_template"]
+            )
             seqs.append(ids[: v["max_length"]] if v["max_length"] else ids)
         scores = scorer.score(seqs, max_batch_tokens=budget, max_batch_size=v["max_batch_size"])
         for r, s, ids in zip(rows, scores, seqs, strict=True):
@@ -134,9 +139,15 @@ def main(argv: list[str] | None = None) -> int:
 
     total = sum(out.units(j)[1] - out.units(j)[0] for j in todo)
     try:
-        runner.run_shards(out, mine, work, total=total, unit="sample",
-                          label=PROG if not child else f"{PROG} [rank {v['dp_rank']}]",
-                          position=v["dp_rank"] or 0)  # fmt: skip
+        runner.run_shards(
+            out,
+            mine,
+            work,
+            total=total,
+            unit="sample",
+            label=PROG if not child else f"{PROG} [rank {v['dp_rank']}]",
+            position=v["dp_rank"] or 0,
+        )
     finally:
         if hasattr(scorer, "close"):
             scorer.close()

@@ -307,5 +307,6 @@ def read_samples(out_dir: str | os.PathLike, *, allow_partial: bool = False, ver
     import datasets
     from datasets.table import InMemoryTable
 
-    return datasets.Dataset(InMemoryTable(read_table(out_dir, allow_partial=allow_partial,
-                                                     verify=verify)))  # fmt: skip
+    return datasets.Dataset(
+        InMemoryTable(read_table(out_dir, allow_partial=allow_partial, verify=verify))
+    )
