@@ -14,6 +14,7 @@ another number of nodes or devices continues where the last one stopped.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,9 +61,13 @@ def run_shards(
     bar.set_postfix_str(f"{done_units * rows_per_unit} {unit}s from earlier runs")
     written = 0
     t0 = time.perf_counter()
-    for j in todo:
+    # fault injection for the resume tests: a real SIGKILL after this many shards are written
+    kill_after = int(os.environ.get("CSD_FAULT_KILL_AFTER_SHARDS", "0") or 0)
+    for n, j in enumerate(todo, 1):
         table = work(j)
         store.write(j, table)
+        if kill_after and n >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
         written += table.num_rows
         start, stop = store.units(j)
         bar.update((stop - start) * rows_per_unit)
