@@ -60,8 +60,17 @@ def sequence_logps(
     for idxs in same_prompt.values():
         for k in range(0, len(idxs), 2):
             a = idxs[k]
-            b = idxs[k + 1] if k + 1 < len(idxs) else a
-            rows.append({"prompt": prompts[a], "chosen": responses[a], "rejected": responses[b]})
+            b = idxs[k + 1] if k + 1 < len(idxs) else None
+            if b is None:  # odd one out: a filler rejected (TRL refuses identical pairs), dropped
+                other = next((r for r in responses if r != responses[a]), None)
+                filler = other if other is not None else responses[a] + tokenizer.eos_token
+            rows.append(
+                {
+                    "prompt": prompts[a],
+                    "chosen": responses[a],
+                    "rejected": responses[b] if b is not None else filler,
+                }
+            )
             owners.append((a, b))
     pairs = tokenize_pairs(rows, tokenizer, max_length=max_length, cache_dir=None)
     packed = packed_attention_supported(model)[0]
@@ -87,7 +96,8 @@ def sequence_logps(
             row = int(pairs.rows[i])
             a, b = owners[row]
             out[a] = float(chosen[k])
-            out[b] = float(rejected[k])
+            if b is not None:
+                out[b] = float(rejected[k])
     return out
 
 
