@@ -9,11 +9,14 @@ statistics of a prompt's rewards (sweet-spot pairs) need the raw values. The con
 rendered with the RM's chat template and tokenized the way the RM's card does it (tokenizer
 default special tokens); when that duplicates the template's BOS, the extra one is stripped.
 
-Packing: the sequences of a batch are concatenated in one row with restarting position ids and
+Packing: the sequences of a batch are concatenated with restarting position ids and
 per-sequence segment ids, the layout `csd_fast.attention`'s "csd_packed" attention reads (block
-causal; flash-attn's varlen kernel on GPUs, cu_seqlens included), so no compute is spent on pad
-tokens. The backbone's last hidden state at each sequence's last token goes through the RM's
-`score` head, which is what the padded model computes at its last non-pad position:
+causal). With flash-attn (GPU, bf16/fp16) a batch is one row and the varlen kernel spends no
+compute on padding; without it (CPU, or no flash-attn) the dense block mask would cost
+(batch tokens)^2, so sequences are placed into rows as long as the batch's longest sequence and
+only the row tails are padding. The backbone's last hidden state at each sequence's last token
+goes through the RM's `score` head, which is what the padded model computes at its last non-pad
+position (one row shown):
 
     tokens     a0 a1 a2 | b0 b1 | c0 c1 c2 c3
     positions   0  1  2 |  0  1 |  0  1  2  3
@@ -53,27 +56,69 @@ def strip_double_bos(ids: list[int], bos: int | None) -> list[int]:
     return ids
 
 
-def pack_sequences(seqs: list[list[int]], device) -> tuple[dict, torch.Tensor]:
-    """(backbone kwargs for "csd_packed", (B,) flat index of each sequence's last token)."""
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    T = int(lengths.sum())
-    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    seg = torch.repeat_interleave(torch.arange(len(seqs)), lengths)  # (T,)
-    starts = torch.cumsum(lengths, 0) - lengths
-    pos = torch.arange(T) - starts.repeat_interleave(lengths)
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+def pack_sequences(seqs: list[list[int]], device, row_capacity: int | None = None):
+    """(backbone kwargs for "csd_packed", (B,) flat index of each sequence's last token).
+
+    row_capacity=None: one row of sum(lengths) tokens with cu_seqlens (flash-attn's varlen
+    kernel: attention cost is per sequence). Otherwise sequences are placed first-fit (longest
+    first) into rows of row_capacity tokens: the dense block mask then costs R x C^2 instead of
+    (sum of lengths)^2, and only the rows' tails are padding.
+    """
+    if row_capacity is None:
+        rows = [list(range(len(seqs)))]
+    else:
+        rows, free = [], []
+        for i in sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i)):
+            r = next((r for r, f in enumerate(free) if f >= len(seqs[i])), None)
+            if r is None:
+                rows.append([])
+                free.append(max(row_capacity, len(seqs[i])))
+                r = len(rows) - 1
+            rows[r].append(i)
+            free[r] -= len(seqs[i])
+    T = max(sum(len(seqs[i]) for i in row) for row in rows)
+    R = len(rows)
+    input_ids = torch.zeros(R, T, dtype=torch.long)
+    position_ids = torch.zeros(R, T, dtype=torch.long)
+    segment_ids = torch.full((R, T), -1, dtype=torch.long)
+    last = torch.empty(len(seqs), dtype=torch.long)
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            n = len(seqs[i])
+            input_ids[r, col : col + n] = torch.tensor(seqs[i])
+            position_ids[r, col : col + n] = torch.arange(n)
+            segment_ids[r, col : col + n] = i
+            last[i] = r * T + col + n - 1
+            col += n
+        position_ids[r, col:] = torch.arange(T - col)  # padding: its own run, never scored
     kwargs = {
-        "input_ids": flat[None].to(device),
-        "position_ids": pos[None].to(device),
-        "csd_segment_ids": seg[None].to(device),
-        "csd_branch_ids": torch.zeros(1, T, dtype=torch.int8, device=device),
-        "cu_seqlens_q": cu.to(device),
-        "cu_seqlens_k": cu.to(device),
-        "max_seqlen_q": int(lengths.max()),
-        "max_seqlen_k": int(lengths.max()),
+        "input_ids": input_ids.to(device),
+        "position_ids": position_ids.to(device),
+        "csd_segment_ids": segment_ids.to(device),
+        "csd_branch_ids": torch.zeros(R, T, dtype=torch.int8, device=device),
     }
-    return kwargs, (starts + lengths - 1).to(device)
+    if row_capacity is None:
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+        kwargs.update(
+            cu_seqlens_q=cu.to(device),
+            cu_seqlens_k=cu.to(device),
+            max_seqlen_q=int(lengths.max()),
+            max_seqlen_k=int(lengths.max()),
+        )
+    return kwargs, last.to(device)
+
+
+def _flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int, max_size: int) -> list[list[int]]:
@@ -130,9 +175,11 @@ class PackedScorer:
     def forward(self, seqs: list[list[int]]) -> torch.Tensor:
         """(B,) raw rewards of one batch."""
         if self.packed:
-            kwargs, last = pack_sequences(seqs, self.device)
-            hidden = self.backbone(**kwargs, use_cache=False).last_hidden_state[0]  # (T, H)
-            return self.head(hidden.index_select(0, last))[:, 0].float()
+            one_row = _flash_available(self.device, self.model.dtype)
+            cap = None if one_row else max(len(s) for s in seqs)
+            kwargs, last = pack_sequences(seqs, self.device, row_capacity=cap)
+            hidden = self.backbone(**kwargs, use_cache=False).last_hidden_state  # (R, T, H)
+            return self.head(hidden.flatten(0, 1).index_select(0, last))[:, 0].float()
         lengths = torch.tensor([len(s) for s in seqs], device=self.device)
         T = int(lengths.max())
         pad = self.tokenizer.pad_token_id or 0

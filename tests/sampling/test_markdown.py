@@ -1,6 +1,6 @@
 """Translation units keep code and markdown structure; placeholders and the fragment fallback.
 
-    python -m pytest -q tests/sampling/test_markdown.py
+python -m pytest -q tests/sampling/test_markdown.py
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ echo "not prose"
 
 
 def _translate(pieces, fn):
-    return join_markdown(pieces, [restore(p, fn(p.masked)) or fn(p.body) for p in pieces
-                                  if isinstance(p, Prose)])
+    return join_markdown(
+        pieces, [restore(p, fn(p.masked)) or fn(p.body) for p in pieces if isinstance(p, Prose)]
+    )
 
 
 def test_identity_round_trip():

@@ -1,6 +1,6 @@
 """Options (- and _, --config), inputs (formats, stable ids, chat templates), profiles.
 
-    python -m pytest -q tests/sampling/test_options.py
+python -m pytest -q tests/sampling/test_options.py
 """
 
 from __future__ import annotations
@@ -28,9 +28,22 @@ def test_flags_spelt_both_ways_and_config_file(tmp_path):
     v = parse_options("t", "", OPTS, ["--config", str(cfg), "--drop_truncated"])
     assert (v["num_samples"], v["stop"], v["drop_truncated"]) == (3, ["</s>"], True)
     assert v["engine_arg"] == {"max_num_seqs": 512}
-    v = parse_options("t", "", OPTS, ["--config", str(cfg), "--num_samples", "5",
-                                      "--stop", "a,b", "--engine-arg", "max-num-seqs=64",
-                                      "--no-drop-truncated"])
+    v = parse_options(
+        "t",
+        "",
+        OPTS,
+        [
+            "--config",
+            str(cfg),
+            "--num_samples",
+            "5",
+            "--stop",
+            "a,b",
+            "--engine-arg",
+            "max-num-seqs=64",
+            "--no-drop-truncated",
+        ],
+    )
     assert (v["num_samples"], v["stop"], v["drop_truncated"]) == (5, ["a", "b"], False)
     assert v["engine_arg"] == {"max_num_seqs": 64}
     assert parse_options("t", "", OPTS, [])["drop_truncated"] is False
@@ -40,14 +53,20 @@ def test_flags_spelt_both_ways_and_config_file(tmp_path):
 
 
 def test_prompt_formats_and_stable_ids(tmp_path):
-    rows = [{"prompt": "Hi there", "lang": "en"}, {"messages": [{"role": "user", "content": "Q?"}]},
-            {"prompt": "Hi there", "lang": "de", "id": 7, "group": 1},
-            {"prompt": "Hi there", "lang": "en"}]  # an exact repeat without id: dropped
+    rows = [
+        {"prompt": "Hi there", "lang": "en"},
+        {"messages": [{"role": "user", "content": "Q?"}]},
+        {"prompt": "Hi there", "lang": "de", "id": 7, "group": 1},
+        {"prompt": "Hi there", "lang": "en"},
+    ]  # an exact repeat without id: dropped
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = load_prompts(jsonl)
-    assert [r.id for r in got] == [stable_id("en", "Hi there", None),
-                                   stable_id(None, "Q?", (("user", "Q?"),)), "7"]
+    assert [r.id for r in got] == [
+        stable_id("en", "Hi there", None),
+        stable_id(None, "Q?", (("user", "Q?"),)),
+        "7",
+    ]
     assert got[1].messages == (("user", "Q?"),) and got[2].group == "1"
     import datasets
 
@@ -55,8 +74,11 @@ def test_prompt_formats_and_stable_ids(tmp_path):
     ds.to_parquet(str(tmp_path / "p.parquet"))
     ds.save_to_disk(str(tmp_path / "saved"))
     ids = [r.id for r in load_prompts(tmp_path / "p.parquet")]
-    assert ids == [r.id for r in load_prompts(tmp_path / "saved")] == [
-        stable_id("en", "A", None), stable_id("en", "B", None)]
+    assert (
+        ids
+        == [r.id for r in load_prompts(tmp_path / "saved")]
+        == [stable_id("en", "A", None), stable_id("en", "B", None)]
+    )
 
 
 def test_bad_rows_are_named(tmp_path):
@@ -76,8 +98,9 @@ def test_chat_template_rendering():
     tok = build_demo_tokenizer()
     row = PromptRow("x", "en", None, "The car is red.", None, 0)
     ids = render_prompt(tok, row)
-    expect = tok.apply_chat_template([{"role": "user", "content": "The car is red."}],
-                                     add_generation_prompt=True, tokenize=True)
+    expect = tok.apply_chat_template(
+        [{"role": "user", "content": "The car is red."}], add_generation_prompt=True, tokenize=True
+    )
     expect = expect["input_ids"] if hasattr(expect, "keys") else expect
     assert ids == list(expect) and ids.count(tok.bos_token_id) == 1
     plain = render_prompt(tok, row, chat_template="none")
@@ -96,8 +119,10 @@ def test_profiles_set_and_override(monkeypatch):
     assert env["CUDA_VISIBLE_DEVICES"] is None and env["VLLM_ROCM_USE_AITER"] == "0"
     cuda = profiles.resolve_profile("cuda")
     assert cuda.engine["enforce_eager"] is False and cuda.engine["enable_chunked_prefill"]
-    assert "engine max_num_seqs = 2048 (override)" in profiles.resolve_profile(
-        "cpu", {"max_num_seqs": 2048}).describe()
+    assert (
+        "engine max_num_seqs = 2048 (override)"
+        in profiles.resolve_profile("cpu", {"max_num_seqs": 2048}).describe()
+    )
     assert profiles.resolve_profile("auto").name == "cpu"  # no accelerator here or in CI
 
 

@@ -23,16 +23,30 @@ from tests.sampling.models import build_policy, build_reward_model, write_prompt
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 N_PROMPTS, K = 10, 4
-VLLM = ["--backend", "vllm", "--profile", "cpu", "--env", "VLLM_CPU_KVCACHE_SPACE=1",
-        "--max-model-len", "128"]
+VLLM = [
+    "--backend",
+    "vllm",
+    "--profile",
+    "cpu",
+    "--env",
+    "VLLM_CPU_KVCACHE_SPACE=1",
+    "--max-model-len",
+    "128",
+]
 
 
 def csd(*args, kill_after: int | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     if kill_after:
         env["CSD_FAULT_KILL_AFTER_SHARDS"] = str(kill_after)
-    p = subprocess.run([sys.executable, "-m", "csd_fast", *map(str, args)], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "csd_fast", *map(str, args)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if kill_after is None and p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-6000:])
     return p
@@ -41,14 +55,33 @@ def csd(*args, kill_after: int | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    return {"root": root, "policy": build_policy(root / "policy"),
-            "rm": build_reward_model(root / "rm"),
-            "prompts": write_prompts(root / "prompts.jsonl", N_PROMPTS)}
+    return {
+        "root": root,
+        "policy": build_policy(root / "policy"),
+        "rm": build_reward_model(root / "rm"),
+        "prompts": write_prompts(root / "prompts.jsonl", N_PROMPTS),
+    }
 
 
 def _sample_args(a, out):
-    return ["sample", "--model", a["policy"], "--prompts", a["prompts"], "--output", out,
-            "--num-samples", K, "--max-tokens", 12, "--shard-size", 2, "--seed", 3, *VLLM]
+    return [
+        "sample",
+        "--model",
+        a["policy"],
+        "--prompts",
+        a["prompts"],
+        "--output",
+        out,
+        "--num-samples",
+        K,
+        "--max-tokens",
+        12,
+        "--shard-size",
+        2,
+        "--seed",
+        3,
+        *VLLM,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +126,24 @@ def test_vllm_and_hf_give_the_same_greedy_responses(assets):
     for backend in ("vllm", "hf"):
         out = assets["root"] / f"greedy-{backend}"
         extra = VLLM if backend == "vllm" else ["--backend", "hf", "--profile", "cpu"]
-        args = ["sample", "--model", assets["policy"], "--prompts", assets["prompts"],
-                "--output", out, "--num-samples", 1, "--temperature", 0, "--max-tokens", 10,
-                "--shard-size", 5, *extra]
+        args = [
+            "sample",
+            "--model",
+            assets["policy"],
+            "--prompts",
+            assets["prompts"],
+            "--output",
+            out,
+            "--num-samples",
+            1,
+            "--temperature",
+            0,
+            "--max-tokens",
+            10,
+            "--shard-size",
+            5,
+            *extra,
+        ]
         if backend == "vllm":
             assert csd(*args).returncode == 0
         else:
@@ -113,13 +161,38 @@ def test_vllm_and_hf_give_the_same_greedy_responses(assets):
 def scores(assets, samples):
     """hf scoring killed after one shard, resumed; then vLLM pooling scoring of the same set."""
     out = assets["root"] / "scores"
-    args = ["score", "--model", assets["rm"], "--samples", samples["dir"], "--output", out,
-            "--backend", "hf", "--profile", "cpu", "--shard-size", 16, "--max-batch-tokens", 256]
+    args = [
+        "score",
+        "--model",
+        assets["rm"],
+        "--samples",
+        samples["dir"],
+        "--output",
+        out,
+        "--backend",
+        "hf",
+        "--profile",
+        "cpu",
+        "--shard-size",
+        16,
+        "--max-batch-tokens",
+        256,
+    ]
     killed = csd(*args, kill_after=1)
     resumed = csd(*args)
     vllm_out = assets["root"] / "scores-vllm"
-    vllm = csd("score", "--model", assets["rm"], "--samples", samples["dir"], "--output",
-               vllm_out, "--shard-size", 64, *VLLM)
+    vllm = csd(
+        "score",
+        "--model",
+        assets["rm"],
+        "--samples",
+        samples["dir"],
+        "--output",
+        vllm_out,
+        "--shard-size",
+        64,
+        *VLLM,
+    )
     return {"dir": out, "killed": killed, "resumed": resumed, "vllm": vllm, "vllm_dir": vllm_out}
 
 
@@ -129,7 +202,8 @@ def test_score_survives_kill_9_and_vllm_pooling_equals_hf(scores, samples):
     got = read_samples(scores["dir"]).to_list()
     base = read_samples(samples["dir"]).to_list()
     assert [(r["prompt_id"], r["sample_index"]) for r in got] == [
-        (r["prompt_id"], r["sample_index"]) for r in base]
+        (r["prompt_id"], r["sample_index"]) for r in base
+    ]
     assert scores["vllm"].returncode == 0
     viav = read_samples(scores["vllm_dir"]).to_list()
     for a, b in zip(got, viav, strict=True):
@@ -150,10 +224,32 @@ def test_pairs_then_csd_train(assets, scores):
     from csd_fast.cli import main as train
 
     out = assets["root"] / "run"
-    code = train(["--model_name_or_path", str(assets["policy"]), "--dataset_name", str(pairs),
-                  "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size",
-                  "4", "--report_to", "none", "--bf16", "false", "--gradient_checkpointing",
-                  "false", "--save_strategy", "no", "--logging_steps", "1", "--max_length", "64"])
+    code = train(
+        [
+            "--model_name_or_path",
+            str(assets["policy"]),
+            "--dataset_name",
+            str(pairs),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--bf16",
+            "false",
+            "--gradient_checkpointing",
+            "false",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+            "--max_length",
+            "64",
+        ]
+    )
     assert code == 0 and (out / "final" / "config.json").exists()
     logs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert any("loss" in r for r in logs)

@@ -1,6 +1,6 @@
 """Reward scoring: packed == padded == the HF model's own raw logits; BOS rule; OOM halving.
 
-    python -m pytest -q tests/sampling/test_rewards.py
+python -m pytest -q tests/sampling/test_rewards.py
 """
 
 from __future__ import annotations
@@ -83,7 +83,26 @@ def test_rm_template_and_duplicated_bos():
     msgs = [{"role": "user", "content": "The car is red."}]
     ids = rm_input_ids(tok, msgs, "It is blue.")
     assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
-    text = tok.apply_chat_template([*msgs, {"role": "assistant", "content": "It is blue."}],
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [*msgs, {"role": "assistant", "content": "It is blue."}], tokenize=False
+    )
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
     assert strip_double_bos([1, 1, 5], 1) == [1, 5] and strip_double_bos([1, 5], 1) == [1, 5]
+
+
+def test_one_row_layout_with_varlen_metadata(rm_dir, monkeypatch):
+    """The GPU layout (one row, cu_seqlens for flash-attn) scores the same as the row layout."""
+    import csd_fast.sampling.rewards as rewards
+    from csd_fast.sampling.rewards import pack_sequences
+
+    seqs = _seqs(6, seed=2)
+    kwargs, last = pack_sequences(seqs, "cpu")
+    lengths = [len(s) for s in seqs]
+    assert kwargs["input_ids"].shape == (1, sum(lengths))
+    assert kwargs["cu_seqlens_q"].tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert last.tolist() == [x - 1 for x in torch.tensor(lengths).cumsum(0).tolist()]
+    scorer = PackedScorer(str(rm_dir), dtype="float32")
+    rows = scorer.score(seqs, max_batch_tokens=10_000)
+    monkeypatch.setattr(rewards, "_flash_available", lambda device, dtype: True)
+    one = scorer.score(seqs, max_batch_tokens=10_000)  # dense path over the single row on CPU
+    torch.testing.assert_close(torch.from_numpy(one), torch.from_numpy(rows), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Shards and manifest: atomic writes, resume state, the i/N split, refusal of other settings.
 
-    python -m pytest -q tests/sampling/test_store.py
+python -m pytest -q tests/sampling/test_store.py
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ from csd_fast.sampling.store import (
 
 
 def _store(tmp_path, **kw):
-    args = dict(settings={"temperature": 1.0, "num_samples": 4}, fingerprint={"model": "m1"},
-                num_units=10, shard_size=3)
+    args = dict(
+        settings={"temperature": 1.0, "num_samples": 4},
+        fingerprint={"model": "m1"},
+        num_units=10,
+        shard_size=3,
+    )
     args.update(kw)
     return ShardStore(tmp_path, "samples", args.pop("settings"), args.pop("fingerprint"), **args)
 
@@ -32,7 +36,9 @@ def _table(j, store):
     return pa.table({"prompt_id": [f"p{i}" for i in range(start, stop)]})
 
 
-@pytest.mark.parametrize("units,size,n,dp", [(10, 3, 3, 1), (7, 2, 3, 2), (23, 4, 5, 1), (5, 1, 8, 2)])
+@pytest.mark.parametrize(
+    "units,size,n,dp", [(10, 3, 3, 1), (7, 2, 3, 2), (23, 4, 5, 1), (5, 1, 8, 2)]
+)
 def test_shard_split_covers_every_unit_once(units, size, n, dp):
     """--shard i/N x data-parallel ranks over counts that do not divide: each unit exactly once."""
     num_shards = -(-units // size)
