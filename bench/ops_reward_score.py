@@ -22,7 +22,7 @@ MODES = ("fwd",)
 PROVIDERS = ("padded", "packed")
 PRESETS = {
     "smoke": [{"N": 16, "L": 32, "B": 8, "budget": 512}],
-    "quick": [{"N": 128, "L": 192, "B": 16, "budget": 2048}],
+    "quick": [{"N": 64, "L": 128, "B": 16, "budget": 2048}],
     "gpu": [{"N": 2048, "L": 1024, "B": 32, "budget": 32768, "H": 2048, "layers": 16}],
 }
 

@@ -97,6 +97,7 @@ def build_parser(prog: str, description: str, options: list[Option]) -> argparse
         help_ = opt.help + ("" if opt.default in (None, [], {}) else f" (default: {opt.default})")
         if opt.choices:
             help_ += f" [{'|'.join(map(str, opt.choices))}]"
+        help_ = help_.replace("%", "%%")  # argparse formats help strings with %
         if opt.type is bool:
             kw.update(nargs="?", const=True, type=_bool)
             parser.add_argument(*flags, help=help_, **kw)

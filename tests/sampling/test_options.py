@@ -132,3 +132,13 @@ def test_seeds_and_child_command_line():
     argv = ["--model", "m", "--overwrite", "--data-parallel", "2", "--output=o", "--overwrite=1"]
     assert strip_dp_flags(argv) == ["--model", "m", "--output=o"]
     assert {o.name for o in OPTIONS if o.output} >= {"temperature", "seed", "num_samples"}
+
+
+@pytest.mark.parametrize("name", ["sample", "score", "translate", "pairs"])
+def test_every_subcommand_has_help(name, capsys):
+    from csd_fast.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    assert "--config" in capsys.readouterr().out

