@@ -42,8 +42,11 @@ class PromptRow:
         return None if self.messages is None else json.dumps(self.as_messages(), ensure_ascii=False)
 
 
-def stable_id(lang: str | None, prompt: str, messages: tuple | None) -> str:
-    content = json.dumps([lang, prompt, messages], ensure_ascii=False)
+def stable_id(lang: str | None, prompt: str, messages: tuple | None, extra: tuple = ()) -> str:
+    # extra columns (translate's `response`) count only when present: sample ids stay as they are
+    content = json.dumps(
+        [lang, prompt, messages, *([list(extra)] if extra else [])], ensure_ascii=False
+    )
     return "p-" + hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 
@@ -111,20 +114,25 @@ def load_prompts(source: str | Path, *, keep: tuple[str, ...] = ()) -> list[Prom
         given = r.get("id")
         if isinstance(given, bool) or (given is not None and not isinstance(given, (int, str))):
             raise src.error(i, "id", f"expected an int or str id, got {type(given).__name__}")
-        pid = str(given) if given is not None else stable_id(lang, prompt, messages)
-        group = r.get("group")
-        group = None if group is None else str(group)
         extra = []
         for name in keep:
             value = r.get(name)
             if value is not None and not isinstance(value, str):
                 raise src.error(i, name, f"expected a string, got {type(value).__name__}")
             extra.append((name, value))
+        pid = str(given) if given is not None else stable_id(lang, prompt, messages, tuple(extra))
+        group = r.get("group")
+        group = None if group is None else str(group)
         row = PromptRow(pid, lang, group, prompt, messages, i, tuple(extra))
         key = (pid, lang)
         if key in seen:
             first = out[seen[key]]
-            same = (first.prompt, first.messages, first.group) == (prompt, messages, group)
+            same = (first.prompt, first.messages, first.group, first.extra) == (
+                prompt,
+                messages,
+                group,
+                tuple(extra),
+            )
             if given is None and same:
                 dropped += 1  # the same prompt twice: sampling it twice would double its weight
                 continue

@@ -142,3 +142,11 @@ def test_every_subcommand_has_help(name, capsys):
         main([name, "--help"])
     assert e.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_translate_rows_with_one_prompt_and_two_responses_stay_apart(tmp_path):
+    f = tmp_path / "sft.jsonl"
+    f.write_text("".join(json.dumps({"prompt": "Q", "response": r}) + "\n" for r in ("A", "B")))
+    rows = load_prompts(f, keep=("response",))
+    assert [dict(r.extra)["response"] for r in rows] == ["A", "B"] and rows[0].id != rows[1].id
+    assert len(load_prompts(f)) == 1  # as sampling prompts they are one prompt
