@@ -150,3 +150,23 @@ def test_translate_rows_with_one_prompt_and_two_responses_stay_apart(tmp_path):
     rows = load_prompts(f, keep=("response",))
     assert [dict(r.extra)["response"] for r in rows] == ["A", "B"] and rows[0].id != rows[1].id
     assert len(load_prompts(f)) == 1  # as sampling prompts they are one prompt
+
+
+def test_sample_rows_drop_truncated_and_duplicates():
+    from csd_fast.sampling.engines import Completion
+    from csd_fast.sampling.inputs import PromptRow
+    from csd_fast.sampling.sample import sample_rows
+
+    row = PromptRow("p1", "en", "g", "Q", None, 0)
+    comps = [
+        Completion([5, 2], "a", "stop", -1.0),
+        Completion([5, 6, 7], "b c", "length", -2.0),
+        Completion([5, 2], "a", "stop", -1.0),
+        Completion([8, 2], "d", "stop", -0.5),
+    ]
+    rows, dropped = sample_rows([row], [comps], [11], drop_truncated=True, drop_duplicates=True)
+    assert [(r["sample_index"], r["response"]) for r in rows] == [(0, "a"), (3, "d")]
+    assert dropped == {"truncated": 1, "duplicate": 1}
+    assert rows[0]["seed"] == 11 and rows[0]["num_tokens"] == 2 and rows[0]["group"] == "g"
+    kept, _ = sample_rows([row], [comps], [11], drop_truncated=False, drop_duplicates=False)
+    assert [r["sample_index"] for r in kept] == [0, 1, 2, 3]
