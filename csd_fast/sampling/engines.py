@@ -151,7 +151,13 @@ class HfEngine:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+            # our own check on the decoded text: transformers' stop_strings criterion builds
+            # token tables that fail on some tokenizers (e.g. word-level Metaspace ones)
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [_StopOnStrings(tok, params.stop, len(ids))]
+            )
         torch.manual_seed(seed)
         input_ids = torch.tensor([ids], device=self.device)
         with torch.no_grad():
@@ -179,6 +185,22 @@ class HfEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+class _StopOnStrings:
+    """Stop a sequence once its decoded continuation contains one of the stop strings."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_len :], skip_special_tokens=True
+        )
+        hit = [any(s in t for s in self.stops) for t in texts]
+        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
 
 
 def open_engine(

@@ -143,6 +143,8 @@ def test_vllm_and_hf_give_the_same_greedy_responses(assets):
             10,
             "--shard-size",
             5,
+            "--stop",
+            "flaget",
             *extra,
         ]
         if backend == "vllm":
