@@ -81,6 +81,8 @@ class ForwardOutput:
     entropy: Tensor | None = None  # (N,) no grad
     mean_logit: Tensor | None = None  # (N,)
     is_top1: Tensor | None = None  # (N,) bool
+    log_sum_sq_probs: Tensor | None = None  # (N,) log sum_v p_v^2, no grad (WPO weights)
+    aux_loss: Tensor | None = None  # () MoE router load-balancing loss (router_aux_loss_coef)
 
 
 def head_impl_for(fused: bool) -> str:
@@ -95,13 +97,22 @@ def token_logps_and_stats(
     head_impl: str = "eager",
     with_stats: bool = True,
     temperature: float = 1.0,
+    extras: dict | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
-    """Run the backbone over the batch rows and score the completion tokens through the head."""
+    """Run the backbone over the batch rows and score the completion tokens through the head.
+
+    `extras` (a dict, filled in place) asks for outputs the common path does not compute:
+    key "aux_loss" -> the MoE router loss, "log_sum_sq_probs" -> (N,) per-token log sum p^2.
+    """
     from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
 
     kwargs = dict(batch.model_kwargs)
+    if extras is not None and "aux_loss" in extras:
+        kwargs["output_router_logits"] = True
     out = backbone(model)(**kwargs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if extras is not None and "aux_loss" in extras:
+        extras["aux_loss"] = router_aux_loss(model, out.router_logits, batch)
     hidden = hidden.flatten(0, 1).index_select(0, batch.token_index)  # (N, H)
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
@@ -109,6 +120,8 @@ def token_logps_and_stats(
         # as an eager lm_head under autocast would (the kernels then read bf16 tiles)
         hidden = hidden.to(torch.get_autocast_dtype(dev))
     spec = head_spec(model)
+    if extras is not None and "log_sum_sq_probs" in extras:
+        extras["log_sum_sq_probs"] = log_sum_sq_probs(hidden.detach(), spec, temperature)
     # reference passes (no grad) take the forward-only kernel: no autograd state is kept
     head = fused_linear_logprob if torch.is_grad_enabled() else linear_logprob_inference
     result = head(
@@ -126,6 +139,47 @@ def token_logps_and_stats(
         logps, stats = result
         return logps, (stats.entropy, stats.mean_logit, stats.is_top1)
     return result, None
+
+
+def router_aux_loss(model: nn.Module, router_logits, batch: PairBatch) -> Tensor:
+    """The load-balancing loss a transformers MoE causal LM adds (its own module's function).
+
+    Padded rows pass their 2-D attention mask, as the model's forward does; packed rows hold no
+    padding, so every token counts and no mask is needed.
+    """
+    import sys
+
+    lm = unwrap_causal_lm(model)
+    fn = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
+    if fn is None or router_logits is None:
+        raise ValueError(
+            f"{type(lm).__name__} returns no router load-balancing loss; set "
+            "router_aux_loss_coef=0.0 (or leave it None) for this model"
+        )
+    config = lm.config.get_text_config()
+    num_experts = getattr(lm, "num_experts", None) or getattr(config, "num_local_experts", None)
+    num_experts = num_experts or config.num_experts
+    top_k = getattr(lm, "num_experts_per_tok", None) or config.num_experts_per_tok
+    mask = batch.model_kwargs.get("attention_mask")
+    mask = mask if mask is not None and mask.dim() == 2 else None
+    return fn(router_logits, num_experts, top_k, mask)
+
+
+@torch.no_grad()
+def log_sum_sq_probs(hidden: Tensor, spec: HeadSpec, temperature: float = 1.0) -> Tensor:
+    """(N,) log sum_v softmax(logits)_v^2 per scored token, on eager logits in row chunks.
+
+    WPO's per-token weight is p(y_t) / sqrt(sum_v p_v^2) in log space (TRL's `log_sum_sq_probs`);
+    it is computed here without grad, so the head kernels need not return it.
+    """
+    out = []
+    for h in hidden.split(1024):
+        logits = torch.nn.functional.linear(h, spec.weight, spec.bias).float() * spec.logit_scale
+        if spec.softcap:
+            logits = torch.tanh(logits / spec.softcap) * spec.softcap
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        out.append(torch.logsumexp(2 * logp, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0)
 
 
 def length_weights(batch: PairBatch, ld_alpha: float | None) -> Tensor | None:
@@ -154,11 +208,17 @@ def sequence_forward(
     with_stats: bool = True,
     ld_alpha: float | None = None,
     temperature: float = 1.0,
+    aux_loss: bool = False,
+    with_sq_probs: bool = False,
 ) -> ForwardOutput:
     """Per-sequence summed completion log-probs (chosen and rejected) for one micro-batch."""
-    token_logps, stats = token_logps_and_stats(
-        model, batch, head_impl=head_impl, with_stats=with_stats, temperature=temperature
+    extras = dict.fromkeys(
+        [k for k, on in (("aux_loss", aux_loss), ("log_sum_sq_probs", with_sq_probs)) if on]
     )
+    token_logps, stats = token_logps_and_stats(
+        model, batch, head_impl=head_impl, with_stats=with_stats, temperature=temperature,
+        extras=extras,
+    )  # fmt: skip
     weights = length_weights(batch, ld_alpha)
     summed = token_logps if weights is None else token_logps * weights
     seq_logps = segment_sum(summed, batch.seq_offsets)  # (2P,)
@@ -169,6 +229,7 @@ def sequence_forward(
         out.plain_chosen_logps = segment_sum(token_logps[:chosen_end], batch.seq_offsets[: P + 1])
     if stats is not None:
         out.entropy, out.mean_logit, out.is_top1 = stats
+    out.aux_loss, out.log_sum_sq_probs = extras.get("aux_loss"), extras.get("log_sum_sq_probs")
     return out
 
 
