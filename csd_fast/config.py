@@ -272,6 +272,9 @@ class DPOConfig:
     on_bad_row: str = _f("error", "Bad dataset row: 'error' stops, 'skip' skips and records it.")
     min_lr: float | None = _f(None, "Floor of the cosine schedule (cosine_with_min_lr).")
     clo_lambda: float = _f(0.5, "CLO: weight of the NLL term on the target language.")
+    stream_buffer_size: int = _f(
+        1024, "Streams with max_tokens_per_batch: pairs read ahead and planned together."
+    )
     on_fully_truncated: str | None = _f(
         None,
         "Rows whose prompt alone fills max_length: 'drop' (TRL's way, with a warning and the "

@@ -31,6 +31,7 @@ from csd_fast.forward import head_impl_for, reference_logps, sequence_forward, u
 from csd_fast.optim import select_trainable
 from csd_fast.refcache import cached_table, compute_table, model_fingerprint, pairs_fingerprint
 from csd_fast.reporting import MetricsWriter, plot_curves
+from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
 from csd_fast.trainer_api import TrainerAPI
 
 
@@ -64,7 +65,7 @@ class DPOTrainer(TrainerAPI):
             )
         if quantization_config is not None:
             raise NotImplementedError("quantization_config is not supported yet")
-        check_trl_arguments(args, model, ref_model, train_dataset, peft_config)
+        check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
         _check_supported(args)
         self.compute_metrics = compute_metrics
         if args.tf32 is not None and torch.cuda.is_available():
@@ -120,6 +121,8 @@ class DPOTrainer(TrainerAPI):
         a = self.args
         out = Path(a.output_dir)
         rejects = out / f"rejected_rows_{name}.jsonl"
+        if is_stream(dataset):  # tokenized chunk by chunk as the loop reads it
+            return StreamPairs(dataset, self._stream_tokenizer(), name, rejects)
         pairs = tokenize_pairs(
             load_rows(dataset, split="train" if name == "train" else "test"),
             self.processing_class,
@@ -143,11 +146,21 @@ class DPOTrainer(TrainerAPI):
             )
         return pairs
 
+    def _stream_tokenizer(self):
+        from csd_fast.data import tokenize_pairs
+
+        a = self.args
+        return lambda rows: tokenize_pairs(
+            rows, self.processing_class, max_length=a.max_length,
+            truncation_mode=a.truncation_mode, on_bad_row=a.on_bad_row, cache_dir=None,
+            drop_fully_truncated=a.on_fully_truncated != "error",
+        )  # fmt: skip
+
     def _tokenize_eval(self, dataset):
         """One eval set, or named sets (a dict or a DatasetDict) tokenized one by one."""
         import datasets
 
-        if isinstance(dataset, dict | datasets.DatasetDict):
+        if isinstance(dataset, dict | datasets.DatasetDict | datasets.IterableDatasetDict):
             return {name: self._tokenize(ds, f"eval_{name}") for name, ds in dataset.items()}
         return self._tokenize(dataset, "eval")
 
@@ -187,6 +200,17 @@ class DPOTrainer(TrainerAPI):
         """The micro-batches of one epoch; planned once per (set, mode, epoch) and kept."""
         cached = self._plans.get(mode)
         # one entry per mode, holding the set itself: an id() is unique only while it lives
+        if isinstance(pairs, StreamPairs) and (
+            mode != "train" or cached is None or cached[0] is not pairs or cached[1] != epoch
+        ):
+            # a stream is read as the plan is consumed: a training pass is kept (the loop asks
+            # for it several times), an evaluation pass is new each time
+            a = self.args
+            nominal = a.max_steps * a.gradient_accumulation_steps if mode == "train" else None
+            plan = StreamPlan(pairs, epoch, self._batching(mode), nominal, a.stream_buffer_size)
+            if mode == "train":
+                self._plans[mode] = (pairs, epoch, plan)
+            return plan
         if cached is None or cached[0] is not pairs or cached[1] != epoch:
             opts = self._batching(mode)
             costs = None
@@ -340,6 +364,11 @@ class DPOTrainer(TrainerAPI):
 
         if self.train_pairs is None:
             raise ValueError("train() needs a train_dataset")
+        if isinstance(self.train_pairs, StreamPairs) and self.args.max_steps <= 0:
+            raise ValueError(  # transformers' message for a dataloader without a length
+                "args.max_steps must be set to a positive value if dataloader does not have a "
+                f"length, was {self.args.max_steps}"
+            )
         return run_training(self, resume_from_checkpoint)
 
     def evaluate(
@@ -369,6 +398,11 @@ class DPOTrainer(TrainerAPI):
         from csd_fast.trl_compat import eval_predictions_metrics
 
         a = self.args
+        if (a.precompute_ref_log_probs or a.ref_cache_dir) and isinstance(pairs, StreamPairs):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please "
+                "use a map-style Dataset or set `precompute_ref_log_probs=False`."
+            )
         if (a.precompute_ref_log_probs or a.ref_cache_dir) and id(pairs) not in self._ref_tables:
             # a set first seen here: score it with the reference as __init__ does (before any
             # training the untrained policy is the reference; check_new_eval_reference refused

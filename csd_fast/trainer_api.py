@@ -73,6 +73,21 @@ class _CallbackView:
         return call
 
 
+class _StreamBatches(torch.utils.data.IterableDataset):
+    """One pass of a stream's micro-batches, collated (get_*_dataloader on an IterableDataset)."""
+
+    def __init__(self, trainer, pairs, mode: str):
+        self.trainer, self.pairs, self.mode = trainer, pairs, mode
+
+    def __iter__(self):
+        from csd_fast.streaming import StreamPlan
+
+        t = self.trainer
+        plan = StreamPlan(self.pairs, 0, t._batching(self.mode), None, t.args.stream_buffer_size)
+        for idx in plan:
+            yield t._collate(self.pairs, idx, self.mode)
+
+
 class TrainerAPI:
     """Mixin: the Trainer surface (datasets, accelerator, predict, cards, Hub) over our loop."""
 
@@ -114,6 +129,10 @@ class TrainerAPI:
         return self._loader(next(iter(pairs.values())), "eval")
 
     def _loader(self, pairs, mode: str) -> torch.utils.data.DataLoader:
+        from csd_fast.streaming import StreamPairs
+
+        if isinstance(pairs, StreamPairs):  # no length, no sampler: batches as the stream goes
+            return torch.utils.data.DataLoader(_StreamBatches(self, pairs, mode), batch_size=None)
         plan = self._plan(pairs, mode, 0)
         return torch.utils.data.DataLoader(
             range(len(pairs)),

@@ -16,9 +16,18 @@ import warnings
 import torch
 
 
-def check_trl_arguments(args, model, ref_model, train_dataset, peft_config) -> None:
+def check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset) -> None:
     """The argument errors TRL's `DPOTrainer.__init__` raises before any model work."""
     import datasets
+
+    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    streams = [d for d in (train_dataset, *evals) if isinstance(d, datasets.IterableDataset)]
+    if streams and (args.precompute_ref_log_probs or args.ref_cache_dir):
+        raise ValueError(
+            "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a "
+            "map-style Dataset or set `precompute_ref_log_probs=False` (a reference table, also "
+            "ref_cache_dir, is indexed by row: a stream has no random access)."
+        )
 
     if train_dataset is None:
         raise ValueError("`train_dataset` is required")

@@ -131,6 +131,7 @@ def run(
     eval_rows = kw.pop("eval_rows", 0)
     eval_dataset = kw.pop("eval_dataset", None)  # any eval object (a dict of sets, ...)
     trainer_kwargs = kw.pop("trainer_kwargs", {})  # e.g. compute_metrics
+    train_dataset = kw.pop("train_dataset", None)  # in place of `data` (e.g. a stream of it)
     path, _ = save_tiny(arch, model_root)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tok = AutoTokenizer.from_pretrained(path)
@@ -138,7 +139,8 @@ def run(
     if eval_rows:
         eval_dataset = datasets.Dataset.from_list(data[:eval_rows])
     trainer = DPOTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
+        model=model, args=args,
+        train_dataset=datasets.Dataset.from_list(data) if train_dataset is None else train_dataset,
         eval_dataset=eval_dataset, processing_class=tok, **trainer_kwargs,
     )  # fmt: skip
     trainer.train()
