@@ -372,7 +372,7 @@ class DPOTrainer(TrainerAPI):
         return run_training(self, resume_from_checkpoint)
 
     def evaluate(
-        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", _log=True
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
     ) -> dict:
         """Loss and TRL's metrics over the eval set(s), logged with the `eval_` prefix.
 
@@ -391,7 +391,7 @@ class DPOTrainer(TrainerAPI):
         metrics: dict = {}
         for name, pairs in sets.items():
             prefix = f"{metric_key_prefix}_{name}" if named else metric_key_prefix
-            metrics.update(self._evaluate_set(pairs, name, prefix, _log))
+            metrics.update(self._evaluate_set(pairs, name, prefix, log=True))
         return metrics
 
     def _evaluate_set(self, pairs, name: str, prefix: str, log: bool) -> dict:
@@ -437,6 +437,10 @@ class DPOTrainer(TrainerAPI):
 
     # -------------------------------------------------------------------------- logging
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "train_runtime" in logs:
+            # TRL's log() adds the metrics of the steps since the last logging step to whatever
+            # is logged, so the end-of-training summary carries that window (aux_loss, ...)
+            logs = {**logs, **self._metrics.pop("train")}
         if self.state.epoch is not None:
             logs = {**logs, "epoch": self.state.epoch}
         entry = {**logs, "step": self.state.global_step}

@@ -180,10 +180,18 @@ class TrainerAPI:
         """
         from transformers.trainer_utils import PredictionOutput
 
-        metrics = self.evaluate(test_dataset, metric_key_prefix=metric_key_prefix, _log=False)
+        from csd_fast.trl_compat import check_new_eval_reference
+
+        check_new_eval_reference(self)
+        sets = self._eval_sets(test_dataset)
+        if len(sets) != 1:
+            raise ValueError("predict() takes one dataset, not named sets")
+        ((name, pairs),) = sets.items()
+        metrics = self._evaluate_set(pairs, name, metric_key_prefix, log=False)
+        self._fire("on_predict", metrics=metrics)
         if self.args.prediction_loss_only:
             return PredictionOutput(None, None, metrics)
-        logits, labels = self._eval_logits(self._eval_sets(test_dataset)["eval"])
+        logits, labels = self._eval_logits(pairs)
         return PredictionOutput(logits, labels, metrics)
 
     def _eval_logits(self, pairs) -> tuple[np.ndarray, np.ndarray]:

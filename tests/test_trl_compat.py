@@ -304,3 +304,12 @@ def test_liger_on_cpu_warns_and_keeps_trl_numbers(models, tmp_path):
         ours = run("csd", "llama", models, tmp_path / "csd", data, use_liger_kernel=True)
     _assert_same(ref, ours)
     assert torch.isfinite(torch.tensor([h["loss"] for h in step_logs(ours[0])])).all()
+
+
+def test_training_summary_carries_the_unlogged_window_like_trl(models, tmp_path):
+    # 3 steps logged every 2: TRL's final summary holds step 3's metrics (its log() adds them)
+    (ref, _), (ours, _) = _both(models, tmp_path, logging_steps=2)
+    want, got = ref[-1], ours[-1]
+    assert "train_runtime" in want and "rewards/margins" in want
+    for key in ("rewards/margins", "logps/chosen", "entropy", "num_tokens", "train_loss"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
