@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("csd-train: give both --model_name_or_path and --dataset_name")
     if script["eval_dataset_name"] and "eval_strategy" not in kwargs:
         kwargs["eval_strategy"] = "steps"  # an eval set given without a strategy: evaluate
+    # the command line stops on a fully truncated row unless told to drop it (TRL's API drops)
+    kwargs.setdefault("on_fully_truncated", "error")
     args = DPOConfig(**kwargs)
     resolved = {
         "script": {k: v for k, v in script.items() if k != "demo"},

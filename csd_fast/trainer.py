@@ -22,6 +22,7 @@ global batch, and writes sharded checkpoints; rank 0 logs and writes files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from pathlib import Path
 
@@ -49,9 +50,11 @@ from csd_fast.forward import (
 from csd_fast.optim import select_trainable
 from csd_fast.refcache import cached_table, compute_table, model_fingerprint, pairs_fingerprint
 from csd_fast.reporting import MetricsWriter, plot_curves
+from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
+from csd_fast.trainer_api import TrainerAPI
 
 
-class DPOTrainer:
+class DPOTrainer(TrainerAPI):
     """Drop-in for `trl.DPOTrainer` (1.16): same arguments, same logged metrics."""
 
     def __init__(
@@ -70,6 +73,7 @@ class DPOTrainer:
         peft_config=None,
     ):
         from csd_fast.models import ensure_pad_token, load_model, load_tokenizer, prepare_models
+        from csd_fast.trl_compat import check_trl_arguments, model_setup
 
         if args is None:
             name = model if isinstance(model, str) else type(model).__name__
@@ -78,13 +82,11 @@ class DPOTrainer:
             raise NotImplementedError(
                 "a custom data_collator is not supported: layouts are built-in"
             )
-        if compute_metrics is not None:
-            raise NotImplementedError(
-                "compute_metrics is not supported yet (TRL deprecates it too)"
-            )
         if quantization_config is not None:
             raise NotImplementedError("quantization_config is not supported yet")
+        check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
         _check_supported(args)
+        self.compute_metrics = compute_metrics
         if args.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
@@ -98,6 +100,9 @@ class DPOTrainer:
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, args)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
+        self.callbacks = list(callbacks or [])
+        # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
+        self.router_aux_loss_coef, self.aux_loss_enabled = model_setup(self, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
         self.trainable = select_trainable(self.model, args.trainable_params)
         self.model.to(self.device)
@@ -121,7 +126,6 @@ class DPOTrainer:
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
         self.optimizer, self.lr_scheduler = optimizers
-        self.callbacks = list(callbacks or [])
         self.state = TrainerState()
         self.control = TrainerControl()
         self.progress = ckpt.TrainProgress()
@@ -131,7 +135,7 @@ class DPOTrainer:
         self.train_pairs = (
             self._tokenize(train_dataset, "train") if train_dataset is not None else None
         )
-        self.eval_pairs = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
+        self.eval_pairs = self._tokenize_eval(eval_dataset) if eval_dataset is not None else None
         # reference tables by the identity of the tokenized set they score: an evaluate() on a
         # new dataset must never read another set's rows
         self._ref_tables: dict[int, object] = {}
@@ -139,7 +143,7 @@ class DPOTrainer:
         self._ref_fingerprint: str | None = None
         self._policy_is_initial = True  # until training starts the policy is its own reference
         if args.precompute_ref_log_probs or args.ref_cache_dir:
-            for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
+            for name, pairs in (("train", self.train_pairs), *self._eval_sets().items()):
                 if pairs is not None:
                     self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
         self._policy_is_initial = False  # from here on the policy no longer equals the reference
@@ -150,15 +154,63 @@ class DPOTrainer:
 
         a = self.args
         out = Path(a.output_dir)
-        return tokenize_pairs(
+        rejects = out / f"rejected_rows_{name}.jsonl"
+        if is_stream(dataset):  # tokenized chunk by chunk as the loop reads it
+            return StreamPairs(dataset, self._stream_tokenizer(), name, rejects)
+        pairs = tokenize_pairs(
             load_rows(dataset, split="train" if name == "train" else "test"),
             self.processing_class,
             max_length=a.max_length,
             truncation_mode=a.truncation_mode,
             on_bad_row=a.on_bad_row,
-            rejects_path=out / f"rejected_rows_{name}.jsonl",
+            rejects_path=rejects,
             cache_dir=a.dataset_cache_dir,
+            drop_fully_truncated=a.on_fully_truncated != "error",
         )
+        dropped = pairs.skipped.get("prompt_too_long", 0)
+        if dropped:
+            import warnings
+
+            warnings.warn(
+                f"{name} dataset: dropped {dropped} example(s) whose prompt alone fills "
+                f"max_length={a.max_length} (keep_start truncation leaves no completion token, "
+                f"as TRL drops them); they are listed in {rejects}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return pairs
+
+    def _stream_tokenizer(self):
+        from csd_fast.data import tokenize_pairs
+
+        a = self.args
+        return lambda rows: tokenize_pairs(
+            rows, self.processing_class, max_length=a.max_length,
+            truncation_mode=a.truncation_mode, on_bad_row=a.on_bad_row, cache_dir=None,
+            drop_fully_truncated=a.on_fully_truncated != "error",
+        )  # fmt: skip
+
+    def _tokenize_eval(self, dataset):
+        """One eval set, or named sets (a dict or a DatasetDict) tokenized one by one."""
+        import datasets
+
+        if isinstance(dataset, dict | datasets.DatasetDict | datasets.IterableDatasetDict):
+            return {name: self._tokenize(ds, f"eval_{name}") for name, ds in dataset.items()}
+        return self._tokenize(dataset, "eval")
+
+    def _eval_sets(self, eval_dataset=None) -> dict:
+        """name -> tokenized set; a single set is named "eval" (its metrics keep `eval_`)."""
+        if isinstance(eval_dataset, str):  # the name of one of the named sets, as transformers
+            if not isinstance(self.eval_pairs, dict) or eval_dataset not in self.eval_pairs:
+                raise ValueError(f"no eval set named {eval_dataset!r}")
+            return {eval_dataset: self.eval_pairs[eval_dataset]}
+        if eval_dataset is not None:
+            pairs = self._tokenize_eval(eval_dataset)
+        else:
+            pairs = self.eval_pairs
+        if pairs is None:
+            return {}
+        return pairs if isinstance(pairs, dict) else {"eval": pairs}
 
     def _batching(self, mode: str) -> BatchingOptions:
         a = self.args
@@ -186,6 +238,19 @@ class DPOTrainer:
         """plan[rank][micro] of one epoch; planned once per (set, mode, epoch) and kept."""
         cached = self._plans.get(mode)
         # one entry per mode, holding the set itself: an id() is unique only while it lives
+        if isinstance(pairs, StreamPairs) and (
+            mode != "train" or cached is None or cached[0] is not pairs or cached[1] != epoch
+        ):
+            # a stream is read as the plan is consumed: a training pass is kept (the loop asks
+            # for it several times), an evaluation pass is new each time
+            a = self.args
+            nominal = a.max_steps * a.gradient_accumulation_steps if mode == "train" else None
+            if self.dist.world_size > 1:
+                raise NotImplementedError("streams are read by one process: load it map-style")
+            plan = StreamPlan(pairs, epoch, self._batching(mode), nominal, a.stream_buffer_size)
+            if mode == "train":
+                self._plans[mode] = (pairs, epoch, [plan])
+            return [plan]
         if cached is None or cached[0] is not pairs or cached[1] != epoch:
             opts = self._batching(mode)
             costs = None
@@ -310,8 +375,9 @@ class DPOTrainer:
         ref_c, ref_r = self._ref_logps(batch)
         with self._autocast():
             fwd = sequence_forward(
-                self.scorer, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
-            )
+                self.scorer, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha,
+                aux_loss=self.aux_loss_enabled, with_sq_probs=self.args.use_weighting,
+            )  # fmt: skip
         lengths = batch.sequence_lengths()
         P = batch.num_pairs
         logps = PairLogps(
@@ -324,6 +390,7 @@ class DPOTrainer:
             sft_mask=batch.sft_mask,
             group_ids=batch.group_ids,
             nll_chosen_logps=fwd.plain_chosen_logps,
+            weights=wpo_weights(fwd, batch, lengths) if self.args.use_weighting else None,
         )
         if self._fused_loss_type is not None:
             from csd_fast.kernels.pair_loss import fused_pair_loss
@@ -352,6 +419,9 @@ class DPOTrainer:
             num_pairs=P,
         )
         f64 = dict(dtype=torch.float64, device=loss.device)
+        if fwd.aux_loss is not None:  # MoE: TRL adds coef * aux and logs the raw aux_loss
+            loss = loss + self.router_aux_loss_coef * fwd.aux_loss.to(loss.dtype)
+            sums["aux_loss"] = torch.stack([fwd.aux_loss.detach().double(), torch.ones((), **f64)])
         if batch.capacity:
             sums["padding_efficiency"] = torch.tensor(
                 [batch.num_real_tokens, batch.capacity], **f64
@@ -386,6 +456,11 @@ class DPOTrainer:
 
         if self.train_pairs is None:
             raise ValueError("train() needs a train_dataset")
+        if isinstance(self.train_pairs, StreamPairs) and self.args.max_steps <= 0:
+            raise ValueError(  # transformers' message for a dataloader without a length
+                "args.max_steps must be set to a positive value if dataloader does not have a "
+                f"length, was {self.args.max_steps}"
+            )
         return run_training(self.training_job(), resume_from_checkpoint)
 
     def training_job(self):
@@ -423,41 +498,88 @@ class DPOTrainer:
             close=self.close_writer,
         )
 
-    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
-        """Loss and TRL's metrics over the eval set, logged with the `eval_` prefix."""
-        pairs = (
-            self._tokenize(eval_dataset, "eval") if eval_dataset is not None else self.eval_pairs
-        )
-        if pairs is None:
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict:
+        """Loss and TRL's metrics over the eval set(s), logged with the `eval_` prefix.
+
+        Named sets (a dict or DatasetDict, given here or at construction) are evaluated one by
+        one, each under `eval_<name>_`; a str names one of the sets given at construction.
+        """
+        from csd_fast.trl_compat import check_new_eval_reference
+
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            check_new_eval_reference(self)  # before tokenizing, as TRL: fail fast
+        sets = self._eval_sets(eval_dataset)
+        if not sets:
             raise ValueError("evaluate() needs an eval_dataset")
+        source = self.eval_pairs if eval_dataset is None else eval_dataset
+        named = isinstance(eval_dataset, str) or isinstance(source, dict)
+        metrics: dict = {}
+        for name, pairs in sets.items():
+            prefix = f"{metric_key_prefix}_{name}" if named else metric_key_prefix
+            metrics.update(self._evaluate_set(pairs, name, prefix, log=True))
+        return metrics
+
+    def _evaluate_set(self, pairs, name: str, prefix: str, log: bool) -> dict:
+        from csd_fast.trl_compat import eval_predictions_metrics
+
+        a = self.args
+        if (a.precompute_ref_log_probs or a.ref_cache_dir) and isinstance(pairs, StreamPairs):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please "
+                "use a map-style Dataset or set `precompute_ref_log_probs=False`."
+            )
+        if (a.precompute_ref_log_probs or a.ref_cache_dir) and id(pairs) not in self._ref_tables:
+            # a set first seen here: score it with the reference as __init__ does (before any
+            # training the untrained policy is the reference; check_new_eval_reference refused
+            # the case where no reference is left)
+            initial, self._policy_is_initial = self._policy_is_initial, self.state.global_step == 0
+            try:
+                self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
+            finally:
+                self._policy_is_initial = initial
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
         plan = self._plan(pairs, "eval", 0)
-        real = [bool(idx) for idx in plan]
-        if not all(real):  # a rank without pairs here joins the collectives with a stand-in
-            everyone = self._rank_plans(pairs, "eval", 0)
-            stand_in = next(idx[:1] for p in everyone for idx in p if idx)
-            plan = [idx or stand_in for idx in plan]
+        if isinstance(pairs, StreamPairs):  # read once, batch by batch (one process)
+            batches = (self._collate(pairs, idx, "eval") for idx in plan)
+            real = itertools.repeat(True)
+        else:
+            real = [bool(idx) for idx in plan]
+            if not all(real):  # a rank without pairs here joins the collectives with a stand-in
+                everyone = self._rank_plans(pairs, "eval", 0)
+                stand_in = next(idx[:1] for p in everyone for idx in p if idx)
+                plan = [idx or stand_in for idx in plan]
+            batches = self.micro_batches(pairs, plan, "eval")
         sums = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for batch, is_real in zip(self.micro_batches(pairs, plan, "eval"), real, strict=True):
+            for batch, is_real in zip(batches, real, strict=False):
                 loss = self.compute_loss(batch, "eval", dummy=not is_real)
                 if is_real:  # one read per batch on one process, as before
                     sums += torch.tensor([float(loss) * batch.num_pairs, batch.num_pairs])
         self.model.train(was_training)
         total, n = self.dist.all_reduce_sum(sums).tolist()
-        metrics = {f"{metric_key_prefix}_loss": total / max(n, 1)}
-        metrics.update(self._metrics.pop("eval"))
+        metrics = {f"{prefix}_loss": total / max(n, 1)}
+        # MetricsLog names eval metrics eval_<key>; a named set or predict() has its own prefix
+        metrics.update({f"{prefix}_{k[5:]}": v for k, v in self._metrics.pop("eval").items()})
+        if self.compute_metrics is not None:
+            metrics.update(eval_predictions_metrics(self, pairs, prefix))
         runtime = time.perf_counter() - start
-        metrics[f"{metric_key_prefix}_runtime"] = runtime
-        metrics[f"{metric_key_prefix}_samples_per_second"] = n / max(runtime, 1e-9)
-        self.log(metrics)
-        self._fire("on_evaluate", metrics=metrics)
+        metrics[f"{prefix}_runtime"] = runtime
+        metrics[f"{prefix}_samples_per_second"] = n / max(runtime, 1e-9)
+        if log:
+            self.log(metrics)
+            self._fire("on_evaluate", metrics=metrics)
         return metrics
 
     # -------------------------------------------------------------------------- logging
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "train_runtime" in logs:
+            # TRL's log() adds the metrics of the steps since the last logging step to whatever
+            # is logged, so the end-of-training summary carries that window (aux_loss, ...)
+            logs = {**logs, **self._metrics.pop("train")}
         if self.state.epoch is not None:
             logs = {**logs, "epoch": self.state.epoch}
         entry = {**logs, "step": self.state.global_step}
@@ -529,8 +651,9 @@ class DPOTrainer:
             model.save_pretrained(tmp, safe_serialization=True)
             self.processing_class.save_pretrained(tmp)
 
-        if out.exists() and any(out.iterdir()) and output_dir is None:
-            # output_dir also holds checkpoints and logs: write the files in place, each atomic
+        if out.exists() and any(out.iterdir()):
+            # a folder that holds other files (output_dir: checkpoints, logs; TRL's script saves
+            # there by name) is never replaced as a whole: write the files in place, each atomic
             model.save_pretrained(out, safe_serialization=True)
             self.processing_class.save_pretrained(out)
             return out
@@ -559,11 +682,21 @@ def _fused_loss_type(args, params) -> str | None:
     return params.loss_type[0] if plain and params.loss_type[0] in PAIR_LOSS_TYPES else None
 
 
+def wpo_weights(fwd, batch, lengths: torch.Tensor) -> torch.Tensor:
+    """(P,) WPO weights (TRL's use_weighting): w(chosen) * w(rejected), no grad.
+
+    w(y) = exp(mean over y's tokens of [log p(y_t) - log sum_v p_v^2]) (WPO eq. 2).
+    """
+    from csd_fast.batch import segment_sum
+
+    with torch.no_grad():
+        aligned = fwd.token_logps.detach().float() - fwd.log_sum_sq_probs.float()
+        w = torch.exp(segment_sum(aligned, batch.seq_offsets) / lengths.clamp(min=1))
+        P = batch.num_pairs
+        return w[:P] * w[P:]
+
+
 def _check_supported(args) -> None:
     """Options the config accepts (TRL's surface) that this trainer cannot honour yet: say so."""
-    if args.use_weighting:
-        raise NotImplementedError(
-            "use_weighting (WPO) is not supported yet: the head does not return log-sum-sq-probs"
-        )
     if args.logging_strategy not in ("steps", "no"):
         raise NotImplementedError(f"logging_strategy={args.logging_strategy!r}: use 'steps'")
