@@ -29,7 +29,6 @@ from csd_fast.batching import BatchingOptions, epoch_plan, layout_for, make_coll
 from csd_fast.config import DPOConfig
 from csd_fast.forward import head_impl_for, reference_logps, sequence_forward, unwrap_causal_lm
 from csd_fast.optim import select_trainable
-from csd_fast.refcache import cached_table, compute_table, model_fingerprint, pairs_fingerprint
 from csd_fast.reporting import MetricsWriter, plot_curves
 
 
@@ -76,8 +75,14 @@ class DPOTrainer:
         self.model = load_model(model, args) if model_path else model
         self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
         ensure_pad_token(self.processing_class, args)
+        # a reference given by path is loaded only if a table must be computed (or a live
+        # reference is needed): with a complete ref_cache_dir store it never enters memory
+        self._ref_model_path = None
         if isinstance(ref_model, str):
-            ref_model = load_model(ref_model, args)
+            if args.ref_cache_dir and Path(ref_model).is_dir():
+                self._ref_model_path, ref_model = ref_model, None
+            else:
+                ref_model = load_model(ref_model, args)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
         self.trainable = select_trainable(self.model, args.trainable_params)
@@ -109,6 +114,8 @@ class DPOTrainer:
             for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
                 if pairs is not None:
                     self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
+            if self._ref_model_path is not None:
+                self.ref_model = None  # reloaded from its path only if ever needed again
         self._policy_is_initial = False  # from here on the policy no longer equals the reference
 
     # ----------------------------------------------------------------------------- data
@@ -165,17 +172,26 @@ class DPOTrainer:
 
     def _collate(self, pairs, idx: list[int], mode: str):
         examples = [dict(pairs[i]) for i in idx]
-        owner, table = self._ref_tables.get(id(pairs), (None, None))
-        table = table if owner is pairs else None  # ids are unique only among live objects
+        table = self._table_for(pairs)
         if table is not None:
-            for ex in examples:
-                ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
-        return make_collate(self._batching(mode), self._pad_id)(examples).to(self.device)
+            rows = [ex["row"] for ex in examples]
+            chosen, rejected = table.lookup(rows, self.args.ld_alpha)
+            for ex, c, r in zip(examples, chosen.tolist(), rejected.tolist(), strict=True):
+                ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
+        batch = make_collate(self._batching(mode), self._pad_id)(examples)
+        if table is not None:  # on the host, before the copy: no device sync
+            table.check_lengths(rows, batch.sequence_lengths())
+        return batch.to(self.device)
 
     # ------------------------------------------------------------------------ reference
     @contextlib.contextmanager
     def _reference(self):
         """The frozen reference: a separate model, or the policy with its LoRA adapters off."""
+        if self.ref_model is None and self._ref_model_path is not None:
+            from csd_fast.models import load_model, prepare_reference
+
+            ref = prepare_reference(load_model(self._ref_model_path, self.args), self.args)
+            self.ref_model = ref.to(self.device)
         if self.ref_model is not None:
             yield self.ref_model
         elif hasattr(self.model, "disable_adapter"):
@@ -203,27 +219,108 @@ class DPOTrainer:
                 ref.train(was_training)
 
     def _precompute(self, pairs, name: str):
+        """Reference table of a tokenized set: from the ref_cache_dir store, else scored."""
+        from csd_fast.refcache import describe, reference_table
+
         a = self.args
-        opts = self._batching("eval")
-        bs = a.precompute_ref_batch_size or opts.batch_size
-        batches = [list(range(i, min(i + bs, len(pairs)))) for i in range(0, len(pairs), bs)]
-        examples = [pairs[i] for i in range(len(pairs))]
-        collate = make_collate(opts, self._pad_id)
+        table, report = reference_table(
+            pairs,
+            split=name,
+            score=lambda positions: self._score_reference(pairs, positions),
+            root=a.ref_cache_dir,
+            components=lambda: self._ref_components(pairs),
+            labels={"model": self._ref_label(), "data": getattr(pairs, "source", "")},
+            shard_rows=a.ref_cache_shard_size,
+            strict=a.ref_cache_strict,
+        )
+        print(f"[csd-fast] {describe(report, name, len(pairs))}")
+        return table
 
-        def build():
-            return compute_table(examples, batches, collate, self._ref_logps, self.device)
+    def _table_for(self, pairs):
+        """The reference table of `pairs`: computed at init, or a complete one in the store."""
+        owner, table = self._ref_tables.get(id(pairs), (None, None))
+        if owner is pairs:  # ids are unique only among live objects
+            return table
+        if not self.args.ref_cache_dir or self._ref_fingerprint is None:
+            return None
+        from csd_fast.refcache import reference_table
+        from csd_fast.refstore import StoreError
 
-        def key_parts():
-            if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
+        try:  # score=None: the policy has moved, only a stored table can serve
+            table, _ = reference_table(
+                pairs, split="eval", score=None, root=self.args.ref_cache_dir,
+                components=lambda: self._ref_components(pairs),
+                shard_rows=self.args.ref_cache_shard_size,
+            )  # fmt: skip
+        except StoreError:
+            if self._ref_model_path is None and self.ref_model is None:
+                return None  # the live path says why there is no reference
+            table = self._precompute(pairs, "eval")
+        self._ref_tables[id(pairs)] = (pairs, table)
+        return table
+
+    def _ref_label(self) -> str:
+        if self._ref_model_path:
+            return self._ref_model_path
+        lm = unwrap_causal_lm(self.ref_model if self.ref_model is not None else self.model)
+        return str(getattr(lm.config, "_name_or_path", "") or type(lm).__name__)
+
+    def _ref_components(self, pairs) -> dict:
+        from csd_fast.data.tokenize import tokenizer_fingerprint
+        from csd_fast.refcache import (
+            device_kind,
+            fingerprint_components,
+            model_fingerprint,
+            pairs_fingerprint,
+            path_fingerprint,
+        )
+
+        a = self.args
+        if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
+            if self._ref_model_path is not None:
+                self._ref_fingerprint = path_fingerprint(self._ref_model_path)
+            else:
                 with self._reference() as ref:
                     self._ref_fingerprint = model_fingerprint(ref)
-            fp = self._ref_fingerprint
-            opts_key = {"max_length": a.max_length, "trunc": a.truncation_mode, "ld": a.ld_alpha}
-            return fp, pairs_fingerprint(examples), opts_key
+        lm = unwrap_causal_lm(self.model)
+        autocast = self._autocast()
+        return fingerprint_components(
+            model=self._ref_fingerprint,
+            tokenizer=tokenizer_fingerprint(self.processing_class),
+            data=pairs_fingerprint(pairs),
+            max_length=a.max_length,
+            truncation_mode=a.truncation_mode,
+            layout=self.layout,
+            head_impl=self.head_impl,
+            attention=getattr(lm.config, "_attn_implementation", None),
+            dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
+            autocast=str(getattr(autocast, "fast_dtype", "none")).removeprefix("torch."),
+            device=device_kind(self.device),
+        )
 
-        table, how = cached_table(a.ref_cache_dir, key_parts, build)
-        print(f"[csd-fast] reference log-probs for {name}: {len(pairs)} pairs ({how})")
-        return table
+    @torch.no_grad()
+    def _score_reference(self, pairs, positions: list[int]):
+        """The reference's table columns for `positions` of `pairs`, in precompute batches."""
+        from csd_fast.forward import token_logps_and_stats
+        from csd_fast.refcache import concat_columns, reference_columns
+
+        opts = self._batching("eval")
+        bs = self.args.precompute_ref_batch_size or opts.batch_size
+        collate = make_collate(opts, self._pad_id)
+        parts = []
+        with self._reference() as ref, self._autocast():
+            was_training = ref.training
+            ref.eval()  # the reference never sees dropout, even with disable_dropout=False
+            try:
+                for i in range(0, len(positions), bs):
+                    batch = collate([pairs[j] for j in positions[i : i + bs]]).to(self.device)
+                    token_logps, _ = token_logps_and_stats(
+                        ref, batch, head_impl=self.head_impl, with_stats=False
+                    )
+                    parts.append(reference_columns(token_logps, batch))
+            finally:
+                ref.train(was_training)
+        return concat_columns(parts)
 
     # ----------------------------------------------------------------------------- step
     def _autocast(self):
