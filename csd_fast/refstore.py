@@ -331,8 +331,9 @@ class RefStore:
                 return False
             data = self.shard_path(shard).read_bytes()
             lo, hi = self.shard_span(shard)
+            digest = hashlib.sha256(data).hexdigest()
             shards.append({"index": shard, "rows": [lo, hi], "file": self.shard_path(shard).name,
-                           "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+                           "bytes": len(data), "sha256": digest})  # fmt: skip
         self._write_manifest(complete=True, shards=shards)
         return True
 
