@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from csd_fast.refstore import COLUMNS, RefStore, StoreError, StoreReport, closest_table
+from csd_fast.refstore import (
+    COLUMN_DTYPES,
+    COLUMNS,
+    RefStore,
+    StoreError,
+    StoreReport,
+    closest_table,
+)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -199,8 +206,11 @@ def reference_columns(token_logps: Tensor, batch) -> dict[str, Tensor]:
 def concat_columns(parts: list[dict[str, Tensor]]) -> dict[str, np.ndarray]:
     """One array per column from per-batch columns (empty arrays for no batch)."""
     if not parts:
-        return {c: np.zeros(0, dtype=np.float32) for c in COLUMNS}
-    return {c: torch.cat([p[c].detach().cpu() for p in parts]).numpy() for c in COLUMNS}
+        return {c: np.zeros(0, dtype=COLUMN_DTYPES[c]) for c in COLUMNS}
+    return {
+        c: torch.cat([p[c].detach().cpu() for p in parts]).numpy().astype(COLUMN_DTYPES[c])
+        for c in COLUMNS
+    }
 
 
 def reference_table(

@@ -51,7 +51,7 @@ FLOAT_COLUMNS = (
 )
 INT_COLUMNS = ("chosen_tokens", "rejected_tokens")
 COLUMNS = ("rows", *FLOAT_COLUMNS, *INT_COLUMNS)
-_DTYPES = {"rows": np.int64, **dict.fromkeys(FLOAT_COLUMNS, np.float32)} | dict.fromkeys(
+COLUMN_DTYPES = {"rows": np.int64, **dict.fromkeys(FLOAT_COLUMNS, np.float32)} | dict.fromkeys(
     INT_COLUMNS, np.int32
 )
 
@@ -310,7 +310,7 @@ class RefStore:
         lo, hi = self.shard_span(shard)
         arrays = {}
         for name in COLUMNS:
-            a = np.ascontiguousarray(np.asarray(columns[name], dtype=_DTYPES[name]))
+            a = np.ascontiguousarray(np.asarray(columns[name], dtype=COLUMN_DTYPES[name]))
             if a.shape != (hi - lo,):
                 raise ValueError(
                     f"shard {shard}: {name} has shape {a.shape}, expected ({hi - lo},)"
