@@ -25,10 +25,11 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from csd_fast import checkpoint as ckpt
-from csd_fast.batching import BatchingOptions, epoch_plan, layout_for, make_collate, pair_costs
+from csd_fast.batching import BatchingOptions, layout_for, make_collate, pair_costs
 from csd_fast.config import DPOConfig
 from csd_fast.forward import head_impl_for, reference_logps, sequence_forward, unwrap_causal_lm
 from csd_fast.optim import select_trainable
+from csd_fast.plancache import cached_epoch_plan
 from csd_fast.reporting import MetricsWriter, plot_curves
 
 
@@ -154,6 +155,7 @@ class DPOTrainer:
 
     def _plan(self, pairs, mode: str, epoch: int) -> list[list[int]]:
         """The micro-batches of one epoch; planned once per (set, mode, epoch) and kept."""
+        a = self.args
         cached = self._plans.get(mode)
         # one entry per mode, holding the set itself: an id() is unique only while it lives
         if cached is None or cached[0] is not pairs or cached[1] != epoch:
@@ -162,7 +164,8 @@ class DPOTrainer:
             groups = pairs.groups()  # CLO examples stay in one micro-batch (None: no groups)
             if opts.max_tokens_per_batch:
                 costs = pair_costs(pairs.lengths(), opts)
-            cached = (pairs, epoch, epoch_plan(len(pairs), epoch, opts, costs, groups))
+            plan = cached_epoch_plan(a.plan_cache_dir, len(pairs), epoch, opts, costs, groups)
+            cached = (pairs, epoch, plan)
             self._plans[mode] = cached
         return cached[2]
 

@@ -174,3 +174,45 @@ def test_data_size_mismatch_under_the_same_id_is_refused(tmp_path):
     build(tmp_path, Scorer())
     with pytest.raises(StoreError, match="rows"):
         RefStore(tmp_path, BASE, N + 1, shard_rows=3)
+
+
+def test_csd_cache_ls_inspect_verify_rm(tmp_path, capsys):
+    from csd_fast.__main__ import main
+
+    build(tmp_path, Scorer())
+    other = {**BASE, "model": "m1"}
+    with pytest.raises(RuntimeError):  # an interrupted second table
+        build(tmp_path, lambda p: (_ for _ in ()).throw(RuntimeError("stop")), components=other)
+    (full, _), (partial, _) = list_tables(tmp_path)
+    full_id = full.name.removeprefix("ref-")
+    assert main(["cache", "ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{full_id}" in out and "4/4" in out and "0/4*" in out
+    assert main(["cache", "inspect", str(tmp_path), full_id[:6]]) == 0
+    out = capsys.readouterr().out
+    assert "model            m0" in out and "ref_chosen_logps" in out and "complete: True" in out
+    assert main(["cache", "verify", str(tmp_path), full_id]) == 0
+    (full / "shard-00002.safetensors").write_bytes(b"garbage")
+    assert main(["cache", "verify", str(tmp_path), full_id]) == 1
+    assert "shard 2: checksum mismatch" in capsys.readouterr().out
+    assert main(["cache", "rm", str(tmp_path), "--incomplete"]) == 0
+    assert [d for d, _ in list_tables(tmp_path)] == [full]
+    assert main(["cache", "rm", str(tmp_path), full_id]) == 0
+    assert list_tables(tmp_path) == [] and tmp_path.is_dir()
+
+
+def test_token_budget_plans_are_shared_through_the_plan_cache(tmp_path, monkeypatch):
+    import csd_fast.plancache as pc
+    from csd_fast.batching import BatchingOptions
+
+    opts = BatchingOptions(batch_size=4, max_tokens_per_batch=40, layout="packed", seed=3)
+    costs = np.random.default_rng(0).integers(3, 20, size=50)
+    calls = []
+    real = pc.epoch_plan
+    monkeypatch.setattr(pc, "epoch_plan", lambda *a: calls.append(a[1]) or real(*a))
+    first = pc.cached_epoch_plan(tmp_path, 50, 1, opts, costs)
+    again = pc.cached_epoch_plan(tmp_path, 50, 1, opts, costs)  # another run, same settings
+    assert first == again == real(50, 1, opts, costs) and calls == [1]
+    pc.cached_epoch_plan(tmp_path, 50, 2, opts, costs)  # another epoch: its own plan
+    pc.cached_epoch_plan(tmp_path, 50, 1, BatchingOptions(**{**opts.__dict__, "seed": 4}), costs)
+    assert calls == [1, 2, 1] and len(list(tmp_path.glob("plan-*.npz"))) == 3
