@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from csd_fast.refstore import (
     COLUMN_DTYPES,
     COLUMNS,
+    LD_COLUMNS,
     RefStore,
     StoreError,
     StoreReport,
@@ -136,6 +137,8 @@ class RefLogpTable:
             raise ValueError(f"reference table lacks columns {missing}")
         self.columns = columns
         self.rows = columns["rows"]
+        alpha = columns.get("ld_alpha")
+        self.ld_alpha = None if alpha is None else float(alpha)  # alpha of the exact LD sums
         self._index = {int(r): i for i, r in enumerate(self.rows)}
 
     def __len__(self) -> int:
@@ -156,7 +159,9 @@ class RefLogpTable:
         i = self.positions(rows)
         c = self.columns["ref_chosen_logps"][i]
         r = self.columns["ref_rejected_logps"][i]
-        if ld_alpha is not None:
+        if ld_alpha is not None and ld_alpha == self.ld_alpha:  # summed as the policy's are
+            c, r = self.columns[LD_COLUMNS[0]][i], self.columns[LD_COLUMNS[1]][i]
+        elif ld_alpha is not None:
             c = c - np.float32(1.0 - ld_alpha) * self.columns["ref_chosen_tail_logps"][i]
             r = r - np.float32(1.0 - ld_alpha) * self.columns["ref_rejected_tail_logps"][i]
         return torch.from_numpy(np.ascontiguousarray(c)), torch.from_numpy(np.ascontiguousarray(r))
@@ -181,8 +186,9 @@ class RefLogpTable:
 
 
 @torch.no_grad()
-def reference_columns(token_logps: Tensor, batch) -> dict[str, Tensor]:
-    """Per-pair columns of one scored micro-batch (token_logps (N,) from the reference)."""
+def reference_columns(token_logps: Tensor, batch, ld_alpha: float | None = None) -> dict:
+    """Per-pair columns of one scored micro-batch (token_logps (N,) from the reference); with
+    `ld_alpha` also the LD-weighted sums, computed exactly as `forward.sequence_forward` does."""
     from csd_fast.batch import segment_sum
     from csd_fast.forward import length_weights
 
@@ -192,7 +198,12 @@ def reference_columns(token_logps: Tensor, batch) -> dict[str, Tensor]:
     tail = 1.0 - length_weights(batch, 0.0)  # 1 past the shorter completion, else 0
     tails = segment_sum(token_logps * tail, batch.seq_offsets)
     lengths = batch.sequence_lengths()
+    extra = {}
+    if ld_alpha is not None:
+        ld = segment_sum(token_logps * length_weights(batch, ld_alpha), batch.seq_offsets)
+        extra = {LD_COLUMNS[0]: ld[:P], LD_COLUMNS[1]: ld[P:]}
     return {
+        **extra,
         "rows": batch.pair_ids,
         "ref_chosen_logps": sums[:P],
         "ref_rejected_logps": sums[P:],
@@ -209,7 +220,7 @@ def concat_columns(parts: list[dict[str, Tensor]]) -> dict[str, np.ndarray]:
         return {c: np.zeros(0, dtype=COLUMN_DTYPES[c]) for c in COLUMNS}
     return {
         c: torch.cat([p[c].detach().cpu() for p in parts]).numpy().astype(COLUMN_DTYPES[c])
-        for c in COLUMNS
+        for c in parts[0]
     }
 
 
@@ -223,6 +234,7 @@ def reference_table(
     labels: dict | None = None,
     shard_rows: int = 4096,
     strict: bool = False,
+    ld_alpha: float | None = None,
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
@@ -230,7 +242,8 @@ def reference_table(
     """The reference table of `pairs`: from the store under `root` if complete, else scored.
 
     `score(positions)` returns `COLUMNS` for those positions of `pairs` (it batches, runs the
-    reference and calls `reference_columns`). With no `root` everything is scored in memory;
+    reference and calls `reference_columns`, with `ld_alpha` when set). With no `root`
+    everything is scored in memory;
     with `score=None` only a complete stored table is returned (else StoreError).
     Under FSDP every rank calls this with its `rank`, `world_size` and a `barrier`; each scores
     and writes only its shards, and `score([])` is called on a rank with no shard left so it
@@ -238,7 +251,10 @@ def reference_table(
     """
     n = len(pairs)
     if root is None:
-        return RefLogpTable(score(list(range(n)))), StoreReport("memory", 1, built=[0])
+        columns = score(list(range(n)))
+        if ld_alpha is not None:
+            columns["ld_alpha"] = np.asarray(float(ld_alpha))
+        return RefLogpTable(columns), StoreReport("memory", 1, built=[0])
     comps = components()
     store = RefStore(root, comps, n, labels={"split": split, **(labels or {})},
                      shard_rows=shard_rows, rank=rank, world_size=world_size)  # fmt: skip
@@ -273,7 +289,7 @@ def reference_table(
                 score([])
                 continue
             lo, hi = store.shard_span(shard)
-            store.write_shard(shard, score(list(range(lo, hi))))
+            store.write_shard(shard, score(list(range(lo, hi))), ld_alpha)
             report.built.append(shard)
         sync()
         if rank == 0 and (todo or not store.is_complete()):

@@ -51,9 +51,12 @@ FLOAT_COLUMNS = (
 )
 INT_COLUMNS = ("chosen_tokens", "rejected_tokens")
 COLUMNS = ("rows", *FLOAT_COLUMNS, *INT_COLUMNS)
-COLUMN_DTYPES = {"rows": np.int64, **dict.fromkeys(FLOAT_COLUMNS, np.float32)} | dict.fromkeys(
-    INT_COLUMNS, np.int32
-)
+# Optional: the LD-weighted sums summed exactly as the policy's (same ops, same order) for the
+# ld_alpha the shard was built with (its header says which), so a run with that alpha sees its
+# reference bit for bit; any other alpha is served from the tails.
+LD_COLUMNS = ("ref_chosen_ld_logps", "ref_rejected_ld_logps")
+COLUMN_DTYPES = {"rows": np.int64, **dict.fromkeys((*FLOAT_COLUMNS, *LD_COLUMNS), np.float32)}
+COLUMN_DTYPES |= dict.fromkeys(INT_COLUMNS, np.int32)
 
 
 class StoreError(RuntimeError):
@@ -303,13 +306,17 @@ class RefStore:
         return mine + [None] * (turns - len(mine))
 
     # ------------------------------------------------------------------------- writes
-    def write_shard(self, shard: int, columns: dict[str, np.ndarray]) -> None:
-        """Write one shard atomically; `columns` holds COLUMNS, each with the shard's rows."""
+    def write_shard(
+        self, shard: int, columns: dict[str, np.ndarray], ld_alpha: float | None = None
+    ) -> None:
+        """Write one shard atomically; `columns` holds COLUMNS (+ LD_COLUMNS for `ld_alpha`),
+        each with the shard's rows."""
         from safetensors.numpy import save
 
         lo, hi = self.shard_span(shard)
         arrays = {}
-        for name in COLUMNS:
+        names = COLUMNS + (LD_COLUMNS if ld_alpha is not None and LD_COLUMNS[0] in columns else ())
+        for name in names:
             a = np.ascontiguousarray(np.asarray(columns[name], dtype=COLUMN_DTYPES[name]))
             if a.shape != (hi - lo,):
                 raise ValueError(
@@ -318,6 +325,8 @@ class RefStore:
             arrays[name] = a
         meta = {"table": self.id, "shard": str(shard), "lo": str(lo), "hi": str(hi),
                 "rank": str(self.rank), "sha256": _tensors_digest(arrays)}  # fmt: skip
+        if len(names) > len(COLUMNS):
+            meta["ld_alpha"] = repr(float(ld_alpha))
         self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.shard_path(shard), save(arrays, metadata=meta))
 
@@ -373,16 +382,25 @@ class RefStore:
 
     # ------------------------------------------------------------------------- reads
     def load_columns(self) -> dict[str, np.ndarray]:
-        """All rows, checking every shard; raises StoreError naming a bad one."""
-        parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
+        """All rows, checking every shard; raises StoreError naming a bad one. The LD columns
+        come along (with "ld_alpha" as a 0-d array) only when every shard has them, same alpha."""
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS + LD_COLUMNS}
+        alphas = set()
         for shard in range(self.num_shards):
             why = self.check_shard(shard)
             if why is not None:
                 raise StoreError(f"{self.shard_path(shard)}: {why}")
-            columns = _decode(self.shard_path(shard).read_bytes())
-            for c in COLUMNS:
-                parts[c].append(columns[c])
-        return {c: np.concatenate(v) for c, v in parts.items()}
+            data = self.shard_path(shard).read_bytes()
+            alphas.add(_read_header(data).get("__metadata__", {}).get("ld_alpha"))
+            columns = _decode(data)
+            for c in COLUMNS + LD_COLUMNS:
+                if c in columns:
+                    parts[c].append(columns[c])
+        out = {c: np.concatenate(parts[c]) for c in COLUMNS}
+        if len(alphas) == 1 and None not in alphas:
+            out.update({c: np.concatenate(parts[c]) for c in LD_COLUMNS})
+            out["ld_alpha"] = np.asarray(float(alphas.pop()))
+        return out
 
 
 def _decode(data: bytes) -> dict[str, np.ndarray]:

@@ -235,6 +235,7 @@ class DPOTrainer:
             labels={"model": self._ref_label(), "data": getattr(pairs, "source", "")},
             shard_rows=a.ref_cache_shard_size,
             strict=a.ref_cache_strict,
+            ld_alpha=a.ld_alpha,
         )
         print(f"[csd-fast] {describe(report, name, len(pairs))}")
         return table
@@ -320,7 +321,7 @@ class DPOTrainer:
                     token_logps, _ = token_logps_and_stats(
                         ref, batch, head_impl=self.head_impl, with_stats=False
                     )
-                    parts.append(reference_columns(token_logps, batch))
+                    parts.append(reference_columns(token_logps, batch, self.args.ld_alpha))
             finally:
                 ref.train(was_training)
         return concat_columns(parts)
