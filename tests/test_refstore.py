@@ -208,11 +208,15 @@ def test_token_budget_plans_are_shared_through_the_plan_cache(tmp_path, monkeypa
     opts = BatchingOptions(batch_size=4, max_tokens_per_batch=40, layout="packed", seed=3)
     costs = np.random.default_rng(0).integers(3, 20, size=50)
     calls = []
-    real = pc.epoch_plan
-    monkeypatch.setattr(pc, "epoch_plan", lambda *a: calls.append(a[1]) or real(*a))
-    first = pc.cached_epoch_plan(tmp_path, 50, 1, opts, costs)
-    again = pc.cached_epoch_plan(tmp_path, 50, 1, opts, costs)  # another run, same settings
-    assert first == again == real(50, 1, opts, costs) and calls == [1]
-    pc.cached_epoch_plan(tmp_path, 50, 2, opts, costs)  # another epoch: its own plan
-    pc.cached_epoch_plan(tmp_path, 50, 1, BatchingOptions(**{**opts.__dict__, "seed": 4}), costs)
-    assert calls == [1, 2, 1] and len(list(tmp_path.glob("plan-*.npz"))) == 3
+    real = pc.rank_plans
+    monkeypatch.setattr(pc, "rank_plans", lambda *a: calls.append(a[1]) or real(*a))
+    first = pc.cached_rank_plans(tmp_path, 50, 1, opts, 1, costs)
+    again = pc.cached_rank_plans(tmp_path, 50, 1, opts, 1, costs)  # another run, same settings
+    assert first == again == real(50, 1, opts, 1, costs) and calls == [1]
+    two = pc.cached_rank_plans(tmp_path, 50, 1, opts, 2, costs)  # two ranks: their own plans
+    assert (
+        two == pc.cached_rank_plans(tmp_path, 50, 1, opts, 2, costs) == real(50, 1, opts, 2, costs)
+    )
+    pc.cached_rank_plans(tmp_path, 50, 2, opts, 1, costs)  # another epoch: its own plan
+    pc.cached_rank_plans(tmp_path, 50, 1, BatchingOptions(**{**opts.__dict__, "seed": 4}), 1, costs)
+    assert calls == [1, 1, 2, 1] and len(list(tmp_path.glob("plan-*.npz"))) == 4
