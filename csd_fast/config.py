@@ -262,7 +262,16 @@ class DPOConfig:
     prefix_sharing: bool = _f(
         False, "Pack [prompt, chosen, rejected] once per pair (prompt computed once)."
     )
-    ref_cache_dir: str | None = _f(None, "Persistent cache of reference log-probs (reused runs).")
+    ref_cache_dir: str | None = _f(
+        None, "Sharded on-disk store of reference log-probs, shared by runs and sweeps."
+    )
+    ref_cache_strict: bool = _f(
+        False, "Error (naming what differs) instead of computing a missing reference table."
+    )
+    ref_cache_shard_size: int = _f(4096, "Pairs per reference-store shard (the unit of resume).")
+    plan_cache_dir: str | None = _f(
+        None, "On-disk cache of token-budget epoch plans (shared by the runs of a sweep)."
+    )
     max_tokens_per_batch: int | None = _f(
         None, "Token budget per packed micro-batch (padding_free/prefix_sharing)."
     )
@@ -304,6 +313,10 @@ class DPOConfig:
             "",
         ):
             self.dataset_cache_dir = None
+        if self.ref_cache_strict and not self.ref_cache_dir:
+            raise ValueError("ref_cache_strict needs ref_cache_dir (the store it must read)")
+        if self.ref_cache_shard_size < 1:
+            raise ValueError(f"ref_cache_shard_size must be >= 1, got {self.ref_cache_shard_size}")
         if self.output_dir is None:
             self.output_dir = "trainer_output"  # transformers 5's default
         # TRL's rule: bf16 unless fp16 was asked for.

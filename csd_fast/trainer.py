@@ -36,7 +36,6 @@ from csd_fast.batching import (
     layout_for,
     make_collate,
     pair_costs,
-    rank_plans,
 )
 from csd_fast.config import DPOConfig
 from csd_fast.distributed.env import init_distributed
@@ -48,7 +47,7 @@ from csd_fast.forward import (
     unwrap_causal_lm,
 )
 from csd_fast.optim import select_trainable
-from csd_fast.refcache import cached_table, compute_table, model_fingerprint, pairs_fingerprint
+from csd_fast.plancache import cached_rank_plans
 from csd_fast.reporting import MetricsWriter, plot_curves
 from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
 from csd_fast.trainer_api import TrainerAPI
@@ -97,8 +96,14 @@ class DPOTrainer(TrainerAPI):
         self.model = load_model(model, args) if model_path else model
         self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
         ensure_pad_token(self.processing_class, args)
+        # a reference given by path is loaded only if a table must be computed (or a live
+        # reference is needed): with a complete ref_cache_dir store it never enters memory
+        self._ref_model_path = None
         if isinstance(ref_model, str):
-            ref_model = load_model(ref_model, args)
+            if args.ref_cache_dir and Path(ref_model).is_dir() and not self.dist.distributed:
+                self._ref_model_path, ref_model = ref_model, None
+            else:
+                ref_model = load_model(ref_model, args)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
         self.callbacks = list(callbacks or [])
         # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
@@ -146,6 +151,8 @@ class DPOTrainer(TrainerAPI):
             for name, pairs in (("train", self.train_pairs), *self._eval_sets().items()):
                 if pairs is not None:
                     self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
+            if self._ref_model_path is not None:  # reloaded from its path only if needed again
+                self.ref_model = self.ref_scorer = None
         self._policy_is_initial = False  # from here on the policy no longer equals the reference
 
     # ----------------------------------------------------------------------------- data
@@ -257,7 +264,10 @@ class DPOTrainer(TrainerAPI):
             groups = pairs.groups()  # CLO examples stay in one micro-batch (None: no groups)
             if opts.max_tokens_per_batch:
                 costs = pair_costs(pairs.lengths(), opts)
-            plans = rank_plans(len(pairs), epoch, opts, self.dist.world_size, costs, groups)
+            plans = cached_rank_plans(
+                self.args.plan_cache_dir, len(pairs), epoch, opts, self.dist.world_size, costs,
+                groups,
+            )  # fmt: skip
             cached = (pairs, epoch, plans)
             self._plans[mode] = cached
         return cached[2]
@@ -268,28 +278,41 @@ class DPOTrainer(TrainerAPI):
 
     def _examples(self, pairs):
         """idx -> the example dicts of a micro-batch, with cached reference values if any."""
-        owner, table = self._ref_tables.get(id(pairs), (None, None))
-        table = table if owner is pairs else None  # ids are unique only among live objects
+        table = self._table_for(pairs)
+        ld_alpha = self.args.ld_alpha
 
         def examples(idx: list[int]) -> list[dict]:
             out = [dict(pairs[i]) for i in idx]
-            if table is not None:
-                for ex in out:
-                    ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
+            if table is not None and out:
+                chosen, rejected = table.lookup([ex["row"] for ex in out], ld_alpha)
+                for ex, c, r in zip(out, chosen.tolist(), rejected.tolist(), strict=True):
+                    ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
             return out
 
         return examples
 
-    def _collate(self, pairs, idx: list[int], mode: str):
+    def _collate_fn(self, pairs, mode: str):
+        """The layout's collate; with a reference table, each batch's token counts are checked
+        against the table's (on the host, before the device copy: no sync)."""
         collate = make_collate(self._batching(mode), self._pad_id)
-        return collate(self._examples(pairs)(idx)).to(self.device)
+        table = self._table_for(pairs)
+        if table is None:
+            return collate
+
+        def checked(examples):
+            batch = collate(examples)
+            table.check_lengths(batch.pair_ids.tolist(), batch.sequence_lengths())
+            return batch
+
+        return checked
+
+    def _collate(self, pairs, idx: list[int], mode: str):
+        return self._collate_fn(pairs, mode)(self._examples(pairs)(idx)).to(self.device)
 
     def micro_batches(self, pairs, plan: list[list[int]], mode: str):
         """The collated micro-batches of `plan` on the device (DataLoader workers if asked)."""
         a = self.args
-        source = PlanBatches(
-            plan, self._examples(pairs), make_collate(self._batching(mode), self._pad_id)
-        )
+        source = PlanBatches(plan, self._examples(pairs), self._collate_fn(pairs, mode))
         return source.iterate(
             self.device,
             workers=a.dataloader_num_workers,
@@ -301,6 +324,12 @@ class DPOTrainer(TrainerAPI):
     @contextlib.contextmanager
     def _reference(self):
         """The frozen reference: a separate model, or the policy with its LoRA adapters off."""
+        if self.ref_scorer is None and self._ref_model_path is not None:
+            from csd_fast.models import load_model, prepare_reference
+
+            ref = prepare_reference(load_model(self._ref_model_path, self.args), self.args)
+            self.ref_model = ref.to(self.device)
+            self.ref_scorer = PairScorer(self.ref_model)
         if self.ref_scorer is not None:
             yield self.ref_scorer
         elif hasattr(self.model, "disable_adapter"):
@@ -328,34 +357,129 @@ class DPOTrainer(TrainerAPI):
                 ref.train(was_training)
 
     def _precompute(self, pairs, name: str):
+        """Reference table of a tokenized set: from the ref_cache_dir store, else scored."""
+        from csd_fast.refcache import describe, reference_table
+
         a = self.args
-        opts = self._batching("eval")
-        bs = a.precompute_ref_batch_size or opts.batch_size
-        batches = [list(range(i, min(i + bs, len(pairs)))) for i in range(0, len(pairs), bs)]
-        examples = [pairs[i] for i in range(len(pairs))]
-        collate = make_collate(opts, self._pad_id)
 
-        def build():
-            if self.dist.distributed:  # each rank scores its share; the table gathered once
-                from csd_fast.distributed.sharded_table import compute_table_sharded
+        def score(positions):
+            return self._score_reference(pairs, positions)
 
-                return compute_table_sharded(
-                    examples, batches, collate, self._ref_logps, self.device, self.dist
-                )
-            return compute_table(examples, batches, collate, self._ref_logps, self.device)
+        if self.dist.distributed and not a.ref_cache_dir:  # in memory: each rank scores a share
+            from csd_fast.distributed.sharded_table import compute_table_sharded
 
-        def key_parts():
-            if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
+            bs = a.precompute_ref_batch_size or self._batching("eval").batch_size
+            return compute_table_sharded(len(pairs), bs, score, self.dist, a.ld_alpha)
+        table, report = reference_table(
+            pairs,
+            split=name,
+            score=score,
+            root=a.ref_cache_dir,
+            components=lambda: self._ref_components(pairs),
+            labels={"model": self._ref_label(), "data": getattr(pairs, "source", "")},
+            shard_rows=a.ref_cache_shard_size,
+            strict=a.ref_cache_strict,
+            ld_alpha=a.ld_alpha,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            barrier=self.dist.barrier,
+        )
+        if self.dist.is_main:
+            print(f"[csd-fast] {describe(report, name, len(pairs))}")
+        return table
+
+    def _table_for(self, pairs):
+        """The reference table of `pairs`: computed at init, or a complete one in the store."""
+        owner, table = self._ref_tables.get(id(pairs), (None, None))
+        if owner is pairs:  # ids are unique only among live objects
+            return table
+        if not self.args.ref_cache_dir or self._ref_fingerprint is None:
+            return None
+        from csd_fast.refcache import reference_table
+        from csd_fast.refstore import StoreError
+
+        try:  # score=None: the policy has moved, only a stored table can serve
+            table, _ = reference_table(
+                pairs, split="eval", score=None, root=self.args.ref_cache_dir,
+                components=lambda: self._ref_components(pairs),
+                shard_rows=self.args.ref_cache_shard_size,
+            )  # fmt: skip
+        except StoreError:
+            if self._ref_model_path is None and self.ref_model is None:
+                return None  # the live path says why there is no reference
+            table = self._precompute(pairs, "eval")
+        self._ref_tables[id(pairs)] = (pairs, table)
+        return table
+
+    def _ref_label(self) -> str:
+        if self._ref_model_path:
+            return self._ref_model_path
+        lm = unwrap_causal_lm(self.ref_model if self.ref_model is not None else self.model)
+        return str(getattr(lm.config, "_name_or_path", "") or type(lm).__name__)
+
+    def _ref_components(self, pairs) -> dict:
+        from csd_fast.data.tokenize import tokenizer_fingerprint
+        from csd_fast.refcache import (
+            device_kind,
+            fingerprint_components,
+            model_fingerprint,
+            pairs_fingerprint,
+            path_fingerprint,
+        )
+
+        a = self.args
+        if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
+            if self._ref_model_path is not None:
+                self._ref_fingerprint = path_fingerprint(self._ref_model_path)
+            else:
                 with self._reference() as ref:
                     self._ref_fingerprint = model_fingerprint(getattr(ref, "model", ref))
-            fp = self._ref_fingerprint
-            opts_key = {"max_length": a.max_length, "trunc": a.truncation_mode, "ld": a.ld_alpha}
-            return fp, pairs_fingerprint(examples), opts_key
+        lm = unwrap_causal_lm(self.model)
+        autocast = self._autocast()
+        return fingerprint_components(
+            model=self._ref_fingerprint,
+            tokenizer=tokenizer_fingerprint(self.processing_class),
+            data=pairs_fingerprint(pairs),
+            max_length=a.max_length,
+            truncation_mode=a.truncation_mode,
+            layout=self.layout,
+            head_impl=self.head_impl,
+            attention=getattr(lm.config, "_attn_implementation", None),
+            dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
+            autocast=str(getattr(autocast, "fast_dtype", "none")).removeprefix("torch."),
+            device=device_kind(self.device),
+        )
 
-        table, how = cached_table(a.ref_cache_dir, key_parts, build)
-        if self.dist.is_main:
-            print(f"[csd-fast] reference log-probs for {name}: {len(pairs)} pairs ({how})")
-        return table
+    @torch.no_grad()
+    def _score_reference(self, pairs, positions: list[int]):
+        """The reference's table columns for `positions` of `pairs`, in precompute batches."""
+        from csd_fast.forward import token_logps_and_stats
+        from csd_fast.refcache import concat_columns, reference_columns
+
+        opts = self._batching("eval")
+        bs = self.args.precompute_ref_batch_size or opts.batch_size
+        collate = make_collate(opts, self._pad_id)
+        chunks = [positions[i : i + bs] for i in range(0, len(positions), bs)]
+        real = len(chunks)
+        if self._sharded and self.args.ref_cache_dir:
+            # FSDP: every rank runs as many forwards per store shard (a short last shard or an
+            # empty turn is padded with stand-in batches whose results are dropped)
+            chunks += [[0]] * (-(-self.args.ref_cache_shard_size // bs) - real)
+        parts = []
+        with self._reference() as ref, self._autocast():
+            was_training = ref.training
+            ref.eval()  # the reference never sees dropout, even with disable_dropout=False
+            try:
+                for k, chunk in enumerate(chunks):
+                    batch = collate([pairs[j] for j in chunk]).to(self.device)
+                    token_logps, _ = token_logps_and_stats(
+                        ref, batch, head_impl=self.head_impl, with_stats=False
+                    )
+                    if k < real:
+                        parts.append(reference_columns(token_logps, batch, self.args.ld_alpha))
+            finally:
+                ref.train(was_training)
+        return concat_columns(parts)
 
     # ----------------------------------------------------------------------------- step
     def _autocast(self):

@@ -224,7 +224,7 @@ def test_precomputed_reference_matches_live_reference(tmp_path):
     for a, b in steps:
         for key in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
-    assert len(list((tmp_path / "cache").glob("ref_logps-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("ref-*/manifest.json"))) == 1
     # a second run with the same reference and data hits the persistent cache
     again = DPOTrainer(
         tiny_model(tok),
@@ -234,7 +234,7 @@ def test_precomputed_reference_matches_live_reference(tmp_path):
         train_dataset=ROWS,
         processing_class=tok,
     )
-    assert len(list((tmp_path / "cache").glob("ref_logps-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("ref-*/manifest.json"))) == 1
     row0 = again.train_pairs[0]["row"]
     table_again = again._ref_tables[id(again.train_pairs)][1]
     assert table_again[row0] == pre._ref_tables[id(pre.train_pairs)][1][row0]
