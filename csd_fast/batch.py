@@ -48,6 +48,7 @@ class PairBatch:
     ref_rejected_logps: Tensor | None = None  # (P,)
     group_ids: Tensor | None = None  # (P,) long, pairs sharing an id belong to one CLO example
     sft_mask: Tensor | None = None  # (P,) bool, pairs whose chosen feeds the NLL term (None: all)
+    langs: tuple[str, ...] | None = None  # (P,) prompt language of each pair, for per-language logs
     num_tokens: int = 0  # tokens TRL counts for `num_tokens` (its padded attention-mask sum)
     num_real_tokens: int = 0  # tokens actually in the rows (after prefix sharing)
     capacity: int = 0  # R * T, for padding_efficiency
@@ -195,6 +196,8 @@ def _pair_fields(examples: list[dict]) -> dict:
         out["group_ids"] = torch.tensor([int(ex["group"]) for ex in examples])
     if all("sft" in ex for ex in examples):
         out["sft_mask"] = torch.tensor([bool(ex["sft"]) for ex in examples])
+    if all("lang" in ex for ex in examples):
+        out["langs"] = tuple(str(ex["lang"]) for ex in examples)
     if all(ex.get("ref_chosen_logps") is not None for ex in examples):
         out["ref_chosen_logps"] = torch.tensor(
             [float(ex["ref_chosen_logps"]) for ex in examples], dtype=torch.float32

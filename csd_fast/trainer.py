@@ -279,6 +279,7 @@ class DPOTrainer:
             token_is_top1=fwd.is_top1,
             token_seq_ids=batch.sequence_ids(),
             num_pairs=P,
+            langs=batch.langs,
         )
         if batch.capacity:
             metrics["padding_efficiency"] = batch.num_real_tokens / batch.capacity

@@ -4,7 +4,8 @@
     pairs = tokenize_pairs("data/train.jsonl", tokenizer, max_length=1024, on_bad_row="skip",
                            rejects_path="rejects.jsonl")   # cached under default_cache_dir()
     pairs[0]           # {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...], "row": 0}
-                       # (+ "group": int and "sft": bool when the source has those CLO columns)
+                       # (+ "group": int and "sft": bool when the source has those CLO columns,
+                       #  "lang": str when it has a `lang` column)
     pairs.lengths()    # (prompt, chosen, rejected) token counts as numpy arrays, for packing
     pairs.groups()     # (n,) int64 CLO example id per pair, or None
     pairs.skipped      # {"empty_completion": 3, "prompt_too_long": 1}
@@ -44,7 +45,7 @@ from csd_fast.data.sources import RowSource, load_rows
 logger = logging.getLogger(__name__)
 
 # bump when the tokenization rules or the stored fields change, so old caches are never read
-_CACHE_VERSION = 2  # 2: CLO group/sft columns stored
+_CACHE_VERSION = 3  # 2: CLO group/sft columns stored; 3: lang column
 _BATCH = 1024  # rows per batched tokenizer call for plain text
 _KEYS = ("prompt", "chosen", "rejected")
 
@@ -64,6 +65,7 @@ class TokenizedPairs:
     from_cache: bool = False
     group: np.ndarray | None = None  # (n,) int64 CLO example id of each pair (None: no column)
     sft: np.ndarray | None = None  # (n,) bool, pair's chosen feeds the NLL term (None: no column)
+    lang: np.ndarray | None = None  # (n,) str, the prompt's language (None: no column)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -82,6 +84,8 @@ class TokenizedPairs:
             out["group"] = int(self.group[i])
         if self.sft is not None:
             out["sft"] = bool(self.sft[i])
+        if self.lang is not None:
+            out["lang"] = str(self.lang[i])
         return out
 
     def __iter__(self):
@@ -112,7 +116,11 @@ class TokenizedPairs:
         arrays = {f"{k}_flat": self.flat[k] for k in _KEYS}
         arrays.update({f"{k}_offsets": self.offsets[k] for k in _KEYS})
         arrays.update(
-            {k: v for k, v in (("group", self.group), ("sft", self.sft)) if v is not None}
+            {
+                k: v
+                for k, v in (("group", self.group), ("sft", self.sft), ("lang", self.lang))
+                if v is not None
+            }
         )
         meta_json = json.dumps(meta, default=str, ensure_ascii=False)
         tmp = f"{path}.tmp{os.getpid()}"
@@ -136,6 +144,7 @@ class TokenizedPairs:
                 from_cache=True,
                 group=z["group"] if "group" in z.files else None,
                 sft=z["sft"] if "sft" in z.files else None,
+                lang=z["lang"] if "lang" in z.files else None,
             )
 
 
@@ -245,6 +254,8 @@ def tokenize_pairs(
     ]
     out = _pack(toks, src.name, checked.format, rejects)
     out.group, out.sft = _clo_columns(raw, out.rows)
+    if len(out.rows) and raw[int(out.rows[0])].get("lang") is not None:
+        out.lang = np.array([str(raw[i]["lang"]) for i in out.rows.tolist()], dtype=np.str_)
     if rejects:
         logger.warning(
             "%s: skipped %d of %d rows %s%s",
