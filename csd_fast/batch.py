@@ -152,14 +152,15 @@ def collate_padded(
         seqs[i], seqs[P + i] = truncate_pair(
             ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length, truncation_mode
         )
-    T = max(len(p) + len(c) for p, c in seqs)
+    # SFT rows (csd_fast.data.sft) have no rejected side: no rows for it, only empty sequences
+    R = P if all(not ex["rejected_ids"] for ex in examples) else 2 * P
+    T = max(len(p) + len(c) for p, c in seqs[:R])
     if pad_to_multiple_of:
         T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    R = 2 * P
     input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((R, T), dtype=torch.long)
     index, labels, offsets = [], [], [0]
-    for r, (p, c) in enumerate(seqs):
+    for r, (p, c) in enumerate(seqs[:R]):
         ids = p + c
         input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[r, : len(ids)] = 1
@@ -169,6 +170,7 @@ def collate_padded(
         index.append(r * T + torch.arange(len(p) - 1 + skip, len(ids) - 1, dtype=torch.long))
         labels.append(torch.tensor(c[skip:], dtype=torch.long))
         offsets.append(offsets[-1] + len(c) - skip)
+    offsets += [offsets[-1]] * (2 * P - R)  # the empty rejected sequences of SFT rows
     position_ids = torch.arange(T, dtype=torch.long).expand(R, T).contiguous()
     return PairBatch(
         model_kwargs={

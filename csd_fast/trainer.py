@@ -85,6 +85,8 @@ class DPOTrainer:
         if self.ref_model is not None:
             self.ref_model.to(self.device)
         self.loss_params = args.loss_params()
+        # a pure SFT loss never reads the reference: no copy, no reference pass
+        self._sft_only = self.loss_params.loss_type == ("sft",)
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
         self.optimizer, self.lr_scheduler = optimizers
@@ -99,13 +101,14 @@ class DPOTrainer:
             self._tokenize(train_dataset, "train") if train_dataset is not None else None
         )
         self.eval_pairs = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
+        self._sft_data = self.train_pairs is not None and self.train_pairs.is_sft
         # reference tables by the identity of the tokenized set they score: an evaluate() on a
         # new dataset must never read another set's rows
         self._ref_tables: dict[int, object] = {}
         self._plans: dict[str, tuple] = {}  # mode -> (tokenized set, epoch, plan)
         self._ref_fingerprint: str | None = None
         self._policy_is_initial = True  # until training starts the policy is its own reference
-        if args.precompute_ref_log_probs or args.ref_cache_dir:
+        if (args.precompute_ref_log_probs or args.ref_cache_dir) and not self._sft_only:
             for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
                 if pairs is not None:
                     self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
@@ -117,7 +120,7 @@ class DPOTrainer:
 
         a = self.args
         out = Path(a.output_dir)
-        return tokenize_pairs(
+        pairs = tokenize_pairs(
             load_rows(dataset, split="train" if name == "train" else "test"),
             self.processing_class,
             max_length=a.max_length,
@@ -126,6 +129,17 @@ class DPOTrainer:
             rejects_path=out / f"rejected_rows_{name}.jsonl",
             cache_dir=a.dataset_cache_dir,
         )
+        if pairs.is_sft and not self._sft_only:
+            raise ValueError(
+                f"{pairs.source}: SFT rows ({pairs.format}) have no rejected response: train "
+                f"them with loss_type ['sft'], not {list(self.loss_params.loss_type)}"
+            )
+        train = getattr(self, "train_pairs", None)
+        if train is not None and pairs.is_sft != train.is_sft:
+            raise ValueError(
+                f"{pairs.source} is {pairs.format} but the training set is {train.format}"
+            )
+        return pairs
 
     def _batching(self, mode: str) -> BatchingOptions:
         a = self.args
@@ -192,6 +206,9 @@ class DPOTrainer:
         """Cached table values when the batch carries them, else a live no-grad reference pass."""
         if batch.ref_chosen_logps is not None:
             return batch.ref_chosen_logps, batch.ref_rejected_logps
+        if self._sft_only:  # the sft loss does not read them; the reward metrics are dropped
+            zeros = torch.zeros(batch.num_pairs, device=batch.token_labels.device)
+            return zeros, zeros
         with self._reference() as ref, self._autocast():
             was_training = ref.training
             ref.eval()  # the reference never sees dropout, even with disable_dropout=False
@@ -281,6 +298,8 @@ class DPOTrainer:
             num_pairs=P,
             langs=batch.langs,
         )
+        if self._sft_data:  # TRL SFTTrainer's metrics: no rejected side, no reference
+            metrics = {k: v for k, v in metrics.items() if k in _SFT_METRICS}
         if batch.capacity:
             metrics["padding_efficiency"] = batch.num_real_tokens / batch.capacity
         if self.layout == "prefix":
@@ -403,6 +422,9 @@ class DPOTrainer:
 
     def plot(self) -> Path | None:
         return plot_curves(self.args.output_dir)
+
+
+_SFT_METRICS = ("mean_token_accuracy", "entropy", "logps/chosen")
 
 
 def _device(args) -> torch.device:

@@ -40,12 +40,13 @@ import numpy as np
 
 from csd_fast.data.errors import PreferenceDataError
 from csd_fast.data.formats import Format, extract_prompt, validate_rows
+from csd_fast.data.sft import is_sft_rows, tokenize_sft_rows
 from csd_fast.data.sources import RowSource, load_rows
 
 logger = logging.getLogger(__name__)
 
 # bump when the tokenization rules or the stored fields change, so old caches are never read
-_CACHE_VERSION = 3  # 2: CLO group/sft columns stored; 3: lang column
+_CACHE_VERSION = 3  # 2: CLO group/sft columns stored; 3: lang column, SFT formats
 _BATCH = 1024  # rows per batched tokenizer call for plain text
 _KEYS = ("prompt", "chosen", "rejected")
 
@@ -94,6 +95,11 @@ class TokenizedPairs:
     def lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prompt, chosen, rejected) token counts, each (n,) int64, untruncated."""
         return tuple(np.diff(self.offsets[k]) for k in _KEYS)  # type: ignore[return-value]
+
+    @property
+    def is_sft(self) -> bool:
+        """SFT rows (prompt/completion, messages, text): every rejected side is empty."""
+        return self.format.startswith("sft")
 
     def groups(self) -> np.ndarray | None:
         """(n,) int64 CLO example id of each pair, for keeping a group in one micro-batch."""
@@ -228,19 +234,32 @@ def tokenize_pairs(
                 return out
 
     raw = src.raw if src.raw is not None else py_rows
-    checked = validate_rows(src, raw, on_bad_row=on_bad_row)
-    bad = list(checked.rejects)
-    toks, more_bad = _tokenize_rows(
-        src,
-        py_rows,
-        checked.good,
-        checked.format,
-        tokenizer,
-        max_length,
-        truncation_mode,
-        on_bad_row,
-    )
-    bad = sorted(bad + more_bad, key=lambda e: e.row if e.row is not None else -1)
+    if is_sft_rows(raw):  # prompt/completion, messages or text: pairs with an empty rejected
+        if not raw:
+            raise src.error(None, None, "no rows", "empty_source")
+        toks, bad, fmt_name = tokenize_sft_rows(
+            src,
+            raw,
+            tokenizer,
+            max_length=max_length,
+            truncation_mode=truncation_mode,
+            on_bad_row=on_bad_row,
+        )
+    else:
+        checked = validate_rows(src, raw, on_bad_row=on_bad_row)
+        toks, more_bad = _tokenize_rows(
+            src,
+            py_rows,
+            checked.good,
+            checked.format,
+            tokenizer,
+            max_length,
+            truncation_mode,
+            on_bad_row,
+        )
+        bad = list(checked.rejects) + more_bad
+        fmt_name = checked.format.name if checked.format is not None else ""
+    bad = sorted(bad, key=lambda e: e.row if e.row is not None else -1)
     rejects = [
         {
             "row": e.row,
@@ -252,7 +271,7 @@ def tokenize_pairs(
         }
         for e in bad
     ]
-    out = _pack(toks, src.name, checked.format, rejects)
+    out = _pack(toks, src.name, fmt_name, rejects)
     out.group, out.sft = _clo_columns(raw, out.rows)
     if len(out.rows) and raw[int(out.rows[0])].get("lang") is not None:
         out.lang = np.array([str(raw[i]["lang"]) for i in out.rows.tolist()], dtype=np.str_)
@@ -412,7 +431,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _pack(toks, source: str, fmt: Format | None, rejects: list[dict]) -> TokenizedPairs:
+def _pack(toks, source: str, fmt_name: str, rejects: list[dict]) -> TokenizedPairs:
     flat, offsets = {}, {}
     for j, k in enumerate(_KEYS):
         seqs = [t[j + 1] for t in toks]
@@ -426,7 +445,7 @@ def _pack(toks, source: str, fmt: Format | None, rejects: list[dict]) -> Tokeniz
         offsets=offsets,
         rows=np.array([t[0] for t in toks], dtype=np.int64),
         source=source,
-        format=fmt.name if fmt is not None else "",
+        format=fmt_name,
         skipped=dict(Counter(r["kind"] for r in rejects)),
         rejects=rejects,
     )
