@@ -176,8 +176,13 @@ def main(argv: list[str] | None = None) -> int:
 
         assets = build_demo(output_dir / "demo_assets")
         script["model_name_or_path"] = str(assets.model_dir)
-        script["dataset_name"] = str(assets.train_file)
-        script["eval_dataset_name"] = str(assets.eval_file)
+        train_file, eval_file = assets.train_file, assets.eval_file
+        if "clo" in kwargs.get("loss_type", []):  # the demo's items as CLO groups
+            from csd_fast.demo.preference import write_clo_files
+
+            train_file, eval_file = write_clo_files(train_file, eval_file, assets.model_dir.parent)
+        script["dataset_name"] = str(train_file)
+        script["eval_dataset_name"] = str(eval_file)
         print(f"[csd-train] built-in demo: tiny model and bilingual pairs in {assets.model_dir}")
     if script["model_name_or_path"] is None or script["dataset_name"] is None:
         raise SystemExit("csd-train: give both --model_name_or_path and --dataset_name")
@@ -206,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=train,
         eval_dataset=evalset,
     )
+    before = _demo_preference(trainer) if script["demo"] else None
+    if before:
+        print("[csd-train] " + format_preference(before))
     trainer.train(resume_from_checkpoint=script["resume"])
+    if before:
+        print("[csd-train] " + format_preference(before, _demo_preference(trainer)))
     trainer.save_model(str(output_dir / "final"))
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     summary = evals[-1] if evals else {}
@@ -220,6 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     if png:
         print(f"[csd-train] curves: {png}")
     return 0
+
+
+def _demo_preference(trainer) -> dict[str, float] | None:
+    """The demo's per-language preference for the prompt's language (held-out pairs)."""
+    from csd_fast.demo.preference import language_preference
+
+    pairs = trainer.eval_pairs
+    if pairs is None or pairs.lang is None:
+        return None
+    return language_preference(trainer.model, pairs, trainer.processing_class.pad_token_id)
+
+
+def format_preference(before, after=None) -> str:
+    from csd_fast.demo.preference import format_preference as fmt
+
+    return fmt(before, after)
 
 
 if __name__ == "__main__":
