@@ -143,8 +143,11 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
         if not isinstance(recipe, dict):
             raise SystemExit(f"{config_path}: a recipe must be a mapping of option: value")
         for k in list(recipe):
-            if k.replace("-", "_") in SCRIPT_OPTIONS and script.get(k.replace("-", "_")) is None:
-                script[k.replace("-", "_")] = recipe.pop(k)
+            name = k.replace("-", "_")
+            if name in SCRIPT_OPTIONS:
+                value = recipe.pop(k)  # a flag given on the command line wins over the file
+                if script.get(name) is None:
+                    script[name] = value
         known = {f.name for f in dataclasses.fields(DPOConfig)}
         unknown = [k for k in recipe if k.replace("-", "_") not in known]
         if unknown:
