@@ -16,6 +16,8 @@ import sys
 # name -> ("module:function", one-line help). Parts register themselves here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("csd_fast.cli:main", "DPO / CLO training (also `csd-train`)"),
+    "eval": ("csd_fast.pipeline.eval:main", "per-language evaluation of models / rounds"),
+    "loop": ("csd_fast.pipeline.loop:main", "the whole method, resumable, round after round"),
 }
 
 
