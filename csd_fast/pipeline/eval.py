@@ -11,7 +11,7 @@ format (`csd_fast.pipeline.responses`), given or generated. Per prompt language,
     fidelity        share of responses whose identified language is the prompt's language
     undetected      share lingua could not decide (counted as not faithful)
     code_switch     share with runs of >= min_words words in two or more languages
-    reward          mean reward-model score (raw logit; the shard's `score` column when present)
+    reward          mean reward-model score (raw logit; the shard's `reward` column when present)
     win_rate        vs the baseline system: share of (prompt_id, sample_index) matches where this
     tie_rate        system's response scores higher / equal (|Δ| <= tie_tolerance); loss = the rest
     mean_tokens     mean generated tokens
@@ -65,8 +65,9 @@ class EvalResult:
 
 def _score_cached(name: str, rows: list[dict], scorer, out_dir: Path) -> list[float]:
     """The rows' RM scores: the shard's own `score` column, a cached file, or a scoring pass."""
-    if all(r.get("score") is not None for r in rows):
-        return [float(r["score"]) for r in rows]
+    for column in ("reward", "score"):  # `csd score` writes reward; hand-made files may say score
+        if all(r.get(column) is not None for r in rows):
+            return [float(r[column]) for r in rows]
     if scorer is None:
         return []
     cache = out_dir / f"scores-{name}.parquet"

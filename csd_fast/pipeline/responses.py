@@ -6,8 +6,9 @@
 
 The format is the sample shards of `csd sample` (issue #9): one row per response with columns
 prompt_id, sample_index, prompt, lang, group, response, num_tokens, finish_reason ("stop" or
-"length"), and optionally score (the reward model's raw logit, from the score stage). A directory
-holds `shard-*.parquet` files (read in name order; other files are ignored).
+"length"), and optionally `reward` (the reward model's raw logit, from the score stage; `score`
+is read too). A directory holds `*.parquet` shards (read in name order; hidden temporary files and
+other files are ignored).
 
 `generate_responses` is the transformers fallback for the sample stage (HF `generate`, no vLLM):
 it writes one shard per `prompts_per_shard` prompts, each atomically (tmp + rename), and skips the
@@ -34,8 +35,8 @@ class ResponsesError(ValueError):
 
 
 def _shards(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.glob("shard-*.parquet"))
+    if path.is_dir():  # shard-NNNNN (here) or <kind>-NNNNN (`csd sample` / `csd score`)
+        return sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
     if path.is_file():
         return [path]
     raise FileNotFoundError(f"{path}: no such responses file or directory")
@@ -49,7 +50,7 @@ def read_responses(path: str | os.PathLike) -> list[dict]:
     rows: list[dict] = []
     shards = _shards(path)
     if not shards:
-        raise ResponsesError(f"{path}: no shard-*.parquet files")
+        raise ResponsesError(f"{path}: no .parquet shards")
     for shard in shards:
         table = pq.read_table(shard)
         missing = [c for c in REQUIRED if c not in table.column_names]
@@ -146,13 +147,23 @@ def generate_responses(
                 num_return_sequences=num_samples,
                 pad_token_id=tok.pad_token_id,
             )
-        new = gen[:, enc["input_ids"].shape[1] :]
+        width = enc["input_ids"].shape[1]
         rows = []
-        for j, ids in enumerate(new.tolist()):
+        for j, full in enumerate(gen.tolist()):
             prompt = chunk[j // num_samples]
-            ids = [t for t in ids if t != tok.pad_token_id]
+            prompt_ids = [t for t in full[:width] if t != tok.pad_token_id]
+            ids = [t for t in full[width:] if t != tok.pad_token_id]
             stopped = bool(ids) and ids[-1] == tok.eos_token_id
             content = ids[:-1] if stopped else ids
+            # decode the continuation in context, so prompt + response reads (and tokenizes)
+            # as the model wrote it: a leading space survives, unlike decoding `content` alone
+            head = tok.decode(prompt_ids, skip_special_tokens=True)
+            text = tok.decode(prompt_ids + content, skip_special_tokens=True)
+            response = (
+                text[len(head) :]
+                if text.startswith(head)
+                else tok.decode(content, skip_special_tokens=True)
+            )
             rows.append(
                 {
                     "prompt_id": prompt["prompt_id"],
@@ -162,7 +173,7 @@ def generate_responses(
                     else prompt["prompt"],
                     "lang": prompt["lang"],
                     "group": str(prompt.get("group", prompt["prompt_id"])),
-                    "response": tok.decode(content, skip_special_tokens=True),
+                    "response": response,
                     "num_tokens": len(ids),
                     "finish_reason": "stop" if stopped else "length",
                 }
