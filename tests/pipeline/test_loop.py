@@ -40,6 +40,7 @@ def assets(tmp_path_factory):
 
 
 def write_config(path: Path, assets: dict, **changes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     recipe = path.parent / "train.yaml"
     recipe.write_text(yaml.safe_dump(TRAIN))
     config = {
