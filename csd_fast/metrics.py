@@ -51,10 +51,12 @@ def pair_metric_sums(
     token_seq_ids: Tensor,
     num_pairs: int,
     langs: tuple[str, ...] | None = None,
+    lang_names: tuple[str, ...] | None = None,
 ) -> dict[str, Tensor]:
     """metric name -> fp64 tensor [sum, count]; token_* are (N,) over scored tokens whose
     token_seq_ids (N,) lie in 0..2P-1 (chosen 0..P-1, rejected P..2P-1). A None token input omits
-    its metrics; `langs` (P,) adds the per-language ones."""
+    its metrics; `langs` (P,) adds the per-language ones, for every language of `lang_names` too
+    (count 0 where absent: the same keys on every rank, for the all-reduce)."""
     if logps.num_pairs != num_pairs:
         raise ValueError(f"num_pairs={num_pairs} but the log-probs hold {logps.num_pairs} pairs")
     f64 = torch.float64
@@ -77,7 +79,7 @@ def pair_metric_sums(
     }
 
     if langs is not None:
-        out.update(_language_sums(langs, correct, r_c - r_r, num_pairs))
+        out.update(_language_sums(langs, correct, r_c - r_r, num_pairs, lang_names))
 
     is_chosen = token_seq_ids < num_pairs  # (N,)
 
@@ -98,13 +100,25 @@ def pair_metric_sums(
     return {k: v.to(r_c.device) for k, v in out.items()}
 
 
+LANGUAGE_METRICS = ("rewards/accuracies/", "rewards/margins/")
+
+
+def is_language_metric(key: str) -> bool:
+    """A per-language key: averaged only over the micro-batches that held the language."""
+    return key.removeprefix("eval_").startswith(LANGUAGE_METRICS)
+
+
 def _language_sums(
-    langs: tuple[str, ...], correct: Tensor, margins: Tensor, num_pairs: int
+    langs: tuple[str, ...],
+    correct: Tensor,
+    margins: Tensor,
+    num_pairs: int,
+    names: tuple[str, ...] | None = None,
 ) -> dict[str, Tensor]:
     """rewards/accuracies/<lang> and rewards/margins/<lang> as [sum, count] over each language."""
     if len(langs) != num_pairs:
         raise ValueError(f"{len(langs)} languages for {num_pairs} pairs")
-    names = sorted(set(langs))
+    names = sorted(set(langs) | set(names or ()))
     index = {name: k for k, name in enumerate(names)}
     lang_ids = torch.tensor([index[x] for x in langs], device=margins.device)
     f64 = torch.float64
@@ -178,7 +192,9 @@ class MetricsLog:
     def add(self, mode: str, metrics: dict[str, float]) -> None:
         self._check(mode)
         for key, value in metrics.items():
-            self._values[mode][key].append(float(value))
+            # device tensors stay where they are until pop(): no host sync per micro-batch
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            self._values[mode][key].append(value)
         # TRL resets num_tokens to the running total in every _compute_loss, eval included
         self._values[mode]["num_tokens"] = [float(self.total_train_tokens)]
 
@@ -193,6 +209,15 @@ class MetricsLog:
         """Window means (num_tokens: cumulative), "eval_"-prefixed in eval; clears the window."""
         self._check(mode)
         values = self._values[mode]
+        tensors = [x for v in values.values() for x in v if isinstance(x, torch.Tensor)]
+        if tensors:  # one device-to-host copy for the whole window
+            host = iter(torch.stack([t.to(torch.float64) for t in tensors]).cpu().tolist())
+            for v in values.values():
+                v[:] = [next(host) if isinstance(x, torch.Tensor) else x for x in v]
+        # a language absent from a micro-batch is NaN there (csd_fast.trainer): not a zero
+        for key, v in values.items():
+            if is_language_metric(key):
+                v[:] = [x for x in v if x == x]
         out = {key: sum(v) / len(v) for key, v in values.items() if v}
         values.clear()
         if mode == "eval":
