@@ -71,17 +71,38 @@ def _flags(options: dict[str, Any]) -> list[str]:
     return argv
 
 
-def _run_cli(target: str, argv: list[str]) -> None:
-    module, func = target.split(":")
-    code = getattr(importlib.import_module(module), func)(argv)
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the loop process dies (Linux), so a kill -9 of `csd loop`
+    never leaves an orphaned stage writing into the folder the rerun will use."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_cli(stage: str, argv: list[str]) -> None:
+    """Run a harness stage as its own `python -m csd_fast <stage>` process.
+
+    A process of its own, not a call: the vLLM stages end their process with os._exit after
+    writing their results (vLLM's teardown at exit is unreliable), and a stage's engine memory
+    is returned to the device when its process ends, before training starts.
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "csd_fast", stage, *argv]
+    code = subprocess.run(cmd, preexec_fn=_die_with_parent).returncode
     if code:
-        raise StageError(f"{module} exited with code {code} (argv: {argv})")
+        raise StageError(f"csd {stage} exited with code {code}: {' '.join(cmd[3:])}")
 
 
 def translate(inputs: dict, out: Path, settings: dict) -> dict:
     _use_harness(settings, "translate")
     argv = ["--model", settings["model"], "--input", str(inputs["prompts"]), "--output", str(out)]
-    _run_cli("csd_fast.sampling.translate:main", argv + _flags(settings.get("options", {})))
+    _run_cli("translate", argv + _flags(settings.get("options", {})))
     return {"count": len(read_responses(out))}
 
 
@@ -90,7 +111,7 @@ def sample(inputs: dict, out: Path, settings: dict) -> dict:
     if _use_harness(settings, "sample"):
         argv = ["--model", str(inputs["policy"]), "--prompts", str(inputs["prompts"])]
         argv += ["--output", str(out), "--num_samples", str(settings["num_samples"])]
-        _run_cli("csd_fast.sampling.sample:main", argv + _flags(s))
+        _run_cli("sample", argv + _flags(s))
     else:
         prompts = inputs["prompts"]
         rows = read_responses(prompts) if Path(prompts).is_dir() else read_prompts(prompts)
@@ -106,7 +127,7 @@ def sample(inputs: dict, out: Path, settings: dict) -> dict:
 def score(inputs: dict, out: Path, settings: dict) -> dict:
     if _use_harness(settings, "score"):
         argv = ["--model", settings["reward_model"], "--samples", str(inputs["samples"])]
-        _run_cli("csd_fast.sampling.score:main", argv + ["--output", str(out)])
+        _run_cli("score", argv + ["--output", str(out)])
         return {"count": len(read_responses(out))}
     from csd_fast.pipeline.judges import RewardScorer
 
@@ -137,7 +158,7 @@ def pairs(inputs: dict, out: Path, settings: dict) -> dict:
     path = out / "pairs.jsonl"
     if _use_harness(settings, "pairs"):
         argv = ["--scores", str(inputs["scores"]), "--strategy", strategy, "--output", str(path)]
-        _run_cli("csd_fast.pairs.cli:main", argv + _flags(settings.get("options", {})))
+        _run_cli("pairs", argv + _flags(settings.get("options", {})))
         return {"count": sum(1 for _ in path.open()), "file": str(path)}
     if strategy not in ("paired", "max-r"):
         raise StageError(f"pair strategy {strategy!r} needs csd pairs (issue #9); the "
