@@ -103,7 +103,11 @@ def translate(inputs: dict, out: Path, settings: dict) -> dict:
     _use_harness(settings, "translate")
     argv = ["--model", settings["model"], "--input", str(inputs["prompts"]), "--output", str(out)]
     _run_cli("translate", argv + _flags(settings.get("options", {})))
-    return {"count": len(read_responses(out))}
+    import pyarrow.parquet as pq
+
+    # translated prompts have no response column: count rows, not responses
+    shards = [p for p in out.glob("*.parquet") if not p.name.startswith(".")]
+    return {"count": sum(pq.ParquetFile(p).metadata.num_rows for p in shards)}
 
 
 def sample(inputs: dict, out: Path, settings: dict) -> dict:
