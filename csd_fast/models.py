@@ -69,11 +69,7 @@ def prepare_models(model: nn.Module, ref_model: nn.Module | None, peft_config, a
         except ImportError as e:
             raise ImportError("peft_config needs `pip install peft`") from e
         model = get_peft_model(model, peft_config)
-    elif (
-        ref_model is None
-        and not (args.precompute_ref_log_probs or args.ref_cache_dir)
-        and list(args.loss_type) != ["sft"]  # the sft loss never reads a reference
-    ):
+    elif ref_model is None and not (args.precompute_ref_log_probs or args.ref_cache_dir):
         ref_model = copy.deepcopy(model)
     # with precomputed reference log-probs the untrained policy scores the data once: no copy
     if ref_model is not None:

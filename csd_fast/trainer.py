@@ -118,8 +118,7 @@ class DPOTrainer:
                     shard_model(scorer, self.dist, opts)
             self._sharded = True
         self.loss_params = args.loss_params()
-        # a pure SFT loss never reads the reference: no copy, no reference pass
-        self._sft_only = self.loss_params.loss_type == ("sft",)
+        self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
         self.optimizer, self.lr_scheduler = optimizers
@@ -135,6 +134,8 @@ class DPOTrainer:
         )
         self.eval_pairs = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
         self._sft_data = self.train_pairs is not None and self.train_pairs.is_sft
+        if self._sft_data:  # SFT rows never read a reference (preference rows with the sft
+            self.ref_model = self.ref_scorer = None  # loss keep one: TRL logs their rewards)
         # every language of the data, so each rank logs the same per-language keys
         self._languages = tuple(
             sorted({str(x) for p in (self.train_pairs, self.eval_pairs) if p is not None
@@ -146,7 +147,7 @@ class DPOTrainer:
         self._plans: dict[str, tuple] = {}  # mode -> (tokenized set, epoch, plan)
         self._ref_fingerprint: str | None = None
         self._policy_is_initial = True  # until training starts the policy is its own reference
-        if (args.precompute_ref_log_probs or args.ref_cache_dir) and not self._sft_only:
+        if (args.precompute_ref_log_probs or args.ref_cache_dir) and not self._sft_data:
             for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
                 if pairs is not None:
                     self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
@@ -271,7 +272,7 @@ class DPOTrainer:
         """Cached table values when the batch carries them, else a live no-grad reference pass."""
         if batch.ref_chosen_logps is not None:
             return batch.ref_chosen_logps, batch.ref_rejected_logps
-        if self._sft_only:  # the sft loss does not read them; the reward metrics are dropped
+        if self._sft_data:  # the sft loss does not read them; the reward metrics are dropped
             zeros = torch.zeros(batch.num_pairs, device=batch.token_labels.device)
             return zeros, zeros
         with self._reference() as ref, self._autocast():
