@@ -40,6 +40,11 @@ SCRIPT_OPTIONS = {
         None,
         "resume: a checkpoint directory, or no value for the latest in output_dir",
     ),
+    "prepare_only": (
+        bool,
+        False,
+        "tokenize and precompute the reference store, then exit (a sweep's prepare job)",
+    ),
 }
 
 ALIASES = {
@@ -105,12 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML recipe; flags given on the command line override it")
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="run a grid instead of one run (as `csd sweep --grid`; see csd sweep --help)",
+    )
     script = parser.add_argument_group("script")
     for name, (tp, default, help_) in SCRIPT_OPTIONS.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         flags += ALIASES.get(name, [])
         if name == "resume":
             script.add_argument(*flags, dest=name, nargs="?", const=True, default=None, help=help_)
+        elif tp is bool:
+            script.add_argument(*flags, dest=name, action="store_true", help=help_)
         else:
             script.add_argument(*flags, dest=name, type=tp, default=default, help=help_)
     train = parser.add_argument_group("training (DPOConfig)")
@@ -135,6 +148,7 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
     from csd_fast.config import DPOConfig
 
     ns = vars(build_parser().parse_args(argv))
+    ns.pop("sweep")
     config_path = ns.pop("config")
     script = {k: ns.pop(k) for k in SCRIPT_OPTIONS}
     recipe = {}
@@ -171,6 +185,11 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
 def main(argv: list[str] | None = None) -> int:
     from csd_fast import DPOConfig, DPOTrainer
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--sweep" or a.startswith("--sweep=") for a in argv):
+        from csd_fast.pipeline.sweep import main as sweep_main  # only when asked: no engine dep
+
+        return sweep_main(_sweep_argv(argv))
     script, kwargs = resolve(argv)
     output_dir = Path(kwargs["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("csd-train: give both --model_name_or_path and --dataset_name")
     if script["eval_dataset_name"] and "eval_strategy" not in kwargs:
         kwargs["eval_strategy"] = "steps"  # an eval set given without a strategy: evaluate
+    # the command line stops on a fully truncated row unless told to drop it (TRL's API drops)
+    kwargs.setdefault("on_fully_truncated", "error")
     args = DPOConfig(**kwargs)
     resolved = {
         "script": {k: v for k, v in script.items() if k != "demo"},
@@ -214,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=train,
         eval_dataset=evalset,
     )
+    if script["prepare_only"]:  # the data, plans and reference store are now on disk
+        print(f"[csd-train] prepared: {len(trainer.train_pairs)} training pairs")
+        return 0
     before = _demo_preference(trainer) if script["demo"] else None
     if before:
         print("[csd-train] " + format_preference(before))
@@ -249,6 +273,19 @@ def format_preference(before, after=None) -> str:
     from csd_fast.demo.preference import format_preference as fmt
 
     return fmt(before, after)
+
+
+def _sweep_argv(argv: list[str]) -> list[str]:
+    """`csd train ... --sweep k=v1,v2` -> `csd sweep ... --grid k=v1,v2`."""
+    out, it = [], iter(argv)
+    for a in it:
+        if a == "--sweep":
+            out += ["--grid", next(it, "")]
+        elif a.startswith("--sweep="):
+            out += ["--grid", a.split("=", 1)[1]]
+        else:
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

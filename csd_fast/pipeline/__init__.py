@@ -1,4 +1,3 @@
-"""Orchestration of the method: `csd eval` (eval.py) and `csd loop` (loop.py, stages.py).
-
-Nothing in the training engine imports this package; it calls each part's public function.
+"""Orchestration over the engine's public entry points: sweeps (sweep.py), `csd eval` (eval.py),
+`csd loop` (loop.py, stages.py). No numerics live here; nothing in the engine imports it.
 """
