@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score": ("csd_fast.sampling.score:main", "reward-model scores of samples (raw logits)"),
     "translate": ("csd_fast.sampling.translate:main", "translate prompts (and responses)"),
     "pairs": ("csd_fast.pairs.cli:main", "preference pairs from scored samples"),
+    "eval": ("csd_fast.pipeline.eval:main", "per-language evaluation of models / rounds"),
+    "loop": ("csd_fast.pipeline.loop:main", "the whole method, resumable, round after round"),
 }
 
 

@@ -48,6 +48,7 @@ class PairBatch:
     ref_rejected_logps: Tensor | None = None  # (P,)
     group_ids: Tensor | None = None  # (P,) long, pairs sharing an id belong to one CLO example
     sft_mask: Tensor | None = None  # (P,) bool, pairs whose chosen feeds the NLL term (None: all)
+    langs: tuple[str, ...] | None = None  # (P,) prompt language of each pair, for per-language logs
     num_tokens: int = 0  # tokens TRL counts for `num_tokens` (its padded attention-mask sum)
     num_real_tokens: int = 0  # tokens actually in the rows (after prefix sharing)
     capacity: int = 0  # R * T, for padding_efficiency
@@ -165,14 +166,15 @@ def collate_padded(
         seqs[i], seqs[P + i] = truncate_pair(
             ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length, truncation_mode
         )
-    T = max(len(p) + len(c) for p, c in seqs)
+    # SFT rows (csd_fast.data.sft) have no rejected side: no rows for it, only empty sequences
+    R = P if all(not ex["rejected_ids"] for ex in examples) else 2 * P
+    T = max(len(p) + len(c) for p, c in seqs[:R])
     if pad_to_multiple_of:
         T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    R = 2 * P
     input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((R, T), dtype=torch.long)
     index, labels, offsets = [], [], [0]
-    for r, (p, c) in enumerate(seqs):
+    for r, (p, c) in enumerate(seqs[:R]):
         ids = p + c
         input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[r, : len(ids)] = 1
@@ -182,6 +184,7 @@ def collate_padded(
         index.append(r * T + torch.arange(len(p) - 1 + skip, len(ids) - 1, dtype=torch.long))
         labels.append(torch.tensor(c[skip:], dtype=torch.long))
         offsets.append(offsets[-1] + len(c) - skip)
+    offsets += [offsets[-1]] * (2 * P - R)  # the empty rejected sequences of SFT rows
     position_ids = torch.arange(T, dtype=torch.long).expand(R, T).contiguous()
     return PairBatch(
         model_kwargs={
@@ -209,6 +212,8 @@ def _pair_fields(examples: list[dict]) -> dict:
         out["group_ids"] = torch.tensor([int(ex["group"]) for ex in examples])
     if all("sft" in ex for ex in examples):
         out["sft_mask"] = torch.tensor([bool(ex["sft"]) for ex in examples])
+    if all("lang" in ex for ex in examples):
+        out["langs"] = tuple(str(ex["lang"]) for ex in examples)
     if all(ex.get("ref_chosen_logps") is not None for ex in examples):
         out["ref_chosen_logps"] = torch.tensor(
             [float(ex["ref_chosen_logps"]) for ex in examples], dtype=torch.float32

@@ -160,8 +160,11 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
         if not isinstance(recipe, dict):
             raise SystemExit(f"{config_path}: a recipe must be a mapping of option: value")
         for k in list(recipe):
-            if k.replace("-", "_") in SCRIPT_OPTIONS and script.get(k.replace("-", "_")) is None:
-                script[k.replace("-", "_")] = recipe.pop(k)
+            name = k.replace("-", "_")
+            if name in SCRIPT_OPTIONS:
+                value = recipe.pop(k)  # a flag given on the command line wins over the file
+                if script.get(name) is None:
+                    script[name] = value
         known = {f.name for f in dataclasses.fields(DPOConfig)}
         unknown = [k for k in recipe if k.replace("-", "_") not in known]
         if unknown:
@@ -208,8 +211,13 @@ def main(argv: list[str] | None = None) -> int:
 
         assets = build_demo(output_dir / "demo_assets")
         script["model_name_or_path"] = str(assets.model_dir)
-        script["dataset_name"] = str(assets.train_file)
-        script["eval_dataset_name"] = str(assets.eval_file)
+        train_file, eval_file = assets.train_file, assets.eval_file
+        if "clo" in kwargs.get("loss_type", []):  # the demo's items as CLO groups
+            from csd_fast.demo.preference import write_clo_files
+
+            train_file, eval_file = write_clo_files(train_file, eval_file, assets.model_dir.parent)
+        script["dataset_name"] = str(train_file)
+        script["eval_dataset_name"] = str(eval_file)
         print(f"[csd-train] built-in demo: tiny model and bilingual pairs in {assets.model_dir}")
     if script["model_name_or_path"] is None or script["dataset_name"] is None:
         raise SystemExit("csd-train: give both --model_name_or_path and --dataset_name")
@@ -245,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     if script["prepare_only"]:  # the data, plans and reference store are now on disk
         print(f"[csd-train] prepared: {len(trainer.train_pairs)} training pairs")
         return 0
+    before = _demo_preference(trainer) if script["demo"] else None
+    if before:
+        print("[csd-train] " + format_preference(before))
     trainer.train(resume_from_checkpoint=script["resume"])
+    if before:
+        print("[csd-train] " + format_preference(before, _demo_preference(trainer)))
     trainer.save_model(str(output_dir / "final"))
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     summary = evals[-1] if evals else {}
@@ -301,6 +314,22 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
     for line in problems:
         print(line)
     return 1 if problems else 0
+
+
+def _demo_preference(trainer) -> dict[str, float] | None:
+    """The demo's per-language preference for the prompt's language (held-out pairs)."""
+    from csd_fast.demo.preference import language_preference
+
+    pairs = trainer.eval_pairs
+    if pairs is None or pairs.lang is None:
+        return None
+    return language_preference(trainer.model, pairs, trainer.processing_class.pad_token_id)
+
+
+def format_preference(before, after=None) -> str:
+    from csd_fast.demo.preference import format_preference as fmt
+
+    return fmt(before, after)
 
 
 def _sweep_argv(argv: list[str]) -> list[str]:

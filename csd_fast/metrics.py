@@ -13,6 +13,15 @@ Per micro-batch (TRL `_compute_loss`), with P pairs and rewards r = β·(log π�
     num_tokens                           cumulative count of training attention-mask tokens (TRL
                                          counts the padded rows' mask: `PairBatch.num_tokens`)
 
+Per language (pairs carrying a `lang`, the prompt's language), over the micro-batch's pairs of
+that language only:
+
+    rewards/accuracies/<lang>            mean over those pairs of [r_c > r_r]
+    rewards/margins/<lang>               mean over those pairs of r_c - r_r
+
+A language absent from a micro-batch adds nothing to it, so at logging time its value is the mean
+over the micro-batches that held it (the same mean-of-micro-batch-means rule as the others).
+
 Token-weighted metrics of an empty set are 0.0, as in TRL. At logging time (`DPOTrainer.log`) each
 metric is the plain mean of its per-micro-batch values over the window, not re-weighted by token or
 pair counts; `num_tokens` is the cumulative total; eval keys get an "eval_" prefix.
@@ -41,10 +50,13 @@ def pair_metric_sums(
     token_is_top1: Tensor | None,
     token_seq_ids: Tensor,
     num_pairs: int,
+    langs: tuple[str, ...] | None = None,
+    lang_names: tuple[str, ...] | None = None,
 ) -> dict[str, Tensor]:
     """metric name -> fp64 tensor [sum, count]; token_* are (N,) over scored tokens whose
     token_seq_ids (N,) lie in 0..2P-1 (chosen 0..P-1, rejected P..2P-1). A None token input omits
-    its metrics."""
+    its metrics; `langs` (P,) adds the per-language ones, for every language of `lang_names` too
+    (count 0 where absent: the same keys on every rank, for the all-reduce)."""
     if logps.num_pairs != num_pairs:
         raise ValueError(f"num_pairs={num_pairs} but the log-probs hold {logps.num_pairs} pairs")
     f64 = torch.float64
@@ -66,6 +78,9 @@ def pair_metric_sums(
         "logps/rejected": pair_mean(logps.rejected_logps.detach()),
     }
 
+    if langs is not None:
+        out.update(_language_sums(langs, correct, r_c - r_r, num_pairs, lang_names))
+
     is_chosen = token_seq_ids < num_pairs  # (N,)
 
     def token_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -83,6 +98,40 @@ def pair_metric_sums(
     if token_entropy is not None:
         out["entropy"] = token_mean(token_entropy, None)
     return {k: v.to(r_c.device) for k, v in out.items()}
+
+
+LANGUAGE_METRICS = ("rewards/accuracies/", "rewards/margins/")
+
+
+def is_language_metric(key: str) -> bool:
+    """A per-language key: averaged only over the micro-batches that held the language."""
+    return key.removeprefix("eval_").startswith(LANGUAGE_METRICS)
+
+
+def _language_sums(
+    langs: tuple[str, ...],
+    correct: Tensor,
+    margins: Tensor,
+    num_pairs: int,
+    names: tuple[str, ...] | None = None,
+) -> dict[str, Tensor]:
+    """rewards/accuracies/<lang> and rewards/margins/<lang> as [sum, count] over each language."""
+    if len(langs) != num_pairs:
+        raise ValueError(f"{len(langs)} languages for {num_pairs} pairs")
+    names = sorted(set(langs) | set(names or ()))
+    index = {name: k for k, name in enumerate(names)}
+    lang_ids = torch.tensor([index[x] for x in langs], device=margins.device)
+    f64 = torch.float64
+    # one scatter per metric instead of a boolean mask per language
+    counts = torch.zeros(len(names), dtype=f64, device=margins.device)
+    counts.index_add_(0, lang_ids, torch.ones_like(margins, dtype=f64))
+    acc = torch.zeros_like(counts).index_add_(0, lang_ids, correct.to(f64))
+    margin = torch.zeros_like(counts).index_add_(0, lang_ids, margins.to(f64))
+    out = {}
+    for name, k in index.items():
+        out[f"rewards/accuracies/{name}"] = torch.stack([acc[k], counts[k]])
+        out[f"rewards/margins/{name}"] = torch.stack([margin[k], counts[k]])
+    return out
 
 
 def metrics_from_sums(sums: dict[str, Tensor]) -> dict[str, float]:
@@ -106,6 +155,7 @@ def pair_metrics(
     token_is_top1: Tensor | None,
     token_seq_ids: Tensor,
     num_pairs: int,
+    langs: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """TRL's per-micro-batch metrics of one process (see the module docstring for definitions)."""
     sums = pair_metric_sums(
@@ -116,6 +166,7 @@ def pair_metrics(
         token_is_top1=token_is_top1,
         token_seq_ids=token_seq_ids,
         num_pairs=num_pairs,
+        langs=langs,
     )
     return metrics_from_sums(sums)
 
@@ -163,6 +214,10 @@ class MetricsLog:
             host = iter(torch.stack([t.to(torch.float64) for t in tensors]).cpu().tolist())
             for v in values.values():
                 v[:] = [next(host) if isinstance(x, torch.Tensor) else x for x in v]
+        # a language absent from a micro-batch is NaN there (csd_fast.trainer): not a zero
+        for key, v in values.items():
+            if is_language_metric(key):
+                v[:] = [x for x in v if x == x]
         out = {key: sum(v) / len(v) for key, v in values.items() if v}
         values.clear()
         if mode == "eval":

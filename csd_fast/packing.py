@@ -170,12 +170,13 @@ def collate_packed(
         (pc, c), (pr, r) = truncate_pair(
             ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length, truncation_mode
         )
-        num_tokens += len(pc) + len(c) + len(pr) + len(r)
+        num_tokens += len(pc) + len(c) + (len(pr) + len(r) if ex["rejected_ids"] else 0)
         if prefix_sharing and pc == pr:
             segments.append(_shared_segment(pc, c, r, i, P))
         else:
             segments.append(_plain_segment(pc, c, i, BRANCH_CHOSEN))
-            segments.append(_plain_segment(pr, r, P + i, BRANCH_REJECTED))
+            if ex["rejected_ids"]:  # an SFT row (csd_fast.data.sft) has no rejected side
+                segments.append(_plain_segment(pr, r, P + i, BRANCH_REJECTED))
     segments = [s for s in segments if s.tokens]
     lengths = [len(s.tokens) for s in segments]
     rows = _place_rows(lengths, row_capacity)
@@ -275,7 +276,8 @@ def pair_costs(
         pc, pr = np.minimum(p, max_length - c), np.minimum(p, max_length - r)
     else:
         raise ValueError(f"Unsupported truncation mode: {truncation_mode}")
-    unshared = pc + c + pr + r
+    # an SFT row (no rejected at all) places no rejected segment, not even its prompt
+    unshared = pc + c + np.where(np.asarray(rejected) > 0, pr + r, 0)
     if not prefix_sharing:
         return unshared
     return np.where(pc == pr, pc + c + r, unshared)

@@ -128,6 +128,7 @@ class DPOTrainer(TrainerAPI):
                     shard_model(scorer, self.dist, opts)
             self._sharded = True
         self.loss_params = args.loss_params()
+        self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
         self.optimizer, self.lr_scheduler = optimizers
@@ -141,13 +142,21 @@ class DPOTrainer(TrainerAPI):
             self._tokenize(train_dataset, "train") if train_dataset is not None else None
         )
         self.eval_pairs = self._tokenize_eval(eval_dataset) if eval_dataset is not None else None
+        self._sft_data = getattr(self.train_pairs, "is_sft", False)
+        if self._sft_data:  # SFT rows never read a reference (preference rows with the sft
+            self.ref_model = self.ref_scorer = None  # loss keep one: TRL logs their rewards)
+        # every language of the data, so each rank logs the same per-language keys
+        self._languages = tuple(
+            sorted({str(x) for p in (self.train_pairs, self.eval_pairs) if p is not None
+                    and getattr(p, "lang", None) is not None for x in p.lang})
+        )  # fmt: skip
         # reference tables by the identity of the tokenized set they score: an evaluate() on a
         # new dataset must never read another set's rows
         self._ref_tables: dict[int, object] = {}
         self._plans: dict[str, tuple] = {}  # mode -> (tokenized set, epoch, plan)
         self._ref_fingerprint: str | None = None
         self._policy_is_initial = True  # until training starts the policy is its own reference
-        if args.precompute_ref_log_probs or args.ref_cache_dir:
+        if (args.precompute_ref_log_probs or args.ref_cache_dir) and not self._sft_data:
             for name, pairs in (("train", self.train_pairs), *self._eval_sets().items()):
                 if pairs is not None:
                     self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
@@ -174,6 +183,16 @@ class DPOTrainer(TrainerAPI):
             cache_dir=a.dataset_cache_dir,
             drop_fully_truncated=a.on_fully_truncated != "error",
         )
+        if pairs.is_sft and not self._sft_only:
+            raise ValueError(
+                f"{pairs.source}: SFT rows ({pairs.format}) have no rejected response: train "
+                f"them with loss_type ['sft'], not {list(self.loss_params.loss_type)}"
+            )
+        train = getattr(self, "train_pairs", None)
+        if train is not None and pairs.is_sft != train.is_sft:
+            raise ValueError(
+                f"{pairs.source} is {pairs.format} but the training set is {train.format}"
+            )
         dropped = pairs.skipped.get("prompt_too_long", 0)
         if dropped:
             import warnings
@@ -346,6 +365,9 @@ class DPOTrainer(TrainerAPI):
         """Cached table values when the batch carries them, else a live no-grad reference pass."""
         if batch.ref_chosen_logps is not None:
             return batch.ref_chosen_logps, batch.ref_rejected_logps
+        if self._sft_data:  # the sft loss does not read them; the reward metrics are dropped
+            zeros = torch.zeros(batch.num_pairs, device=batch.token_labels.device)
+            return zeros, zeros
         with self._reference() as ref, self._autocast():
             was_training = ref.training
             ref.eval()  # the reference never sees dropout, even with disable_dropout=False
@@ -541,7 +563,11 @@ class DPOTrainer(TrainerAPI):
             token_is_top1=fwd.is_top1,
             token_seq_ids=batch.sequence_ids(),
             num_pairs=P,
+            langs=batch.langs,
+            lang_names=self._languages,
         )
+        if self._sft_data:  # TRL SFTTrainer's metrics: no rejected side, no reference
+            sums = {k: v for k, v in sums.items() if k in _SFT_METRICS}
         f64 = dict(dtype=torch.float64, device=loss.device)
         if fwd.aux_loss is not None:  # MoE: TRL adds coef * aux and logs the raw aux_loss
             loss = loss + self.router_aux_loss_coef * fwd.aux_loss.to(loss.dtype)
@@ -576,6 +602,11 @@ class DPOTrainer(TrainerAPI):
             self.dist.all_reduce_sum(table)
         total, count = table.unbind(1)
         values = torch.where(count > 0, total / count, torch.zeros_like(total))
+        if self._languages:  # a language no rank held in this micro-batch: NaN, skipped later
+            from csd_fast.metrics import is_language_metric
+
+            per_lang = torch.tensor([is_language_metric(k) for k in sums], device=values.device)
+            values = torch.where(per_lang & (count == 0), torch.nan, values)
         return dict(zip(sums, values.unbind(), strict=True))
 
     # ---------------------------------------------------------------------------- train
@@ -793,6 +824,9 @@ class DPOTrainer(TrainerAPI):
 
     def plot(self) -> Path | None:
         return plot_curves(self.args.output_dir)
+
+
+_SFT_METRICS = ("mean_token_accuracy", "entropy", "logps/chosen")
 
 
 def _fused_loss_type(args, params) -> str | None:

@@ -25,10 +25,13 @@ from csd_fast.data.sources import RowSource
 
 ALLOWED_ROLES = ("system", "user", "assistant", "tool", "developer")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-OPTIONAL_COLUMNS = ("tools", "chat_template_kwargs", "group", "sft")
+OPTIONAL_COLUMNS = ("tools", "chat_template_kwargs", "group", "sft", "lang")
 # CLO columns: `group` ties the pairs of one example together (int or str id), `sft` marks the pairs
 # whose chosen response feeds the NLL term; a column is all-or-nothing across the rows
 CLO_COLUMNS = ("group", "sft")
+# `lang` names the prompt's language (any non-empty string, e.g. "da"): training then also logs
+# rewards/accuracies/<lang> and rewards/margins/<lang>; all-or-nothing like the CLO columns
+ROW_COLUMNS = (*CLO_COLUMNS, "lang")
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,12 @@ def _check_extras(row: dict, src: RowSource, i: int) -> None:
     sft = row.get("sft")
     if sft is not None and not isinstance(sft, bool):
         raise src.error(i, "sft", f"expected a bool, got {type(sft).__name__}", "bad_sft")
+    lang = row.get("lang")
+    if lang is not None and not (isinstance(lang, str) and lang.strip() and "/" not in lang):
+        # the name becomes part of a metric key (rewards/accuracies/<lang>)
+        raise src.error(
+            i, "lang", f"expected a language name such as 'da', got {lang!r}", "bad_lang"
+        )
 
 
 @dataclass
@@ -258,7 +267,7 @@ def _clo_column_errors(rows: list[dict], src: RowSource) -> dict[int, Preference
     def flag(i: int, col: str, reason: str, kind: str) -> None:
         errors.setdefault(i, src.error(i, col, reason, kind))
 
-    for col in CLO_COLUMNS:
+    for col in ROW_COLUMNS:
         present = [i for i, r in enumerate(rows) if r.get(col) is not None]
         if not present:
             continue

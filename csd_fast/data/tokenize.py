@@ -4,7 +4,8 @@
     pairs = tokenize_pairs("data/train.jsonl", tokenizer, max_length=1024, on_bad_row="skip",
                            rejects_path="rejects.jsonl")   # cached under default_cache_dir()
     pairs[0]           # {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...], "row": 0}
-                       # (+ "group": int and "sft": bool when the source has those CLO columns)
+                       # (+ "group": int and "sft": bool when the source has those CLO columns,
+                       #  "lang": str when it has a `lang` column)
     pairs.lengths()    # (prompt, chosen, rejected) token counts as numpy arrays, for packing
     pairs.groups()     # (n,) int64 CLO example id per pair, or None
     pairs.skipped      # {"empty_completion": 3, "prompt_too_long": 1}
@@ -39,12 +40,13 @@ import numpy as np
 
 from csd_fast.data.errors import PreferenceDataError
 from csd_fast.data.formats import Format, extract_prompt, validate_rows
+from csd_fast.data.sft import is_sft_rows, tokenize_sft_rows
 from csd_fast.data.sources import RowSource, load_rows
 
 logger = logging.getLogger(__name__)
 
 # bump when the tokenization rules or the stored fields change, so old caches are never read
-_CACHE_VERSION = 2  # 2: CLO group/sft columns stored
+_CACHE_VERSION = 3  # 2: CLO group/sft columns stored; 3: lang column, SFT formats
 _BATCH = 1024  # rows per batched tokenizer call for plain text
 _KEYS = ("prompt", "chosen", "rejected")
 
@@ -64,6 +66,7 @@ class TokenizedPairs:
     from_cache: bool = False
     group: np.ndarray | None = None  # (n,) int64 CLO example id of each pair (None: no column)
     sft: np.ndarray | None = None  # (n,) bool, pair's chosen feeds the NLL term (None: no column)
+    lang: np.ndarray | None = None  # (n,) str, the prompt's language (None: no column)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -82,6 +85,8 @@ class TokenizedPairs:
             out["group"] = int(self.group[i])
         if self.sft is not None:
             out["sft"] = bool(self.sft[i])
+        if self.lang is not None:
+            out["lang"] = str(self.lang[i])
         return out
 
     def __iter__(self):
@@ -90,6 +95,11 @@ class TokenizedPairs:
     def lengths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prompt, chosen, rejected) token counts, each (n,) int64, untruncated."""
         return tuple(np.diff(self.offsets[k]) for k in _KEYS)  # type: ignore[return-value]
+
+    @property
+    def is_sft(self) -> bool:
+        """SFT rows (prompt/completion, messages, text): every rejected side is empty."""
+        return self.format.startswith("sft")
 
     def groups(self) -> np.ndarray | None:
         """(n,) int64 CLO example id of each pair, for keeping a group in one micro-batch."""
@@ -112,7 +122,11 @@ class TokenizedPairs:
         arrays = {f"{k}_flat": self.flat[k] for k in _KEYS}
         arrays.update({f"{k}_offsets": self.offsets[k] for k in _KEYS})
         arrays.update(
-            {k: v for k, v in (("group", self.group), ("sft", self.sft)) if v is not None}
+            {
+                k: v
+                for k, v in (("group", self.group), ("sft", self.sft), ("lang", self.lang))
+                if v is not None
+            }
         )
         meta_json = json.dumps(meta, default=str, ensure_ascii=False)
         tmp = f"{path}.tmp{os.getpid()}"
@@ -136,6 +150,7 @@ class TokenizedPairs:
                 from_cache=True,
                 group=z["group"] if "group" in z.files else None,
                 sft=z["sft"] if "sft" in z.files else None,
+                lang=z["lang"] if "lang" in z.files else None,
             )
 
 
@@ -223,20 +238,33 @@ def tokenize_pairs(
                 return out
 
     raw = src.raw if src.raw is not None else py_rows
-    checked = validate_rows(src, raw, on_bad_row=on_bad_row)
-    bad = list(checked.rejects)
-    toks, more_bad = _tokenize_rows(
-        src,
-        py_rows,
-        checked.good,
-        checked.format,
-        tokenizer,
-        max_length,
-        truncation_mode,
-        on_bad_row,
-        drop_fully_truncated,
-    )
-    bad = sorted(bad + more_bad, key=lambda e: e.row if e.row is not None else -1)
+    if is_sft_rows(raw):  # prompt/completion, messages or text: pairs with an empty rejected
+        if not raw:
+            raise src.error(None, None, "no rows", "empty_source")
+        toks, bad, fmt_name = tokenize_sft_rows(
+            src,
+            raw,
+            tokenizer,
+            max_length=max_length,
+            truncation_mode=truncation_mode,
+            on_bad_row=on_bad_row,
+        )
+    else:
+        checked = validate_rows(src, raw, on_bad_row=on_bad_row)
+        toks, more_bad = _tokenize_rows(
+            src,
+            py_rows,
+            checked.good,
+            checked.format,
+            tokenizer,
+            max_length,
+            truncation_mode,
+            on_bad_row,
+            drop_fully_truncated,
+        )
+        bad = list(checked.rejects) + more_bad
+        fmt_name = checked.format.name if checked.format is not None else ""
+    bad = sorted(bad, key=lambda e: e.row if e.row is not None else -1)
     rejects = [
         {
             "row": e.row,
@@ -248,8 +276,10 @@ def tokenize_pairs(
         }
         for e in bad
     ]
-    out = _pack(toks, src.name, checked.format, rejects)
+    out = _pack(toks, src.name, fmt_name, rejects)
     out.group, out.sft = _clo_columns(raw, out.rows)
+    if len(out.rows) and raw[int(out.rows[0])].get("lang") is not None:
+        out.lang = np.array([str(raw[i]["lang"]) for i in out.rows.tolist()], dtype=np.str_)
     if rejects:
         logger.warning(
             "%s: skipped %d of %d rows %s%s",
@@ -407,7 +437,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _pack(toks, source: str, fmt: Format | None, rejects: list[dict]) -> TokenizedPairs:
+def _pack(toks, source: str, fmt_name: str, rejects: list[dict]) -> TokenizedPairs:
     flat, offsets = {}, {}
     for j, k in enumerate(_KEYS):
         seqs = [t[j + 1] for t in toks]
@@ -421,7 +451,7 @@ def _pack(toks, source: str, fmt: Format | None, rejects: list[dict]) -> Tokeniz
         offsets=offsets,
         rows=np.array([t[0] for t in toks], dtype=np.int64),
         source=source,
-        format=fmt.name if fmt is not None else "",
+        format=fmt_name,
         skipped=dict(Counter(r["kind"] for r in rejects)),
         rejects=rejects,
     )
