@@ -136,21 +136,27 @@ def num_programs_hint() -> int:
     return 4 * torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def logprob_split_v(N: int, V: int) -> int:
-    """Vocabulary splits of the log-prob forward: enough programs to fill the device when
-    N / BLOCK_N alone cannot, each split keeping >= 512 columns (64 in the interpreter, so the
-    tests cross split boundaries) so the partials stay cheap to combine."""
+def logprob_split_v(N: int, V: int, block_n: int) -> int:
+    """Vocabulary splits of the log-prob forward for a launch with row blocks of `block_n`: enough
+    programs to fill the device when N / block_n alone cannot, each split keeping >= 512 columns
+    (64 in the interpreter, so the tests cross split boundaries) so the partials stay cheap to
+    combine. Evaluated per autotune config (a triton.heuristics on BLOCK_N), never assumed."""
     min_cols = 64 if is_interpreter() else 512
-    row_blocks = -(-N // 64)
+    row_blocks = -(-N // block_n)
     want = -(-num_programs_hint() // row_blocks)
     return max(1, min(-(-V // min_cols), want))
 
 
-def logprob_bwd_split_v(N: int, V: int, H: int, budget_bytes: int = 256 << 20) -> int:
+def logprob_max_split_v(N: int, V: int, configs: list) -> int:
+    """The most splits any of `configs` can ask for: the partial buffers are sized by it."""
+    return max(logprob_split_v(N, V, c.kwargs["BLOCK_N"]) for c in configs)
+
+
+def logprob_bwd_split_v(N: int, V: int, H: int, block_n: int, budget_bytes: int = 256 << 20) -> int:
     """Vocabulary splits of the dH kernel: as for the forward, but each split costs an fp32 (N, H)
     partial plane, so the planes together stay within `budget_bytes` (one split always allowed)."""
     cap = max(1, budget_bytes // max(1, N * H * 4))
-    return max(1, min(logprob_split_v(N, V), cap))
+    return max(1, min(logprob_split_v(N, V, block_n), cap))
 
 
 if __name__ == "__main__":

@@ -94,8 +94,8 @@ def _logprob_fwd_kernel(
     w_ptr,  # (V, H) weight, unit stride along H
     b_ptr,  # (V,) bias (unused without HAS_BIAS)
     labels_ptr,  # (N,) int64
-    part_ptr,  # (6, SPLIT_V, N) fp32 out: max, sumexp, sum(e*z), sum(z), max before label, z_label
-    N, V, H, stride_hn, stride_wv,
+    part_ptr,  # (6, >= SPLIT_V, N) fp32 out: max, sumexp, sum(e*z), sum(z), max before label, z_label
+    N, V, H, stride_hn, stride_wv, stride_plane,  # stride_plane: elements between part's planes
     logit_scale, softcap, inv_temp, ignore_index,
     SPLIT_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -150,7 +150,7 @@ def _logprob_fwd_kernel(
         m = new_m
 
     row = part_ptr + pid_v * N + offs_n
-    plane = SPLIT_V * N
+    plane = stride_plane
     tl.store(row, m, mask=mask_n)
     tl.store(row + plane, s, mask=mask_n)
     tl.store(row + 5 * plane, z_label, mask=mask_n)
@@ -198,7 +198,7 @@ def _logprob_bwd_dh_kernel(
     labels_ptr,  # (N,) int64
     lse_ptr,  # (N,) fp32 log-sum-exp of z from the forward
     g_ptr,  # (N,) fp32 incoming gradient, already 0 on ignored rows
-    dh_ptr,  # (SPLIT_V, N, H) fp32 out; program (pid_n, pid_v) alone writes its rows of plane pid_v
+    dh_ptr,  # (>= SPLIT_V, N, H) fp32 out; program (pid_n, pid_v) alone writes rows of plane pid_v
     N, V, H, stride_hn, stride_wv,
     logit_scale, softcap, inv_temp,
     SPLIT_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -326,6 +326,12 @@ def _logprob_bwd_dw_kernel(
 
 _AUTOTUNED: dict[str, object] = {}
 _ONE_H = {"ONE_H": lambda args: args["H"] <= args["BLOCK_H"]}
+# the vocabulary split is a function of the config's own BLOCK_N (sm90 runs 128-row blocks, the
+# interpreter 16): evaluated per config, after the autotuner picked BLOCK_N
+_SPLIT_FWD = {"SPLIT_V": lambda a: autotune.logprob_split_v(a["N"], a["V"], a["BLOCK_N"])}
+_SPLIT_DH = {
+    "SPLIT_V": lambda a: autotune.logprob_bwd_split_v(a["N"], a["V"], a["H"], a["BLOCK_N"])
+}
 
 
 def _kernel(name: str):
@@ -333,12 +339,12 @@ def _kernel(name: str):
     # written by exactly one program, so autotuning needs no reset between benchmark runs.
     if name not in _AUTOTUNED:
         if name == "fwd":
-            fn = triton.autotune(autotune.logprob_fwd_configs(), key=["V", "H", "HAS_STATS"])(
-                _logprob_fwd_kernel
+            fn = triton.autotune(autotune.logprob_fwd_configs(), key=["N", "V", "H", "HAS_STATS"])(
+                triton.heuristics(_SPLIT_FWD)(_logprob_fwd_kernel)
             )
         elif name == "dh":
-            fn = triton.autotune(autotune.logprob_bwd_dh_configs(), key=["V", "H", "SPLIT_V"])(
-                triton.heuristics(_ONE_H)(_logprob_bwd_dh_kernel)
+            fn = triton.autotune(autotune.logprob_bwd_dh_configs(), key=["N", "V", "H"])(
+                triton.heuristics({**_ONE_H, **_SPLIT_DH})(_logprob_bwd_dh_kernel)
             )
         else:
             fn = triton.autotune(autotune.logprob_bwd_dw_configs(), key=["V", "H", "NEED_DW"])(
@@ -346,6 +352,11 @@ def _kernel(name: str):
             )
         _AUTOTUNED[name] = fn
     return _AUTOTUNED[name]
+
+
+def _splits_used(name: str, split_fn) -> int:
+    """Splits of the config the autotuner ran last (the launch just made)."""
+    return split_fn(_kernel(name).best_config.kwargs["BLOCK_N"])
 
 
 def _check_triton(hidden: Tensor) -> None:
@@ -373,14 +384,16 @@ def _flags(p: LogprobParams, hidden: Tensor, bias: Tensor | None) -> dict:
 def _triton_fwd(hidden, weight, bias, labels, p: LogprobParams):
     N, H = hidden.shape
     V = weight.shape[0]
-    split = autotune.logprob_split_v(N, V)
-    part = torch.empty((6, split, N), dtype=torch.float32, device=hidden.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
+    configs = autotune.logprob_fwd_configs()
+    max_split = autotune.logprob_max_split_v(N, V, configs)
+    part = torch.empty((6, max_split, N), dtype=torch.float32, device=hidden.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_V"])
     _kernel("fwd")[grid](
         hidden, weight, bias if bias is not None else part, labels, part,
-        N, V, H, hidden.stride(0), weight.stride(0), *_scalars(p), p.ignore_index,
-        SPLIT_V=split, HAS_STATS=p.return_stats, **_flags(p, hidden, bias),
+        N, V, H, hidden.stride(0), weight.stride(0), max_split * N, *_scalars(p), p.ignore_index,
+        HAS_STATS=p.return_stats, **_flags(p, hidden, bias),
     )  # fmt: skip
+    part = part[:, : _splits_used("fwd", lambda bn: autotune.logprob_split_v(N, V, bn))]
     # combine the vocabulary splits exactly as the online update would
     m = part[0].amax(0)
     w = torch.exp(part[0] - m)  # (split, N); empty splits have max -inf and weigh 0
@@ -410,10 +423,14 @@ def _triton_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
     if needs[0]:
         # small N cannot fill the device with row blocks alone: split the vocabulary too and add
         # the fp32 partial planes afterwards, in a fixed order
-        split = autotune.logprob_bwd_split_v(N, V, H)
-        part = torch.empty((split, N, H), **f32)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), split)
-        _kernel("dh")[grid](*common, part, *sizes, SPLIT_V=split, **_flags(p, hidden, bias))
+        max_split = max(
+            autotune.logprob_bwd_split_v(N, V, H, c.kwargs["BLOCK_N"])
+            for c in autotune.logprob_bwd_dh_configs()
+        )
+        part = torch.empty((max_split, N, H), **f32)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_V"])
+        _kernel("dh")[grid](*common, part, *sizes, **_flags(p, hidden, bias))
+        split = _splits_used("dh", lambda bn: autotune.logprob_bwd_split_v(N, V, H, bn))
         dh = part[0] if split == 1 else part.sum(0)
     if needs[1] or needs[2]:
         dw = torch.empty((V, H), **f32) if needs[1] else dummy

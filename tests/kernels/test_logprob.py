@@ -136,7 +136,8 @@ def test_tied_embedding(impl):
 
     def loss(e, fn, **kw):
         hidden = torch.tanh(e[ids] @ proj.to(e.dtype))  # (N, H)
-        return (fn(hidden, e, labels, softcap=5.0, **kw) * torch.linspace(-1, 2, N)).sum()
+        weights = torch.linspace(-1, 2, N, device=DEVICE, dtype=e.dtype)
+        return (fn(hidden, e, labels, softcap=5.0, **kw) * weights).sum()
 
     e64 = emb.detach().double().requires_grad_()
     (truth,) = torch.autograd.grad(loss(e64, fused_linear_logprob_ref), e64)
@@ -162,7 +163,9 @@ def test_stats_match_trl_definitions(impl):
     assert st.is_top1.tolist() == ref.is_top1.tolist()
     assert st.is_top1[3] and not st.is_top1[4] and not st.is_top1[5]
     # two tied columns far above the rest: each row's entropy is log 2
-    torch.testing.assert_close(st.entropy, torch.full((N,), 0.6931472), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        st.entropy, torch.full((N,), 0.6931472, device=DEVICE), atol=1e-4, rtol=0
+    )
 
 
 def test_stats_chunked_small_tiles():
@@ -279,6 +282,20 @@ def test_triton_skips_ignored_row_blocks(H):
     labels[:] = -100
     for o in _grads_triton(hidden, weight, bias, labels):
         assert torch.all(o == 0)
+
+
+@needs_triton
+@pytest.mark.skipif(not lp.autotune.is_interpreter(), reason="patches the interpreter's table")
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_triton_split_follows_the_chosen_block_n(block_n, monkeypatch):
+    """The vocabulary split is computed from the BLOCK_N the autotuner ran, not assumed: with
+    wider row blocks than the default a few rows still split V, and results stay exact."""
+    tables = lp.autotune._LOGPROB_FWD, lp.autotune._LOGPROB_BWD_DH
+    for table in tables:
+        monkeypatch.setitem(table, "interpreter", [(block_n, 32, 16, 1, 1)])
+    monkeypatch.setattr(lp, "_AUTOTUNED", {})
+    assert lp.autotune.logprob_split_v(40, 700, block_n) > 1
+    run_case("triton", 40, 24, 700, torch.float32, "gemma")
 
 
 @needs_triton

@@ -127,8 +127,8 @@ def test_sft_over_masked_pairs_by_hand():
         if impl == "triton" and pl.triton is None:
             continue
         loss, chosen, _ = fused_pair_loss(
-            token_logps, offsets, ref, ref, loss_type="sft",
-            sft_mask=torch.tensor([True, False]), impl=impl,
+            token_logps.to(DEVICE), offsets.to(DEVICE), ref.to(DEVICE), ref.to(DEVICE),
+            loss_type="sft", sft_mask=torch.tensor([True, False], device=DEVICE), impl=impl,
         )  # fmt: skip
         assert loss.item() == pytest.approx(2.0)
         assert chosen.tolist() == [-6.0, -9.0]
