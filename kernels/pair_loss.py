@@ -10,7 +10,8 @@ tokens, dloss/d token_logps[n] = dloss/d sum[seq(n)]: the backward only broadcas
     loss = csd_fast.losses.preference_loss(LossParams(loss_type), PairLogps(...))
 
 for one loss type among SUPPORTED (TRL 1.16 definitions, βΔ = β(ρ_c - ρ_r), |c| the token count):
-sigmoid -log σ(βΔ) (TRL 1.16's sigmoid takes no label_smoothing; robust does); hinge relu(1 - βΔ); ipo (ρ_c/|c| - ρ_r/|r| - 1/(2β))²; robust
+sigmoid -log σ(βΔ) (TRL 1.16's sigmoid ignores label_smoothing; robust uses it);
+hinge relu(1 - βΔ); ipo (ρ_c/|c| - ρ_r/|r| - 1/(2β))²; robust
 (-(1-ε) log σ(βΔ) + ε log σ(-βΔ)) / (1 - 2ε); sigmoid_norm -log σ(β(ρ_c/|c| - ρ_r/|r|));
 sft -Σ chosen_logps[sft_mask] / Σ |c|[sft_mask]; clo λ·sft + (1-λ)·(P/G)·mean_pairs(sigmoid)
 with G the CLO examples (distinct group_ids), as csd_fast.losses._clo. Others raise ValueError:

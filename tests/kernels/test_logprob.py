@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from csd_fast.kernels import logprob as lp
+from csd_fast.kernels import logprob_triton as lt
 from csd_fast.kernels.logprob import (
     LinearLogprobFunction,
     LogprobParams,
@@ -27,7 +27,7 @@ HEADS = {  # output-head options of the target models
     "cohere": {"logit_scale": 0.0625 * 8, "bias": True},  # Tiny Aya's logit_scale, plus a bias
     "gemma": {"softcap": 2.5, "temperature": 0.7},  # final soft-capping and sampling temperature
 }
-needs_triton = pytest.mark.skipif(lp.triton is None, reason="triton not installed")
+needs_triton = pytest.mark.skipif(lt.triton is None, reason="triton not installed")
 
 
 def make(N, H, V, dtype, holes=True, bias=False, seed=0):
@@ -222,7 +222,7 @@ def test_triton_backward_independent_of_launch_order(H, monkeypatch):
     again = _grads_triton(hidden, weight, bias, labels, softcap=3.0)
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
-    if lp.autotune.is_interpreter():
+    if lt.autotune.is_interpreter():
         import builtins
 
         from triton.runtime import interpreter
@@ -242,8 +242,8 @@ def test_triton_launches_only_needed_kernels(trainable, monkeypatch):
     """A frozen head (LoRA) launches no dW kernel and leaves weight.grad None; a frozen hidden
     launches no dH kernel; a trainable bias alone runs the dW kernel for dbias only."""
     launched = []
-    kernel = lp._kernel
-    monkeypatch.setattr(lp, "_kernel", lambda name: launched.append(name) or kernel(name))
+    kernel = lt._kernel
+    monkeypatch.setattr(lt, "_kernel", lambda name: launched.append(name) or kernel(name))
     hidden, weight, bias, labels = make(23, 24, 97, torch.float32, bias=True, seed=8)
     leaves = {"hidden": hidden, "weight": weight, "bias": bias}
     for name, x in leaves.items():
@@ -285,16 +285,16 @@ def test_triton_skips_ignored_row_blocks(H):
 
 
 @needs_triton
-@pytest.mark.skipif(not lp.autotune.is_interpreter(), reason="patches the interpreter's table")
+@pytest.mark.skipif(not lt.autotune.is_interpreter(), reason="patches the interpreter's table")
 @pytest.mark.parametrize("block_n", [32, 64])
 def test_triton_split_follows_the_chosen_block_n(block_n, monkeypatch):
     """The vocabulary split is computed from the BLOCK_N the autotuner ran, not assumed: with
     wider row blocks than the default a few rows still split V, and results stay exact."""
-    tables = lp.autotune._LOGPROB_FWD, lp.autotune._LOGPROB_BWD_DH
+    tables = lt.autotune._LOGPROB_FWD, lt.autotune._LOGPROB_BWD_DH
     for table in tables:
         monkeypatch.setitem(table, "interpreter", [(block_n, 32, 16, 1, 1)])
-    monkeypatch.setattr(lp, "_AUTOTUNED", {})
-    assert lp.autotune.logprob_split_v(40, 700, block_n) > 1
+    monkeypatch.setattr(lt, "_AUTOTUNED", {})
+    assert lt.autotune.logprob_split_v(40, 700, block_n) > 1
     run_case("triton", 40, 24, 700, torch.float32, "gemma")
 
 
