@@ -129,6 +129,20 @@ def pair_loss_block(tgt: str | None = None) -> int:
     return _PAIR_LOSS_BLOCK_T.get(tgt or target(), 1024)
 
 
+# Row kernels of the fused head + pair loss (kernels/linear_pair_loss.py): one program per row
+# walks the vocabulary in BLOCK_V lanes; 8 elements per thread keeps a handful of per-lane
+# accumulators in registers (wavefront 64: 4 warps are 256 lanes).
+_TILE_ROW = {"interpreter": (64, 1), "gfx90a": (1024, 4), "hip": (1024, 4)}
+
+
+def tile_block(tgt: str | None = None) -> int:
+    return _TILE_ROW.get(tgt or target(), (2048, 8))[0]
+
+
+def tile_warps(tgt: str | None = None) -> int:
+    return _TILE_ROW.get(tgt or target(), (2048, 8))[1]
+
+
 def num_programs_hint() -> int:
     """Programs that fill the device about four times over (SMs / CUs x 4); 8 elsewhere."""
     if is_interpreter() or not torch.cuda.is_available():
