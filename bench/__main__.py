@@ -6,6 +6,8 @@
     python -m bench --only fused_linear_logprob --shape N=1024,H=256,V=8192 --dry-run
     python -m bench plot [--device SLUG]         # PNGs into bench/results/
     python -m bench compare [--strict]           # > 10% regressions vs the previous run
+    python -m bench compile [--subset ci]        # every kernel config compiled for sm80/sm90/
+                                                 # gfx90a, no GPU needed -> results/compile.csv
 
 Every `bench/ops_*.py` and `bench/e2e_*.py` module is a benchmark (see bench/common.py for the
 protocol): a new op or scenario is one new file. Rows append to $BENCH_RESULTS_DIR (default
@@ -99,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv[:1] == ["compile"]:
+        from bench.compile_report import main as compile_main
+
+        return compile_main(argv[1:])
     if argv[:1] == ["compare"]:
         from bench.compare import main as compare_main
 

@@ -27,8 +27,8 @@ A single pair whose logits exceed the budget is split into row blocks and recomp
 (4 GEMMs for that pair only). dz/dy needs no saved tile: with softcap, z = c tanh(u / c) / T, so
 1 - tanh^2 = 1 - (z T / c)^2 is read off z itself.
 
-Impls: "torch" (CPU, and the reference of the tile kernels: column blocks of CHUNK_V keep the
-temporaries small and in cache) and "triton" (tile kernels A, B: one program per row, one read of
+Impls: "torch" (CPU, and the reference of the tile kernels: row blocks of BLOCK_ELEMENTS keep
+the temporaries small and in cache between the passes) and "triton" (tile kernels A, B: one program per row, one read of
 the tile in A and one read + write in B, against ~8 passes of torch elementwise ops). GEMMs are
 torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 on CPU as the chunked head does).
 "auto" = triton on CUDA / ROCm tensors, else torch.
@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover - the torch impl needs no triton
     triton = None
     tl = None
 
-CHUNK_V = 8192  # torch impl: columns per elementwise block
+BLOCK_ELEMENTS = 1 << 16  # torch impl: fp32 elements per elementwise row block (256 KiB)
 IMPLS = ("auto", "triton", "torch")
 
 
@@ -183,39 +183,48 @@ class PairHeadParams:
             raise ValueError("temperature and softcap must be > 0")
 
 
+def _row_blocks(n: int, V: int):
+    """Row ranges of ~BLOCK_ELEMENTS: each block's temporaries stay in cache between passes."""
+    step = max(1, BLOCK_ELEMENTS // V)
+    return ((r, min(n, r + step)) for r in range(0, n, step))
+
+
 def _tile_stats_torch(z: Tensor, labels: Tensor, p: PairHeadParams):
     """In place: raw logits -> z; returns (lse, z_label, stats | None), each (n,)."""
     transform_(z, p)
     n, V = z.shape
     valid = labels != p.ignore_index
     z_label = torch.where(valid, z.gather(1, labels.clamp(0, V - 1)[:, None])[:, 0], 0.0)
-    m = z.amax(1)
-    s = torch.zeros_like(m)
-    xs = torch.zeros_like(m) if p.return_stats else None
-    for v0 in range(0, V, CHUNK_V):  # column blocks: the exp temporaries stay small and in cache
-        e = (z[:, v0 : v0 + CHUNK_V] - m[:, None]).exp_()
-        s += e.sum(1)
+    lse = torch.empty(n, dtype=z.dtype, device=z.device)
+    xs = torch.empty_like(lse) if p.return_stats else None
+    tmp = torch.empty((max(1, BLOCK_ELEMENTS // V), V), dtype=z.dtype, device=z.device)
+    for r0, r1 in _row_blocks(n, V):
+        block, e = z[r0:r1], tmp[: r1 - r0]
+        m = block.amax(1, keepdim=True)
+        torch.sub(block, m, out=e).exp_()  # read from cache right after the max pass
+        s = e.sum(1)
+        lse[r0:r1] = m[:, 0] + s.log()
         if xs is not None:
-            xs += (e * z[:, v0 : v0 + CHUNK_V]).sum(1)
-    lse = m + s.log()
+            xs[r0:r1] = (e.mul_(block)).sum(1) / s
     if not p.return_stats:
         return lse, z_label, None
     top1 = valid & (z.argmax(1) == labels)  # argmax returns the first maximum, as TRL compares
-    return lse, z_label, (lse - xs / s, z.mean(1), top1)
+    return lse, z_label, (lse - xs, z.mean(1), top1)
 
 
 def _tile_grad_torch(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
     """In place: z -> d = g * (onehot - softmax(z)) * dz/dy."""
-    V = z.shape[1]
+    n, V = z.shape
     scale = p.logit_scale / p.temperature
     c_t = p.softcap / p.temperature if p.softcap is not None else None
-    rows = torch.arange(z.shape[0], device=z.device)
+    rows = torch.arange(n, device=z.device)
     cols = labels.clamp(0, V - 1)
     z_label = z[rows, cols]
-    for v0 in range(0, V, CHUNK_V):
-        block = z[:, v0 : v0 + CHUNK_V]
+    neg_g = g * -scale
+    for r0, r1 in _row_blocks(n, V):
+        block = z[r0:r1]
         factor = 1.0 - (block / c_t).square() if c_t is not None else None
-        block.sub_(lse[:, None]).exp_().mul_(-g[:, None] * scale)
+        block.sub_(lse[r0:r1, None]).exp_().mul_(neg_g[r0:r1, None])
         if factor is not None:
             block.mul_(factor)
     at_label = g * scale * (1.0 - (z_label / c_t).square() if c_t is not None else 1.0)

@@ -311,29 +311,31 @@ _SPLIT_DH = {
 }
 
 
-def _kernel(name: str):
+def _kernel(name: str, fp32: bool = False):
     # Built on first use, so importing this module never touches the GPU. Every output element is
-    # written by exactly one program, so autotuning needs no reset between benchmark runs.
-    if name not in _AUTOTUNED:
+    # written by exactly one program, so autotuning needs no reset between benchmark runs. fp32
+    # inputs get their own (smaller) tiles: an ieee tl.dot holds far more registers.
+    key = f"{name}/fp32" if fp32 else name
+    if key not in _AUTOTUNED:
         if name == "fwd":
-            fn = triton.autotune(autotune.logprob_fwd_configs(), key=["N", "V", "H", "HAS_STATS"])(
-                triton.heuristics(_SPLIT_FWD)(_logprob_fwd_kernel)
-            )
+            fn = triton.autotune(
+                autotune.logprob_fwd_configs(fp32=fp32), key=["N", "V", "H", "HAS_STATS"]
+            )(triton.heuristics(_SPLIT_FWD)(_logprob_fwd_kernel))
         elif name == "dh":
-            fn = triton.autotune(autotune.logprob_bwd_dh_configs(), key=["N", "V", "H"])(
+            fn = triton.autotune(autotune.logprob_bwd_dh_configs(fp32=fp32), key=["N", "V", "H"])(
                 triton.heuristics({**_ONE_H, **_SPLIT_DH})(_logprob_bwd_dh_kernel)
             )
         else:
-            fn = triton.autotune(autotune.logprob_bwd_dw_configs(), key=["V", "H", "NEED_DW"])(
-                triton.heuristics(_ONE_H)(_logprob_bwd_dw_kernel)
-            )
-        _AUTOTUNED[name] = fn
-    return _AUTOTUNED[name]
+            fn = triton.autotune(
+                autotune.logprob_bwd_dw_configs(fp32=fp32), key=["V", "H", "NEED_DW"]
+            )(triton.heuristics(_ONE_H)(_logprob_bwd_dw_kernel))
+        _AUTOTUNED[key] = fn
+    return _AUTOTUNED[key]
 
 
-def _splits_used(name: str, split_fn) -> int:
+def _splits_used(name: str, fp32: bool, split_fn) -> int:
     """Splits of the config the autotuner ran last (the launch just made)."""
-    return split_fn(_kernel(name).best_config.kwargs["BLOCK_N"])
+    return split_fn(_kernel(name, fp32).best_config.kwargs["BLOCK_N"])
 
 
 def check_triton(hidden: Tensor) -> None:
@@ -361,16 +363,17 @@ def _flags(p: LogprobParams, hidden: Tensor, bias: Tensor | None) -> dict:
 def triton_fwd(hidden, weight, bias, labels, p: LogprobParams):
     N, H = hidden.shape
     V = weight.shape[0]
-    configs = autotune.logprob_fwd_configs()
+    fp32 = hidden.dtype == torch.float32
+    configs = autotune.logprob_fwd_configs(fp32=fp32)
     max_split = autotune.logprob_max_split_v(N, V, configs)
     part = torch.empty((6, max_split, N), dtype=torch.float32, device=hidden.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_V"])
-    _kernel("fwd")[grid](
+    _kernel("fwd", fp32)[grid](
         hidden, weight, bias if bias is not None else part, labels, part,
         N, V, H, hidden.stride(0), weight.stride(0), max_split * N, *_scalars(p), p.ignore_index,
         HAS_STATS=p.return_stats, **_flags(p, hidden, bias),
     )  # fmt: skip
-    part = part[:, : _splits_used("fwd", lambda bn: autotune.logprob_split_v(N, V, bn))]
+    part = part[:, : _splits_used("fwd", fp32, lambda bn: autotune.logprob_split_v(N, V, bn))]
     # combine the vocabulary splits exactly as the online update would
     m = part[0].amax(0)
     w = torch.exp(part[0] - m)  # (split, N); empty splits have max -inf and weigh 0
@@ -392,6 +395,7 @@ def triton_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
     launched only when its input needs a gradient (a frozen or LoRA head skips dW)."""
     N, H = hidden.shape
     V = weight.shape[0]
+    fp32 = hidden.dtype == torch.float32
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dummy = torch.empty(1, **f32)
     common = (hidden, weight, bias if bias is not None else dummy, labels, lse, g)
@@ -402,18 +406,18 @@ def triton_bwd(hidden, weight, bias, labels, lse, g, p: LogprobParams, needs):
         # the fp32 partial planes afterwards, in a fixed order
         max_split = max(
             autotune.logprob_bwd_split_v(N, V, H, c.kwargs["BLOCK_N"])
-            for c in autotune.logprob_bwd_dh_configs()
+            for c in autotune.logprob_bwd_dh_configs(fp32=fp32)
         )
         part = torch.empty((max_split, N, H), **f32)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_V"])
-        _kernel("dh")[grid](*common, part, *sizes, **_flags(p, hidden, bias))
-        split = _splits_used("dh", lambda bn: autotune.logprob_bwd_split_v(N, V, H, bn))
+        _kernel("dh", fp32)[grid](*common, part, *sizes, **_flags(p, hidden, bias))
+        split = _splits_used("dh", fp32, lambda bn: autotune.logprob_bwd_split_v(N, V, H, bn))
         dh = part[0] if split == 1 else part.sum(0)
     if needs[1] or needs[2]:
         dw = torch.empty((V, H), **f32) if needs[1] else dummy
         db = torch.empty((V,), **f32) if needs[2] else dummy
         grid = lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),)
-        _kernel("dw")[grid](
+        _kernel("dw", fp32)[grid](
             *common, dw, db, *sizes, NEED_DW=needs[1], NEED_DB=needs[2], **_flags(p, hidden, bias)
         )  # fmt: skip
     return tuple(x if need else None for x, need in zip((dh, dw, db), needs, strict=True))

@@ -17,10 +17,11 @@ TABLES = {
 }
 
 
+@pytest.mark.parametrize("fp32", [False, True], ids=["half", "fp32"])
 @pytest.mark.parametrize("table", list(TABLES))
 @pytest.mark.parametrize("tgt", ["sm80", "sm90", "gfx90a", "hip", "interpreter", "other"])
-def test_configs_are_valid_tl_dot_tiles(table, tgt):
-    configs = TABLES[table](tgt)
+def test_configs_are_valid_tl_dot_tiles(table, tgt, fp32):
+    configs = TABLES[table](tgt, fp32=fp32)
     assert configs
     for cfg in configs:
         for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H"):
@@ -29,10 +30,11 @@ def test_configs_are_valid_tl_dot_tiles(table, tgt):
         assert cfg.num_warps in (1, 2, 4, 8, 16)
 
 
+@pytest.mark.parametrize("fp32", [False, True], ids=["half", "fp32"])
 @pytest.mark.parametrize("table", list(TABLES))
-def test_gfx90a_configs_fit_lds(table):
+def test_gfx90a_configs_fit_lds(table, fp32):
     """MI250X: 64 KiB LDS per CU and wavefront 64 (num_warps=8 is 512 lanes, the maximum)."""
-    for cfg in TABLES[table]("gfx90a"):
+    for cfg in TABLES[table]("gfx90a", fp32=fp32):
         assert autotune.lds_bytes(cfg) <= autotune.GFX90A_LDS_BYTES, cfg
         assert cfg.num_warps <= 8 and cfg.num_stages <= 2, cfg
 

@@ -243,7 +243,7 @@ def test_triton_launches_only_needed_kernels(trainable, monkeypatch):
     launches no dH kernel; a trainable bias alone runs the dW kernel for dbias only."""
     launched = []
     kernel = lt._kernel
-    monkeypatch.setattr(lt, "_kernel", lambda name: launched.append(name) or kernel(name))
+    monkeypatch.setattr(lt, "_kernel", lambda name, *a: launched.append(name) or kernel(name, *a))
     hidden, weight, bias, labels = make(23, 24, 97, torch.float32, bias=True, seed=8)
     leaves = {"hidden": hidden, "weight": weight, "bias": bias}
     for name, x in leaves.items():
