@@ -71,6 +71,13 @@ class DPOTrainer:
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
         torch.manual_seed(args.seed)
+        if args.full_determinism:  # as HF's Trainer, plus flash-attn's deterministic backward
+            from transformers.trainer_utils import enable_full_determinism
+
+            from csd_fast.attention import set_deterministic
+
+            enable_full_determinism(args.seed)
+            set_deterministic(True)
         self.device = _device(args)
         model_path = model if isinstance(model, str) else None
         self.model = load_model(model, args) if model_path else model
