@@ -244,10 +244,21 @@ class DPOTrainer:
         from csd_fast.metrics import pair_metrics
 
         ref_c, ref_r = self._ref_logps(batch)
+        fused_loss = None
         with self._autocast():
-            fwd = sequence_forward(
-                self.model, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
-            )
+            if self._fused_loss_type is not None:  # head + loss in one: 3 GEMMs (kernels/)
+                from csd_fast.forward import fused_sequence_loss
+
+                lp = self.loss_params
+                fused_loss, fwd = fused_sequence_loss(
+                    self.model, batch, ref_c.float(), ref_r.float(),
+                    loss_type=self._fused_loss_type, beta=lp.beta,
+                    label_smoothing=lp.label_smoothing, clo_lambda=lp.clo_lambda,
+                )  # fmt: skip
+            else:
+                fwd = sequence_forward(
+                    self.model, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
+                )
         lengths = batch.sequence_lengths()
         P = batch.num_pairs
         logps = PairLogps(
@@ -261,21 +272,8 @@ class DPOTrainer:
             group_ids=batch.group_ids,
             nll_chosen_logps=fwd.plain_chosen_logps,
         )
-        if self._fused_loss_type is not None:
-            from csd_fast.kernels.pair_loss import fused_pair_loss
-
-            loss, _, _ = fused_pair_loss(
-                fwd.token_logps,
-                batch.seq_offsets,
-                logps.ref_chosen_logps,
-                logps.ref_rejected_logps,
-                loss_type=self._fused_loss_type,
-                beta=self.loss_params.beta,
-                label_smoothing=self.loss_params.label_smoothing,
-                sft_mask=batch.sft_mask,
-                clo_lambda=self.loss_params.clo_lambda,
-                group_ids=batch.group_ids,
-            )
+        if fused_loss is not None:
+            loss = fused_loss
         else:
             loss = preference_loss(self.loss_params, logps)
         metrics = pair_metrics(
