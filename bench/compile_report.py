@@ -127,10 +127,9 @@ def _hip_usage(amdgcn: str) -> tuple[int, int, int]:
 
 def compile_one(spec: dict, tgt: str, dtype: str, cfg: tuple) -> dict:
     import triton
+    from csd_fast.kernels import autotune
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from csd_fast.kernels import autotune
 
     blocks, warps, stages = cfg
     names = spec.get("blocks", ("BLOCK_N", "BLOCK_V", "BLOCK_H"))
