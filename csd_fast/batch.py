@@ -79,6 +79,20 @@ class PairBatch:
         # output_size from the host-known shape: without it repeat_interleave syncs to size it
         return torch.repeat_interleave(seq, lengths, output_size=self.token_labels.numel())
 
+    def pin_memory(self) -> PairBatch:
+        """Page-locked host copies (the DataLoader calls this with pin_memory=True)."""
+        pinned = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = value.pin_memory()
+            elif isinstance(value, dict):
+                value = {
+                    k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in value.items()
+                }
+            pinned[f.name] = value
+        return replace(self, **pinned)
+
     def to(self, device: torch.device | str) -> PairBatch:
         def move(x):
             if isinstance(x, Tensor):

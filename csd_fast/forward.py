@@ -8,6 +8,10 @@
 Prompt and padding positions never reach the LM head, which is where DPO spends its memory.
 The same function serves the policy (with grad) and the reference (no grad, no saved state), so
 the two can never disagree on layout, truncation or the head's transform.
+
+The head is a module whose forward calls the kernel (`LogprobHead`, swapped into the model's own
+`lm_head`), and `PairScorer` wraps backbone + head as one module: both are what FSDP2 needs,
+since its hooks gather a sharded unit's weights only inside that unit's forward.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def head_spec(model: nn.Module) -> HeadSpec:
     """Read the output head and its transforms from a HF causal LM's config."""
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
+    head = getattr(head, "base_layer", head)  # PEFT's LoRA Linear around the head
     if head is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings: not a causal LM")
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
@@ -88,9 +93,114 @@ def head_impl_for(fused: bool) -> str:
     return "auto" if fused else "eager"
 
 
-def scored_hidden(model: nn.Module, batch: PairBatch) -> Tensor:
-    """(N, H) hidden states of the positions that predict the scored tokens."""
-    out = backbone(model)(**dict(batch.model_kwargs), use_cache=False)
+class LogprobHead:
+    """Mixed into the model's output-embedding module: `head(hidden, labels)` runs the kernel.
+
+    The class of the existing `lm_head` (an nn.Linear, or PEFT's LoRA Linear around it) is
+    swapped in place for a subclass with this mixin, so parameter names and the state dict stay
+    the model's own (`lm_head.weight`) and `head(hidden)` without labels is still the plain
+    logits. Called with labels it reads its weights inside its own forward: under FSDP2 the
+    head is sharded as a unit and its hooks gather the full weight just for this call.
+
+    A LoRA adapter on the head is folded in exactly, without materialising W + BA: logits
+    W h + s B A drop(h) are one matmul of [h, s A drop(h)] (N, H+r) with [W, B] (V, H+r).
+    """
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def forward(self, hidden, labels=None, pair_loss: dict | None = None, **kernel_kwargs):
+        if labels is None:
+            return super().forward(hidden)
+        from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
+
+        hidden, weight, bias = self.operands(hidden)
+        if pair_loss is not None:  # the head fused with the pair loss: 3 GEMMs (kernels/)
+            from csd_fast.kernels.linear_pair_loss import fused_linear_pair_loss
+
+            return fused_linear_pair_loss(
+                hidden, weight, labels, bias=bias, logit_scale=self.logit_scale,
+                softcap=self.softcap, temperature=kernel_kwargs.get("temperature", 1.0),
+                return_stats=kernel_kwargs.get("return_stats", False), **pair_loss,
+            )  # fmt: skip
+        # reference passes (no grad) take the forward-only kernel: no autograd state is kept
+        head = fused_linear_logprob if torch.is_grad_enabled() else linear_logprob_inference
+        return head(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            **kernel_kwargs,
+        )
+
+    def operands(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(hidden (N, K), weight (V, K), bias) with any active LoRA adapter folded in."""
+        base = getattr(self, "base_layer", None)
+        if base is None:
+            return hidden, self.weight, getattr(self, "bias", None)
+        if getattr(self, "disable_adapters", False) or getattr(self, "merged", False):
+            return hidden, base.weight, base.bias
+        hiddens, weights = [hidden], [base.weight]
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            if getattr(self, "use_dora", {}).get(name):
+                raise NotImplementedError("DoRA on the LM head is not supported (LoRA is)")
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            x = self.lora_dropout[name](hidden).to(lora_a.weight.dtype)
+            low_rank = lora_a(x) * self.scaling[name]  # (N, r)
+            hiddens.append(low_rank.to(hidden.dtype))
+            weights.append(lora_b.weight.to(base.weight.dtype))  # (V, r)
+        return torch.cat(hiddens, -1), torch.cat(weights, -1), base.bias
+
+
+_HEAD_CLASSES: dict[type, type] = {}
+
+
+def install_logprob_head(model: nn.Module) -> nn.Module:
+    """Give the model's output head the `LogprobHead` forward (idempotent); returns the head."""
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(lm).__name__} has no output embeddings: not a causal LM")
+    if not isinstance(head, LogprobHead):
+        cls = type(head)
+        if cls.__name__.startswith("FSDP"):
+            raise RuntimeError("install the log-prob head before fully_shard wraps the model")
+        if cls not in _HEAD_CLASSES:
+            _HEAD_CLASSES[cls] = type(f"Logprob{cls.__name__}", (LogprobHead, cls), {})
+        head.__class__ = _HEAD_CLASSES[cls]
+    spec = head_spec(model)
+    head.logit_scale, head.softcap = spec.logit_scale, spec.softcap
+    return head
+
+
+class PairScorer(nn.Module):
+    """backbone -> scored positions -> head, as one module (the FSDP2 root of a sharded model).
+
+    `fully_shard(scorer)` makes this forward the root's: its hooks gather what no decoder-layer
+    or head unit owns (embeddings, final norm, a tied head) before the backbone runs. Single
+    process it is a plain wrapper; `sequence_forward` accepts it or the bare model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        install_logprob_head(model)
+
+    def forward(
+        self, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float,
+        pair_loss: dict | None = None,
+    ):  # fmt: skip
+        return _score_tokens(self.model, batch, head_impl, with_stats, temperature, pair_loss)
+
+
+def _score_tokens(model, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float,
+                  pair_loss: dict | None = None):  # fmt: skip
+    kwargs = dict(batch.model_kwargs)
+    out = backbone(model)(**kwargs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden.flatten(0, 1).index_select(0, batch.token_index)  # (N, H)
     dev = hidden.device.type
@@ -98,7 +208,21 @@ def scored_hidden(model: nn.Module, batch: PairBatch) -> Tensor:
         # the residual stream leaves the final norm in fp32; the head runs in the autocast dtype,
         # as an eager lm_head under autocast would (the kernels then read bf16 tiles)
         hidden = hidden.to(torch.get_autocast_dtype(dev))
-    return hidden
+    head = unwrap_causal_lm(model).get_output_embeddings()
+    if pair_loss is not None:  # -> PairHeadOutput (loss, chosen, rejected, token_logps, stats)
+        return head(hidden, batch.token_labels, pair_loss=pair_loss, temperature=temperature,
+                    return_stats=with_stats)  # fmt: skip
+    result = head(
+        hidden,
+        batch.token_labels,
+        temperature=temperature,
+        return_stats=with_stats,
+        impl=head_impl,
+    )
+    if with_stats:
+        logps, stats = result
+        return logps, (stats.entropy, stats.mean_logit, stats.is_top1)
+    return result, None
 
 
 def token_logps_and_stats(
@@ -109,28 +233,14 @@ def token_logps_and_stats(
     with_stats: bool = True,
     temperature: float = 1.0,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
-    """Run the backbone over the batch rows and score the completion tokens through the head."""
-    from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
+    """Run the backbone over the batch rows and score the completion tokens through the head.
 
-    hidden = scored_hidden(model, batch)
-    spec = head_spec(model)
-    # reference passes (no grad) take the forward-only kernel: no autograd state is kept
-    head = fused_linear_logprob if torch.is_grad_enabled() else linear_logprob_inference
-    result = head(
-        hidden,
-        spec.weight,
-        batch.token_labels,
-        bias=spec.bias,
-        logit_scale=spec.logit_scale,
-        softcap=spec.softcap,
-        temperature=temperature,
-        return_stats=with_stats,
-        impl=head_impl,
-    )
-    if with_stats:
-        logps, stats = result
-        return logps, (stats.entropy, stats.mean_logit, stats.is_top1)
-    return result, None
+    `model` is a `PairScorer` (sharded or not) or a bare causal LM (its head is then given the
+    `LogprobHead` forward on first use)."""
+    if isinstance(model, PairScorer):
+        return model(batch, head_impl, with_stats, temperature)
+    install_logprob_head(model)
+    return _score_tokens(model, batch, head_impl, with_stats, temperature)
 
 
 def length_weights(batch: PairBatch, ld_alpha: float | None) -> Tensor | None:
@@ -188,19 +298,22 @@ def fused_sequence_loss(
     label_smoothing: float = 0.0,
     clo_lambda: float = 0.5,
     with_stats: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, ForwardOutput]:
-    """The pair loss with the head's gradients computed in its forward (3 GEMMs instead of 4-5:
-    csd_fast.kernels.linear_pair_loss); `loss_type` among csd_fast.kernels.PAIR_LOSS_TYPES."""
-    from csd_fast.kernels.linear_pair_loss import fused_linear_pair_loss
-
-    hidden = scored_hidden(model, batch)
-    spec = head_spec(model)
-    out = fused_linear_pair_loss(
-        hidden, spec.weight, batch.token_labels, batch.seq_offsets, ref_chosen_logps,
-        ref_rejected_logps, bias=spec.bias, sft_mask=batch.sft_mask, group_ids=batch.group_ids,
-        loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, clo_lambda=clo_lambda,
-        logit_scale=spec.logit_scale, softcap=spec.softcap, return_stats=with_stats,
+    """The pair loss with the head's gradients computed inside its forward (3 GEMMs instead of
+    4-5: csd_fast.kernels.linear_pair_loss); `loss_type` among csd_fast.kernels.PAIR_LOSS_TYPES.
+    Runs through the head module (and a PairScorer root), so FSDP2 gathers as for the logps."""
+    pair_loss = dict(
+        seq_offsets=batch.seq_offsets, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, sft_mask=batch.sft_mask,
+        group_ids=batch.group_ids, loss_type=loss_type, beta=beta,
+        label_smoothing=label_smoothing, clo_lambda=clo_lambda,
     )  # fmt: skip
+    if isinstance(model, PairScorer):
+        out = model(batch, "auto", with_stats, temperature, pair_loss)
+    else:
+        install_logprob_head(model)
+        out = _score_tokens(model, batch, "auto", with_stats, temperature, pair_loss)
     fwd = ForwardOutput(out.token_logps, out.chosen_logps, out.rejected_logps)
     if out.stats is not None:
         fwd.entropy, fwd.mean_logit, fwd.is_top1 = out.stats
