@@ -119,7 +119,8 @@ def _config(cls, device: str, steps: int, batch: int, out: str, extra: dict):
     kw = dict(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, seed=0,
               learning_rate=1e-6, logging_steps=10**6, save_strategy="no", report_to="none",
               gradient_checkpointing=False, bf16=device == "cuda", use_cpu=device == "cpu",
-              max_length=MAX_LENGTH, disable_tqdm=True, dataloader_num_workers=0, **extra)  # fmt: skip
+              max_length=MAX_LENGTH, disable_tqdm=True, dataloader_num_workers=0,
+              **extra)  # fmt: skip
     if dataclasses.is_dataclass(cls):
         known = {f.name for f in dataclasses.fields(cls)}
     else:

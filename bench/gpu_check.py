@@ -1,4 +1,4 @@
-"""`python -m bench gpu-check`: the first command to run on a GPU machine (<= 8 min on one H100/H200).
+"""`python -m bench gpu-check`: the first command on a GPU machine (<= 8 min on one H100/H200).
 
     python -m bench gpu-check                 # tests natively, then the GPU preset's op rows
     python -m bench gpu-check --dry-run       # print the plan, run nothing (works without a GPU)

@@ -28,8 +28,9 @@ A single pair whose logits exceed the budget is split into row blocks and recomp
 1 - tanh^2 = 1 - (z T / c)^2 is read off z itself.
 
 Impls: "torch" (CPU, and the reference of the tile kernels: row blocks of BLOCK_ELEMENTS keep
-the temporaries small and in cache between the passes) and "triton" (tile kernels A, B: one program per row, one read of
-the tile in A and one read + write in B, against ~8 passes of torch elementwise ops). GEMMs are
+the temporaries small and in cache between the passes) and "triton" (tile kernels A, B: one
+program per row, one read of the tile in A and one read + write in B, against ~8 passes of torch
+elementwise ops). GEMMs are
 torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 on CPU as the chunked head does).
 "auto" = triton on CUDA / ROCm tensors, else torch.
 

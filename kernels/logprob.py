@@ -14,9 +14,9 @@ Backward, per row with incoming gradient g (0 on ignored rows):
     dL/dy = dL/dz * logit_scale * (1 - tanh^2) / temperature, dH = dL/dy @ W, dW = dL/dy.T @ H.
 
 Implementations (`impl=`):
-  "triton"   kernels/logprob_triton.py. Forward: per row block, an online log-sum-exp over vocabulary
-             blocks (optionally split over V for small N); saves only lse (N,). Backward, with no
-             atomics (each output element has one writer, so results do not depend on launch
+  "triton"   kernels/logprob_triton.py. Forward: per row block, an online log-sum-exp over
+             vocabulary blocks (optionally split over V for small N); saves only lse (N,).
+             Backward, with no atomics (each output element has one writer, so results do not depend on launch
              order): a dH kernel over row blocks that recomputes each (rows, vocab) tile and adds
              dlogits @ W[vblock], and a dW / dbias kernel over vocabulary blocks that adds
              dlogits.T @ H[rows]; fp32 accumulation in registers when H fits one block, else in the

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import ROWS, make_args, tiny_model
 from data_helpers import tiny_tokenizer
+from test_trainer import ROWS, make_args, tiny_model
 
 from csd_fast import DPOTrainer, attention
 

@@ -20,8 +20,8 @@ from csd_fast.losses import LossParams, PairLogps, preference_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.bfloat16: 2e-2}
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(lpl.triton is None,
-                                                                   reason="no triton"))]  # fmt: skip
+NO_TRITON = pytest.mark.skipif(lpl.triton is None, reason="no triton")
+IMPLS = ["torch", pytest.param("triton", marks=NO_TRITON)]
 HEADS = {"plain": {}, "gemma": {"softcap": 2.5, "temperature": 0.7},
          "cohere": {"logit_scale": 0.5, "bias": True}}  # fmt: skip
 
@@ -39,7 +39,8 @@ def make(P, H, V, dtype, seed=0, bias=False):
     ref_c, ref_r = -torch.rand(P, generator=g) * 20, -torch.rand(P, generator=g) * 20
     cast = lambda t: None if t is None else t.to(DEVICE, dtype).requires_grad_()
     return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), labels=labels.to(DEVICE),
-                offsets=offsets.to(DEVICE), ref_c=ref_c.to(DEVICE), ref_r=ref_r.to(DEVICE))  # fmt: skip
+                offsets=offsets.to(DEVICE), ref_c=ref_c.to(DEVICE),
+                ref_r=ref_r.to(DEVICE))  # fmt: skip
 
 
 def reference(case, loss_kw, head, dtype=torch.float64, sft_mask=None, group_ids=None):
@@ -177,7 +178,9 @@ def test_chunks_keep_pairs_whole_within_budget():
     offsets = [0, 3, 5, 12, 13, 20, 22, 23, 30]  # P = 4: chosen 3, 2, 7, 1; rejected 7, 2, 1, 7
     chunks = lpl._chunks(offsets, 4, 10, 100)
     assert chunks[0][0] == 0 and chunks[-1][1] == 4
-    assert all(a < b for a, b in chunks) and all(x[1] == y[0] for x, y in zip(chunks, chunks[1:]))
+    assert all(a < b for a, b in chunks) and all(
+        x[1] == y[0] for x, y in zip(chunks, chunks[1:], strict=False)
+    )
     tokens = [offsets[i + 1] - offsets[i] + offsets[5 + i] - offsets[4 + i] for i in range(4)]
     for a, b in chunks:  # within budget, unless a single pair alone exceeds it
         assert sum(tokens[a:b]) * 10 <= 100 or b - a == 1
