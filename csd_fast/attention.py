@@ -37,10 +37,10 @@ Without flash-attn (ROCm builds without it, fp32, CPU) the packed layouts run Fl
 Flex runs compiled on CUDA / ROCm; on CPU it is opt-in (CSD_FAST_FLEX=1: compiled by inductor,
 ~30 s per new shape; CSD_FAST_FLEX=eager: uncompiled, for tests), because each new row length
 recompiles, and forward-only (no-grad passes such as the reference model's): torch 2.13 has no
-FlexAttention backward on CPU. Otherwise the dense path builds a (R, 1, T, T) bool mask (no
-wider transients) and warns, naming why it runs. Without packing metadata (a padded batch
-through a switched model) the function is ordinary attention with transformers' padding mask. Softcap (Gemma 2) is applied
-on every path; attention sinks (gpt-oss) and other variants are refused by
+FlexAttention backward on CPU. Otherwise the dense path builds a (R, 1, T, T) bool mask (no wider
+transients) and warns, naming why it runs. Without packing metadata (a padded batch through a
+switched model) the function is ordinary attention with transformers' padding mask. Softcap
+(Gemma 2) is applied on every path; attention sinks (gpt-oss) and other variants are refused by
 `packed_attention_supported`. `deterministic=True` (set by `--full_determinism`) makes
 flash-attn's backward deterministic; the dense and flex paths have no atomics in their forward.
 """

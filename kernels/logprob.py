@@ -15,13 +15,13 @@ Backward, per row with incoming gradient g (0 on ignored rows):
 
 Implementations (`impl=`):
   "triton"   kernels/logprob_triton.py. Forward: per row block, an online log-sum-exp over
-             vocabulary blocks (optionally split over V for small N); saves only lse (N,).
-             Backward, with no atomics (each output element has one writer, so results do not depend on launch
+             vocabulary blocks (optionally split over V for small N); saves only lse (N,). Backward,
+             with no atomics (each output element has one writer, so results do not depend on launch
              order): a dH kernel over row blocks that recomputes each (rows, vocab) tile and adds
-             dlogits @ W[vblock], and a dW / dbias kernel over vocabulary blocks that adds
-             dlogits.T @ H[rows]; fp32 accumulation in registers when H fits one block, else in the
-             program's own fp32 output rows. Row blocks whose g is all 0 (ignored labels) are
-             skipped, and each kernel launches only if its input needs a gradient.
+             dlogits @ W[vblock], and a dW / dbias kernel over vocabulary blocks that adds dlogits.T
+             @ H[rows]; fp32 accumulation in registers when H fits one block, else in the program's
+             own fp32 output rows. Row blocks whose g is all 0 (ignored labels) are skipped, and
+             each kernel launches only if its input needs a gradient.
   "chunked"  the same algorithm in torch on (chunk_n, chunk_v) tiles (kernels/logprob_chunked.py):
              the CPU path.
   "eager"    full logits, plain torch.
