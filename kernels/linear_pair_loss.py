@@ -59,7 +59,9 @@ except ImportError:  # pragma: no cover - the torch impl needs no triton
     triton = None
     tl = None
 
-BLOCK_ELEMENTS = 1 << 16  # torch impl: fp32 elements per elementwise row block (256 KiB)
+# torch impl: fp32 elements per elementwise row block (4 MiB: within L2/L3 between the passes,
+# and few enough ops that OpenMP's per-op cost stays small on a busy machine)
+BLOCK_ELEMENTS = 1 << 20
 IMPLS = ("auto", "triton", "torch")
 
 
@@ -336,6 +338,8 @@ class LinearPairLossFunction(torch.autograd.Function):
             chosen[a:b], rejected[a:b] = sums[:k].detach(), sums[k:].detach()
             token_logps[rows] = x.detach()
             g = torch.where(valid, g, 0.0)
+            if not (needs_h or needs_w or needs_b):
+                continue  # no-grad call (evaluation): the loss and log-probs only
             for (r0, r1), z in zip(blocks, kept, strict=True):  # 4-5: d in place, dH, dW, db
                 z = z if z is not None else _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p)
                 grad_fn(z, lab[r0:r1], lse[r0:r1], g[r0:r1], p)
