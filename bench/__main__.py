@@ -6,6 +6,9 @@
     python -m bench --only fused_linear_logprob --shape N=1024,H=256,V=8192 --dry-run
     python -m bench plot [--device SLUG]         # PNGs into bench/results/
     python -m bench compare [--strict]           # > 10% regressions vs the previous run
+    python -m bench gpu-check                    # first thing on a GPU box: native tests + rows
+    python -m bench compile [--subset ci]        # every kernel config compiled for sm80/sm90/
+                                                 # gfx90a, no GPU needed -> results/compile.csv
 
 Every `bench/ops_*.py` and `bench/e2e_*.py` module is a benchmark (see bench/common.py for the
 protocol): a new op or scenario is one new file. Rows append to $BENCH_RESULTS_DIR (default
@@ -52,11 +55,26 @@ def goals(rows: list[dict]) -> list[str]:
             o = val("fused_linear_logprob", "ours", mode, "peak_mem", shape)
             if e and o:
                 out.append(f"loss-head memory ours/eager {mode} {shape}: {o / e:.1%} (goal <= 25%)")
+        t_loss = val("fused_linear_logprob", "ours-loss", "fwd+bwd", "time", shape)
+        t_mm = val("fused_linear_logprob", "matmul3", "fwd+bwd", "time", shape)
+        if t_loss and t_mm:
+            out.append(f"head+loss fwd+bwd ours-loss / 3 bare matmuls {shape}: "
+                       f"{t_loss / t_mm:.2f}x (goal <= 1.15x)")  # fmt: skip
+        m_loss = val("fused_linear_logprob", "ours-loss", "fwd+bwd", "peak_mem", shape)
+        m_eager = val("fused_linear_logprob", "eager", "fwd+bwd", "peak_mem", shape)
+        if m_loss and m_eager:
+            out.append(f"head+loss memory ours-loss/eager fwd+bwd {shape}: {m_loss / m_eager:.1%} "
+                       "(goal <= 25%)")  # fmt: skip
     for scen in dict.fromkeys(r["op_or_scenario"] for r in rows if r["mode"] == "train"):
+        bare = val(scen, "bare", "train", "pairs_per_s")
+        full = val(scen, "csd-all", "train", "pairs_per_s")
+        if bare and full:
+            out.append(f"{scen} csd-all step / bare policy fwd+bwd step: {bare / full:.2f}x "
+                       "(goal <= 1.2x)")  # fmt: skip
         trl = val(scen, "trl", "train", "pairs_per_s")
         for r in rows:
             if r["op_or_scenario"] == scen and r["metric"] == "pairs_per_s" and trl:
-                if r["provider"] != "trl":
+                if r["provider"] not in ("trl", "bare"):
                     ratio = float(r["p50"]) / trl
                     out.append(
                         f"{scen} {r['provider']} / trl pairs/s: {ratio:.2f}x (goal >= 3x CPU)"
@@ -113,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv[:1] == ["gpu-check"]:
+        from bench.gpu_check import main as gpu_check_main
+
+        return gpu_check_main(argv[1:])
+    if argv[:1] == ["compile"]:
+        from bench.compile_report import main as compile_main
+
+        return compile_main(argv[1:])
     if argv[:1] == ["compare"]:
         from bench.compare import main as compare_main
 

@@ -17,6 +17,19 @@ Providers (csd-fast switches on top of TRL's defaults; gradient checkpointing of
   csd-prefix     + prefix_sharing (prompt once per pair)
   csd-cached     + prefix_sharing, precompute_ref_log_probs
   csd-all        + prefix_sharing, precompute_ref_log_probs, fused head
+  bare           the floor: the policy's forward + backward + AdamW step over the same real
+                 tokens csd-all computes (prompt once, both completions, one packed row), with the
+                 stock causal attention and lm_head on the completion positions; no reference,
+                 no loss machinery, no collation. The goal: csd-all step <= 1.2x bare.
+
+Lengths are long-tailed, not uniform (uniform lengths hide what packing is for): prompt and
+completion token counts are drawn from log-normals whose means are the published statistics of
+Anthropic Helpful in Llama 2's preference data table (Touvron et al. 2023, "Llama 2: Open
+Foundation and Fine-Tuned Chat Models", arXiv:2307.09288, Table 6: 251.5 tokens per example,
+88.4 per response; the prompt, with its dialogue history, is the remaining 163.1). The shape
+(sigma 0.9: median ~ mean / 1.5, a tail past 4x the mean) is our assumption, not published.
+Every row reports `padding_fraction`: the share of its layout's R x T slots that are padding,
+computed by the provider's own collator (TRL pads each batch to its longest sequence).
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ CSD = {
     "csd-cached": {"prefix_sharing": True, "precompute_ref_log_probs": True},
     "csd-all": {"prefix_sharing": True, "precompute_ref_log_probs": True, "fused": True},
 }
-PROVIDERS = ("trl", *CSD)
+PROVIDERS = ("trl", *CSD, "bare")
 MODELS = {  # vocab-heavy on CPU so that the LM head matters, as it does at V=128k on GPUs
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, head_dim=64, vocab_size=32000),
@@ -48,12 +61,22 @@ MODELS = {  # vocab-heavy on CPU so that the LM head matters, as it does at V=12
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256),
 }  # fmt: skip
-PRESETS = {  # B pairs per step; prompt ~P words, completions ~C words (uniform in [x/2, 3x/2))
-    "smoke": [{"model": "tiny", "B": 2, "P": 16, "C": 8, "providers": ("trl", "csd-all")}],
-    "quick": [{"model": "tiny", "B": 4, "P": 128, "C": 64}],  # every provider: attribution
-    "gpu": [{"model": "1b", "B": 8, "P": 512, "C": 256},
-            {"model": "8b", "B": 4, "P": 512, "C": 256, "providers": ("trl", "csd-all")}],
+PRESETS = {  # B pairs per step; prompt / completion lengths log-normal with means P, C words
+    "smoke": [{"model": "tiny", "B": 2, "P": 16, "C": 8, "providers": ("trl", "csd-all", "bare")}],
+    # Anthropic Helpful's means (Llama 2, Table 6), capped by max_length: every provider
+    "quick": [{"model": "tiny", "B": 4, "P": 163, "C": 88}],
+    "gpu": [{"model": "1b", "B": 8, "P": 163, "C": 88},
+            {"model": "8b", "B": 4, "P": 163, "C": 88, "providers": ("trl", "csd-all", "bare")}],
 }  # fmt: skip
+SIGMA = 0.9  # log-normal shape of the lengths (see the module docstring)
+MAX_LENGTH = 1024  # the trainers' max_length; the tail beyond it is truncated as in training
+
+
+def draw_length(rng, mean: float, sigma: float = SIGMA, cap: int = MAX_LENGTH) -> int:
+    """One long-tailed length with the given mean (log-normal: mu = ln(mean) - sigma^2 / 2)."""
+    import math
+
+    return max(1, min(cap, round(rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma))))
 
 
 def _assets(shape: dict, n_pairs: int) -> tuple[Path, list[dict]]:
@@ -65,9 +88,7 @@ def _assets(shape: dict, n_pairs: int) -> tuple[Path, list[dict]]:
     rng = random.Random(0)
 
     def words(mean: int) -> str:
-        return " ".join(
-            f"w{rng.randrange(4, vocab)}" for _ in range(rng.randrange(mean // 2, mean * 3 // 2))
-        )  # noqa: E501
+        return " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(draw_length(rng, mean)))
 
     rows = [{"prompt": words(shape["P"]), "chosen": " " + words(shape["C"]),
              "rejected": " " + words(shape["C"])} for _ in range(n_pairs)]  # fmt: skip
@@ -98,7 +119,8 @@ def _config(cls, device: str, steps: int, batch: int, out: str, extra: dict):
     kw = dict(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, seed=0,
               learning_rate=1e-6, logging_steps=10**6, save_strategy="no", report_to="none",
               gradient_checkpointing=False, bf16=device == "cuda", use_cpu=device == "cpu",
-              max_length=4096, disable_tqdm=True, dataloader_num_workers=0, **extra)  # fmt: skip
+              max_length=MAX_LENGTH, disable_tqdm=True, dataloader_num_workers=0,
+              **extra)  # fmt: skip
     if dataclasses.is_dataclass(cls):
         known = {f.name for f in dataclasses.fields(cls)}
     else:
@@ -109,6 +131,80 @@ def _config(cls, device: str, steps: int, batch: int, out: str, extra: dict):
     return cls(**{k: v for k, v in kw.items() if k in known})
 
 
+LAYOUT = {"trl": "padded", "csd-padded": "padded", "csd-packed": "packed", "bare": "prefix",
+          "csd-prefix": "prefix", "csd-cached": "prefix", "csd-all": "prefix"}  # fmt: skip
+
+
+def _examples(tok, rows: list[dict]) -> list[dict]:
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids
+    return [{"prompt_ids": ids(r["prompt"]), "chosen_ids": ids(r["chosen"]),
+             "rejected_ids": ids(r["rejected"])} for r in rows]  # fmt: skip
+
+
+def _collate(layout: str, examples: list[dict]):
+    from csd_fast.batch import collate_padded
+    from csd_fast.packing import collate_packed
+
+    if layout == "padded":
+        return collate_padded(examples, 0, max_length=MAX_LENGTH)
+    return collate_packed(examples, 0, max_length=MAX_LENGTH, prefix_sharing=layout == "prefix")
+
+
+def padding_fraction(layout: str, examples: list[dict], batch: int) -> float:
+    """Share of the R x T slots of each step's batch that are padding, over all steps."""
+    slots = real = 0
+    for i in range(0, len(examples), batch):
+        b = _collate(layout, examples[i : i + batch])
+        slots, real = slots + b.capacity, real + b.num_real_tokens
+    return 1.0 - real / max(slots, 1)
+
+
+def _bare_case(shape: dict, device: str) -> Case:
+    """The floor: forward + backward + AdamW over the prefix-shared tokens, no DPO machinery."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    case, state = Case(), {}
+
+    def prepare(warmup: int, reps: int) -> None:
+        state["warmup"], state["steps"] = max(warmup, 1), max(warmup, 1) + reps
+        model_dir, rows = _assets(shape, state["steps"] * shape["B"])
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        examples = _examples(tok, rows)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model.set_attn_implementation("sdpa")
+        batches = [_collate("prefix", examples[i : i + shape["B"]])
+                   for i in range(0, len(examples), shape["B"])]  # fmt: skip
+        state.update(model=model, batches=[b.to(device) for b in batches],
+                     opt=torch.optim.AdamW(model.parameters(), lr=1e-6))  # fmt: skip
+        case.items = {"pairs": shape["B"],
+                      "tokens": sum(b.num_tokens for b in batches) / len(batches)}  # fmt: skip
+        case.extra = {
+            "padding_fraction": ("ratio", padding_fraction("prefix", examples, shape["B"]))
+        }
+
+    def timer() -> list[float]:
+        model, opt, times = state["model"], state["opt"], []
+        for b in state["batches"]:
+            t0 = time.perf_counter()
+            ids = b.model_kwargs["input_ids"]
+            hidden = model.model(input_ids=ids, position_ids=b.model_kwargs["position_ids"],
+                                 use_cache=False).last_hidden_state  # fmt: skip
+            h = hidden.flatten(0, 1).index_select(0, b.token_index)  # completion positions
+            F.cross_entropy(model.lm_head(h).float(), b.token_labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return times[state["warmup"] :]
+
+    case.prepare, case.timer = prepare, timer
+    return case
+
+
 def setup(provider: str, mode: str, shape: dict, device: str) -> Case:
     import os
 
@@ -116,6 +212,8 @@ def setup(provider: str, mode: str, shape: dict, device: str) -> Case:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
+    if provider == "bare":
+        return _bare_case(shape, device)
     if provider == "trl":
         try:
             from trl import DPOConfig, DPOTrainer
@@ -146,6 +244,8 @@ def setup(provider: str, mode: str, shape: dict, device: str) -> Case:
         n_tok = sum(2 * len(tok(r["prompt"]).input_ids) + len(tok(r["chosen"]).input_ids)
                     + len(tok(r["rejected"]).input_ids) for r in rows)  # fmt: skip
         case.items = {"pairs": batch, "tokens": n_tok / len(rows) * batch}
+        pad = padding_fraction(LAYOUT[provider], _examples(tok, rows), batch)
+        case.extra = {"padding_fraction": ("ratio", pad)}
         state["out"] = out = tempfile.mkdtemp(prefix="csd-bench-out-")
         args = _config(DPOConfig, device, steps, batch, out, CSD.get(provider, {}))
         state["trainer"] = DPOTrainer(model=str(model_dir), args=args, processing_class=tok,
@@ -155,7 +255,7 @@ def setup(provider: str, mode: str, shape: dict, device: str) -> Case:
     def timer() -> list[float]:
         t0 = time.perf_counter()
         state["trainer"].train()
-        case.extra = {"train_wall": ("s", time.perf_counter() - t0)}
+        case.extra = {**case.extra, "train_wall": ("s", time.perf_counter() - t0)}
         shutil.rmtree(state["out"], ignore_errors=True)
         warmup, steps = state["warmup"], state["steps"]
         if len(stamps) < steps:

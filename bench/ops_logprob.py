@@ -9,6 +9,10 @@ Providers (same hidden (N, H), weight (V, H), labels (N,) in each):
   liger    liger_kernel.chunked_loss.LigerFusedLinearDPOLoss (no reference model): the whole DPO
            head over the same N tokens as (2B, T) rows; it computes gradients inside its forward
   trl      trl.kernels.chunked_logprob.ChunkedLogProbFunction, called as add_fused_lm_head does
+  ours-loss  csd_fast.kernels.linear_pair_loss: the head fused with a sigmoid DPO loss over the
+           same N tokens as pairs of 2 x L (L = 128): gradients inside its forward, 3 GEMMs
+  matmul3  the floor: three bare torch.matmul of the head's shapes (logits, dH, dW) in fwd+bwd,
+           one (logits) in fwd; the goal is ours-loss <= 1.15x matmul3
 Modes: fwd (no grad), fwd+bwd (a random upstream gradient into hidden and weight).
 FLOPs are model FLOPs, 2NHV forward and 6NHV forward + backward; bytes the minimal traffic.
 """
@@ -18,14 +22,15 @@ from __future__ import annotations
 from bench.common import Case, Skip
 
 NAME = "fused_linear_logprob"
-PROVIDERS = ("eager", "compile", "ours", "liger", "trl")
+PROVIDERS = ("eager", "compile", "ours", "ours-loss", "matmul3", "liger", "trl")
 MODES = ("fwd", "fwd+bwd")
 PRESETS = {
     # the second entry is the memory goal's shape: fused <= 25% of eager at N=4096, V=32000, H=512.
     # compile (~30 s to build) and trl (~3x eager on CPU) only at the small one: 5 min budget
     "quick": [
         {"N": 512, "H": 256, "V": 8192},
-        {"N": 4096, "H": 512, "V": 32000, "providers": ("eager", "ours", "liger")},
+        {"N": 4096, "H": 512, "V": 32000,
+         "providers": ("eager", "ours", "ours-loss", "matmul3", "liger")},
     ],
     "smoke": [{"N": 64, "H": 32, "V": 256}],
     "gpu": [
@@ -44,6 +49,8 @@ def _eager(hidden, weight, labels):
 
 def _provider_fn(provider: str, device: str, shape: dict):
     """-> f(hidden, weight, labels) returning per-token log-probs, or a loss for liger."""
+    import torch
+
     if provider == "eager":
         return _eager
     if provider == "compile":
@@ -56,6 +63,19 @@ def _provider_fn(provider: str, device: str, shape: dict):
         except ImportError as e:
             raise Skip(f"csd_fast.kernels.logprob not importable: {e}") from e
         return lambda h, w, y: fused_linear_logprob(h, w, y)
+    if provider == "ours-loss":
+        from csd_fast.kernels.linear_pair_loss import fused_linear_pair_loss
+
+        n = shape["N"]
+        L = min(128, n // 2)
+        if n % (2 * L):
+            raise Skip(f"N={n} is not a whole number of pairs of 2 x {L} tokens")
+        return lambda h, w, y: fused_linear_pair_loss(
+            h, w, y, torch.arange(0, n + 1, L, device=h.device), torch.zeros(n // (2 * L),
+            device=h.device), torch.zeros(n // (2 * L), device=h.device),
+        ).loss  # fmt: skip
+    if provider == "matmul3":
+        return None  # setup builds it: it is not a function of (hidden, weight, labels)
     if provider == "trl":
         try:
             from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -91,6 +111,16 @@ def setup(provider: str, mode: str, shape: dict, device: str) -> Case:
     f = _provider_fn(provider, device, shape)
     es = dtype.itemsize
     min_bytes = (n * h + v * h) * es + n * 12  # read H and W once, labels in, log-probs out
+    if provider == "matmul3":  # logits (N, V); dH = dlogits @ W; dW = dlogits.T @ H
+
+        def bare():
+            logits = hidden @ weight.T
+            if mode == "fwd+bwd":
+                return logits @ weight, logits.T @ hidden
+            return logits
+
+        flops = (6.0 if mode == "fwd+bwd" else 2.0) * n * h * v
+        return Case(bare, flops=flops, bytes=min_bytes, items={"tokens": n})
     if mode == "fwd":
 
         def fn():

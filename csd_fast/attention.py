@@ -24,12 +24,31 @@ positions. This replaces the prefix + suffix attention merged by log-sum-exp: fl
 ignores the gradient of its returned LSE, so that merge would need a custom backward, while the
 key gather is one differentiable index_select per layer.
 
-Without packing metadata (a padded batch through a switched model) the function is ordinary
-attention with transformers' padding mask. Softcap (Gemma 2) is applied on both paths; attention
-sinks (gpt-oss) and other variants are refused by `packed_attention_supported`.
+Without flash-attn (ROCm builds without it, fp32, CPU) the packed layouts run FlexAttention
+(`torch.nn.attention.flex_attention`) with a `BlockMask` built from the same ids, so fully masked
+(query block, key block) tiles are skipped and no T x T mask or score matrix is materialised:
+
+    mask_mod(b, h, q, k) = segment[b, q] == segment[b, k]          document mask (packed pairs)
+                         & q >= k                                    causal in the row
+                         & !(branch[b, q] == 2 & branch[b, k] == 1)  rejected never sees chosen
+                         & pos[b, q] - pos[b, k] < W                 sliding window, in positions
+    score_mod(s)         = softcap * tanh(s / softcap)               Gemma 2's attention softcap
+
+Flex runs compiled on CUDA / ROCm; on CPU it is opt-in (CSD_FAST_FLEX=1: compiled by inductor,
+~30 s per new shape; CSD_FAST_FLEX=eager: uncompiled, for tests), because each new row length
+recompiles, and forward-only (no-grad passes such as the reference model's): torch 2.13 has no
+FlexAttention backward on CPU. Otherwise the dense path builds a (R, 1, T, T) bool mask (no wider
+transients) and warns, naming why it runs. Without packing metadata (a padded batch through a
+switched model) the function is ordinary attention with transformers' padding mask. Softcap
+(Gemma 2) is applied on every path; attention sinks (gpt-oss) and other variants are refused by
+`packed_attention_supported`. `deterministic=True` (set by `--full_determinism`) makes
+flash-attn's backward deterministic; the dense and flex paths have no atomics in their forward.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +71,14 @@ SUPPORTED_MODEL_TYPES = frozenset(
 )
 
 _varlen_fn = None  # flash_attn_varlen_func once imported; tests swap in `varlen_attention_ref`
+_flex_fns: dict[str, object] = {}  # "compiled" / "eager" -> flex_attention callable
+DETERMINISTIC = False  # --full_determinism: flash-attn's deterministic backward
+
+
+def set_deterministic(on: bool) -> None:
+    """Deterministic attention kernels (flash-attn `deterministic=True`) for this process."""
+    global DETERMINISTIC
+    DETERMINISTIC = bool(on)
 
 
 def _flash_varlen():
@@ -75,6 +102,82 @@ def _use_flash(query: Tensor, kwargs: dict) -> bool:
     )
 
 
+def flex_mode(device: torch.device, needs_grad: bool = False) -> tuple[str | None, str]:
+    """("compiled" | "eager" | None, why not) for FlexAttention on `device`."""
+    choice = os.environ.get("CSD_FAST_FLEX", "auto").lower()
+    if choice in ("0", "off", "false"):
+        return None, "CSD_FAST_FLEX=0"
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:  # pragma: no cover - torch < 2.5
+        return None, f"torch {torch.__version__} has no flex_attention"
+    if device.type == "cpu" and needs_grad:  # torch raises NotImplementedError (2.13)
+        return None, f"torch {torch.__version__} FlexAttention has no backward on CPU"
+    if choice == "eager":
+        return "eager", ""
+    if device.type == "cuda" or choice in ("1", "on", "true", "compiled"):
+        return "compiled", ""
+    return None, "on CPU FlexAttention is opt-in (CSD_FAST_FLEX=1 compiles it per row length)"
+
+
+def _flex_fn(mode: str):
+    if mode not in _flex_fns:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_fns[mode] = torch.compile(flex_attention) if mode == "compiled" else flex_attention
+    return _flex_fns[mode]
+
+
+def flex_block_mask(
+    segment_ids: Tensor,
+    branch_ids: Tensor,
+    position_ids: Tensor | None,
+    sliding_window: int | None = None,
+):
+    """The packed layouts' BlockMask (see the module docstring), cached per forward."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = ("flex", sliding_window)
+    cache = getattr(segment_ids, "_csd_masks", None)
+    if cache is not None and key in cache:
+        return cache[key]
+    if sliding_window is not None and position_ids is None:
+        raise ValueError("packed attention with a sliding window needs position_ids")
+    R, T = segment_ids.shape
+    seg, branch = segment_ids, branch_ids
+    pos = position_ids.expand_as(segment_ids) if position_ids is not None else None
+
+    def mask_mod(b, h, q, k):
+        allowed = (seg[b, q] == seg[b, k]) & (q >= k)
+        allowed = allowed & ~((branch[b, q] == 2) & (branch[b, k] == 1))
+        if sliding_window is not None:
+            allowed = allowed & (pos[b, q] - pos[b, k] < sliding_window)
+        return allowed
+
+    compiled = segment_ids.device.type == "cuda"  # the vmap'd builder is slow for long rows
+    mask = create_block_mask(mask_mod, R, None, T, T, device=segment_ids.device, _compile=compiled)
+    if cache is None:
+        cache = {}
+        segment_ids._csd_masks = cache
+    cache[key] = mask
+    return mask
+
+
+def _flex_attention(q, k, v, block_mask, scaling, softcap, mode) -> Tensor:
+    """q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, T, H, D) through flex_attention."""
+    score_mod = None
+    if softcap is not None:
+
+        def score_mod(score, b, h, q_idx, k_idx):
+            return softcap * torch.tanh(score / softcap)
+
+    out = _flex_fn(mode)(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous()
+
+
 def packed_mask(
     segment_ids: Tensor,
     branch_ids: Tensor,
@@ -93,7 +196,9 @@ def packed_mask(
         if position_ids is None:
             raise ValueError("packed attention with a sliding window needs position_ids")
         pos = position_ids.expand_as(segment_ids)
-        allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+        # pos_q - pos_k < W  <=>  pos_k > pos_q - W: the subtraction stays (R, T, 1), so the only
+        # T x T tensor is the bool result (an int64 difference would be 8x the mask)
+        allowed &= pos[:, None, :] > (pos - sliding_window)[:, :, None]
     allowed = allowed[:, None]
     if cache is None:
         cache = {}
@@ -146,6 +251,7 @@ def _varlen_attention(q, k, v, kw, scaling, dropout, sliding_window, softcap, fn
         causal=True,
         window_size=(-1, -1) if sliding_window is None else (sliding_window - 1, 0),
         softcap=0.0 if softcap is None else softcap,
+        **({"deterministic": True} if DETERMINISTIC else {}),
     )
     return out.view(B, T, H, D)
 
@@ -182,10 +288,31 @@ def packed_attention_forward(
             query, key, value, kwargs, scaling, dropout, sliding_window, softcap, _flash_varlen()
         )
         return out, None
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    mode, why = flex_mode(query.device, needs_grad)
+    if mode is not None and not dropout:
+        block_mask = flex_block_mask(
+            segment_ids, kwargs["csd_branch_ids"], kwargs.get("position_ids"), sliding_window
+        )
+        return _flex_attention(query, key, value, block_mask, scaling, softcap, mode), None
+    _warn_dense(query, why if not dropout else "attention dropout (flex has none)")
     allowed = packed_mask(
         segment_ids, kwargs["csd_branch_ids"], kwargs.get("position_ids"), sliding_window
     )
     return _dense_attention(query, key, value, allowed, scaling, dropout, softcap), None
+
+
+def _warn_dense(query: Tensor, why: str) -> None:
+    """Every dense-fallback call warns (Python shows each distinct message once per place)."""
+    flash = "flash-attn not installed" if _flash_varlen() is None else (
+        "flash-attn needs CUDA fp16/bf16 inputs" if not (query.is_cuda and query.dtype in
+        (torch.float16, torch.bfloat16)) else "no varlen metadata in the batch")  # fmt: skip
+    warnings.warn(
+        f"csd_packed attention: dense (R, 1, T, T) mask fallback for T={query.shape[2]} "
+        f"({flash}; {why}): O(T^2) memory and work, no block skipping",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _padding_mask(*args, attention_mask: Tensor | None = None, **kwargs):

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor
 
+# the engine imports the kernels, never the reverse: one deterministic segment sum for both
+from csd_fast.kernels.pair_loss import segment_sum  # noqa: F401 - re-exported for the engine
+
 IGNORE_INDEX = -100
 LAYOUTS = ("padded", "packed", "prefix")
 
@@ -74,7 +77,8 @@ class PairBatch:
         """(N,) sequence id of each scored token (0..P-1 chosen, P..2P-1 rejected)."""
         lengths = self.sequence_lengths()
         seq = torch.arange(lengths.numel(), device=lengths.device)
-        return torch.repeat_interleave(seq, lengths)
+        # output_size from the host-known shape: without it repeat_interleave syncs to size it
+        return torch.repeat_interleave(seq, lengths, output_size=self.token_labels.numel())
 
     def pin_memory(self) -> PairBatch:
         """Page-locked host copies (the DataLoader calls this with pin_memory=True)."""
@@ -99,18 +103,6 @@ class PairBatch:
             return x
 
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
-
-
-def segment_sum(values: Tensor, seq_offsets: Tensor) -> Tensor:
-    """Sum `values` (N,) over the segments given by `seq_offsets` (S+1,) -> (S,), differentiable.
-
-    Uses index_add over segment ids rather than cumsum differences: cumsum of a long fp32 run loses
-    the low bits of short segments, and this is the reduction the losses see.
-    """
-    lengths = seq_offsets[1:] - seq_offsets[:-1]
-    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
-    out = torch.zeros(lengths.numel(), dtype=values.dtype, device=values.device)
-    return out.index_add(0, seg, values)
 
 
 def truncate_pair(

@@ -203,7 +203,11 @@ class DPOConfig:
     )
     ignore_data_skip: bool = _no(False, "Do not fast-forward data on resume.")
     restore_callback_states_from_checkpoint: bool = _no(False, "Restore callback states.")
-    full_determinism: bool = _no(False, "Deterministic algorithms for distributed runs.")
+    full_determinism: bool = _f(
+        False,
+        "transformers' enable_full_determinism(seed): deterministic torch algorithms and cuBLAS "
+        "workspace, flash-attn's deterministic backward (csd_fast.attention). Slower on GPUs.",
+    )
     accelerator_config: dict | str | None = _no(None, "accelerate options.")
     parallelism_config: Any = _no(None, "accelerate ParallelismConfig.")
     fsdp: str | None = _no(None, "FSDP via accelerate.")

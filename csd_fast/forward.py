@@ -111,7 +111,7 @@ class LogprobHead:
     logit_scale: float = 1.0
     softcap: float | None = None
 
-    def forward(self, hidden, labels=None, **kernel_kwargs):
+    def forward(self, hidden, labels=None, pair_loss: dict | None = None, **kernel_kwargs):
         if labels is None:
             return super().forward(hidden)
         from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
@@ -123,6 +123,14 @@ class LogprobHead:
             extras["log_sum_sq_probs"] = log_sum_sq_probs(
                 hidden.detach(), weight, bias, self.logit_scale, self.softcap,
                 kernel_kwargs.get("temperature", 1.0),
+            )  # fmt: skip
+        if pair_loss is not None:  # the head fused with the pair loss: 3 GEMMs (kernels/)
+            from csd_fast.kernels.linear_pair_loss import fused_linear_pair_loss
+
+            return fused_linear_pair_loss(
+                hidden, weight, labels, bias=bias, logit_scale=self.logit_scale,
+                softcap=self.softcap, temperature=kernel_kwargs.get("temperature", 1.0),
+                return_stats=kernel_kwargs.get("return_stats", False), **pair_loss,
             )  # fmt: skip
         # reference passes (no grad) take the forward-only kernel: no autograd state is kept
         head = fused_linear_logprob if torch.is_grad_enabled() else linear_logprob_inference
@@ -193,17 +201,21 @@ class PairScorer(nn.Module):
 
     def forward(
         self, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float,
-        extras: dict | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:  # fmt: skip
-        return _score_tokens(self.model, batch, head_impl, with_stats, temperature, extras)
+        extras: dict | None = None, pair_loss: dict | None = None,
+    ):  # fmt: skip
+        return _score_tokens(
+            self.model, batch, head_impl, with_stats, temperature, extras, pair_loss
+        )
 
 
 def _score_tokens(
     model, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float,
-    extras: dict | None = None,
+    extras: dict | None = None, pair_loss: dict | None = None,
 ):  # fmt: skip
     """`extras` (a dict, filled in place) asks for outputs the common path does not compute:
-    key "aux_loss" -> the MoE router loss, "log_sum_sq_probs" -> (N,) per-token log sum p^2."""
+    key "aux_loss" -> the MoE router loss, "log_sum_sq_probs" -> (N,) per-token log sum p^2.
+    `pair_loss` (the pair-loss options) makes the head return the loss with its gradients
+    computed in the forward (csd_fast.kernels.linear_pair_loss) instead of the log-probs."""
     kwargs = dict(batch.model_kwargs)
     want_aux = extras is not None and "aux_loss" in extras
     if want_aux:
@@ -219,6 +231,9 @@ def _score_tokens(
         # as an eager lm_head under autocast would (the kernels then read bf16 tiles)
         hidden = hidden.to(torch.get_autocast_dtype(dev))
     head = unwrap_causal_lm(model).get_output_embeddings()
+    if pair_loss is not None:  # -> PairHeadOutput (loss, chosen, rejected, token_logps, stats)
+        return head(hidden, batch.token_labels, pair_loss=pair_loss, temperature=temperature,
+                    return_stats=with_stats)  # fmt: skip
     result = head(
         hidden,
         batch.token_labels,
@@ -352,6 +367,39 @@ def sequence_forward(
         out.entropy, out.mean_logit, out.is_top1 = stats
     out.aux_loss, out.log_sum_sq_probs = extras.get("aux_loss"), extras.get("log_sum_sq_probs")
     return out
+
+
+def fused_sequence_loss(
+    model: nn.Module,
+    batch: PairBatch,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    clo_lambda: float = 0.5,
+    with_stats: bool = True,
+    temperature: float = 1.0,
+) -> tuple[Tensor, ForwardOutput]:
+    """The pair loss with the head's gradients computed inside its forward (3 GEMMs instead of
+    4-5: csd_fast.kernels.linear_pair_loss); `loss_type` among csd_fast.kernels.PAIR_LOSS_TYPES.
+    Runs through the head module (and a PairScorer root), so FSDP2 gathers as for the logps."""
+    pair_loss = dict(
+        seq_offsets=batch.seq_offsets, ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps, sft_mask=batch.sft_mask,
+        group_ids=batch.group_ids, loss_type=loss_type, beta=beta,
+        label_smoothing=label_smoothing, clo_lambda=clo_lambda,
+    )  # fmt: skip
+    if isinstance(model, PairScorer):
+        out = model(batch, "auto", with_stats, temperature, pair_loss=pair_loss)
+    else:
+        install_logprob_head(model)
+        out = _score_tokens(model, batch, "auto", with_stats, temperature, pair_loss=pair_loss)
+    fwd = ForwardOutput(out.token_logps, out.chosen_logps, out.rejected_logps)
+    if out.stats is not None:
+        fwd.entropy, fwd.mean_logit, fwd.is_top1 = out.stats
+    return out.loss, fwd
 
 
 @torch.no_grad()

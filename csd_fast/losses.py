@@ -220,10 +220,12 @@ def _clo(params: LossParams, logps: PairLogps, beta_delta: Tensor) -> Tensor:
     """
     P = beta_delta.numel()
     if logps.group_ids is None:
-        num_groups = P
-    else:
-        num_groups = int(torch.unique(logps.group_ids).numel())
-    scale = P / max(num_groups, 1)
+        scale = 1.0
+    else:  # G counted on the device: int(torch.unique(...).numel()) would sync every micro-batch
+        from csd_fast.kernels.pair_loss import count_distinct
+
+        num_groups = count_distinct(logps.group_ids).to(beta_delta.dtype)
+        scale = P / num_groups.clamp(min=1)
     contrastive = -F.logsigmoid(beta_delta) * scale
     lam = params.clo_lambda
     if lam == 0.0:  # skip the NLL so a batch without target pairs needs no sft_mask

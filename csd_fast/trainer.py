@@ -90,6 +90,13 @@ class DPOTrainer(TrainerAPI):
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
         torch.manual_seed(args.seed)
+        if args.full_determinism:  # as HF's Trainer, plus flash-attn's deterministic backward
+            from transformers.trainer_utils import enable_full_determinism
+
+            from csd_fast.attention import set_deterministic
+
+            enable_full_determinism(args.seed)
+            set_deterministic(True)
         self.dist = init_distributed(use_cpu=getattr(args, "use_cpu", False))
         self.device = self.dist.device
         model_path = model if isinstance(model, str) else None
@@ -519,11 +526,30 @@ class DPOTrainer(TrainerAPI):
         from csd_fast.metrics import pair_metric_sums
 
         ref_c, ref_r = self._ref_logps(batch)
+        fused_loss = None
         with self._autocast():
-            fwd = sequence_forward(
-                self.scorer, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha,
-                aux_loss=self.aux_loss_enabled, with_sq_probs=self.args.use_weighting,
-            )  # fmt: skip
+            # head + loss in one (3 GEMMs, kernels/) where nothing else needs the head's
+            # outputs: MoE router loss, WPO weights and SFT rows take the log-prob path
+            fuse = (
+                self._fused_loss_type is not None
+                and not self.aux_loss_enabled
+                and not self.args.use_weighting
+                and not self._sft_data
+            )
+            if fuse:
+                from csd_fast.forward import fused_sequence_loss
+
+                lp = self.loss_params
+                fused_loss, fwd = fused_sequence_loss(
+                    self.scorer, batch, ref_c.float(), ref_r.float(),
+                    loss_type=self._fused_loss_type, beta=lp.beta,
+                    label_smoothing=lp.label_smoothing, clo_lambda=lp.clo_lambda,
+                )  # fmt: skip
+            else:
+                fwd = sequence_forward(
+                    self.scorer, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha,
+                    aux_loss=self.aux_loss_enabled, with_sq_probs=self.args.use_weighting,
+                )  # fmt: skip
         lengths = batch.sequence_lengths()
         P = batch.num_pairs
         logps = PairLogps(
@@ -538,21 +564,8 @@ class DPOTrainer(TrainerAPI):
             nll_chosen_logps=fwd.plain_chosen_logps,
             weights=wpo_weights(fwd, batch, lengths) if self.args.use_weighting else None,
         )
-        if self._fused_loss_type is not None:
-            from csd_fast.kernels.pair_loss import fused_pair_loss
-
-            loss, _, _ = fused_pair_loss(
-                fwd.token_logps,
-                batch.seq_offsets,
-                logps.ref_chosen_logps,
-                logps.ref_rejected_logps,
-                loss_type=self._fused_loss_type,
-                beta=self.loss_params.beta,
-                label_smoothing=self.loss_params.label_smoothing,
-                sft_mask=batch.sft_mask,
-                clo_lambda=self.loss_params.clo_lambda,
-                group_ids=batch.group_ids,
-            )
+        if fused_loss is not None:
+            loss = fused_loss
         else:
             loss = preference_loss(self.loss_params, logps)
         sums = pair_metric_sums(

@@ -8,8 +8,9 @@ The target is read once from the running torch build and device:
 
 Every config is portable Triton (tl.dot on register tiles, no TMA descriptors or warp
 specialisation), so the same kernel source runs on all targets; only block sizes, warps and
-pipeline stages differ. Shared memory per stage is (BLOCK_N + BLOCK_V) * BLOCK_H * 2 bytes for
-bf16, which the gfx90a configs keep within 64 KiB at num_stages=2 (tests/kernels/test_autotune.py).
+pipeline stages differ, per target and per dtype class (half / fp32). Shared memory per stage is
+(BLOCK_N + BLOCK_V) * BLOCK_H * 2 bytes for bf16, within gfx90a's 64 KiB at num_stages=2; the
+real compiler's registers, spills and occupancy for every row: `python -m bench compile`.
 Also the per-dtype tl.dot choices (dot_precision, upcast_for_dot) and the vocabulary split counts.
 
 Used by kernels/logprob.py and kernels/pair_loss.py; `python -m csd_fast.kernels.autotune` prints
@@ -28,13 +29,23 @@ try:
 except ImportError:  # pragma: no cover - the CPU path works without triton
     triton = None
 
-# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages). Keys "<target>" serve bf16 / fp16,
+# "<target>/fp32" the fp32 inputs (tl.dot with input_precision="ieee": FMA, not tensor cores,
+# so its tiles hold 2-4x the registers and must be smaller). The sm90 and gfx90a rows are the
+# ones that compile with zero spills (and occupancy >= 2 on gfx90a) in bench/results/compile.csv,
+# chosen from a sweep with the real compiler; tests/kernels/test_compile.py keeps them that way.
+# Register pressure, not shared memory, is the limit: a (BLOCK_N, BLOCK_V) fp32 logits tile, its
+# softmax temporaries and the dot accumulator live together, so BLOCK_H stays at 32 on sm90 (the
+# reduction depth costs pipelined operand tiles) and wide tiles come with 8 warps.
 _LOGPROB_FWD = {
     "interpreter": [(16, 32, 16, 1, 1)],
-    "sm90": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    "sm90": [(128, 128, 32, 8, 2), (64, 128, 64, 8, 3), (64, 64, 32, 4, 4)],
+    "sm90/fp32": [(32, 64, 32, 4, 2), (64, 32, 32, 4, 2), (64, 64, 32, 8, 2)],
     "sm80": [(128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
+    "sm80/fp32": [(32, 64, 32, 4, 2), (64, 64, 32, 8, 2)],
     # wavefront 64: 4 warps are 256 lanes; LDS 64 KiB caps (BLOCK_N + BLOCK_V) * BLOCK_H * stages
-    "gfx90a": [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2), (64, 128, 32, 4, 2)],
+    "gfx90a": [(64, 64, 64, 4, 2), (128, 64, 64, 8, 2), (64, 128, 64, 8, 2)],
+    "gfx90a/fp32": [(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (64, 32, 32, 4, 2)],
     "hip": [(64, 64, 64, 4, 2), (128, 64, 32, 8, 2)],
     "other": [(64, 64, 32, 4, 2)],
 }
@@ -44,10 +55,13 @@ _LOGPROB_FWD = {
 # tiles (logits, dlogits) next to the dot accumulator, hence 8 warps for 64 x 256.
 _LOGPROB_BWD_DH = {
     "interpreter": [(16, 32, 16, 1, 1)],
-    "sm90": [(64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3)],
+    "sm90": [(64, 256, 32, 8, 2), (128, 64, 32, 8, 3), (64, 64, 32, 4, 4)],
+    "sm90/fp32": [(32, 32, 32, 4, 2), (32, 64, 16, 4, 2), (32, 64, 32, 4, 1)],
     "sm80": [(64, 256, 32, 8, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 2)],
+    "sm80/fp32": [(32, 32, 32, 4, 2), (32, 64, 16, 4, 2)],
     # LDS per stage (BLOCK_N + BLOCK_V) * BLOCK_H * 2 B: (64 + 128) * 64 * 2 * 2 stages = 48 KiB
-    "gfx90a": [(64, 128, 64, 4, 2), (32, 128, 64, 4, 2), (64, 64, 64, 4, 2)],
+    "gfx90a": [(64, 128, 64, 8, 2), (128, 64, 64, 8, 2), (64, 64, 64, 4, 2)],
+    "gfx90a/fp32": [(64, 64, 16, 4, 2), (64, 64, 32, 8, 2), (32, 32, 32, 4, 2)],
     "hip": [(64, 128, 32, 4, 2), (64, 64, 64, 4, 2)],
     "other": [(64, 64, 32, 4, 2)],
 }
@@ -55,9 +69,12 @@ _LOGPROB_BWD_DH = {
 # factor, so the mirror image of the dH table.
 _LOGPROB_BWD_DW = {
     "interpreter": [(16, 32, 16, 1, 1)],
-    "sm90": [(256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3)],
+    "sm90": [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3)],
+    "sm90/fp32": [(32, 32, 16, 4, 2), (32, 32, 32, 8, 2), (64, 32, 16, 8, 2)],
     "sm80": [(256, 64, 32, 8, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 2)],
-    "gfx90a": [(128, 64, 64, 4, 2), (128, 32, 64, 4, 2), (64, 64, 64, 4, 2)],
+    "sm80/fp32": [(32, 32, 16, 4, 2)],
+    "gfx90a": [(128, 64, 64, 8, 2), (64, 128, 64, 8, 2), (64, 64, 64, 4, 2)],
+    "gfx90a/fp32": [(64, 64, 16, 4, 2), (32, 32, 32, 4, 2)],
     "hip": [(128, 64, 32, 4, 2), (64, 64, 64, 4, 2)],
     "other": [(64, 64, 32, 4, 2)],
 }
@@ -86,24 +103,31 @@ def target() -> str:
     return "sm80" if major >= 8 else "other"
 
 
-def _configs(table: dict, tgt: str | None) -> list:
-    rows = table.get(tgt or target(), table["other"])
+def table_rows(table: dict, tgt: str | None = None, fp32: bool = False) -> list[tuple]:
+    """The (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages) rows of `table` for a target and dtype."""
+    tgt = tgt or target()
+    if fp32 and f"{tgt}/fp32" in table:
+        return table[f"{tgt}/fp32"]
+    return table.get(tgt, table["other"])
+
+
+def _configs(table: dict, tgt: str | None, fp32: bool) -> list:
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=s)
-        for bn, bv, bh, w, s in rows
+        for bn, bv, bh, w, s in table_rows(table, tgt, fp32)
     ]
 
 
-def logprob_fwd_configs(tgt: str | None = None) -> list:
-    return _configs(_LOGPROB_FWD, tgt)
+def logprob_fwd_configs(tgt: str | None = None, fp32: bool = False) -> list:
+    return _configs(_LOGPROB_FWD, tgt, fp32)
 
 
-def logprob_bwd_dh_configs(tgt: str | None = None) -> list:
-    return _configs(_LOGPROB_BWD_DH, tgt)
+def logprob_bwd_dh_configs(tgt: str | None = None, fp32: bool = False) -> list:
+    return _configs(_LOGPROB_BWD_DH, tgt, fp32)
 
 
-def logprob_bwd_dw_configs(tgt: str | None = None) -> list:
-    return _configs(_LOGPROB_BWD_DW, tgt)
+def logprob_bwd_dw_configs(tgt: str | None = None, fp32: bool = False) -> list:
+    return _configs(_LOGPROB_BWD_DW, tgt, fp32)
 
 
 def lds_bytes(cfg, elem_bytes: int = 2) -> int:
@@ -129,6 +153,20 @@ def pair_loss_block(tgt: str | None = None) -> int:
     return _PAIR_LOSS_BLOCK_T.get(tgt or target(), 1024)
 
 
+# Row kernels of the fused head + pair loss (kernels/linear_pair_loss.py): one program per row
+# walks the vocabulary in BLOCK_V lanes; 8 elements per thread keeps a handful of per-lane
+# accumulators in registers (wavefront 64: 4 warps are 256 lanes).
+_TILE_ROW = {"interpreter": (64, 1), "gfx90a": (1024, 4), "hip": (1024, 4)}
+
+
+def tile_block(tgt: str | None = None) -> int:
+    return _TILE_ROW.get(tgt or target(), (2048, 8))[0]
+
+
+def tile_warps(tgt: str | None = None) -> int:
+    return _TILE_ROW.get(tgt or target(), (2048, 8))[1]
+
+
 def num_programs_hint() -> int:
     """Programs that fill the device about four times over (SMs / CUs x 4); 8 elsewhere."""
     if is_interpreter() or not torch.cuda.is_available():
@@ -136,21 +174,27 @@ def num_programs_hint() -> int:
     return 4 * torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def logprob_split_v(N: int, V: int) -> int:
-    """Vocabulary splits of the log-prob forward: enough programs to fill the device when
-    N / BLOCK_N alone cannot, each split keeping >= 512 columns (64 in the interpreter, so the
-    tests cross split boundaries) so the partials stay cheap to combine."""
+def logprob_split_v(N: int, V: int, block_n: int) -> int:
+    """Vocabulary splits of the log-prob forward for a launch with row blocks of `block_n`: enough
+    programs to fill the device when N / block_n alone cannot, each split keeping >= 512 columns
+    (64 in the interpreter, so the tests cross split boundaries) so the partials stay cheap to
+    combine. Evaluated per autotune config (a triton.heuristics on BLOCK_N), never assumed."""
     min_cols = 64 if is_interpreter() else 512
-    row_blocks = -(-N // 64)
+    row_blocks = -(-N // block_n)
     want = -(-num_programs_hint() // row_blocks)
     return max(1, min(-(-V // min_cols), want))
 
 
-def logprob_bwd_split_v(N: int, V: int, H: int, budget_bytes: int = 256 << 20) -> int:
+def logprob_max_split_v(N: int, V: int, configs: list) -> int:
+    """The most splits any of `configs` can ask for: the partial buffers are sized by it."""
+    return max(logprob_split_v(N, V, c.kwargs["BLOCK_N"]) for c in configs)
+
+
+def logprob_bwd_split_v(N: int, V: int, H: int, block_n: int, budget_bytes: int = 256 << 20) -> int:
     """Vocabulary splits of the dH kernel: as for the forward, but each split costs an fp32 (N, H)
     partial plane, so the planes together stay within `budget_bytes` (one split always allowed)."""
     cap = max(1, budget_bytes // max(1, N * H * 4))
-    return max(1, min(logprob_split_v(N, V), cap))
+    return max(1, min(logprob_split_v(N, V, block_n), cap))
 
 
 if __name__ == "__main__":

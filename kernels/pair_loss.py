@@ -10,11 +10,18 @@ tokens, dloss/d token_logps[n] = dloss/d sum[seq(n)]: the backward only broadcas
     loss = csd_fast.losses.preference_loss(LossParams(loss_type), PairLogps(...))
 
 for one loss type among SUPPORTED (TRL 1.16 definitions, βΔ = β(ρ_c - ρ_r), |c| the token count):
-sigmoid -log σ(βΔ); hinge relu(1 - βΔ); ipo (ρ_c/|c| - ρ_r/|r| - 1/(2β))²; robust
+sigmoid -log σ(βΔ) (TRL 1.16's sigmoid ignores label_smoothing; robust uses it);
+hinge relu(1 - βΔ); ipo (ρ_c/|c| - ρ_r/|r| - 1/(2β))²; robust
 (-(1-ε) log σ(βΔ) + ε log σ(-βΔ)) / (1 - 2ε); sigmoid_norm -log σ(β(ρ_c/|c| - ρ_r/|r|));
 sft -Σ chosen_logps[sft_mask] / Σ |c|[sft_mask]; clo λ·sft + (1-λ)·(P/G)·mean_pairs(sigmoid)
 with G the CLO examples (distinct group_ids), as csd_fast.losses._clo. Others raise ValueError:
 the engine then falls back to csd_fast.losses. chosen_logps / rejected_logps come back detached.
+
+The module stands alone on torch and triton: `pair_loss_torch` is the pure-torch implementation
+(the CPU path and the tests' fp32 peer), `pair_terms` the per-pair loss it shares with the fused
+head (kernels/linear_pair_loss.py), `segment_sum` the deterministic segment reduction the engine
+imports. Every batch-wide normaliser (1/P, the NLL's token count, CLO's G) is computed on the
+device, so nothing here waits for the host.
 
 Tests: python -m pytest tests/kernels/test_pair_loss.py -q   (TRITON_INTERPRET=1 on CPU)
 """
@@ -66,18 +73,19 @@ def _pair_loss_fwd_kernel(
     ref_r_ptr,  # (P,) fp32 ref_rejected_logps
     sft_ptr,  # (P,) fp32 1.0 where the pair's chosen feeds the NLL term
     sft_den_ptr,  # () fp32 tokens of those chosen sequences, clamped to >= 1
+    coef_ptr,  # (2,) fp32 pair_coef (1/P, or CLO's (1 - λ)/G), sft_coef (the NLL's weight)
     chosen_ptr,  # (P,) fp32 out: chosen_logps
     rejected_ptr,  # (P,) fp32 out: rejected_logps
     loss_ptr,  # (P,) fp32 out: this pair's share of the loss (they sum to the loss)
     dseq_ptr,  # (2P,) fp32 out: dloss / d sequence sum
-    P, beta, label_smoothing, pair_coef, sft_coef,
+    P, beta, label_smoothing,
     LOSS: tl.constexpr, HAS_SFT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
     beta = tl.cast(beta, tl.float32)
     eps = tl.cast(label_smoothing, tl.float32)
-    pair_coef = tl.cast(pair_coef, tl.float32)  # weight / P, or CLO's (1 - λ) / G
-    sft_coef = tl.cast(sft_coef, tl.float32)
+    pair_coef = tl.load(coef_ptr)  # read on the device: G (distinct groups) is a device count
+    sft_coef = tl.load(coef_ptr + 1)
     # 1. the pair's two sequence sums
     c0 = tl.load(offsets_ptr + i)
     c1 = tl.load(offsets_ptr + i + 1)
@@ -149,20 +157,88 @@ def _pair_loss_bwd_kernel(
         tl.store(dlogps_ptr + offs, tl.zeros((BLOCK_T,), tl.float32) + g, mask=offs < end)
 
 
-def _coefs(loss_type: str, P: int, clo_lambda: float, group_ids: Tensor | None):
-    """(pair_coef, sft_coef): weights of the pairwise term per pair and of the NLL term."""
+def segment_sum(values: Tensor, seq_offsets: Tensor) -> Tensor:
+    """Sum `values` (N,) over the segments `seq_offsets` (S+1,) -> (S,), differentiable.
+
+    One sequential sum per segment (torch.segment_reduce): no index_add atomics, so the bits do
+    not depend on thread scheduling on a GPU, no host sync (no repeat_interleave to size), and no
+    cumsum differences (a long fp32 cumsum loses the low bits of short segments)."""
+    return torch.segment_reduce(values, "sum", offsets=seq_offsets, unsafe=True)
+
+
+def count_distinct(ids: Tensor) -> Tensor:
+    """Number of distinct values of `ids` (P,) as a 0-d tensor on its device (no host sync)."""
+    if ids.numel() == 0:
+        return torch.zeros((), dtype=torch.long, device=ids.device)
+    ordered = ids.sort().values
+    return 1 + (ordered[1:] != ordered[:-1]).sum()
+
+
+def loss_coefs(loss_type: str, P: int, clo_lambda: float, group_ids: Tensor | None, device):
+    """(2,) fp32 on `device`: the pairwise term's weight per pair and the NLL term's weight."""
     if loss_type == "sft":
-        return 0.0, 1.0
+        return torch.tensor([0.0, 1.0], device=device)
     if loss_type == "clo":
-        groups = P if group_ids is None else int(torch.unique(group_ids).numel())
-        return (1.0 - clo_lambda) / max(groups, 1), clo_lambda
-    return 1.0 / P, 0.0
+        groups = torch.tensor(float(P), device=device)
+        if group_ids is not None:
+            groups = count_distinct(group_ids.to(device)).float()
+        pair = (1.0 - clo_lambda) / groups.clamp(min=1.0)
+        return torch.stack([pair, torch.tensor(float(clo_lambda), device=device)])
+    return torch.tensor([1.0 / P, 0.0], device=device)
 
 
-def _sft_inputs(seq_offsets: Tensor, sft_mask: Tensor | None, P: int):
+def has_nll_term(loss_type: str, clo_lambda: float) -> bool:
+    """sft always; clo unless λ = 0 (then no sft_mask is needed, as in csd_fast.losses)."""
+    return loss_type == "sft" or (loss_type == "clo" and clo_lambda != 0.0)
+
+
+def sft_inputs(seq_offsets: Tensor, sft_mask: Tensor | None, P: int) -> tuple[Tensor, Tensor]:
+    """(mask (P,) fp32, token count of the masked chosen sequences clamped to >= 1)."""
     lengths = (seq_offsets[1 : P + 1] - seq_offsets[:P]).float()
     mask = torch.ones(P, device=seq_offsets.device) if sft_mask is None else sft_mask.float()
     return mask.contiguous(), (lengths * mask).sum().clamp(min=1.0)
+
+
+def pair_terms(
+    chosen: Tensor,
+    rejected: Tensor,
+    ref_c: Tensor,
+    ref_r: Tensor,
+    len_c: Tensor,
+    len_r: Tensor,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    coefs: Tensor,
+    sft: Tensor,
+    sft_den: Tensor,
+    has_sft: bool,
+) -> Tensor:
+    """Each pair's share of the loss (P,), in torch; summed over any partition of the pairs it
+    gives the batch loss, because every normaliser arrives precomputed (coefs, sft_den)."""
+    import torch.nn.functional as F
+
+    pair_coef, sft_coef = coefs[0].to(chosen.dtype), coefs[1].to(chosen.dtype)
+    rho_c, rho_r = chosen - ref_c, rejected - ref_r
+    len_c, len_r = len_c.clamp(min=1).to(chosen.dtype), len_r.clamp(min=1).to(chosen.dtype)
+    x = beta * (rho_c - rho_r)
+    eps = label_smoothing
+    if loss_type in ("sigmoid", "clo"):
+        term = -F.logsigmoid(x)
+    elif loss_type == "hinge":
+        term = torch.relu(1 - x)
+    elif loss_type == "ipo":
+        term = (rho_c / len_c - rho_r / len_r - 1 / (2 * beta)) ** 2
+    elif loss_type == "robust":
+        term = (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+    elif loss_type == "sigmoid_norm":
+        term = -F.logsigmoid(beta * (rho_c / len_c - rho_r / len_r))
+    else:  # sft: no pairwise term
+        term = torch.zeros_like(chosen)
+    out = term * pair_coef
+    if has_sft:
+        out = out - sft_coef * sft.to(chosen.dtype) * chosen / sft_den.to(chosen.dtype)
+    return out
 
 
 class PairLossFunction(torch.autograd.Function):
@@ -173,14 +249,16 @@ class PairLossFunction(torch.autograd.Function):
         loss_type, beta, label_smoothing, clo_lambda, group_ids = params
         P = ref_c.numel()
         dev = token_logps.device
-        pair_coef, sft_coef = _coefs(loss_type, P, clo_lambda, group_ids)
-        sft, sft_den = _sft_inputs(seq_offsets, sft_mask, P)
+        coefs = loss_coefs(loss_type, P, clo_lambda, group_ids, dev)
+        sft, sft_den = sft_inputs(seq_offsets, sft_mask, P)
         chosen, rejected, parts = (torch.empty(P, device=dev) for _ in range(3))
         dseq = torch.empty(2 * P, device=dev)
+        eps = float(label_smoothing) if loss_type == "robust" else 0.0
+        has_sft = has_nll_term(loss_type, clo_lambda)
         _pair_loss_fwd_kernel[(P,)](
-            token_logps, seq_offsets, ref_c, ref_r, sft, sft_den, chosen, rejected, parts, dseq,
-            P, float(beta), float(label_smoothing), pair_coef, sft_coef,
-            LOSS=_CODES[loss_type], HAS_SFT=sft_coef != 0.0, BLOCK_T=autotune.pair_loss_block(),
+            token_logps, seq_offsets, ref_c, ref_r, sft, sft_den, coefs, chosen, rejected, parts,
+            dseq, P, float(beta), eps,
+            LOSS=_CODES[loss_type], HAS_SFT=has_sft, BLOCK_T=autotune.pair_loss_block(),
         )  # fmt: skip
         ctx.save_for_backward(seq_offsets, dseq)
         ctx.num_tokens = token_logps.numel()
@@ -210,27 +288,19 @@ def pair_loss_torch(
     clo_lambda: float = 0.5,
     group_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The torch path (and reference): segment sums + csd_fast.losses.preference_loss."""
-    from csd_fast.batch import segment_sum
-    from csd_fast.losses import LossParams, PairLogps, preference_loss
-
+    """The pure-torch path (CPU, and the peer of the kernel's tests): segment sums, then
+    `pair_terms` summed; in the dtype of token_logps (fp64 in, fp64 out)."""
     P = ref_chosen_logps.numel()
     sums = segment_sum(token_logps, seq_offsets)  # (2P,)
     lengths = seq_offsets[1:] - seq_offsets[:-1]
-    logps = PairLogps(
-        chosen_logps=sums[:P],
-        rejected_logps=sums[P:],
-        ref_chosen_logps=ref_chosen_logps.to(sums.dtype),
-        ref_rejected_logps=ref_rejected_logps.to(sums.dtype),
-        chosen_lengths=lengths[:P],
-        rejected_lengths=lengths[P:],
-        sft_mask=sft_mask,
-        group_ids=group_ids,
-    )
-    params = LossParams(
-        loss_type=(loss_type,), beta=beta, label_smoothing=label_smoothing, clo_lambda=clo_lambda
-    )
-    return preference_loss(params, logps), sums[:P].detach(), sums[P:].detach()
+    coefs = loss_coefs(loss_type, P, clo_lambda, group_ids, token_logps.device)
+    sft, sft_den = sft_inputs(seq_offsets, sft_mask, P)
+    parts = pair_terms(
+        sums[:P], sums[P:], ref_chosen_logps.to(sums.dtype), ref_rejected_logps.to(sums.dtype),
+        lengths[:P], lengths[P:], loss_type, beta, label_smoothing, coefs, sft, sft_den,
+        has_nll_term(loss_type, clo_lambda),
+    )  # fmt: skip
+    return parts.sum(), sums[:P].detach(), sums[P:].detach()
 
 
 def fused_pair_loss(

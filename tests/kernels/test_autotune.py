@@ -17,10 +17,11 @@ TABLES = {
 }
 
 
+@pytest.mark.parametrize("fp32", [False, True], ids=["half", "fp32"])
 @pytest.mark.parametrize("table", list(TABLES))
 @pytest.mark.parametrize("tgt", ["sm80", "sm90", "gfx90a", "hip", "interpreter", "other"])
-def test_configs_are_valid_tl_dot_tiles(table, tgt):
-    configs = TABLES[table](tgt)
+def test_configs_are_valid_tl_dot_tiles(table, tgt, fp32):
+    configs = TABLES[table](tgt, fp32=fp32)
     assert configs
     for cfg in configs:
         for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H"):
@@ -29,10 +30,11 @@ def test_configs_are_valid_tl_dot_tiles(table, tgt):
         assert cfg.num_warps in (1, 2, 4, 8, 16)
 
 
+@pytest.mark.parametrize("fp32", [False, True], ids=["half", "fp32"])
 @pytest.mark.parametrize("table", list(TABLES))
-def test_gfx90a_configs_fit_lds(table):
+def test_gfx90a_configs_fit_lds(table, fp32):
     """MI250X: 64 KiB LDS per CU and wavefront 64 (num_warps=8 is 512 lanes, the maximum)."""
-    for cfg in TABLES[table]("gfx90a"):
+    for cfg in TABLES[table]("gfx90a", fp32=fp32):
         assert autotune.lds_bytes(cfg) <= autotune.GFX90A_LDS_BYTES, cfg
         assert cfg.num_warps <= 8 and cfg.num_stages <= 2, cfg
 
@@ -46,11 +48,46 @@ def test_target_is_interpreter_under_triton_interpret():
     assert autotune.dot_precision(torch.bfloat16) is None
 
 
-def test_split_heuristics():
-    # many row blocks fill the device alone: no split; tiny N: split, but only over >= 64 columns
-    assert autotune.logprob_split_v(4096, 1031) == 1
-    assert autotune.logprob_split_v(5, 1031) > 1
-    assert autotune.logprob_split_v(5, 100) == 2
-    # the dH partial planes (split, N, H) fp32 stay within the budget
-    assert autotune.logprob_bwd_split_v(5, 1031, 16, budget_bytes=5 * 16 * 4 * 3) == 3
-    assert autotune.logprob_bwd_split_v(5, 1031, 16, budget_bytes=1) == 1
+@pytest.mark.parametrize("programs", [8, 4 * 132, 4 * 110])  # interpreter, H100 SXM, MI250X GCD
+@pytest.mark.parametrize("block_n", [16, 64, 128])
+def test_forward_split_fills_the_device(programs, block_n, monkeypatch):
+    """Whatever the device size and the config's BLOCK_N: row blocks x splits reach the program
+    count unless the vocabulary runs out of columns; no split without need; fewer rows, more
+    splits; a wider BLOCK_N (fewer row blocks) never gets fewer splits."""
+    monkeypatch.setattr(autotune, "num_programs_hint", lambda: programs)
+    V = 32003
+    most = autotune.logprob_split_v(1, V, 1)  # the most splits this vocabulary allows here
+    previous = None
+    for N in (1, 5, 47, 300, 2048, 1 << 16):
+        split = autotune.logprob_split_v(N, V, block_n)
+        row_blocks = -(-N // block_n)
+        assert 1 <= split <= V
+        if row_blocks >= programs:
+            assert split == 1, (N, split)
+        else:
+            assert split * row_blocks >= programs or split == most, (N, split)
+        if previous is not None:
+            assert split <= previous
+        previous = split
+        assert autotune.logprob_split_v(N, V, 2 * block_n) >= split
+
+
+def test_split_stays_within_the_vocabulary(monkeypatch):
+    monkeypatch.setattr(autotune, "num_programs_hint", lambda: 10_000)
+    for V in (17, 100, 1031, 32003):
+        split = autotune.logprob_split_v(1, V, 64)
+        assert split < V or V < 64  # each split keeps many columns: the combine stays cheap
+        assert split >= 1
+
+
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_dh_split_planes_stay_within_budget(block_n, monkeypatch):
+    monkeypatch.setattr(autotune, "num_programs_hint", lambda: 4 * 132)
+    N, V, H = 5, 32003, 64
+    unlimited = autotune.logprob_bwd_split_v(N, V, H, block_n, budget_bytes=1 << 40)
+    assert unlimited == autotune.logprob_split_v(N, V, block_n)
+    for planes in (1, 2, 3):
+        budget = planes * N * H * 4
+        split = autotune.logprob_bwd_split_v(N, V, H, block_n, budget_bytes=budget)
+        assert split == min(planes, unlimited)
+    assert autotune.logprob_bwd_split_v(N, V, H, block_n, budget_bytes=1) == 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from csd_fast.kernels import logprob as lp
+from csd_fast.kernels import logprob_triton as lt
 from csd_fast.kernels.logprob import (
     LinearLogprobFunction,
     LogprobParams,
@@ -27,7 +27,7 @@ HEADS = {  # output-head options of the target models
     "cohere": {"logit_scale": 0.0625 * 8, "bias": True},  # Tiny Aya's logit_scale, plus a bias
     "gemma": {"softcap": 2.5, "temperature": 0.7},  # final soft-capping and sampling temperature
 }
-needs_triton = pytest.mark.skipif(lp.triton is None, reason="triton not installed")
+needs_triton = pytest.mark.skipif(lt.triton is None, reason="triton not installed")
 
 
 def make(N, H, V, dtype, holes=True, bias=False, seed=0):
@@ -136,7 +136,8 @@ def test_tied_embedding(impl):
 
     def loss(e, fn, **kw):
         hidden = torch.tanh(e[ids] @ proj.to(e.dtype))  # (N, H)
-        return (fn(hidden, e, labels, softcap=5.0, **kw) * torch.linspace(-1, 2, N)).sum()
+        weights = torch.linspace(-1, 2, N, device=DEVICE, dtype=e.dtype)
+        return (fn(hidden, e, labels, softcap=5.0, **kw) * weights).sum()
 
     e64 = emb.detach().double().requires_grad_()
     (truth,) = torch.autograd.grad(loss(e64, fused_linear_logprob_ref), e64)
@@ -162,7 +163,9 @@ def test_stats_match_trl_definitions(impl):
     assert st.is_top1.tolist() == ref.is_top1.tolist()
     assert st.is_top1[3] and not st.is_top1[4] and not st.is_top1[5]
     # two tied columns far above the rest: each row's entropy is log 2
-    torch.testing.assert_close(st.entropy, torch.full((N,), 0.6931472), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        st.entropy, torch.full((N,), 0.6931472, device=DEVICE), atol=1e-4, rtol=0
+    )
 
 
 def test_stats_chunked_small_tiles():
@@ -219,7 +222,7 @@ def test_triton_backward_independent_of_launch_order(H, monkeypatch):
     again = _grads_triton(hidden, weight, bias, labels, softcap=3.0)
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
-    if lp.autotune.is_interpreter():
+    if lt.autotune.is_interpreter():
         import builtins
 
         from triton.runtime import interpreter
@@ -239,8 +242,8 @@ def test_triton_launches_only_needed_kernels(trainable, monkeypatch):
     """A frozen head (LoRA) launches no dW kernel and leaves weight.grad None; a frozen hidden
     launches no dH kernel; a trainable bias alone runs the dW kernel for dbias only."""
     launched = []
-    kernel = lp._kernel
-    monkeypatch.setattr(lp, "_kernel", lambda name: launched.append(name) or kernel(name))
+    kernel = lt._kernel
+    monkeypatch.setattr(lt, "_kernel", lambda name, *a: launched.append(name) or kernel(name, *a))
     hidden, weight, bias, labels = make(23, 24, 97, torch.float32, bias=True, seed=8)
     leaves = {"hidden": hidden, "weight": weight, "bias": bias}
     for name, x in leaves.items():
@@ -279,6 +282,20 @@ def test_triton_skips_ignored_row_blocks(H):
     labels[:] = -100
     for o in _grads_triton(hidden, weight, bias, labels):
         assert torch.all(o == 0)
+
+
+@needs_triton
+@pytest.mark.skipif(not lt.autotune.is_interpreter(), reason="patches the interpreter's table")
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_triton_split_follows_the_chosen_block_n(block_n, monkeypatch):
+    """The vocabulary split is computed from the BLOCK_N the autotuner ran, not assumed: with
+    wider row blocks than the default a few rows still split V, and results stay exact."""
+    tables = lt.autotune._LOGPROB_FWD, lt.autotune._LOGPROB_BWD_DH
+    for table in tables:
+        monkeypatch.setitem(table, "interpreter", [(block_n, 32, 16, 1, 1)])
+    monkeypatch.setattr(lt, "_AUTOTUNED", {})
+    assert lt.autotune.logprob_split_v(40, 700, block_n) > 1
+    run_case("triton", 40, 24, 700, torch.float32, "gemma")
 
 
 @needs_triton

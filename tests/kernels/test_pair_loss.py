@@ -11,9 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from csd_fast.kernels import pair_loss as pl
-from csd_fast.kernels.pair_loss import SUPPORTED, fused_pair_loss
+from csd_fast.kernels.pair_loss import SUPPORTED, count_distinct, fused_pair_loss, segment_sum
 
-from csd_fast.batch import segment_sum
 from csd_fast.losses import LossParams, PairLogps, preference_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,6 +20,12 @@ IMPLS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(pl.triton is None, reason="no triton")),
 ]
+
+
+def slice_sums(x, offsets):
+    """Segment sums by explicit slicing: the independent truth for segment_sum."""
+    bounds = offsets.tolist()
+    return torch.stack([x[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
 
 def make_batch(P, seed=0, empty=True):
@@ -32,7 +37,7 @@ def make_batch(P, seed=0, empty=True):
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     N = int(offsets[-1])
     token_logps = -torch.rand(N, generator=g, dtype=torch.float64) * 3  # (N,)
-    sums = segment_sum(token_logps, offsets)
+    sums = slice_sums(token_logps, offsets)
     # references near the policy, so βΔ lands on both sides of the hinge and the sigmoid's middle
     ref_c = sums[:P] + torch.randn(P, generator=g, dtype=torch.float64) * 8
     ref_r = sums[P:] + torch.randn(P, generator=g, dtype=torch.float64) * 8
@@ -43,7 +48,7 @@ def truth(token_logps, offsets, ref_c, ref_r, loss_type, **kw):
     """fp64 loss and d loss / d token_logps from csd_fast.losses."""
     P = ref_c.numel()
     x = token_logps.detach().double().requires_grad_()
-    sums = segment_sum(x, offsets)
+    sums = slice_sums(x, offsets)
     lengths = offsets[1:] - offsets[:-1]
     params = LossParams(
         loss_type=(loss_type,),
@@ -60,6 +65,7 @@ def truth(token_logps, offsets, ref_c, ref_r, loss_type, **kw):
 
 CASES = {
     "sigmoid": {"beta": 0.1},
+    "sigmoid-smoothing": {"beta": 0.2, "label_smoothing": 0.15},  # TRL 1.16's sigmoid ignores ε
     "hinge": {"beta": 0.3},
     "ipo": {"beta": 0.1},
     "robust": {"beta": 0.2, "label_smoothing": 0.1},
@@ -74,6 +80,7 @@ def test_loss_and_grad_match_fp64(loss_type, impl):
     P = 7
     token_logps, offsets, ref_c, ref_r = make_batch(P, seed=len(loss_type))
     kw = CASES[loss_type]
+    loss_type = loss_type.split("-")[0]
     want, want_grad, want_c, want_r = truth(token_logps, offsets, ref_c, ref_r, loss_type, **kw)
     x = token_logps.float().to(DEVICE).requires_grad_()
     loss, chosen, rejected = fused_pair_loss(
@@ -127,8 +134,8 @@ def test_sft_over_masked_pairs_by_hand():
         if impl == "triton" and pl.triton is None:
             continue
         loss, chosen, _ = fused_pair_loss(
-            token_logps, offsets, ref, ref, loss_type="sft",
-            sft_mask=torch.tensor([True, False]), impl=impl,
+            token_logps.to(DEVICE), offsets.to(DEVICE), ref.to(DEVICE), ref.to(DEVICE),
+            loss_type="sft", sft_mask=torch.tensor([True, False], device=DEVICE), impl=impl,
         )  # fmt: skip
         assert loss.item() == pytest.approx(2.0)
         assert chosen.tolist() == [-6.0, -9.0]
@@ -145,3 +152,23 @@ def test_unsupported_and_bad_inputs_raise():
         fused_pair_loss(token_logps, offsets, ref_c, ref_r, loss_type="robust", label_smoothing=0.5)
     with pytest.raises(ValueError, match="impl"):
         fused_pair_loss(token_logps, offsets, ref_c, ref_r, impl="cuda")
+
+
+def test_segment_sum_exact_with_empty_segments_and_grad():
+    g = torch.Generator().manual_seed(2)
+    offsets = torch.tensor([0, 0, 5, 5, 6, 300, 300])  # empty first, middle and last segments
+    x = torch.randn(300, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    got = segment_sum(x, offsets.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), slice_sums(x.detach().cpu(), offsets))
+    weights = torch.arange(6.0, dtype=torch.float64, device=DEVICE)
+    (grad,) = torch.autograd.grad((got * weights).sum(), x)
+    seq = torch.repeat_interleave(torch.arange(6), offsets[1:] - offsets[:-1])
+    torch.testing.assert_close(grad.cpu(), weights.cpu()[seq])
+    # the same bits on every call (a sequential sum per segment, no atomics)
+    assert torch.equal(segment_sum(x.detach(), offsets.to(DEVICE)), got.detach())
+
+
+def test_count_distinct():
+    ids = torch.tensor([9, 4, 4, 2, 9, 9], device=DEVICE)
+    assert int(count_distinct(ids)) == 3
+    assert int(count_distinct(ids[:0])) == 0

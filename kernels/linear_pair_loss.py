@@ -1,0 +1,416 @@
+"""The LM head fused with the pair loss: 3 GEMM-equivalents (logits, dH, dW) for forward + backward.
+
+    z = transform(hidden @ weight.T + bias)                    (N, V), one chunk of pairs at a time
+    token_logps[n] = z[n, labels[n]] - logsumexp_v z[n, v]
+    loss = sum_chunks sum_pairs pair_terms(segment sums of token_logps)     (kernels/pair_loss.py)
+
+replaces (same numbers, kernels/logprob.py + kernels/pair_loss.py):
+
+    token_logps = fused_linear_logprob(hidden, weight, labels, ...)      # 1 GEMM fwd, 3-4 bwd
+    loss, chosen, rejected = fused_pair_loss(token_logps, seq_offsets, ref_c, ref_r, ...)
+
+Why 3: with a generic upstream gradient the head must recompute its logits in the backward (the
+gradient of each token is unknown until then): logits, recompute, dH, dW = 4 GEMMs at best. Every
+loss of kernels/pair_loss.py is separable over pairs once its normalisers (1/P, the NLL's token
+count, CLO's G) are fixed, so the gradient of a chunk of WHOLE pairs is known inside the forward:
+
+  per chunk of whole pairs (its chosen and rejected tokens, at most `chunk_elements` logits):
+    1. y = h[rows] @ W.T (+ b) -> fp32 (n, V), kept                           GEMM 1
+    2. per row, in place: z = transform(y); lse, z_label (and stats)          (tile kernel A)
+    3. token log-probs -> the chunk's pair sums -> pair_terms -> g = d loss / d token_logps
+       (a P-sized torch graph: microseconds)
+    4. in place: d = g * (onehot - exp(z - lse)) * dz/dy                      (tile kernel B)
+    5. dH[rows] = d @ W;  dW += d.T @ h[rows];  db += sum_rows d               GEMMs 2, 3
+  backward: dH, dW, db times the incoming scalar gradient (no GEMM).
+
+A single pair whose logits exceed the budget is split into row blocks and recomputed in step 4
+(4 GEMMs for that pair only). dz/dy needs no saved tile: with softcap, z = c tanh(u / c) / T, so
+1 - tanh^2 = 1 - (z T / c)^2 is read off z itself.
+
+Impls: "torch" (CPU, and the reference of the tile kernels: row blocks of BLOCK_ELEMENTS keep
+the temporaries small and in cache between the passes) and "triton" (tile kernels A, B: one
+program per row, one read of the tile in A and one read + write in B, against ~8 passes of torch
+elementwise ops). GEMMs are
+torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 on CPU as the chunked head does).
+"auto" = triton on CUDA / ROCm tensors, else torch.
+
+seq_offsets is read on the host once per call to plan the chunks (a sync when it lives on a GPU);
+pass `host_offsets` (the collator's CPU copy) to avoid it.
+
+Tests: python -m pytest tests/kernels/test_linear_pair_loss.py -q
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import autotune
+from .logprob_chunked import LogprobStats, _addmm_fp32_, transform_
+from .pair_loss import SUPPORTED, has_nll_term, loss_coefs, pair_terms, segment_sum, sft_inputs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the torch impl needs no triton
+    triton = None
+    tl = None
+
+# torch impl: fp32 elements per elementwise row block (4 MiB: within L2/L3 between the passes,
+# and few enough ops that OpenMP's per-op cost stays small on a busy machine)
+BLOCK_ELEMENTS = 1 << 20
+IMPLS = ("auto", "triton", "torch")
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _tile_softmax_kernel(
+    z_ptr,  # (n, V) fp32: raw logits in, transformed logits z out (in place)
+    labels_ptr,  # (n,) int64, ignore_index on ignored rows
+    out_ptr,  # (5, n) fp32 out: lse, z_label, sum_v p z, sum_v z, label-is-first-argmax flag
+    n, V, stride_z, logit_scale, softcap, inv_temp,
+    HAS_SOFTCAP: tl.constexpr, HAS_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # one program per row: transform in place, online log-sum-exp, the label's logit
+    row = tl.program_id(0).to(tl.int64)
+    logit_scale = tl.cast(logit_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    inv_temp = tl.cast(inv_temp, tl.float32)
+    label = tl.load(labels_ptr + row)
+    base = z_ptr + row * stride_z
+    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)  # per-lane running max and sums
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    xs = tl.zeros((BLOCK_V,), tl.float32)
+    zsum = tl.zeros((BLOCK_V,), tl.float32)
+    zl = tl.zeros((BLOCK_V,), tl.float32)  # the label's logit, in the one lane that meets it
+    # max of z left of the label: the label is the first argmax iff it is above that
+    before = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        # 1. transform, written back for kernel B
+        offs = v0 + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        z = tl.load(base + offs, mask=mask, other=0.0) * logit_scale
+        if HAS_SOFTCAP:
+            z = softcap * (2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0)
+        z = z * inv_temp
+        tl.store(base + offs, z, mask=mask)
+        # 2. per-lane online log-sum-exp (combined across lanes at the end)
+        z_in = tl.where(mask, z, float("-inf"))
+        new_m = tl.maximum(m, z_in)
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)  # lanes with nothing seen yet
+        rescale = tl.exp(m - safe_m)
+        e = tl.exp(z_in - safe_m)
+        s = s * rescale + e
+        zl += tl.where(offs == label, z, 0.0)
+        if HAS_STATS:
+            xs = xs * rescale + e * z
+            zsum += tl.where(mask, z, 0.0)
+            before = tl.maximum(before, tl.where(mask & (offs < label), z, float("-inf")))
+        m = new_m
+    # 3. combine the lanes
+    z_label = tl.sum(zl, axis=0)
+    row_max = tl.max(m, axis=0)
+    w = tl.exp(m - row_max)  # 0 for lanes that only saw padding
+    total = tl.sum(s * w, axis=0)
+    tl.store(out_ptr + row, row_max + tl.log(total))
+    tl.store(out_ptr + n + row, z_label)
+    if HAS_STATS:
+        tl.store(out_ptr + 2 * n + row, tl.sum(xs * w, axis=0) / total)
+        tl.store(out_ptr + 3 * n + row, tl.sum(zsum, axis=0))
+        first = (z_label >= row_max) & (z_label > tl.max(before, axis=0))
+        tl.store(out_ptr + 4 * n + row, first.to(tl.float32))
+
+
+@_jit
+def _tile_grad_kernel(
+    z_ptr,  # (n, V) fp32: z in, d = dloss/dy out (in place)
+    labels_ptr,  # (n,) int64
+    lse_ptr,  # (n,) fp32
+    g_ptr,  # (n,) fp32 dloss / d token_logps, 0 on ignored rows
+    n, V, stride_z, scale, softcap_over_temp,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # d = g * (onehot - softmax(z)) * dz/dy, dz/dy = logit_scale / T * (1 - (z T / c)^2)
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)  # logit_scale / temperature
+    c_t = tl.cast(softcap_over_temp, tl.float32)
+    label = tl.load(labels_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row)
+    base = z_ptr + row * stride_z
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        z = tl.load(base + offs, mask=mask, other=0.0)
+        d = g * (tl.where(offs == label, 1.0, 0.0) - tl.exp(z - lse)) * scale
+        if HAS_SOFTCAP:
+            t = z / c_t
+            d = d * (1.0 - t * t)
+        tl.store(base + offs, d, mask=mask)
+
+
+class PairHeadOutput(NamedTuple):
+    loss: Tensor  # () fp32, differentiable in hidden, weight, bias
+    chosen_logps: Tensor  # (P,) fp32, detached
+    rejected_logps: Tensor  # (P,)
+    token_logps: Tensor  # (N,) fp32, detached, 0 on ignored rows
+    stats: LogprobStats | None  # per token, no grad
+
+
+@dataclass(frozen=True)
+class PairHeadParams:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    clo_lambda: float = 0.5
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+    ignore_index: int = -100
+    return_stats: bool = False
+    impl: str = "auto"
+    chunk_elements: int | None = None  # fp32 logits kept per chunk (None: by device)
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in SUPPORTED:
+            raise ValueError(f"loss_type must be one of {SUPPORTED}, got {self.loss_type!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.temperature <= 0 or (self.softcap is not None and self.softcap <= 0):
+            raise ValueError("temperature and softcap must be > 0")
+
+
+def _row_blocks(n: int, V: int):
+    """Row ranges of ~BLOCK_ELEMENTS: each block's temporaries stay in cache between passes."""
+    step = max(1, BLOCK_ELEMENTS // V)
+    return ((r, min(n, r + step)) for r in range(0, n, step))
+
+
+def _tile_stats_torch(z: Tensor, labels: Tensor, p: PairHeadParams):
+    """In place: raw logits -> z; returns (lse, z_label, stats | None), each (n,)."""
+    transform_(z, p)
+    n, V = z.shape
+    valid = labels != p.ignore_index
+    z_label = torch.where(valid, z.gather(1, labels.clamp(0, V - 1)[:, None])[:, 0], 0.0)
+    lse = torch.empty(n, dtype=z.dtype, device=z.device)
+    xs = torch.empty_like(lse) if p.return_stats else None
+    tmp = torch.empty((max(1, BLOCK_ELEMENTS // V), V), dtype=z.dtype, device=z.device)
+    for r0, r1 in _row_blocks(n, V):
+        block, e = z[r0:r1], tmp[: r1 - r0]
+        m = block.amax(1, keepdim=True)
+        torch.sub(block, m, out=e).exp_()  # read from cache right after the max pass
+        s = e.sum(1)
+        lse[r0:r1] = m[:, 0] + s.log()
+        if xs is not None:
+            xs[r0:r1] = (e.mul_(block)).sum(1) / s
+    if not p.return_stats:
+        return lse, z_label, None
+    top1 = valid & (z.argmax(1) == labels)  # argmax returns the first maximum, as TRL compares
+    return lse, z_label, (lse - xs, z.mean(1), top1)
+
+
+def _tile_grad_torch(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
+    """In place: z -> d = g * (onehot - softmax(z)) * dz/dy."""
+    n, V = z.shape
+    scale = p.logit_scale / p.temperature
+    c_t = p.softcap / p.temperature if p.softcap is not None else None
+    rows = torch.arange(n, device=z.device)
+    cols = labels.clamp(0, V - 1)
+    z_label = z[rows, cols]
+    neg_g = g * -scale
+    for r0, r1 in _row_blocks(n, V):
+        block = z[r0:r1]
+        factor = 1.0 - (block / c_t).square() if c_t is not None else None
+        block.sub_(lse[r0:r1, None]).exp_().mul_(neg_g[r0:r1, None])
+        if factor is not None:
+            block.mul_(factor)
+    at_label = g * scale * (1.0 - (z_label / c_t).square() if c_t is not None else 1.0)
+    z[rows, cols] += at_label  # g is 0 on ignored rows: nothing lands there
+
+
+def _tile_stats_triton(z: Tensor, labels: Tensor, p: PairHeadParams):
+    n, V = z.shape
+    out = torch.empty((5, n), dtype=torch.float32, device=z.device)
+    _tile_softmax_kernel[(n,)](
+        z, labels, out, n, V, z.stride(0), float(p.logit_scale), float(p.softcap or 1.0),
+        1.0 / p.temperature, HAS_SOFTCAP=p.softcap is not None, HAS_STATS=p.return_stats,
+        BLOCK_V=autotune.tile_block(), num_warps=autotune.tile_warps(),
+    )  # fmt: skip
+    valid = labels != p.ignore_index
+    lse, z_label = out[0], torch.where(valid, out[1], 0.0)
+    stats = (lse - out[2], out[3] / V, valid & (out[4] > 0)) if p.return_stats else None
+    return lse, z_label, stats
+
+
+def _tile_grad_triton(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
+    n, V = z.shape
+    c_t = (p.softcap / p.temperature) if p.softcap is not None else 1.0
+    _tile_grad_kernel[(n,)](
+        z, labels, lse.contiguous(), g.contiguous(), n, V, z.stride(0),
+        p.logit_scale / p.temperature, c_t, HAS_SOFTCAP=p.softcap is not None,
+        BLOCK_V=autotune.tile_block(), num_warps=autotune.tile_warps(),
+    )  # fmt: skip
+
+
+def _chunks(offsets: list[int], P: int, V: int, budget: int) -> list[tuple[int, int]]:
+    """Pair ranges [a, b) whose tokens' logits (tokens x V) fit `budget` elements (>= 1 pair)."""
+    out, a, used = [], 0, 0
+    for i in range(P):
+        tokens = offsets[i + 1] - offsets[i] + offsets[P + i + 1] - offsets[P + i]
+        if i > a and (used + tokens) * V > budget:
+            out.append((a, i))
+            a, used = i, 0
+        used += tokens
+    if P:
+        out.append((a, P))
+    return out
+
+
+def _default_budget(device: torch.device, V: int) -> int:
+    # GPU: <= 1 GiB of fp32 logits (the issue's transient goal); CPU: 64 MiB, cache-friendlier
+    return (1 << 28) if device.type == "cuda" else max(1 << 24, 2 * V)
+
+
+class LinearPairLossFunction(torch.autograd.Function):
+    """(hidden, weight, bias, labels, seq_offsets, ref_c, ref_r, sft_mask, group_ids, host_offsets,
+    params) -> (loss, chosen, rejected, token_logps, entropy, mean_logit, is_top1)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, seq_offsets, ref_c, ref_r, sft_mask, group_ids,
+                host_offsets, p: PairHeadParams):  # fmt: skip
+        N, H = hidden.shape
+        V, P, dev = weight.shape[0], ref_c.numel(), hidden.device
+        impl = p.impl if p.impl != "auto" else ("triton" if dev.type == "cuda" else "torch")
+        stats_fn = _tile_stats_triton if impl == "triton" else _tile_stats_torch
+        grad_fn = _tile_grad_triton if impl == "triton" else _tile_grad_torch
+        offsets = host_offsets if host_offsets is not None else seq_offsets.tolist()
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        f32 = dict(dtype=torch.float32, device=dev)
+        mm = torch.float32 if dev.type == "cpu" else hidden.dtype  # fp32 GEMMs on CPU
+        h_all, w = hidden.to(mm), weight.to(mm)
+        dh = torch.zeros((N, H), **f32) if needs_h else None
+        dw = torch.zeros((V, H), **f32) if needs_w else None
+        db = torch.zeros((V,), **f32) if needs_b else None
+        token_logps = torch.zeros(N, **f32)
+        stats = [torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, dtype=torch.bool,
+                 device=dev)] if p.return_stats else None  # fmt: skip
+        coefs = loss_coefs(p.loss_type, P, p.clo_lambda, group_ids, dev)
+        sft, sft_den = sft_inputs(seq_offsets, sft_mask, P)
+        has_sft = has_nll_term(p.loss_type, p.clo_lambda)
+        lengths = torch.tensor(offsets, device=dev).diff()
+        chosen, rejected = torch.zeros(P, **f32), torch.zeros(P, **f32)
+        loss = torch.zeros((), **f32)
+        budget = p.chunk_elements or _default_budget(dev, V)
+        for a, b in _chunks(offsets, P, V, budget):
+            span_c, span_r = (offsets[a], offsets[b]), (offsets[P + a], offsets[P + b])
+            rows = torch.cat([torch.arange(*span_c), torch.arange(*span_r)]).to(dev)  # (n,)
+            n, k = rows.numel(), b - a
+            h, lab = h_all.index_select(0, rows), labels.index_select(0, rows)
+            blocks = [
+                (r, min(n, r + max(1, budget // V))) for r in range(0, n, max(1, budget // V))
+            ]
+            kept, lse, z_label = [], torch.empty(n, **f32), torch.empty(n, **f32)
+            for r0, r1 in blocks:  # 1-2: logits, softmax statistics
+                z = _logits(h[r0:r1], w, bias)
+                lse[r0:r1], z_label[r0:r1], st = stats_fn(z, lab[r0:r1], p)
+                if st is not None:
+                    for out, val in zip(stats, st, strict=True):
+                        out[rows[r0:r1]] = val
+                kept.append(z if len(blocks) == 1 else None)
+            # 3. the chunk's pair sums, its share of the loss, and g = d loss / d token_logps
+            valid = lab != p.ignore_index
+            x = torch.where(valid, z_label - lse, 0.0).requires_grad_()
+            local = torch.cat([lengths[a:b], lengths[P + a : P + b]]).cumsum(0)
+            local = torch.cat([local.new_zeros(1), local])
+            with torch.enable_grad():
+                sums = segment_sum(x, local)  # (2k,)
+                parts = pair_terms(sums[:k], sums[k:], ref_c[a:b], ref_r[a:b], lengths[a:b],
+                                   lengths[P + a : P + b], p.loss_type, p.beta, p.label_smoothing,
+                                   coefs, sft[a:b], sft_den, has_sft).sum()  # fmt: skip
+                (g,) = torch.autograd.grad(parts, x)
+            loss += parts.detach()
+            chosen[a:b], rejected[a:b] = sums[:k].detach(), sums[k:].detach()
+            token_logps[rows] = x.detach()
+            g = torch.where(valid, g, 0.0)
+            if not (needs_h or needs_w or needs_b):
+                continue  # no-grad call (evaluation): the loss and log-probs only
+            for (r0, r1), z in zip(blocks, kept, strict=True):  # 4-5: d in place, dH, dW, db
+                z = z if z is not None else _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p)
+                grad_fn(z, lab[r0:r1], lse[r0:r1], g[r0:r1], p)
+                if db is not None:
+                    db += z.sum(0)
+                d = z.to(mm)
+                if dh is not None:
+                    part = torch.zeros((r1 - r0, H), **f32)
+                    _addmm_fp32_(part, d, w)
+                    dh[rows[r0:r1]] = part
+                if dw is not None:
+                    _addmm_fp32_(dw, d.T, h[r0:r1])
+        # handed back in the inputs' dtypes (dW rounded once, as an eager head's would be)
+        ctx.save_for_backward(*(None if t is None else t.to(x.dtype)
+                                for t, x in ((dh, hidden), (dw, weight), (db, bias))))  # fmt: skip
+        outs = [loss, chosen, rejected, token_logps] + (stats or [None, None, None])
+        ctx.mark_non_differentiable(*[t for t in outs[1:] if t is not None])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        dh, dw, db = ctx.saved_tensors
+        scale = lambda t: None if t is None else t * grad_loss.to(t.dtype)
+        return (scale(dh), scale(dw), scale(db), *([None] * 8))
+
+
+def _logits(h: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    y = (h @ w.T).float()  # (n, V); GPU: bf16 GEMM rounded as the eager head rounds its logits
+    return y.add_(bias.float()) if bias is not None else y
+
+
+def _refresh(h, w, bias, stats_fn, labels, p):
+    """A row block of an over-budget pair: recompute its logits and transform them in place."""
+    z = _logits(h, w, bias)
+    stats_fn(z, labels, replace(p, return_stats=False))
+    return z
+
+
+def fused_linear_pair_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    seq_offsets: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    bias: Tensor | None = None,
+    sft_mask: Tensor | None = None,
+    group_ids: Tensor | None = None,
+    host_offsets: list[int] | None = None,
+    **params,
+) -> PairHeadOutput:
+    """The pair loss of `kernels/pair_loss.py` over the head's token log-probs, with the head's
+    gradients computed inside the forward (3 GEMMs). `params`: PairHeadParams fields."""
+    p = PairHeadParams(**params)
+    N, P = hidden.shape[0], ref_chosen_logps.numel()
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden (N, H) and weight (V, H), got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    if labels.shape != (N,) or seq_offsets.shape != (2 * P + 1,):
+        raise ValueError(f"need labels ({N},) and seq_offsets ({2 * P + 1},), got "
+                         f"{tuple(labels.shape)} and {tuple(seq_offsets.shape)}")  # fmt: skip
+    if p.impl == "triton" and (triton is None or (hidden.device.type == "cpu"
+                                                  and not autotune.is_interpreter())):  # fmt: skip
+        raise RuntimeError("impl='triton' needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")
+    # operands in one dtype, as the eager head under autocast (dW comes back in weight's dtype)
+    weight = weight.to(hidden.dtype)
+    bias = bias.to(hidden.dtype) if bias is not None else None
+    loss, chosen, rejected, token_logps, *stats = LinearPairLossFunction.apply(
+        hidden, weight, bias, labels.long(), seq_offsets.long(), ref_chosen_logps.float(),
+        ref_rejected_logps.float(), sft_mask, group_ids, host_offsets, p,
+    )  # fmt: skip
+    st = LogprobStats(*stats) if p.return_stats else None
+    return PairHeadOutput(loss, chosen, rejected, token_logps, st)
