@@ -6,9 +6,16 @@
     csd-train --output_dir out --resume                # continue from the latest checkpoint
 
 Every `DPOConfig` field is a flag named as the field (`--max_steps`, also `--max-steps`), as in
-`trl dpo`. The resolved configuration is printed and saved to `<output_dir>/config.yaml`. With no
-model and no data the built-in demo runs with its recipe (`csd_fast.demo.DEMO_RECIPE`), any flag
-overriding it.
+`trl dpo`. The options that differ from the defaults are printed; the whole resolved
+configuration is saved to `<output_dir>/config.yaml` (atomically, once every check has passed).
+With no model and no data the built-in demo runs with its recipe (`csd_fast.demo.DEMO_RECIPE`),
+any flag overriding it.
+
+Safety (README "Safety"): one run per output_dir (a lock naming the holder); a directory holding
+an earlier run needs `--resume` or `--overwrite_output_dir`; `--resume` verifies the checkpoint
+and refuses run-changing option changes unless `--resume_with_changes`. A user error (bad option,
+missing or corrupt file, locked directory) is one line on stderr and exit code 2, before any
+model loads; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import argparse
 import dataclasses
 import json
 import sys
-import types
-import typing
 from pathlib import Path
 
 import yaml
+
+from csd_fast.errors import ConfigError, UserError, run_cli
+from csd_fast.validation import base_type as _base_type
 
 # Options of the script itself (not training hyperparameters), like TRL's ScriptArguments.
 SCRIPT_OPTIONS = {
@@ -46,26 +54,6 @@ ALIASES = {
     "ref_model_name_or_path": ["--ref_model", "--ref-model"],
     "model_name_or_path": ["--model"],
 }
-
-
-def _base_type(tp):
-    """(scalar type, is_list) of a dataclass field annotation such as `list[str] | None`."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"typing": typing, "Any": typing.Any})  # annotations are strings (PEP 563)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        lists = [a for a in args if typing.get_origin(a) is list]
-        if lists:
-            inner = typing.get_args(lists[0])
-            return (inner[0] if inner else str), True
-        return _base_type(args[0]) if len(args) == 1 else (str, False)
-    if origin is list:
-        inner = typing.get_args(tp)
-        return (inner[0] if inner else str), True
-    if origin is dict:
-        return dict, False
-    return tp, False
 
 
 def _parse_bool(v: str) -> bool:
@@ -133,23 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
     """(script options, DPOConfig kwargs): recipe file < demo recipe < command-line flags."""
     from csd_fast.config import DPOConfig
+    from csd_fast.validation import coerce_fields
 
     ns = vars(build_parser().parse_args(argv))
     config_path = ns.pop("config")
     script = {k: ns.pop(k) for k in SCRIPT_OPTIONS}
     recipe = {}
     if config_path:
-        recipe = yaml.safe_load(Path(config_path).read_text()) or {}
+        if not Path(config_path).is_file():
+            raise ConfigError("config", f"{config_path}: no such file")
+        try:
+            recipe = yaml.safe_load(Path(config_path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{config_path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(recipe, dict):
-            raise SystemExit(f"{config_path}: a recipe must be a mapping of option: value")
+            raise UserError(f"{config_path}: a recipe must be a mapping of option: value")
         for k in list(recipe):
             if k.replace("-", "_") in SCRIPT_OPTIONS and script.get(k.replace("-", "_")) is None:
                 script[k.replace("-", "_")] = recipe.pop(k)
         known = {f.name for f in dataclasses.fields(DPOConfig)}
         unknown = [k for k in recipe if k.replace("-", "_") not in known]
         if unknown:
-            raise SystemExit(f"{config_path}: unknown option(s) {unknown}")
+            import difflib
+
+            hints = [m[0] for k in unknown if (m := difflib.get_close_matches(k, known, n=1))]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise UserError(f"{config_path}: unknown option(s) {unknown}{hint}")
         recipe = {k.replace("-", "_"): v for k, v in recipe.items()}
+        recipe = coerce_fields(DPOConfig, recipe, source=config_path)
     demo = script["model_name_or_path"] is None and script["dataset_name"] is None
     merged = {}
     if demo:
@@ -161,37 +160,100 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
     merged.update(ns)  # only flags actually given (argparse.SUPPRESS drops the rest)
     script["demo"] = demo
     if "output_dir" not in merged:
-        raise SystemExit("csd-train: --output_dir is required (except for the built-in demo)")
+        raise ConfigError("output_dir", "is required (except for the built-in demo)")
     return script, merged
 
 
 def main(argv: list[str] | None = None) -> int:
-    from csd_fast import DPOConfig, DPOTrainer
+    """`csd train`: user errors are one line on stderr and exit code 2 (`--debug`: traceback)."""
+    return run_cli("csd-train", _train, argv)
+
+
+def _checked_config(script: dict, kwargs: dict):
+    """The DPOConfig, every path and option checked; nothing is written or loaded yet."""
+    from csd_fast import DPOConfig
+    from csd_fast.validation import check_data_source, check_model_source, check_training_args
+
+    if not script["demo"]:
+        if script["model_name_or_path"] is None or script["dataset_name"] is None:
+            raise UserError("csd-train: give both --model_name_or_path and --dataset_name")
+        check_model_source(script["model_name_or_path"], "model_name_or_path")
+        if script["ref_model_name_or_path"]:
+            check_model_source(script["ref_model_name_or_path"], "ref_model_name_or_path")
+        check_data_source(script["dataset_name"], "dataset_name")
+        if script["eval_dataset_name"]:
+            check_data_source(script["eval_dataset_name"], "eval_dataset_name")
+    has_eval = bool(script["eval_dataset_name"]) or script["demo"]
+    if has_eval and "eval_strategy" not in kwargs:
+        kwargs["eval_strategy"] = "steps"  # an eval set given without a strategy: evaluate
+    try:
+        args = DPOConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"invalid option: {e}") from None
+    check_training_args(args, has_train=True, has_eval=has_eval)
+    if script["resume"] and args.overwrite_output_dir:
+        raise UserError("--resume and --overwrite_output_dir contradict each other: pick one")
+    return args
+
+
+def _changed_options(args) -> str:
+    from csd_fast import DPOConfig
+
+    defaults = DPOConfig(output_dir=args.output_dir).to_dict()
+    changed = {k: v for k, v in args.to_dict().items() if v != defaults.get(k)}
+    return ", ".join(f"{k}={v}" for k, v in changed.items())
+
+
+def _train(argv: list[str]) -> int:
+    from csd_fast import DPOTrainer
+    from csd_fast.resume import check_resume, read_record, select_checkpoint
+    from csd_fast.rundir import claim_output_dir, write_text_atomically
 
     script, kwargs = resolve(argv)
-    output_dir = Path(kwargs["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if script["demo"]:
-        from csd_fast.demo import build_demo
+    args = _checked_config(script, kwargs)
+    output_dir = Path(args.output_dir)
+    with claim_output_dir(
+        output_dir,
+        resume=bool(script["resume"]),
+        overwrite=args.overwrite_output_dir,
+        command="csd train",
+    ):
+        checkpoint = select_checkpoint(script["resume"], output_dir)
+        if checkpoint is not None:  # the option comparison needs no model: refuse early
+            new = {
+                "training": args.to_dict(),
+                "run": {
+                    "model": script["model_name_or_path"],
+                    "ref_model": script["ref_model_name_or_path"],
+                },
+            }
+            check_resume(
+                read_record(checkpoint),
+                new,
+                allow_changes=args.resume_with_changes,
+                where=str(checkpoint),
+            )
+        if script["demo"]:
+            from csd_fast.demo import build_demo
 
-        assets = build_demo(output_dir / "demo_assets")
-        script["model_name_or_path"] = str(assets.model_dir)
-        script["dataset_name"] = str(assets.train_file)
-        script["eval_dataset_name"] = str(assets.eval_file)
-        print(f"[csd-train] built-in demo: tiny model and bilingual pairs in {assets.model_dir}")
-    if script["model_name_or_path"] is None or script["dataset_name"] is None:
-        raise SystemExit("csd-train: give both --model_name_or_path and --dataset_name")
-    if script["eval_dataset_name"] and "eval_strategy" not in kwargs:
-        kwargs["eval_strategy"] = "steps"  # an eval set given without a strategy: evaluate
-    args = DPOConfig(**kwargs)
-    resolved = {
-        "script": {k: v for k, v in script.items() if k != "demo"},
-        "training": args.to_dict(),
-    }
-    text = yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)
-    print(text)
-    (output_dir / "config.yaml").write_text(text)
-    ref = script["ref_model_name_or_path"]
+            assets = build_demo(output_dir / "demo_assets")
+            script["model_name_or_path"] = str(assets.model_dir)
+            script["dataset_name"] = str(assets.train_file)
+            script["eval_dataset_name"] = str(assets.eval_file)
+            print(
+                f"[csd-train] built-in demo: tiny model and bilingual pairs in {assets.model_dir}"
+            )
+        resolved = {
+            "script": {k: v for k, v in script.items() if k != "demo"},
+            "training": args.to_dict(),
+        }
+        text = yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)
+        write_text_atomically(output_dir / "config.yaml", text)
+        print(f"[csd-train] options: {_changed_options(args)} (all: {output_dir / 'config.yaml'})")
+        return _run(DPOTrainer, script, args, checkpoint, output_dir)
+
+
+def _run(DPOTrainer, script: dict, args, checkpoint, output_dir: Path) -> int:
     from csd_fast.data import load_rows
 
     # the split options pick a split of a save_to_disk DatasetDict; files have one split
@@ -201,12 +263,19 @@ def main(argv: list[str] | None = None) -> int:
         evalset = load_rows(evalset, split=script["dataset_test_split"])
     trainer = DPOTrainer(
         model=script["model_name_or_path"],
-        ref_model=ref,
+        ref_model=script["ref_model_name_or_path"],
         args=args,
         train_dataset=train,
         eval_dataset=evalset,
     )
-    trainer.train(resume_from_checkpoint=script["resume"])
+    for name, pairs in (("train", trainer.train_pairs), ("eval", trainer.eval_pairs)):
+        if pairs is not None and pairs.num_skipped:
+            print(
+                f"[csd-train] {name}: skipped {pairs.num_skipped} bad rows {dict(pairs.skipped)}"
+                f"{' (from the tokenization cache)' if pairs.from_cache else ''}; see "
+                f"{output_dir / f'rejected_rows_{name}.jsonl'}"
+            )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(output_dir / "final"))
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     summary = evals[-1] if evals else {}

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from csd_fast import checkpoint as ckpt
+from csd_fast import resume
 from csd_fast.optim import build_optimizer, build_scheduler
 
 
@@ -53,10 +54,13 @@ def run_training(trainer, resume_from_checkpoint=None):
     writer = trainer._writer()
     resume_path = _resolve_resume(trainer, resume_from_checkpoint)
     if resume_path is not None:
+        fresh = resume.hyperparameters(opt)  # this run's settings, before the saved ones load
         ckpt.load_weights(model, resume_path)
         progress = ckpt.load_training_state(resume_path, optimizer=opt, scheduler=sched)
+        if getattr(trainer, "resume_changes", None):  # accepted with resume_with_changes
+            resume.apply_new_hyperparameters(opt, sched, fresh)
         trainer._metrics.add_tokens("train", progress.total_tokens)  # TRL's cumulative count
-        writer.truncate_after(progress.global_step)
+        writer.restore(progress.log_history)  # exactly what was written at that checkpoint
     trainer.progress = progress
     state = trainer.state
     state.global_step, state.max_steps = progress.global_step, max_steps
@@ -74,7 +78,7 @@ def run_training(trainer, resume_from_checkpoint=None):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     by_tokens = bool(args.max_tokens_per_batch)
-    train_start, total_loss = time.perf_counter(), 0.0
+    train_start = time.perf_counter()
     bar = tqdm(
         total=max_steps, initial=progress.global_step, disable=args.disable_tqdm, desc="train"
     )
@@ -121,7 +125,7 @@ def run_training(trainer, resume_from_checkpoint=None):
                 micro,
             )
             window["loss"] += step_loss
-            total_loss += step_loss
+            progress.train_loss_sum += step_loss  # saved in checkpoints: train_loss spans resumes
             window["steps"] += 1
             bar.update(1)
             # transformers' order: the default flags first, then callbacks may add or cancel them
@@ -148,7 +152,7 @@ def run_training(trainer, resume_from_checkpoint=None):
             "train_runtime": runtime,
             "train_samples_per_second": pairs_seen / max(runtime, 1e-9),
             "train_steps_per_second": steps_run / max(runtime, 1e-9),
-            "train_loss": total_loss / steps_run,
+            "train_loss": progress.train_loss_sum / max(state.global_step, 1),
         }
     )
     if args.load_best_model_at_end and state.best_model_checkpoint:
@@ -272,7 +276,7 @@ def _save(trainer, best: bool = False) -> Path:
         scheduler=trainer.lr_scheduler,
         progress=trainer.progress,
         tokenizer=trainer.processing_class,
-        config=args.to_dict(),
+        config=resume.run_record(trainer),
     )
     ckpt.rotate_checkpoints(out, args.save_total_limit, keep=state.best_model_checkpoint)
     trainer._fire("on_save")

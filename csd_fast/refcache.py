@@ -115,7 +115,10 @@ def cached_table(
     model_fp, data_fp, options = key_parts()
     path = Path(cache_dir) / f"ref_logps-{cache_key(model_fp, data_fp, options)}.npz"
     if path.exists():
-        return RefLogpTable.load(path), "hit"
+        from csd_fast.errors import corrupt_file
+
+        with corrupt_file(path, fix="delete it (it is recomputed on the next run)"):
+            return RefLogpTable.load(path), "hit"
     table = build()
     table.save(path)
     return table, "miss"

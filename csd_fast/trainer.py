@@ -67,15 +67,26 @@ class DPOTrainer:
         if quantization_config is not None:
             raise NotImplementedError("quantization_config is not supported yet")
         _check_supported(args)
+        _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
         if args.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
         torch.manual_seed(args.seed)
         self.device = _device(args)
         model_path = model if isinstance(model, str) else None
-        self.model = load_model(model, args) if model_path else model
-        self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
+        self.source_names = {
+            "model": model_path,
+            "ref_model": ref_model if isinstance(ref_model, str) else None,
+        }
+        # tokenizer and data first: a bad row is reported before a large model loads
+        tok_source = None if model_path else model
+        self.processing_class = processing_class or load_tokenizer(tok_source, model_path, args)
         ensure_pad_token(self.processing_class, args)
+        self.train_pairs = (
+            self._tokenize(train_dataset, "train") if train_dataset is not None else None
+        )
+        self.eval_pairs = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
+        self.model = load_model(model, args) if model_path else model
         if isinstance(ref_model, str):
             ref_model = load_model(ref_model, args)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
@@ -95,10 +106,6 @@ class DPOTrainer:
         from csd_fast.metrics import MetricsLog
 
         self._metrics = MetricsLog()
-        self.train_pairs = (
-            self._tokenize(train_dataset, "train") if train_dataset is not None else None
-        )
-        self.eval_pairs = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
         # reference tables by the identity of the tokenized set they score: an evaluate() on a
         # new dataset must never read another set's rows
         self._ref_tables: dict[int, object] = {}
@@ -294,10 +301,14 @@ class DPOTrainer:
     def train(self, resume_from_checkpoint: str | bool | None = None):
         """Train; `resume_from_checkpoint=True` continues from output_dir's latest checkpoint."""
         from csd_fast.loop import run_training
+        from csd_fast.resume import guarded_training
 
         if self.train_pairs is None:
             raise ValueError("train() needs a train_dataset")
-        return run_training(self, resume_from_checkpoint)
+        # one writer per output_dir; a used one needs resume or overwrite_output_dir; the
+        # checkpoint is verified and its configuration compared before anything loads
+        with guarded_training(self, resume_from_checkpoint) as checkpoint:
+            return run_training(self, checkpoint)
 
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
         """Loss and TRL's metrics over the eval set, logged with the `eval_` prefix."""
@@ -427,6 +438,18 @@ def _fused_loss_type(args, params) -> str | None:
         and (params.loss_weights is None or params.loss_weights == (1.0,))
     )
     return params.loss_type[0] if plain and params.loss_type[0] in PAIR_LOSS_TYPES else None
+
+
+def _check_inputs(args, model, ref_model, train_dataset, eval_dataset) -> None:
+    """Configuration and model names checked before anything loads (csd_fast.validation)."""
+    from csd_fast.validation import check_model_source, check_training_args
+
+    check_training_args(
+        args, has_train=train_dataset is not None, has_eval=eval_dataset is not None
+    )
+    for value, field in ((model, "model"), (ref_model, "ref_model")):
+        if isinstance(value, str):
+            check_model_source(value, field)
 
 
 def _check_supported(args) -> None:

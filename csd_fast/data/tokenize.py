@@ -215,6 +215,7 @@ def tokenize_pairs(
                 logger.warning("%s: unreadable cache (%s), tokenizing again", cache_path, e)
             else:
                 out.source = src.name
+                _report_skips(out, len(py_rows), rejects_path)  # a cache hit says it too
                 _write_rejects(out.rejects, rejects_path)
                 return out
 
@@ -245,15 +246,7 @@ def tokenize_pairs(
     ]
     out = _pack(toks, src.name, checked.format, rejects)
     out.group, out.sft = _clo_columns(raw, out.rows)
-    if rejects:
-        logger.warning(
-            "%s: skipped %d of %d rows %s%s",
-            src.name,
-            len(rejects),
-            len(py_rows),
-            dict(out.skipped),
-            f"; see {rejects_path}" if rejects_path else "",
-        )
+    _report_skips(out, len(py_rows), rejects_path)
     _write_rejects(rejects, rejects_path)
     if cache_path is not None:
         out.fingerprint = os.path.basename(cache_path)
@@ -419,6 +412,19 @@ def _pack(toks, source: str, fmt: Format | None, rejects: list[dict]) -> Tokeniz
         skipped=dict(Counter(r["kind"] for r in rejects)),
         rejects=rejects,
     )
+
+
+def _report_skips(out: TokenizedPairs, total: int, rejects_path) -> None:
+    if out.rejects:
+        logger.warning(
+            "%s: skipped %d of %d rows %s%s%s",
+            out.source,
+            len(out.rejects),
+            total,
+            dict(out.skipped),
+            " (tokenization cache)" if out.from_cache else "",
+            f"; see {rejects_path}" if rejects_path else "",
+        )
 
 
 def _write_rejects(rejects: list[dict], path: str | None) -> None:
