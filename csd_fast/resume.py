@@ -91,16 +91,23 @@ def select_checkpoint(resume, output_dir, *, log=print) -> Path | None:
 
 # --------------------------------------------------------------------- what the run is
 def pairs_fingerprint(pairs) -> str | None:
-    """sha256 over the tokenized pairs (ids, offsets, source rows); None when there are none."""
+    """sha256 over the tokenized pairs (ids, offsets, rows, CLO columns); None without pairs."""
     if pairs is None:
         return None
+    cached = getattr(pairs, "_run_fingerprint", None)
+    if cached is not None:  # once per tokenized set, not once per checkpoint
+        return cached
     h = hashlib.sha256()
     for arrays in (getattr(pairs, "flat", {}), getattr(pairs, "offsets", {})):
         for key in sorted(arrays):
             h.update(key.encode())
             h.update(np.ascontiguousarray(arrays[key]).tobytes())
-    h.update(np.ascontiguousarray(pairs.rows).tobytes())
-    return h.hexdigest()
+    for extra in (pairs.rows, getattr(pairs, "group", None), getattr(pairs, "sft", None)):
+        h.update(b"-" if extra is None else np.ascontiguousarray(extra).tobytes())
+    digest = h.hexdigest()
+    with contextlib.suppress(AttributeError):  # a read-only container: recompute next time
+        pairs._run_fingerprint = digest
+    return digest
 
 
 def run_record(trainer) -> dict:

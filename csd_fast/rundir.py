@@ -10,7 +10,8 @@ API (for every long job: training, sampling, scoring, sweeps, the loop):
     writer gets `OutputDirLocked` at once, naming the holder. The kernel drops the lock when its
     process dies (kill -9 included), so a lock file whose content names a dead holder is *stale*:
     it is taken over and `lock.stale` names the dead holder (the caller prints it). Re-entrant
-    within a process (the CLI takes it, then the trainer it runs takes it again). The file is
+    within a process (the CLI takes it, then the trainer it runs takes it again). In a
+    distributed job (RANK / SLURM_PROCID set) only rank 0 locks and applies the policy. The file is
     never deleted (unlinking a lock file lets two processes lock two different inodes); a clean
     release empties it.
   * `claim_output_dir(dir, resume=, overwrite=, artifacts=, command=)`: the lock plus the policy.
@@ -110,6 +111,8 @@ class RunDirLock:
 
     def acquire(self) -> RunDirLock:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if job_rank() != 0:  # one job, one writer: rank 0 holds the lock for all ranks
+            return self
         key = os.path.realpath(self.dir)
         held = _HELD.get(key)
         if held is not None and held._pid == os.getpid():  # same process: re-entrant
@@ -222,6 +225,14 @@ def claim_output_dir(
         lock.release()
 
 
+def job_rank() -> int:
+    """This process's rank in a torchrun/SLURM job (0 when not distributed)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def check_output_dir(
     output_dir,
     *,
@@ -231,7 +242,12 @@ def check_output_dir(
     flags=("--resume", "--overwrite_output_dir"),
     log=print,
 ) -> None:
-    """The policy alone (the caller holds the lock): refuse, or clear with `overwrite`."""
+    """The policy alone (the caller holds the lock): refuse, or clear with `overwrite`.
+
+    Rank 0 decides for a distributed job; the other ranks must wait for it (a barrier).
+    """
+    if job_rank() != 0:
+        return
     found = existing_results(output_dir, artifacts)
     if not found or resume:
         return

@@ -20,6 +20,7 @@ Three layers, all raising `csd_fast.errors.ConfigError` (a ValueError, exit code
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import re
 import types
@@ -130,15 +131,11 @@ def _check_types(args) -> None:
         value = getattr(args, f.name)
         if value is None and _is_optional(f.type):
             continue
-        ok = (
-            isinstance(value, bool)
-            if tp is bool
-            else (
-                isinstance(value, (int, float))
-                and not isinstance(value, bool)
-                and (tp is float or float(value).is_integer())
-            )
-        )
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if tp is bool:
+            ok = isinstance(value, bool)
+        else:  # numpy scalars are numbers too; an int field takes 4.0 but not 4.5
+            ok = number and (tp is float or float(value).is_integer())
         if not ok:
             kind = {int: "an integer", float: "a number", bool: "true or false"}[tp]
             raise ConfigError(f.name, f"expected {kind}, got {value!r} ({type(value).__name__})")

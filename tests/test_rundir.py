@@ -134,3 +134,17 @@ def test_atomic_files_and_checkpoints_follow_the_umask(tmp_path, mask):
     assert stat.S_IMODE(ckpt.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
     for f in ckpt.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
+
+
+def test_only_rank_zero_of_a_distributed_job_locks(tmp_path, monkeypatch):
+    pid, release = _holder(tmp_path)  # rank 0 of the job (another process) holds it
+    try:
+        monkeypatch.setenv("RANK", "1")
+        with claim_output_dir(tmp_path, resume=False, overwrite=False):
+            pass  # rank 1 neither locks nor decides the policy
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(OutputDirLocked):
+            RunDirLock(tmp_path).acquire()
+    finally:
+        os.write(release, b"1")
+        os.waitpid(pid, 0)
