@@ -75,6 +75,20 @@ class PairBatch:
         seq = torch.arange(lengths.numel(), device=lengths.device)
         return torch.repeat_interleave(seq, lengths)
 
+    def pin_memory(self) -> PairBatch:
+        """Page-locked host copies (the DataLoader calls this with pin_memory=True)."""
+        pinned = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = value.pin_memory()
+            elif isinstance(value, dict):
+                value = {
+                    k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in value.items()
+                }
+            pinned[f.name] = value
+        return replace(self, **pinned)
+
     def to(self, device: torch.device | str) -> PairBatch:
         def move(x):
             if isinstance(x, Tensor):

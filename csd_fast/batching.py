@@ -8,12 +8,20 @@ Two ways to cut an epoch into micro-batches:
 
 The layout is independent of the plan: padded (TRL's collator), packed (`padding_free`) or
 prefix-shared (`prefix_sharing`), all producing a `csd_fast.batch.PairBatch`.
+
+Data parallel (`rank_plans`): by count, the single-process plan of global batches of
+`world_size * batch_size` pairs is dealt out, block by block, to the ranks (DistributedSampler's
+interleave), so N ranks x b pairs see exactly the pairs of 1 rank x N*b; by tokens, the planner
+balances its bins across `world_size` ranks itself. Every rank's plan has the same length.
+(`batch.py` is the micro-batch contract and padded collation, `packing.py` the packed layouts,
+`planner.py` the token-budget bin packing; this module decides which pairs go together.)
+`PlanBatches` collates a plan's micro-batches, in DataLoader workers when asked, pinned on GPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -94,6 +102,52 @@ def epoch_plan(
     return plan
 
 
+def rank_plans(
+    num_examples: int,
+    epoch: int,
+    opts: BatchingOptions,
+    world_size: int,
+    costs: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> list[list[list[int]]]:
+    """plan[rank][micro] for `world_size` ranks; world_size 1 is `[epoch_plan(...)]`.
+
+    A rank may get an empty micro-batch when a last global batch has fewer pairs than ranks;
+    the loop then runs a zero-weight stand-in so every rank joins the same collectives."""
+    if world_size == 1:
+        return [epoch_plan(num_examples, epoch, opts, costs, groups)]
+    if opts.max_tokens_per_batch:
+        from csd_fast.planner import plan_batches
+
+        if costs is None:
+            raise ValueError("max_tokens_per_batch needs per-pair token costs")
+        epoch_seed = epoch if opts.shuffle else 0
+        return plan_batches(
+            costs, opts.max_tokens_per_batch, seed=opts.seed, epoch=epoch_seed,
+            world_size=world_size, groups=groups,
+        )  # fmt: skip
+    wide = replace(opts, batch_size=opts.batch_size * world_size)
+    blocks = epoch_plan(num_examples, epoch, wide, costs, groups)
+    plans: list[list[list[int]]] = [[] for _ in range(world_size)]
+    for block in blocks:
+        for rank, part in enumerate(_deal(block, world_size, groups)):
+            plans[rank].append(part)
+    return plans
+
+
+def _deal(block: list[int], world_size: int, groups: np.ndarray | None) -> list[list[int]]:
+    """Split one global batch over the ranks: interleaved pairs, or whole CLO groups."""
+    if groups is None:
+        return [block[r::world_size] for r in range(world_size)]
+    units: dict[int, list[int]] = {}
+    for i in block:
+        units.setdefault(int(groups[i]), []).append(i)
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    for unit in units.values():  # each group to the rank with the fewest pairs so far
+        min(parts, key=len).extend(unit)
+    return parts
+
+
 def _grouped_plan(groups: np.ndarray, epoch: int, opts: BatchingOptions) -> list[list[int]]:
     """Count-based batches that never split a group (CLO: an example's two pairs train together).
 
@@ -139,3 +193,46 @@ def make_collate(opts: BatchingOptions, pad_token_id: int) -> Callable[[Sequence
         truncation_mode=opts.truncation_mode,
         prefix_sharing=opts.layout == "prefix",
     )
+
+
+class PlanBatches:
+    """The collated micro-batches of a plan, indexable like a map-style Dataset.
+
+    `examples(idx)` returns the example dicts of one micro-batch (with any cached reference
+    values); `collate` lays them out. Iterate with `iterate(device, workers, pin_memory)`."""
+
+    def __init__(self, plan: list[list[int]], examples: Callable, collate: Callable):
+        self.plan, self.examples, self.collate = plan, examples, collate
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> PairBatch:
+        return self.collate(self.examples(self.plan[k]))
+
+    def iterate(
+        self,
+        device: torch.device,
+        workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ) -> Iterator[PairBatch]:
+        """Micro-batches on `device`, in plan order. With workers, collation runs ahead in
+        DataLoader processes (prefetch_factor batches each) and host tensors are pinned so the
+        copy to the GPU is asynchronous; without, batches are built on demand as before."""
+        if not workers:
+            for k in range(len(self)):
+                yield self[k].to(device)
+            return
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            self,
+            batch_size=None,  # items are whole micro-batches already
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=pin_memory and device.type == "cuda",
+            prefetch_factor=prefetch_factor,
+        )
+        for batch in loader:
+            yield batch.to(device)

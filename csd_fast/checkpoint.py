@@ -12,6 +12,9 @@ A checkpoint is written into a hidden temporary directory beside its final name 
 place only once every file is flushed: a crash mid-write leaves the previous checkpoint untouched
 and only a `.tmp-*` directory behind (removed by the next save). State files hold only tensors
 and plain values and are read with `torch.load(weights_only=True)` (`csd_fast.resume`).
+
+Under torchrun (several ranks) the same atomic directory holds a sharded DCP checkpoint instead
+(`csd_fast.distributed.checkpoint`); `load_checkpoint` reads either layout on any world size.
 """
 
 from __future__ import annotations
@@ -99,24 +102,33 @@ def write_dir_atomically(final: Path, write) -> Path:
     try:
         apply_umask(tmp)  # mkdtemp's 0700 would survive the rename
         write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            # two renames keep a complete copy on disk at every instant
-            old = final.parent / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def fsync_tree(root: Path) -> None:
+    for f in Path(root).rglob("*"):
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """fsync everything under `tmp`, then rename it to `final`: the one commit point."""
+    fsync_tree(tmp)
+    if final.exists():
+        # two renames keep a complete copy on disk at every instant
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def write_json_atomically(path: Path, obj) -> None:
@@ -138,8 +150,16 @@ def save_checkpoint(
     progress: TrainProgress,
     tokenizer=None,
     config: dict | None = None,
+    env=None,
 ) -> Path:
-    """Write a complete checkpoint directory atomically."""
+    """Write a complete checkpoint directory atomically (sharded DCP when `env` is distributed)."""
+    if env is not None and env.distributed:
+        from csd_fast.distributed.checkpoint import save_sharded
+
+        return save_sharded(
+            path, env=env, model=model, optimizer=optimizer, scheduler=scheduler,
+            progress=progress, tokenizer=tokenizer, config=config,
+        )  # fmt: skip
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -185,6 +205,52 @@ def load_training_state(path: Path, *, optimizer, scheduler) -> TrainProgress:
     return progress
 
 
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, env=None) -> TrainProgress:
+    """Weights, optimizer, schedule and RNG of either layout, on any world size."""
+    from csd_fast.distributed.checkpoint import is_sharded_checkpoint, load_sharded
+    from csd_fast.distributed.env import DistEnv
+
+    if is_sharded_checkpoint(path):
+        return load_sharded(
+            path, env=env or DistEnv(), model=model, optimizer=optimizer, scheduler=scheduler
+        )
+    load_weights(model, path)
+    from csd_fast.distributed.fsdp import is_sharded
+
+    if is_sharded(model) and optimizer is not None and (Path(path) / "optimizer.pt").exists():
+        _load_full_optimizer(Path(path) / "optimizer.pt", model, optimizer)
+        optimizer = None  # restored above; the scheduler and RNG load as usual
+    return load_training_state(path, optimizer=optimizer, scheduler=scheduler)
+
+
+def _load_full_optimizer(file: Path, model, optimizer) -> None:
+    """A single-process optimizer.pt (state by parameter position) into a sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    saved = load_state_file(file)
+    names = {id(p): n for n, p in model.named_parameters()}
+    # the same builder made both optimizers, so positions line up group by group
+    position = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state = {position[i]: s for i, s in saved["state"].items()}
+    groups = [{**g, "params": [position[i] for i in g["params"]]} for g in saved["param_groups"]]
+    set_optimizer_state_dict(
+        model,
+        optimizer,
+        {"state": state, "param_groups": groups},
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def load_checkpoint_weights(model, path: Path) -> None:
+    """Only the weights of a checkpoint of either layout (load_best_model_at_end)."""
+    from csd_fast.distributed.checkpoint import is_sharded_checkpoint, load_sharded_weights
+
+    if is_sharded_checkpoint(path):
+        load_sharded_weights(path, model)
+    else:
+        load_weights(model, path)
+
+
 def load_weights(model, path: Path) -> None:
     """Load a checkpoint's weights into an existing (possibly PEFT) model, in place."""
     from safetensors.torch import load_file
@@ -206,15 +272,33 @@ def load_weights(model, path: Path) -> None:
             state.update(load_file(f))
     if not state:
         raise FileNotFoundError(f"no safetensors weights in checkpoint {path}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    from csd_fast.distributed.fsdp import is_sharded
+
+    if is_sharded(model):  # a single-process checkpoint resumed on several ranks
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        result = set_model_state_dict(
+            model, state, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     # tied embeddings are saved once; anything else missing means the wrong checkpoint
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    real_missing = [k for k in missing if k not in tied and "lm_head" not in k]
+    real_missing = [k for k in missing if k not in tied_weight_keys(model)]
     if real_missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not fit {type(model).__name__}: "
             f"missing {real_missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def tied_weight_keys(model) -> set[str]:
+    """State-dict names that alias another tensor (a tied head): the only keys allowed missing."""
+    by_storage: dict[tuple, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        local = getattr(t, "_local_tensor", t)  # a DTensor shard aliases like its full tensor
+        by_storage.setdefault((local.data_ptr(), local.dtype, tuple(t.shape)), []).append(name)
+    return {n for names in by_storage.values() if len(names) > 1 for n in names}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -8,6 +8,10 @@
 Prompt and padding positions never reach the LM head, which is where DPO spends its memory.
 The same function serves the policy (with grad) and the reference (no grad, no saved state), so
 the two can never disagree on layout, truncation or the head's transform.
+
+The head is a module whose forward calls the kernel (`LogprobHead`, swapped into the model's own
+`lm_head`), and `PairScorer` wraps backbone + head as one module: both are what FSDP2 needs,
+since its hooks gather a sharded unit's weights only inside that unit's forward.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def head_spec(model: nn.Module) -> HeadSpec:
     """Read the output head and its transforms from a HF causal LM's config."""
     lm = unwrap_causal_lm(model)
     head = lm.get_output_embeddings()
+    head = getattr(head, "base_layer", head)  # PEFT's LoRA Linear around the head
     if head is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings: not a causal LM")
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
@@ -88,17 +93,102 @@ def head_impl_for(fused: bool) -> str:
     return "auto" if fused else "eager"
 
 
-def token_logps_and_stats(
-    model: nn.Module,
-    batch: PairBatch,
-    *,
-    head_impl: str = "eager",
-    with_stats: bool = True,
-    temperature: float = 1.0,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
-    """Run the backbone over the batch rows and score the completion tokens through the head."""
-    from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
+class LogprobHead:
+    """Mixed into the model's output-embedding module: `head(hidden, labels)` runs the kernel.
 
+    The class of the existing `lm_head` (an nn.Linear, or PEFT's LoRA Linear around it) is
+    swapped in place for a subclass with this mixin, so parameter names and the state dict stay
+    the model's own (`lm_head.weight`) and `head(hidden)` without labels is still the plain
+    logits. Called with labels it reads its weights inside its own forward: under FSDP2 the
+    head is sharded as a unit and its hooks gather the full weight just for this call.
+
+    A LoRA adapter on the head is folded in exactly, without materialising W + BA: logits
+    W h + s B A drop(h) are one matmul of [h, s A drop(h)] (N, H+r) with [W, B] (V, H+r).
+    """
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def forward(self, hidden, labels=None, **kernel_kwargs):
+        if labels is None:
+            return super().forward(hidden)
+        from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
+
+        hidden, weight, bias = self.operands(hidden)
+        # reference passes (no grad) take the forward-only kernel: no autograd state is kept
+        head = fused_linear_logprob if torch.is_grad_enabled() else linear_logprob_inference
+        return head(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            **kernel_kwargs,
+        )
+
+    def operands(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(hidden (N, K), weight (V, K), bias) with any active LoRA adapter folded in."""
+        base = getattr(self, "base_layer", None)
+        if base is None:
+            return hidden, self.weight, getattr(self, "bias", None)
+        if getattr(self, "disable_adapters", False) or getattr(self, "merged", False):
+            return hidden, base.weight, base.bias
+        hiddens, weights = [hidden], [base.weight]
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            if getattr(self, "use_dora", {}).get(name):
+                raise NotImplementedError("DoRA on the LM head is not supported (LoRA is)")
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            x = self.lora_dropout[name](hidden).to(lora_a.weight.dtype)
+            low_rank = lora_a(x) * self.scaling[name]  # (N, r)
+            hiddens.append(low_rank.to(hidden.dtype))
+            weights.append(lora_b.weight.to(base.weight.dtype))  # (V, r)
+        return torch.cat(hiddens, -1), torch.cat(weights, -1), base.bias
+
+
+_HEAD_CLASSES: dict[type, type] = {}
+
+
+def install_logprob_head(model: nn.Module) -> nn.Module:
+    """Give the model's output head the `LogprobHead` forward (idempotent); returns the head."""
+    lm = unwrap_causal_lm(model)
+    head = lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(lm).__name__} has no output embeddings: not a causal LM")
+    if not isinstance(head, LogprobHead):
+        cls = type(head)
+        if cls.__name__.startswith("FSDP"):
+            raise RuntimeError("install the log-prob head before fully_shard wraps the model")
+        if cls not in _HEAD_CLASSES:
+            _HEAD_CLASSES[cls] = type(f"Logprob{cls.__name__}", (LogprobHead, cls), {})
+        head.__class__ = _HEAD_CLASSES[cls]
+    spec = head_spec(model)
+    head.logit_scale, head.softcap = spec.logit_scale, spec.softcap
+    return head
+
+
+class PairScorer(nn.Module):
+    """backbone -> scored positions -> head, as one module (the FSDP2 root of a sharded model).
+
+    `fully_shard(scorer)` makes this forward the root's: its hooks gather what no decoder-layer
+    or head unit owns (embeddings, final norm, a tied head) before the backbone runs. Single
+    process it is a plain wrapper; `sequence_forward` accepts it or the bare model.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        install_logprob_head(model)
+
+    def forward(
+        self, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+        return _score_tokens(self.model, batch, head_impl, with_stats, temperature)
+
+
+def _score_tokens(model, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float):
     kwargs = dict(batch.model_kwargs)
     out = backbone(model)(**kwargs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -108,16 +198,10 @@ def token_logps_and_stats(
         # the residual stream leaves the final norm in fp32; the head runs in the autocast dtype,
         # as an eager lm_head under autocast would (the kernels then read bf16 tiles)
         hidden = hidden.to(torch.get_autocast_dtype(dev))
-    spec = head_spec(model)
-    # reference passes (no grad) take the forward-only kernel: no autograd state is kept
-    head = fused_linear_logprob if torch.is_grad_enabled() else linear_logprob_inference
+    head = unwrap_causal_lm(model).get_output_embeddings()
     result = head(
         hidden,
-        spec.weight,
         batch.token_labels,
-        bias=spec.bias,
-        logit_scale=spec.logit_scale,
-        softcap=spec.softcap,
         temperature=temperature,
         return_stats=with_stats,
         impl=head_impl,
@@ -126,6 +210,24 @@ def token_logps_and_stats(
         logps, stats = result
         return logps, (stats.entropy, stats.mean_logit, stats.is_top1)
     return result, None
+
+
+def token_logps_and_stats(
+    model: nn.Module,
+    batch: PairBatch,
+    *,
+    head_impl: str = "eager",
+    with_stats: bool = True,
+    temperature: float = 1.0,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """Run the backbone over the batch rows and score the completion tokens through the head.
+
+    `model` is a `PairScorer` (sharded or not) or a bare causal LM (its head is then given the
+    `LogprobHead` forward on first use)."""
+    if isinstance(model, PairScorer):
+        return model(batch, head_impl, with_stats, temperature)
+    install_logprob_head(model)
+    return _score_tokens(model, batch, head_impl, with_stats, temperature)
 
 
 def length_weights(batch: PairBatch, ld_alpha: float | None) -> Tensor | None:

@@ -1,25 +1,65 @@
 """The optimizer-step loop behind `DPOTrainer.train()`: accumulation, clipping, logs, eval, saves.
 
+    job = trainer.training_job()        # the explicit object the loop drives (TrainingJob)
+    state = run_training(job, resume_from_checkpoint=None)
+
 Resume is exact: the epoch plan is a pure function of (seed, epoch), a checkpoint stores the
 number of micro-batches of the current epoch already consumed, and the optimizer, scheduler and
 RNG states are restored, so 4 steps equal 2 steps + resume + 2 steps bit for bit on CPU.
-Count-based micro-batches are averaged as TRL does (each micro-batch mean over its pairs, the
-step the mean of those); token-budget micro-batches are weighted by their pair count, so every
-pair counts once however the planner groups them.
+
+Weighting, with g micro-batches per step and W ranks (`plan[rank][micro]`): count-based
+micro-batches are averaged as TRL does on one process (each micro-batch mean over its pairs,
+the step the mean of those), a micro-batch's mean taken over its pairs on all ranks; token-budget
+micro-batches are weighted by their pair count over the step's pairs on all ranks, so every pair
+counts once however the planner groups them. The global counts come from the plan, which every
+rank computes whole (it is deterministic), so no collective is needed for them. FSDP averages
+gradients over ranks, hence the factor W: W ranks x b pairs == 1 rank x W*b pairs.
+
+Nothing is read back to the host per micro-batch: the loss accumulates on the device and is
+reduced across ranks and read once per logging step.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from csd_fast import checkpoint as ckpt
 from csd_fast import resume
-from csd_fast.optim import build_optimizer, build_scheduler
+from csd_fast.distributed.env import DistEnv
+
+
+@dataclass
+class TrainingJob:
+    """Everything the loop needs from its trainer, passed explicitly (see `DPOTrainer`)."""
+
+    args: Any  # DPOConfig
+    model: nn.Module  # the HF / PEFT model: clipped, checkpointed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    env: DistEnv
+    state: Any  # transformers.TrainerState, shared with the trainer and its callbacks
+    progress: ckpt.TrainProgress
+    metrics: Any  # csd_fast.metrics.MetricsLog
+    writer: Any  # csd_fast.reporting.MetricsWriter
+    tokenizer: Any
+    plans: Callable[[int], list[list[list[int]]]]  # epoch -> plan[rank][micro] of the train set
+    batches: Callable[[list[list[int]]], Iterator]  # this rank's micro-batches, on the device
+    compute_loss: Callable[..., Tensor]  # (batch, mode, dummy=False) -> micro-batch mean loss
+    fire: Callable[..., None]  # callback event
+    control: Callable[[], Any]  # the current TrainerControl (callbacks may replace it)
+    log: Callable[[dict], None]
+    evaluate: Callable[[], dict] | None  # None without an eval set
+    close: Callable[[], None]  # flush the metric writers
+    run: dict = field(default_factory=dict)  # model names, data fingerprints (csd_fast.resume)
 
 
 def _due(step: int, every: float | int | None, total: int) -> bool:
@@ -29,90 +69,160 @@ def _due(step: int, every: float | int | None, total: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _resolve_resume(trainer, resume) -> Path | None:
+def resolve_resume(output_dir, resume) -> Path | None:
     if not resume:
         return None
     if resume is True:
-        path = ckpt.latest_checkpoint(Path(trainer.args.output_dir))
+        path = ckpt.latest_checkpoint(Path(output_dir))
         if path is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {trainer.args.output_dir}")
+            raise FileNotFoundError(f"no checkpoint to resume from in {output_dir}")
         return path
     return Path(resume)
 
 
-def run_training(trainer, resume_from_checkpoint=None):
-    args = trainer.args
-    model = trainer.model
+def steps_in_epoch(plans, ga: int, epoch: int) -> int:
+    return max(-(-len(plans(epoch)[0]) // ga), 1)
+
+
+def schedule_length(plans, args) -> tuple[int, int | None]:
+    """(optimizer steps of the run, epochs or None when max_steps decides).
+
+    Token-budget and CLO-grouped plans can differ in length from epoch to epoch, so the total
+    is the sum of each epoch's own steps (equal to transformers' epochs x steps otherwise).
+    """
     ga = args.gradient_accumulation_steps
-    max_steps, num_epochs = _schedule_length(trainer)
-    if trainer.optimizer is None:
-        trainer.optimizer = build_optimizer(model, args)
-    if trainer.lr_scheduler is None:
-        trainer.lr_scheduler = build_scheduler(trainer.optimizer, args, max_steps)
-    opt, sched = trainer.optimizer, trainer.lr_scheduler
-    progress = ckpt.TrainProgress()
-    writer = trainer._writer()
-    resume_path = _resolve_resume(trainer, resume_from_checkpoint)
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps, None
+    whole = math.floor(args.num_train_epochs)
+    total = sum(steps_in_epoch(plans, ga, e) for e in range(whole))
+    if args.num_train_epochs > whole:
+        total += math.ceil((args.num_train_epochs - whole) * steps_in_epoch(plans, ga, whole))
+    return max(total, 1), math.ceil(args.num_train_epochs)
+
+
+def micro_weights(group_plans: list[list[list[int]]], rank: int, by_tokens: bool) -> list[float]:
+    """Loss weight of each of this rank's micro-batches in one step (see the module docstring).
+
+    `group_plans[r][m]` is rank r's m-th micro-batch of the step."""
+    world = len(group_plans)
+    mine = group_plans[rank]
+    if by_tokens:
+        step_pairs = sum(len(idx) for plan in group_plans for idx in plan)
+        return [len(idx) / step_pairs * world for idx in mine]
+    weights = []
+    for m, idx in enumerate(mine):
+        global_pairs = sum(len(plan[m]) for plan in group_plans)
+        weights.append(len(idx) / global_pairs * world / len(mine))
+    return weights
+
+
+def _stand_ins(group_plans: list[list[list[int]]], rank: int) -> list[list[int]]:
+    """This rank's micro-batches, an empty one replaced by a pair of another rank's (weight 0)."""
+    out = []
+    for m, idx in enumerate(group_plans[rank]):
+        if not idx:
+            idx = next(plan[m][:1] for plan in group_plans if plan[m])
+        out.append(idx)
+    return out
+
+
+class _TokenCount:
+    """Training tokens over all ranks (TRL's `num_tokens`) and the summed step losses since step
+    0 (the summary `train_loss`, whole-run after a resume), reduced only when read."""
+
+    def __init__(self, job: TrainingJob):
+        self.job, self.total = job, job.progress.total_tokens
+        self.local_seen = job.metrics.total_train_tokens
+        start = job.progress.train_loss_sum if job.env.is_main else 0.0  # one rank holds it
+        self.loss = torch.tensor(start, dtype=torch.float64, device=job.env.device)
+
+    def loss_sum(self) -> float:
+        """All ranks' summed step losses (a collective when distributed)."""
+        return float(self.job.env.all_reduce_sum(self.loss.detach().cpu().clone()))
+
+    def sync(self) -> int:
+        job = self.job
+        delta = job.metrics.total_train_tokens - self.local_seen
+        self.local_seen = job.metrics.total_train_tokens
+        if job.env.distributed:
+            delta = int(job.env.all_reduce_sum(torch.tensor([delta], dtype=torch.int64)).item())
+        self.total += delta
+        job.progress.total_tokens = self.total
+        return self.total
+
+
+def run_training(job: TrainingJob, resume_from_checkpoint=None):
+    args, env, state, model = job.args, job.env, job.state, job.model
+    ga = args.gradient_accumulation_steps
+    max_steps, num_epochs = schedule_length(job.plans, args)
+    opt, sched = job.optimizer, job.scheduler
+    progress = job.progress
+    resume_path = resolve_resume(args.output_dir, resume_from_checkpoint)
     if resume_path is not None:
         fresh = resume.hyperparameters(opt)  # this run's settings, before the saved ones load
-        ckpt.load_weights(model, resume_path)
-        progress = ckpt.load_training_state(resume_path, optimizer=opt, scheduler=sched)
-        if getattr(trainer, "resume_changes", None):  # accepted with resume_with_changes
+        loaded = ckpt.load_checkpoint(
+            resume_path, model=model, optimizer=opt, scheduler=sched, env=env
+        )
+        for f in fields(loaded):
+            setattr(progress, f.name, getattr(loaded, f.name))
+        if getattr(args, "resume_with_changes", False):  # changes accepted (and logged) up front
             resume.apply_new_hyperparameters(opt, sched, fresh)
-        trainer._metrics.add_tokens("train", progress.total_tokens)  # TRL's cumulative count
-        writer.restore(progress.log_history)  # exactly what was written at that checkpoint
-    trainer.progress = progress
-    state = trainer.state
+        job.metrics.add_tokens("train", progress.total_tokens)  # TRL's cumulative count
+        if env.is_main:
+            job.writer.restore(progress.log_history)  # exactly what was written at that point
+    tokens = _TokenCount(job)
     state.global_step, state.max_steps = progress.global_step, max_steps
-    state.num_train_epochs = num_epochs or math.ceil(max_steps / _steps_in_epoch(trainer, 0))
+    state.num_train_epochs = num_epochs or math.ceil(max_steps / steps_in_epoch(job.plans, ga, 0))
     state.log_history = list(progress.log_history)
     state.best_metric, state.best_model_checkpoint = (
         progress.best_metric,
         progress.best_model_checkpoint,
     )
-    resumed_plan = trainer._plan(trainer.train_pairs, "train", progress.epoch)
+    resumed_plan = job.plans(progress.epoch)[env.rank]
     state.epoch = progress.epoch + progress.micro_in_epoch / max(1, len(resumed_plan))
-    trainer._policy_is_initial = False
     progress_start, pairs_seen = state.global_step, 0
-    trainer._fire("on_train_begin")
+    job.fire("on_train_begin")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     by_tokens = bool(args.max_tokens_per_batch)
     train_start = time.perf_counter()
     bar = tqdm(
-        total=max_steps, initial=progress.global_step, disable=args.disable_tqdm, desc="train"
+        total=max_steps,
+        initial=progress.global_step,
+        disable=args.disable_tqdm or not env.is_main,
+        desc="train",
     )
-    window = {"loss": 0.0, "steps": 0, "tokens": 0, "pairs": 0, "t0": time.perf_counter()}
+    window = _Window(job.env)
     grad_norm = None
     epoch = progress.epoch
     while (num_epochs is None or epoch < num_epochs) and state.global_step < max_steps:
-        plan = trainer._plan(trainer.train_pairs, "train", epoch)
+        plans = job.plans(epoch)
+        plan = plans[env.rank]
         if not plan:
             raise ValueError("the training set yields no micro-batch (empty, or all dropped)")
         micro = progress.micro_in_epoch if epoch == progress.epoch else 0
-        trainer._fire("on_epoch_begin")
+        job.fire("on_epoch_begin")
         while micro < len(plan) and state.global_step < max_steps:
-            group = plan[micro : micro + ga]
-            step_pairs = sum(len(idx) for idx in group)
-            step_loss = 0.0
-            for idx in group:
-                batch = trainer._collate(trainer.train_pairs, idx, "train")
-                loss = trainer.compute_loss(batch, "train")
-                # count-based batches: TRL's mean of micro-batch means; token budgets: per pair
-                weight = batch.num_pairs / step_pairs if by_tokens else 1.0 / len(group)
+            group_plans = [p[micro : micro + ga] for p in plans]
+            weights = micro_weights(group_plans, env.rank, by_tokens)
+            real = [bool(idx) for idx in group_plans[env.rank]]
+            step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+            batches = job.batches(_stand_ins(group_plans, env.rank))
+            for batch, weight, is_real in zip(batches, weights, real, strict=True):
+                loss = job.compute_loss(batch, "train", dummy=not is_real)
                 (loss * weight).backward()
-                value = float(loss.detach())
-                if args.logging_nan_inf_filter and not math.isfinite(value):
+                # fp64 on the device: the same sum a float() per micro-batch gave, without the sync
+                value = loss.detach().double()
+                if args.logging_nan_inf_filter:
                     # HF's filter: a non-finite loss is logged as the window's running mean
-                    value = window["loss"] / max(window["steps"], 1)
-                step_loss += value * weight
-                window["tokens"] += batch.num_real_tokens
-                window["pairs"] += batch.num_pairs
-                pairs_seen += batch.num_pairs
-            micro += len(group)
-            # TRL logs the pre-clip norm, computed even when clipping is off
-            max_norm = args.max_grad_norm if args.max_grad_norm else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                    value = torch.where(value.isfinite(), value, window.mean_loss())
+                step_loss += value * (weight / env.world_size)
+                if is_real:
+                    window.tokens += batch.num_real_tokens
+                    window.pairs += batch.num_pairs
+                    pairs_seen += batch.num_pairs
+            micro += len(group_plans[env.rank])
+            grad_norm = clip_grad_norm(params, args.max_grad_norm)
             lr_used = sched.get_last_lr()[0]  # TRL logs the rate of this update, not the next
             opt.step()
             sched.step()
@@ -124,69 +234,80 @@ def run_training(trainer, resume_from_checkpoint=None):
                 epoch,
                 micro,
             )
-            window["loss"] += step_loss
-            progress.train_loss_sum += step_loss  # saved in checkpoints: train_loss spans resumes
-            window["steps"] += 1
+            window.add_step(step_loss)
+            tokens.loss += step_loss  # since step 0: saved in checkpoints, train_loss spans resumes
             bar.update(1)
             # transformers' order: the default flags first, then callbacks may add or cancel them
-            _set_step_flags(trainer, max_steps)
-            trainer._fire("on_step_end")
-            _act_on_flags(trainer, window, grad_norm, lr_used, bar)
-            if trainer.control.should_training_stop:
+            _set_step_flags(job, max_steps)
+            job.fire("on_step_end")
+            _act_on_flags(job, window, tokens, grad_norm, lr_used, bar)
+            if job.control().should_training_stop:
                 break
         if micro >= len(plan):  # advance first, so a checkpoint saved below resumes after it
             epoch += 1
             progress.epoch, progress.micro_in_epoch = epoch, 0
         # also when stopped mid-epoch (max_steps, a callback), as transformers does
-        trainer.control.should_evaluate |= args.eval_strategy == "epoch"
-        trainer.control.should_save |= args.save_strategy == "epoch"
-        trainer._fire("on_epoch_end")
-        _evaluate_and_save(trainer)
-        if trainer.control.should_training_stop:
+        control = job.control()
+        control.should_evaluate |= args.eval_strategy == "epoch"
+        control.should_save |= args.save_strategy == "epoch"
+        job.fire("on_epoch_end")
+        _evaluate_and_save(job, tokens)
+        if job.control().should_training_stop:
             break
     bar.close()
     runtime = time.perf_counter() - train_start
     steps_run = max(state.global_step - progress_start, 1)
-    trainer.log(
+    pairs_all = int(env.all_reduce_sum(torch.tensor([pairs_seen])).item())
+    job.log(
         {
             "train_runtime": runtime,
-            "train_samples_per_second": pairs_seen / max(runtime, 1e-9),
+            "train_samples_per_second": pairs_all / max(runtime, 1e-9),
             "train_steps_per_second": steps_run / max(runtime, 1e-9),
-            "train_loss": progress.train_loss_sum / max(state.global_step, 1),
+            "train_loss": tokens.loss_sum() / max(state.global_step, 1),
         }
     )
     if args.load_best_model_at_end and state.best_model_checkpoint:
-        ckpt.load_weights(model, Path(state.best_model_checkpoint))
-    trainer._fire("on_train_end")
-    trainer.close_writer()
+        ckpt.load_checkpoint_weights(model, Path(state.best_model_checkpoint))
+    job.fire("on_train_end")
+    job.close()
     return state
 
 
-def _steps_in_epoch(trainer, epoch: int) -> int:
-    n_micro = len(trainer._plan(trainer.train_pairs, "train", epoch))
-    ga = trainer.args.gradient_accumulation_steps
-    return max(-(-n_micro // ga), 1)
+def clip_grad_norm(params: list[Tensor], max_grad_norm: float | None) -> Tensor:
+    """Pre-clip global gradient norm (TRL logs it even when clipping is off), kept on device.
+
+    Sharded gradients (DTensors) give a partial norm: its full value is the global norm."""
+    max_norm = max_grad_norm if max_grad_norm else float("inf")
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
-def _schedule_length(trainer) -> tuple[int, int | None]:
-    """(optimizer steps of the run, epochs or None when max_steps decides).
+class _Window:
+    """The logging window: loss summed per step on the device, tokens and pairs on the host."""
 
-    Token-budget and CLO-grouped plans can differ in length from epoch to epoch, so the total
-    is the sum of each epoch's own steps (equal to transformers' epochs x steps otherwise).
-    """
-    args = trainer.args
-    if args.max_steps and args.max_steps > 0:
-        return args.max_steps, None
-    whole = math.floor(args.num_train_epochs)
-    total = sum(_steps_in_epoch(trainer, e) for e in range(whole))
-    if args.num_train_epochs > whole:
-        total += math.ceil((args.num_train_epochs - whole) * _steps_in_epoch(trainer, whole))
-    return max(total, 1), math.ceil(args.num_train_epochs)
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        self.steps, self.tokens, self.pairs, self.t0 = 0, 0, 0, time.perf_counter()
+
+    def add_step(self, step_loss: Tensor) -> None:
+        self.loss = self.loss + step_loss
+        self.steps += 1
+
+    def mean_loss(self) -> Tensor:
+        return self.loss / max(self.steps, 1)
 
 
-def _set_step_flags(trainer, max_steps: int) -> None:
+def _set_step_flags(job: TrainingJob, max_steps: int) -> None:
     """transformers' DefaultFlowCallback.on_step_end: when to log, evaluate and save."""
-    args, step, control = trainer.args, trainer.state.global_step, trainer.control
+    args, step, control = job.args, job.state.global_step, job.control()
     if args.logging_strategy == "steps" and (
         _due(step, args.logging_steps, max_steps) or (args.logging_first_step and step == 1)
     ):
@@ -200,49 +321,56 @@ def _set_step_flags(trainer, max_steps: int) -> None:
         control.should_save = True
 
 
-def _act_on_flags(trainer, window, grad_norm, lr_used, bar) -> None:
+def _act_on_flags(job: TrainingJob, window: _Window, tokens, grad_norm, lr_used, bar) -> None:
     """Log, evaluate and save as the control flags (defaults + callbacks) say."""
-    args, state, control = trainer.args, trainer.state, trainer.control
-    step = state.global_step
-    if control.should_log and window["steps"]:
+    args, env, control = job.args, job.env, job.control()
+    step = job.state.global_step
+    if control.should_log and window.steps:
         control.should_log = False
-        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-        logs = {"loss": window["loss"] / window["steps"]}
+        elapsed = max(time.perf_counter() - window.t0, 1e-9)
+        # one host read per log: the loss over all ranks, the norm, the token/pair counts
+        counts = torch.tensor([window.tokens, window.pairs], dtype=torch.float64)
+        env.all_reduce_sum(counts)
+        loss = env.all_reduce_sum(window.loss.cpu().clone())
+        logs = {"loss": float(loss) / window.steps}
         if grad_norm is not None:
-            logs["grad_norm"] = grad_norm
+            logs["grad_norm"] = float(grad_norm)
         logs["learning_rate"] = lr_used
-        logs.update(trainer._metrics.pop("train"))
-        logs["tokens_per_second"] = window["tokens"] / elapsed
-        logs["pairs_per_second"] = window["pairs"] / elapsed
-        trainer.log(logs)
+        logs.update(job.metrics.pop("train"))
+        if env.distributed:
+            logs["num_tokens"] = float(tokens.sync())
+        logs["tokens_per_second"] = float(counts[0]) / elapsed
+        logs["pairs_per_second"] = float(counts[1]) / elapsed
+        job.log(logs)
         bar.set_postfix(
             loss=f"{logs['loss']:.4f}",
             acc=f"{logs.get('rewards/accuracies', float('nan')):.2f}",
             tok_s=f"{logs['tokens_per_second']:.0f}",
         )
-        window.update(loss=0.0, steps=0, tokens=0, pairs=0, t0=time.perf_counter())
-    _evaluate_and_save(trainer)
+        window.reset()
+    _evaluate_and_save(job, tokens)
     every = args.torch_empty_cache_steps
     if every and step % every == 0 and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _evaluate_and_save(trainer) -> None:
+def _evaluate_and_save(job: TrainingJob, tokens) -> None:
     """Run the evaluation and the save the control flags ask for; track the best checkpoint."""
-    args, control = trainer.args, trainer.control
+    args, control = job.args, job.control()
     improved = False
     if control.should_evaluate:
         control.should_evaluate = False
-        if trainer.eval_pairs is not None:
-            improved = _track_best(trainer, trainer.evaluate())
+        if job.evaluate is not None:
+            improved = _track_best(job, job.evaluate())
+    control = job.control()
     if control.should_save or (args.save_strategy == "best" and improved):
         control.should_save = False
-        _save(trainer, best=improved)
+        _save(job, tokens, best=improved)
 
 
-def _track_best(trainer, metrics: dict) -> bool:
+def _track_best(job: TrainingJob, metrics: dict) -> bool:
     """Update the best metric (eval loss unless metric_for_best_model says otherwise)."""
-    args, state = trainer.args, trainer.state
+    args, state = job.args, job.state
     key = args.metric_for_best_model
     if key is None and (args.load_best_model_at_end or args.save_strategy == "best"):
         key = "loss"  # transformers' default for these two
@@ -257,27 +385,31 @@ def _track_best(trainer, metrics: dict) -> bool:
         value > state.best_metric if greater else value < state.best_metric
     )
     if better:
-        state.best_metric = trainer.progress.best_metric = value
+        state.best_metric = job.progress.best_metric = value
     return better
 
 
-def _save(trainer, best: bool = False) -> Path:
-    args, state = trainer.args, trainer.state
+def _save(job: TrainingJob, tokens, best: bool = False) -> Path:
+    args, state, env = job.args, job.state, job.env
     out = Path(args.output_dir)
     path = out / f"checkpoint-{state.global_step}"
     if best:  # recorded before writing, so the checkpoint's own state names it
-        state.best_model_checkpoint = trainer.progress.best_model_checkpoint = str(path)
-    trainer.progress.log_history = list(state.log_history)
-    model = trainer.model
+        state.best_model_checkpoint = job.progress.best_model_checkpoint = str(path)
+    job.progress.log_history = list(state.log_history)
+    if env.distributed:
+        tokens.sync()  # the saved count is the all-rank total
+    job.progress.train_loss_sum = tokens.loss_sum()
     ckpt.save_checkpoint(
         path,
-        model=model,
-        optimizer=trainer.optimizer,
-        scheduler=trainer.lr_scheduler,
-        progress=trainer.progress,
-        tokenizer=trainer.processing_class,
-        config=resume.run_record(trainer),
+        model=job.model,
+        optimizer=job.optimizer,
+        scheduler=job.scheduler,
+        progress=job.progress,
+        tokenizer=job.tokenizer,
+        config=resume.run_record(args, job.run),
+        env=env,
     )
-    ckpt.rotate_checkpoints(out, args.save_total_limit, keep=state.best_model_checkpoint)
-    trainer._fire("on_save")
+    if env.is_main:
+        ckpt.rotate_checkpoints(out, args.save_total_limit, keep=state.best_model_checkpoint)
+    job.fire("on_save")
     return path

@@ -141,7 +141,9 @@ class MetricsLog:
     def add(self, mode: str, metrics: dict[str, float]) -> None:
         self._check(mode)
         for key, value in metrics.items():
-            self._values[mode][key].append(float(value))
+            # device tensors stay where they are until pop(): no host sync per micro-batch
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            self._values[mode][key].append(value)
         # TRL resets num_tokens to the running total in every _compute_loss, eval included
         self._values[mode]["num_tokens"] = [float(self.total_train_tokens)]
 
@@ -156,6 +158,11 @@ class MetricsLog:
         """Window means (num_tokens: cumulative), "eval_"-prefixed in eval; clears the window."""
         self._check(mode)
         values = self._values[mode]
+        tensors = [x for v in values.values() for x in v if isinstance(x, torch.Tensor)]
+        if tensors:  # one device-to-host copy for the whole window
+            host = iter(torch.stack([t.to(torch.float64) for t in tensors]).cpu().tolist())
+            for v in values.values():
+                v[:] = [next(host) if isinstance(x, torch.Tensor) else x for x in v]
         out = {key: sum(v) / len(v) for key, v in values.items() if v}
         values.clear()
         if mode == "eval":

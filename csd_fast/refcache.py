@@ -26,10 +26,15 @@ CACHE_VERSION = 1
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer (names, shapes, dtypes, bytes) of the reference."""
+    """sha256 over every parameter and buffer (names, shapes, dtypes, bytes) of the reference.
+
+    FSDP-sharded tensors are gathered whole first (every rank, in the same sorted order), so
+    the hash is the same on every rank and equal to the unsharded model's."""
+    from csd_fast.distributed.fsdp import full_tensor
+
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach()
+        t = full_tensor(t.detach())
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -110,18 +111,20 @@ def pairs_fingerprint(pairs) -> str | None:
     return digest
 
 
-def run_record(trainer) -> dict:
-    """What a checkpoint records about the run that wrote it (its training_config.json)."""
+def run_identity(trainer) -> dict:
+    """What identifies a trainer's run besides its options: model names, data fingerprints."""
     names = getattr(trainer, "source_names", {}) or {}
     return {
-        "training": trainer.args.to_dict(),
-        "run": {
-            "model": names.get("model"),
-            "ref_model": names.get("ref_model"),
-            "train_data": pairs_fingerprint(trainer.train_pairs),
-            "eval_data": pairs_fingerprint(trainer.eval_pairs),
-        },
+        "model": names.get("model"),
+        "ref_model": names.get("ref_model"),
+        "train_data": pairs_fingerprint(trainer.train_pairs),
+        "eval_data": pairs_fingerprint(trainer.eval_pairs),
     }
+
+
+def run_record(args, run: dict) -> dict:
+    """What a checkpoint records about the run that wrote it (its training_config.json)."""
+    return {"training": args.to_dict(), "run": dict(run)}
 
 
 def read_record(checkpoint: Path) -> dict:
@@ -208,7 +211,8 @@ def guarded_training(trainer, resume):
         if path is not None:
             allow = bool(getattr(args, "resume_with_changes", False))
             saved = read_record(path)
-            changes = check_resume(saved, run_record(trainer), allow_changes=allow, where=str(path))
+            new = run_record(args, run_identity(trainer))
+            changes = check_resume(saved, new, allow_changes=allow, where=str(path))
             for change in changes:
                 print(f"[csd-fast] resume from {path.name} with a change: {change}")
             trainer.resume_changes = changes
@@ -242,6 +246,45 @@ def load_state_file(path: Path):
                     "Resume only from checkpoints written by csd-fast >= this version"
                 ) from None
             raise
+
+
+_SAFE_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "Path"),
+    ("copyreg", "_reconstructor"), ("builtins", "object"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Only the classes DCP's `.metadata` consists of (DCP itself reads it with plain pickle)."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (
+            (module, name) in _SAFE_GLOBALS
+            or dtype
+            or module.startswith("torch.distributed.checkpoint.")
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """Refuse a DCP `.metadata` that would run code when `torch.distributed.checkpoint` loads it."""
+    path = Path(path)
+    with corrupt_file(path, fix="resume from an earlier checkpoint"), open(path, "rb") as fh:
+        try:
+            _MetadataUnpickler(fh).load()
+        except pickle.UnpicklingError as e:
+            if "is not allowed" not in str(e):
+                raise
+            raise CheckpointError(
+                f"{path} holds {e}: only DCP's own metadata classes are loaded, so a checkpoint "
+                "from someone else cannot run code"
+            ) from None
 
 
 def hyperparameters(optimizer) -> list[dict]:

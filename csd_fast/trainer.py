@@ -13,6 +13,10 @@ metrics (`metrics`). Per optimizer step:
         policy forward -> chosen/rejected logps; reference logps (cached table or live no-grad)
         loss = preference_loss(...) * pairs_in_micro / pairs_in_step  -> backward
     clip, AdamW step, schedule step; log / evaluate / checkpoint when due
+
+Under torchrun (WORLD_SIZE > 1) the same trainer joins the process group, shards the policy and
+a live reference with FSDP2 (`csd_fast.distributed.fsdp`), gives each rank its share of every
+global batch, and writes sharded checkpoints; rank 0 logs and writes files.
 """
 
 from __future__ import annotations
@@ -25,9 +29,23 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from csd_fast import checkpoint as ckpt
-from csd_fast.batching import BatchingOptions, epoch_plan, layout_for, make_collate, pair_costs
+from csd_fast.batching import (
+    BatchingOptions,
+    PlanBatches,
+    layout_for,
+    make_collate,
+    pair_costs,
+    rank_plans,
+)
 from csd_fast.config import DPOConfig
-from csd_fast.forward import head_impl_for, reference_logps, sequence_forward, unwrap_causal_lm
+from csd_fast.distributed.env import init_distributed
+from csd_fast.forward import (
+    PairScorer,
+    head_impl_for,
+    reference_logps,
+    sequence_forward,
+    unwrap_causal_lm,
+)
 from csd_fast.optim import select_trainable
 from csd_fast.refcache import cached_table, compute_table, model_fingerprint, pairs_fingerprint
 from csd_fast.reporting import MetricsWriter, plot_curves
@@ -72,7 +90,8 @@ class DPOTrainer:
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
         torch.manual_seed(args.seed)
-        self.device = _device(args)
+        self.dist = init_distributed(use_cpu=getattr(args, "use_cpu", False))
+        self.device = self.dist.device
         model_path = model if isinstance(model, str) else None
         self.source_names = {
             "model": model_path,
@@ -95,6 +114,20 @@ class DPOTrainer:
         self.model.to(self.device)
         if self.ref_model is not None:
             self.ref_model.to(self.device)
+        # backbone + head as one module each: what FSDP2 shards (the models stay HF modules)
+        self.scorer = PairScorer(self.model)
+        self.ref_scorer = PairScorer(self.ref_model) if self.ref_model is not None else None
+        self._sharded = False
+        if self.dist.distributed:
+            from csd_fast.distributed.fsdp import FsdpOptions, shard_model
+
+            if optimizers[0] is not None:
+                raise ValueError("optimizers=(...) under FSDP: build it after sharding (omit it)")
+            opts = FsdpOptions.from_args(args, self.dist)
+            for scorer in (self.scorer, self.ref_scorer):
+                if scorer is not None:
+                    shard_model(scorer, self.dist, opts)
+            self._sharded = True
         self.loss_params = args.loss_params()
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
@@ -153,7 +186,11 @@ class DPOTrainer:
         )
 
     def _plan(self, pairs, mode: str, epoch: int) -> list[list[int]]:
-        """The micro-batches of one epoch; planned once per (set, mode, epoch) and kept."""
+        """This rank's micro-batches of one epoch."""
+        return self._rank_plans(pairs, mode, epoch)[self.dist.rank]
+
+    def _rank_plans(self, pairs, mode: str, epoch: int) -> list[list[list[int]]]:
+        """plan[rank][micro] of one epoch; planned once per (set, mode, epoch) and kept."""
         cached = self._plans.get(mode)
         # one entry per mode, holding the set itself: an id() is unique only while it lives
         if cached is None or cached[0] is not pairs or cached[1] != epoch:
@@ -162,7 +199,8 @@ class DPOTrainer:
             groups = pairs.groups()  # CLO examples stay in one micro-batch (None: no groups)
             if opts.max_tokens_per_batch:
                 costs = pair_costs(pairs.lengths(), opts)
-            cached = (pairs, epoch, epoch_plan(len(pairs), epoch, opts, costs, groups))
+            plans = rank_plans(len(pairs), epoch, opts, self.dist.world_size, costs, groups)
+            cached = (pairs, epoch, plans)
             self._plans[mode] = cached
         return cached[2]
 
@@ -170,26 +208,48 @@ class DPOTrainer:
     def _pad_id(self) -> int:
         return self.processing_class.pad_token_id
 
-    def _collate(self, pairs, idx: list[int], mode: str):
-        examples = [dict(pairs[i]) for i in idx]
+    def _examples(self, pairs):
+        """idx -> the example dicts of a micro-batch, with cached reference values if any."""
         owner, table = self._ref_tables.get(id(pairs), (None, None))
         table = table if owner is pairs else None  # ids are unique only among live objects
-        if table is not None:
-            for ex in examples:
-                ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
-        return make_collate(self._batching(mode), self._pad_id)(examples).to(self.device)
+
+        def examples(idx: list[int]) -> list[dict]:
+            out = [dict(pairs[i]) for i in idx]
+            if table is not None:
+                for ex in out:
+                    ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
+            return out
+
+        return examples
+
+    def _collate(self, pairs, idx: list[int], mode: str):
+        collate = make_collate(self._batching(mode), self._pad_id)
+        return collate(self._examples(pairs)(idx)).to(self.device)
+
+    def micro_batches(self, pairs, plan: list[list[int]], mode: str):
+        """The collated micro-batches of `plan` on the device (DataLoader workers if asked)."""
+        a = self.args
+        source = PlanBatches(
+            plan, self._examples(pairs), make_collate(self._batching(mode), self._pad_id)
+        )
+        return source.iterate(
+            self.device,
+            workers=a.dataloader_num_workers,
+            pin_memory=a.dataloader_pin_memory,
+            prefetch_factor=a.dataloader_prefetch_factor,
+        )
 
     # ------------------------------------------------------------------------ reference
     @contextlib.contextmanager
     def _reference(self):
         """The frozen reference: a separate model, or the policy with its LoRA adapters off."""
-        if self.ref_model is not None:
-            yield self.ref_model
+        if self.ref_scorer is not None:
+            yield self.ref_scorer
         elif hasattr(self.model, "disable_adapter"):
             with self.model.disable_adapter():
-                yield self.model
+                yield self.scorer
         elif self._policy_is_initial:
-            yield self.model
+            yield self.scorer
         else:
             raise RuntimeError(
                 "no reference model: pass ref_model or precompute reference log-probs"
@@ -218,35 +278,46 @@ class DPOTrainer:
         collate = make_collate(opts, self._pad_id)
 
         def build():
+            if self.dist.distributed:  # each rank scores its share; the table gathered once
+                from csd_fast.distributed.sharded_table import compute_table_sharded
+
+                return compute_table_sharded(
+                    examples, batches, collate, self._ref_logps, self.device, self.dist
+                )
             return compute_table(examples, batches, collate, self._ref_logps, self.device)
 
         def key_parts():
             if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
                 with self._reference() as ref:
-                    self._ref_fingerprint = model_fingerprint(ref)
+                    self._ref_fingerprint = model_fingerprint(getattr(ref, "model", ref))
             fp = self._ref_fingerprint
             opts_key = {"max_length": a.max_length, "trunc": a.truncation_mode, "ld": a.ld_alpha}
             return fp, pairs_fingerprint(examples), opts_key
 
         table, how = cached_table(a.ref_cache_dir, key_parts, build)
-        print(f"[csd-fast] reference log-probs for {name}: {len(pairs)} pairs ({how})")
+        if self.dist.is_main:
+            print(f"[csd-fast] reference log-probs for {name}: {len(pairs)} pairs ({how})")
         return table
 
     # ----------------------------------------------------------------------------- step
     def _autocast(self):
-        if self.device.type == "cuda" and self.args.bf16:
+        if self.device.type == "cuda" and self.args.bf16 and not self._sharded:
+            # (sharded: FSDP's mixed-precision policy casts the gathered weights instead)
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def compute_loss(self, batch, mode: str = "train") -> torch.Tensor:
-        """Loss of one micro-batch (mean over its pairs); records TRL's metrics under `mode`."""
+    def compute_loss(self, batch, mode: str = "train", dummy: bool = False) -> torch.Tensor:
+        """Loss of one micro-batch (mean over its pairs); records TRL's metrics under `mode`.
+
+        Metrics are the micro-batch's over all ranks (sums all-reduced before dividing, as TRL
+        gathers); `dummy` marks a zero-weight stand-in batch that only joins the collectives."""
         from csd_fast.losses import PairLogps, preference_loss
-        from csd_fast.metrics import pair_metrics
+        from csd_fast.metrics import pair_metric_sums
 
         ref_c, ref_r = self._ref_logps(batch)
         with self._autocast():
             fwd = sequence_forward(
-                self.model, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
+                self.scorer, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
             )
         lengths = batch.sequence_lengths()
         P = batch.num_pairs
@@ -278,7 +349,7 @@ class DPOTrainer:
             )
         else:
             loss = preference_loss(self.loss_params, logps)
-        metrics = pair_metrics(
+        sums = pair_metric_sums(
             self.loss_params,
             logps,
             token_entropy=fwd.entropy,
@@ -287,15 +358,33 @@ class DPOTrainer:
             token_seq_ids=batch.sequence_ids(),
             num_pairs=P,
         )
+        f64 = dict(dtype=torch.float64, device=loss.device)
         if batch.capacity:
-            metrics["padding_efficiency"] = batch.num_real_tokens / batch.capacity
+            sums["padding_efficiency"] = torch.tensor(
+                [batch.num_real_tokens, batch.capacity], **f64
+            )
         if self.layout == "prefix":
-            metrics["prefix_tokens_saved"] = float(batch.num_tokens - batch.num_real_tokens)
-        self._metrics.add(mode, metrics)
-        if mode == "train":
+            # a sum over ranks: only rank 0 counts the denominator
+            saved, one = batch.num_tokens - batch.num_real_tokens, float(self.dist.is_main)
+            sums["prefix_tokens_saved"] = torch.tensor([saved, one], **f64)
+        self._metrics.add(mode, self._reduce_metrics(sums, dummy))
+        if mode == "train" and not dummy:
             self._metrics.add_tokens(mode, batch.num_tokens)
-            self.progress.total_tokens += batch.num_tokens
+            if not self.dist.distributed:  # (distributed: the loop keeps the all-rank total)
+                self.progress.total_tokens += batch.num_tokens
         return loss
+
+    def _reduce_metrics(self, sums: dict, dummy: bool) -> dict:
+        """[sum, count] per metric -> sum / count over all ranks, as device scalars (no sync)."""
+        table = torch.stack([v.to(torch.float64) for v in sums.values()])  # (K, 2)
+        if self.dist.distributed:
+            table = table * (0.0 if dummy else 1.0)
+            if self.dist.backend == "gloo":
+                table = table.cpu()
+            self.dist.all_reduce_sum(table)
+        total, count = table.unbind(1)
+        values = torch.where(count > 0, total / count, torch.zeros_like(total))
+        return dict(zip(sums, values.unbind(), strict=True))
 
     # ---------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint: str | bool | None = None):
@@ -308,7 +397,44 @@ class DPOTrainer:
         # one writer per output_dir; a used one needs resume or overwrite_output_dir; the
         # checkpoint is verified and its configuration compared before anything loads
         with guarded_training(self, resume_from_checkpoint) as checkpoint:
-            return run_training(self, checkpoint)
+            return run_training(self.training_job(), checkpoint)
+
+    def training_job(self):
+        """The explicit object `csd_fast.loop.run_training` drives (builds optimizer/schedule)."""
+        from csd_fast.loop import TrainingJob, schedule_length
+        from csd_fast.optim import build_optimizer, build_scheduler
+        from csd_fast.resume import run_identity
+
+        def plans(epoch: int):
+            return self._rank_plans(self.train_pairs, "train", epoch)
+
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(self.model, self.args)
+        if self.lr_scheduler is None:
+            max_steps, _ = schedule_length(plans, self.args)
+            self.lr_scheduler = build_scheduler(self.optimizer, self.args, max_steps)
+        self._policy_is_initial = False
+        return TrainingJob(
+            args=self.args,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.lr_scheduler,
+            env=self.dist,
+            state=self.state,
+            progress=self.progress,
+            metrics=self._metrics,
+            writer=self._writer(),
+            tokenizer=self.processing_class,
+            plans=plans,
+            batches=lambda plan: self.micro_batches(self.train_pairs, plan, "train"),
+            compute_loss=self.compute_loss,
+            fire=self._fire,
+            control=lambda: self.control,
+            log=self.log,
+            evaluate=self.evaluate if self.eval_pairs is not None else None,
+            close=self.close_writer,
+            run=run_identity(self),
+        )
 
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
         """Loss and TRL's metrics over the eval set, logged with the `eval_` prefix."""
@@ -320,13 +446,20 @@ class DPOTrainer:
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
-        total, n = 0.0, 0
+        plan = self._plan(pairs, "eval", 0)
+        real = [bool(idx) for idx in plan]
+        if not all(real):  # a rank without pairs here joins the collectives with a stand-in
+            everyone = self._rank_plans(pairs, "eval", 0)
+            stand_in = next(idx[:1] for p in everyone for idx in p if idx)
+            plan = [idx or stand_in for idx in plan]
+        sums = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for idx in self._plan(pairs, "eval", 0):
-                batch = self._collate(pairs, idx, "eval")
-                total += float(self.compute_loss(batch, "eval")) * batch.num_pairs
-                n += batch.num_pairs
+            for batch, is_real in zip(self.micro_batches(pairs, plan, "eval"), real, strict=True):
+                loss = self.compute_loss(batch, "eval", dummy=not is_real)
+                if is_real:  # one read per batch on one process, as before
+                    sums += torch.tensor([float(loss) * batch.num_pairs, batch.num_pairs])
         self.model.train(was_training)
+        total, n = self.dist.all_reduce_sum(sums).tolist()
         metrics = {f"{metric_key_prefix}_loss": total / max(n, 1)}
         metrics.update(self._metrics.pop("eval"))
         runtime = time.perf_counter() - start
@@ -342,7 +475,8 @@ class DPOTrainer:
             logs = {**logs, "epoch": self.state.epoch}
         entry = {**logs, "step": self.state.global_step}
         self.state.log_history.append(entry)
-        self._writer().write(self.state.global_step, logs)
+        if self.dist.is_main:  # every rank keeps the (all-rank) history; rank 0 writes it
+            self._writer().write(self.state.global_step, logs)
         self._fire("on_log", logs=logs)
 
     def _writer(self) -> MetricsWriter:
@@ -396,6 +530,10 @@ class DPOTrainer:
     def save_model(self, output_dir: str | None = None) -> Path:
         """Weights (safetensors, HF layout) and tokenizer, written atomically."""
         out = Path(output_dir or self.args.output_dir)
+        if self._sharded:  # gather the shards; rank 0 writes the consolidated HF layout
+            from csd_fast.distributed.checkpoint import export_hf
+
+            return export_hf(self.model, out, env=self.dist, tokenizer=self.processing_class)
         model = (
             unwrap_causal_lm(self.model) if not hasattr(self.model, "peft_config") else self.model
         )
@@ -413,12 +551,6 @@ class DPOTrainer:
 
     def plot(self) -> Path | None:
         return plot_curves(self.args.output_dir)
-
-
-def _device(args) -> torch.device:
-    if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _fused_loss_type(args, params) -> str | None:

@@ -9,6 +9,7 @@ Issue #15 findings 3, 4, 6 (checkpoint files), 9 (train_loss) and 10.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -195,3 +196,26 @@ def test_rng_state_round_trips_through_safe_loading(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
     got = (random.random(), np.random.rand(), torch.rand(1))
     assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
+
+
+def test_dcp_metadata_that_would_run_code_is_refused(tmp_path):
+    """DCP reads `.metadata` with plain pickle: it is checked with an allow-list first."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    from csd_fast.resume import check_dcp_metadata
+
+    model = torch.nn.Linear(3, 2)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "dcp"))
+    check_dcp_metadata(tmp_path / "dcp" / ".metadata")  # DCP's own metadata passes
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.metadata"
+    evil.write_bytes(pickle.dumps({"metadata": Payload()}))
+    with pytest.raises(CheckpointError, match="system is not allowed"):
+        check_dcp_metadata(evil)
+    assert not (tmp_path / "pwned").exists()

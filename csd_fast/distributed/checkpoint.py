@@ -1,0 +1,194 @@
+"""Sharded checkpoints with `torch.distributed.checkpoint` (DCP), and the consolidated export.
+
+    output_dir/checkpoint-<step>/
+        dcp/                      DCP shards (*.distcp) + .metadata: model and optimizer state
+                                  by parameter name, so any world size can load them
+        rng_state_<rank>.pth      each rank's generators
+        scheduler.pt, trainer_state.json, training_config.json, config.json, tokenizer files
+        manifest.json             size + sha256 of every file above, all ranks' shards included
+
+Every rank writes its shards into `.checkpoint-<step>.tmp-dcp/`; after a barrier rank 0 writes
+the small files, fsyncs and renames the directory into place. A kill -9 at any point before the
+rename leaves only the hidden directory, which `list_checkpoints` never returns and the next save
+removes. Resume on another world size: DCP reshards the named tensors on load (a single process
+loads them into plain tensors); the count-based data plan of W ranks x b pairs matches 1 rank x
+W*b, so the position `micro_in_epoch` carries over.
+
+`export_hf` gathers the full weights (one tensor at a time) and rank 0 writes the HF
+`save_pretrained` layout (safetensors + config + tokenizer) that `from_pretrained` and vLLM load;
+`csd export CKPT OUT` does the same offline from a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from csd_fast import checkpoint as ckpt
+from csd_fast.distributed.env import DistEnv
+from csd_fast.manifest import write_manifest
+from csd_fast.resume import check_dcp_metadata, load_state_file
+
+DCP_DIR = "dcp"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / DCP_DIR / ".metadata").exists()
+
+
+def _state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def save_sharded(
+    path: Path,
+    *,
+    env: DistEnv,
+    model,
+    optimizer,
+    scheduler,
+    progress: ckpt.TrainProgress,
+    tokenizer=None,
+    config: dict | None = None,
+) -> Path:
+    """Write a DCP checkpoint from every rank; atomic by a final rename on rank 0."""
+    import torch.distributed.checkpoint as dcp
+
+    from csd_fast.forward import unwrap_causal_lm
+
+    final = Path(path)
+    tmp = final.parent / f".{final.name}.tmp-dcp"
+    if env.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    env.barrier()
+    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
+    torch.save(ckpt.rng_state(), tmp / f"rng_state_{env.rank}.pth")
+    env.barrier()  # every rank's shards are on disk before rank 0 publishes
+    if env.is_main:
+        if scheduler is not None:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        lm = unwrap_causal_lm(model)
+        lm.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if config is not None:
+            ckpt.write_json_atomically(tmp / "training_config.json", config)
+        ckpt.write_json_atomically(tmp / ckpt.STATE_FILE, asdict(progress))
+        required = [ckpt.STATE_FILE, f"{DCP_DIR}/.metadata", "rng_state_0.pth"]
+        required += ["scheduler.pt"] if scheduler is not None else []
+        write_manifest(tmp, required=tuple(required))  # every rank's shard files included
+        ckpt.publish_dir(tmp, final)
+    env.barrier()
+    return final
+
+
+def load_sharded(path: Path, *, env: DistEnv, model, optimizer, scheduler) -> ckpt.TrainProgress:
+    """Restore weights, optimizer, schedule and RNG from a DCP checkpoint, any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    check_dcp_metadata(path / DCP_DIR / ".metadata")  # DCP unpickles it without restriction
+    state = _state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    if scheduler is not None:  # a missing one is refused, never started fresh
+        scheduler.load_state_dict(load_state_file(path / "scheduler.pt"))
+    rng = path / f"rng_state_{env.rank}.pth"
+    if not rng.exists():  # more ranks than when saved: rank 0's generators
+        rng = path / "rng_state_0.pth"
+    ckpt.set_rng_state(load_state_file(rng))
+    return ckpt.load_progress(path)
+
+
+def load_sharded_weights(path: Path, model) -> None:
+    """Only the weights of a DCP checkpoint (load_best_model_at_end, export)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    check_dcp_metadata(Path(path) / DCP_DIR / ".metadata")
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
+    set_model_state_dict(model, state["model"])
+
+
+def export_hf(model, out: Path, *, env: DistEnv, tokenizer=None) -> Path:
+    """Consolidated HF layout of a (possibly sharded) model, written by rank 0 atomically.
+
+    A PEFT model is written as its adapter (`adapter_model.safetensors`), as `save_pretrained`
+    of a PeftModel does; a plain model as full safetensors weights."""
+    from csd_fast.distributed.fsdp import full_state_dict
+    from csd_fast.forward import unwrap_causal_lm
+
+    target = model if hasattr(model, "peft_config") else unwrap_causal_lm(model)
+    full = full_state_dict(target, keep=env.is_main)  # every rank takes part in the gathers
+    out = Path(out)
+    if env.is_main:
+
+        def write(tmp: Path) -> None:
+            target.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+        if out.is_dir() and any(out.iterdir()):
+            write(out)  # a directory that holds more (output_dir): each file atomic, in place
+        else:
+            ckpt.write_dir_atomically(out, write)
+    env.barrier()
+    return out
+
+
+def export_checkpoint(checkpoint: Path, out: Path, dtype: str | None = None) -> Path:
+    """`csd export`: a DCP (or HF-layout) training checkpoint -> consolidated HF model dir."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / "config.json").exists():
+        raise FileNotFoundError(f"{checkpoint}: no config.json (not a csd-fast checkpoint)")
+    config = AutoConfig.from_pretrained(checkpoint)
+    torch_dtype = getattr(torch, dtype) if dtype else torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.to_empty(device="cpu")
+    if is_sharded_checkpoint(checkpoint):
+        _check_not_peft(checkpoint)
+        load_sharded_weights(checkpoint, model)
+    else:
+        ckpt.load_weights(model, checkpoint)
+    model.tie_weights()
+    tokenizer = None
+    if (checkpoint / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return export_hf(model, out, env=DistEnv(), tokenizer=tokenizer)
+
+
+def _check_not_peft(checkpoint: Path) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(checkpoint / DCP_DIR)).read_metadata().state_dict_metadata
+    if any("lora_" in k for k in keys):
+        raise NotImplementedError(
+            f"{checkpoint} holds LoRA adapters: export it from the run (final/ is written by "
+            "`csd train`), `csd export` reads full-model checkpoints"
+        )

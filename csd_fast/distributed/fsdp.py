@@ -1,0 +1,143 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) wrapping of the policy and the live reference.
+
+    scorer = shard_model(PairScorer(model), env, FsdpOptions.from_args(args, env))
+
+Units, innermost first (what torchtitan and torchtune do for decoder LMs):
+  1. every decoder layer (the classes the model lists in `_no_split_modules`);
+  2. the output head when it is not tied to the input embeddings: its forward is the log-prob
+     kernel (`csd_fast.forward.LogprobHead`), so the (V, H) weight is gathered once per call;
+  3. the `PairScorer` root: embeddings, final norm, a tied head, anything left.
+Mixed precision is bf16 parameters and compute with fp32 gradient reduce-scatter by default
+(`fsdp_config={"param_dtype": ..., "reduce_dtype": ...}`), CPU offload with
+`fsdp_config={"cpu_offload": true}`. Frozen parameters (LoRA, attention-only training, the
+reference) shard like the rest; FSDP2 keeps them out of the gradient reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from csd_fast.distributed.env import DistEnv
+
+FSDP_CONFIG_KEYS = {
+    "cpu_offload": "offload parameters, gradients and optimizer state to CPU memory",
+    "reshard_after_forward": "free gathered layer weights after forward (ZeRO-3; default true)",
+    "param_dtype": "compute dtype of gathered parameters (default bfloat16 with bf16 on GPU)",
+    "reduce_dtype": "gradient reduce-scatter dtype (default float32)",
+    "activation_checkpointing": "same as gradient_checkpointing",
+}
+
+
+@dataclass(frozen=True)
+class FsdpOptions:
+    param_dtype: torch.dtype | None = None  # None: the parameters' own dtype
+    reduce_dtype: torch.dtype | None = torch.float32
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+    @classmethod
+    def from_args(cls, args, env: DistEnv) -> FsdpOptions:
+        cfg = dict(getattr(args, "fsdp_config", None) or {})
+        unknown = sorted(set(cfg) - set(FSDP_CONFIG_KEYS))
+        if unknown:
+            known = ", ".join(sorted(FSDP_CONFIG_KEYS))
+            raise ValueError(f"fsdp_config: unknown key(s) {unknown}; known: {known}")
+        # bf16 compute on accelerators as autocast would give; CPU runs keep the weights' dtype
+        default_param = torch.bfloat16 if args.bf16 and env.device.type == "cuda" else None
+        return cls(
+            param_dtype=_dtype(cfg.get("param_dtype"), default_param),
+            reduce_dtype=_dtype(cfg.get("reduce_dtype"), torch.float32),
+            cpu_offload=bool(cfg.get("cpu_offload", False)),
+            reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
+        )
+
+
+def _dtype(value, default: torch.dtype | None) -> torch.dtype | None:
+    if value is None:
+        return default
+    if isinstance(value, torch.dtype):
+        return value
+    name = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}.get(value, value)
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"fsdp_config: {value!r} is not a torch dtype")
+    return dtype
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks, by the classes HF lists as never to be split across devices."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:  # no declaration: the longest ModuleList is the layer stack
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+        layers = list(max(lists, key=len)) if lists else []
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
+    return layers
+
+
+def head_is_tied(lm: nn.Module) -> bool:
+    head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
+    weight = getattr(getattr(head, "base_layer", head), "weight", None)
+    return weight is not None and weight is getattr(embed, "weight", None)
+
+
+def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module:
+    """fully_shard the layers, the untied head and the scorer root, in place; returns the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
+
+    from csd_fast.forward import install_logprob_head, unwrap_causal_lm
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype
+        ),
+        "offload_policy": CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy(),
+    }
+    model = scorer.model
+    lm = unwrap_causal_lm(model)
+    head = install_logprob_head(model)  # before fully_shard swaps the class once more
+    for layer in decoder_layers(lm):
+        fully_shard(layer, reshard_after_forward=opts.reshard_after_forward, **kwargs)
+    if not head_is_tied(lm):
+        fully_shard(head, reshard_after_forward=opts.reshard_after_forward, **kwargs)
+    # the root's weights are needed again right away in backward: keep them gathered
+    fully_shard(scorer, reshard_after_forward=False, **kwargs)
+    return scorer
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective: every rank must call it in order)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state_dict(model: nn.Module, *, to_cpu: bool = True, keep: bool = True) -> dict:
+    """name -> full tensor on every rank (or on none when keep=False, for a rank that only
+    takes part in the gathers); one tensor at a time so peak memory is one full weight."""
+    out = {}
+    for name, t in model.state_dict().items():
+        full = full_tensor(t.detach())
+        if keep:
+            out[name] = full.cpu() if to_cpu else full
+    return out
