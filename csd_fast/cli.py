@@ -46,7 +46,7 @@ SCRIPT_OPTIONS = {
     "resume": (
         str,
         None,
-        "resume: a checkpoint directory, or no value for the latest in output_dir",
+        "resume: a checkpoint directory, or no value for the newest complete one in output_dir",
     ),
 }
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="csd-train",
         description="DPO / CLO preference training (TRL-compatible options).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="A user error (bad option, missing or corrupt file, used or locked output_dir) is "
+        "one line on stderr and exit code 2; --debug shows its traceback instead.",
     )
     parser.add_argument("--config", help="YAML recipe; flags given on the command line override it")
     script = parser.add_argument_group("script")
