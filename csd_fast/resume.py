@@ -54,11 +54,11 @@ RUN_NEUTRAL = frozenset(
 )
 
 
-class CheckpointError(UserError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed from: incomplete, corrupt, unsafe or missing state."""
 
 
-class ResumeMismatch(UserError):
+class ResumeMismatch(UserError, ValueError):
     """The new configuration differs from the checkpoint's in a way that changes the run."""
 
 
