@@ -31,7 +31,7 @@ def report(tmp_path_factory):
         [sys.executable, str(HERE / "fault_worker.py"), str(work), *map(str, SEEDS)],
         capture_output=True,
         text=True,
-        timeout=540,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((work / "report.json").read_text())
