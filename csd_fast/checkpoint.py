@@ -34,7 +34,7 @@ import torch
 from csd_fast.errors import corrupt_file
 from csd_fast.manifest import write_manifest
 from csd_fast.resume import CheckpointError, load_state_file
-from csd_fast.rundir import apply_umask
+from csd_fast.rundir import apply_umask_tree
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -100,8 +100,8 @@ def write_dir_atomically(final: Path, write) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        apply_umask(tmp)  # mkdtemp's 0700 would survive the rename
         write(tmp)
+        apply_umask_tree(tmp)  # mkdtemp's 0700, safetensors' 0600 would survive the rename
         publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,8 +20,9 @@ API (for every long job: training, sampling, scoring, sweeps, the loop):
     results first, after the lock is held; files the job does not own are never touched).
   * `write_text_atomically(path, text)` / `write_bytes_atomically`: temp file in the same
     directory, fsync, rename; the file gets the mode the umask gives (never mkstemp's 0600).
-  * `umask()` and `apply_umask(path)`: `tempfile.mkdtemp` makes 0700 directories; a directory
-    renamed into place from one gets the mode a plain `mkdir` would have given.
+  * `umask()`, `apply_umask(path)`, `apply_umask_tree(root)`: `tempfile.mkdtemp` makes 0700
+    directories and some writers 0600 files; what is renamed into place gets the modes a plain
+    `mkdir`/`open` would have given.
 
 flock is advisory: it protects csd-fast jobs from each other, not from `rm`. On NFS it needs a
 lock daemon (Linux NFSv4 maps flock to byte-range locks, which work across clients).
@@ -276,6 +277,17 @@ def umask() -> int:
 def apply_umask(path: str | os.PathLike, *, directory: bool = True) -> None:
     """Give `path` the mode a plain mkdir/open would have (mkdtemp/mkstemp use 0700/0600)."""
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def apply_umask_tree(root: str | os.PathLike) -> None:
+    """`apply_umask` on `root` and everything below it (transformers 5 writes model.safetensors
+    through a 0600 temp file; a checkpoint's readers need the mode the umask promises)."""
+    apply_umask(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            apply_umask(os.path.join(dirpath, d))
+        for f in filenames:
+            apply_umask(os.path.join(dirpath, f), directory=False)
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:

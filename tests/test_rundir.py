@@ -112,15 +112,16 @@ def test_a_fresh_or_config_only_directory_is_not_used(tmp_path):
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_atomic_files_and_checkpoints_follow_the_umask(tmp_path, mask):
-    import torch
 
     from csd_fast.checkpoint import TrainProgress, save_checkpoint
 
     old = os.umask(mask)
     try:
         write_text_atomically(tmp_path / "config.yaml", "a: 1\n")
-        model = torch.nn.Linear(2, 2)
-        model.save_pretrained = lambda d, **_: torch.save(model.state_dict(), Path(d) / "w.pt")
+        from data_helpers import tiny_tokenizer
+        from test_trainer import tiny_model
+
+        model = tiny_model(tiny_tokenizer())  # the real save_pretrained (0600 safetensors)
         ckpt = save_checkpoint(
             tmp_path / "checkpoint-1",
             model=model,

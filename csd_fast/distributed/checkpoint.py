@@ -31,6 +31,7 @@ from csd_fast import checkpoint as ckpt
 from csd_fast.distributed.env import DistEnv
 from csd_fast.manifest import write_manifest
 from csd_fast.resume import check_dcp_metadata, load_state_file
+from csd_fast.rundir import apply_umask_tree
 
 DCP_DIR = "dcp"
 
@@ -91,6 +92,7 @@ def save_sharded(
         required = [ckpt.STATE_FILE, f"{DCP_DIR}/.metadata", "rng_state_0.pth"]
         required += ["scheduler.pt"] if scheduler is not None else []
         write_manifest(tmp, required=tuple(required))  # every rank's shard files included
+        apply_umask_tree(tmp)
         ckpt.publish_dir(tmp, final)
     env.barrier()
     return final
