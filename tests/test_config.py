@@ -30,7 +30,7 @@ INTENDED = {
 OURS_ONLY = {
     "warmup_ratio", "logging_dir", "overwrite_output_dir",  # transformers < 5 names, accepted
     "fused", "prefix_sharing", "ref_cache_dir", "max_tokens_per_batch", "trainable_params",
-    "on_bad_row", "min_lr", "clo_lambda", "dataset_cache_dir",
+    "on_bad_row", "min_lr", "clo_lambda", "dataset_cache_dir", "resume_with_changes",
 }  # fmt: skip
 
 
