@@ -61,7 +61,21 @@ def goals(rows: list[dict]) -> list[str]:
                     out.append(
                         f"{scen} {r['provider']} / trl pairs/s: {ratio:.2f}x (goal >= 3x CPU)"
                     )
+    # the sampling harness (#9): overhead over bare vLLM, packed vs padded reward scoring
+    for name, ours, base, metric, goal in (
+        ("sample", "harness", "bare", "samples_per_s", ">= 0.95x"),
+        ("reward_score", "packed", "padded", "tokens_per_s", ">= 2x"),
+    ):
+        for shape in dict.fromkeys(r["shape"] for r in rows if r["op_or_scenario"] == name):
+            a = val(name, ours, rows_mode(rows, name), metric, shape)
+            b = val(name, base, rows_mode(rows, name), metric, shape)
+            if a and b:
+                out.append(f"{name} {ours}/{base} {metric} {shape}: {a / b:.2f}x (goal {goal})")
     return out
+
+
+def rows_mode(rows: list[dict], name: str) -> str | None:
+    return next((r["mode"] for r in rows if r["op_or_scenario"] == name), None)
 
 
 def run(args) -> int:

@@ -16,6 +16,12 @@ import sys
 # name -> ("module:function", one-line help). Parts register themselves here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("csd_fast.cli:main", "DPO / CLO training (also `csd-train`)"),
+    "cache": ("csd_fast.cache_cli:main", "reference store: ls | inspect | verify | rm DIR"),
+    "sweep": ("csd_fast.pipeline.sweep:main", "grid of training runs sharing data and reference"),
+    "sample": ("csd_fast.sampling.sample:main", "K responses per prompt (vLLM or transformers)"),
+    "score": ("csd_fast.sampling.score:main", "reward-model scores of samples (raw logits)"),
+    "translate": ("csd_fast.sampling.translate:main", "translate prompts (and responses)"),
+    "pairs": ("csd_fast.pairs.cli:main", "preference pairs from scored samples"),
 }
 
 

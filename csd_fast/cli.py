@@ -48,6 +48,11 @@ SCRIPT_OPTIONS = {
         None,
         "resume: a checkpoint directory, or no value for the newest complete one in output_dir",
     ),
+    "prepare_only": (
+        bool,
+        False,
+        "tokenize and precompute the reference store, then exit (a sweep's prepare job)",
+    ),
 }
 
 ALIASES = {
@@ -95,12 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         "one line on stderr and exit code 2; --debug shows its traceback instead.",
     )
     parser.add_argument("--config", help="YAML recipe; flags given on the command line override it")
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="run a grid instead of one run (as `csd sweep --grid`; see csd sweep --help)",
+    )
     script = parser.add_argument_group("script")
     for name, (tp, default, help_) in SCRIPT_OPTIONS.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         flags += ALIASES.get(name, [])
         if name == "resume":
             script.add_argument(*flags, dest=name, nargs="?", const=True, default=None, help=help_)
+        elif tp is bool:
+            script.add_argument(*flags, dest=name, action="store_true", help=help_)
         else:
             script.add_argument(*flags, dest=name, type=tp, default=default, help=help_)
     train = parser.add_argument_group("training (DPOConfig)")
@@ -126,6 +139,7 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
     from csd_fast.validation import coerce_fields
 
     ns = vars(build_parser().parse_args(argv))
+    ns.pop("sweep")
     config_path = ns.pop("config")
     script = {k: ns.pop(k) for k in SCRIPT_OPTIONS}
     recipe = {}
@@ -188,6 +202,8 @@ def _checked_config(script: dict, kwargs: dict):
     has_eval = bool(script["eval_dataset_name"]) or script["demo"]
     if has_eval and "eval_strategy" not in kwargs:
         kwargs["eval_strategy"] = "steps"  # an eval set given without a strategy: evaluate
+    # the command line stops on a fully truncated row unless told to drop it (TRL's API drops)
+    kwargs.setdefault("on_fully_truncated", "error")
     try:
         args = DPOConfig(**kwargs)
     except (ValueError, TypeError) as e:
@@ -211,6 +227,11 @@ def _train(argv: list[str]) -> int:
     from csd_fast.resume import check_resume, read_record, select_checkpoint
     from csd_fast.rundir import claim_output_dir, write_text_atomically
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--sweep" or a.startswith("--sweep=") for a in argv):
+        from csd_fast.pipeline.sweep import main as sweep_main  # only when asked: no engine dep
+
+        return sweep_main(_sweep_argv(argv))
     script, kwargs = resolve(argv)
     args = _checked_config(script, kwargs)
     output_dir = Path(args.output_dir)
@@ -277,6 +298,9 @@ def _run(DPOTrainer, script: dict, args, checkpoint, output_dir: Path) -> int:
                 f"{' (from the tokenization cache)' if pairs.from_cache else ''}; see "
                 f"{output_dir / f'rejected_rows_{name}.jsonl'}"
             )
+    if script["prepare_only"]:  # the data, plans and reference store are now on disk
+        print(f"[csd-train] prepared: {len(trainer.train_pairs)} training pairs")
+        return 0
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(output_dir / "final"))
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
@@ -291,6 +315,19 @@ def _run(DPOTrainer, script: dict, args, checkpoint, output_dir: Path) -> int:
     if png:
         print(f"[csd-train] curves: {png}")
     return 0
+
+
+def _sweep_argv(argv: list[str]) -> list[str]:
+    """`csd train ... --sweep k=v1,v2` -> `csd sweep ... --grid k=v1,v2`."""
+    out, it = [], iter(argv)
+    for a in it:
+        if a == "--sweep":
+            out += ["--grid", next(it, "")]
+        elif a.startswith("--sweep="):
+            out += ["--grid", a.split("=", 1)[1]]
+        else:
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

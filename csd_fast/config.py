@@ -57,10 +57,17 @@ def _f(default: Any = None, help: str = "", **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+# Fields made by `_no`; their names become UNSUPPORTED_FIELDS once the class exists. The marker
+# lives here, not in the field metadata: HfArgumentParser (TRL's TrlParser) passes every metadata
+# key to argparse's add_argument, which accepts only its own keywords (help, choices, ...).
+_UNSUPPORTED: list = []
+
+
 def _no(default: Any = None, help: str = "") -> Any:
     """An inherited field we accept only at its default (anything else: NotImplementedError)."""
-    return _f(default, f"{help} Not supported by csd-fast: only the default is accepted.".strip(),
-              unsupported=True)  # fmt: skip
+    f = _f(default, f"{help} Not supported by csd-fast: only the default is accepted.".strip())
+    _UNSUPPORTED.append(f)
+    return f
 
 
 @dataclass
@@ -118,7 +125,7 @@ class DPOConfig:
     logging_dir: str | None = _f(
         None, "TensorBoard directory (older name); output_dir/runs if None."
     )
-    report_to: str | list[str] | None = _f("none", "'none', 'tensorboard', 'wandb' or a list.")
+    report_to: None | str | list[str] = _f("none", "'none', 'tensorboard', 'wandb' or a list.")
     run_name: str | None = _f(None, "Run name for W&B / TensorBoard.")
     disable_tqdm: bool | None = _f(None, "Hide the progress bar.")
     eval_strategy: str = _f("no", "When to evaluate: 'no', 'steps' or 'epoch'.")
@@ -152,7 +159,7 @@ class DPOConfig:
     project: str = _f("huggingface", "Accepted; no effect (Trackio).")
     trackio_space_id: str | None = _f(None, "Accepted; no effect.")
     trackio_bucket_id: str | None = _f(None, "Accepted; no effect.")
-    trackio_static_space_id: str | bool | None = _f(None, "Accepted; no effect.")
+    trackio_static_space_id: str | None = _f(None, "Accepted; no effect.")
     prediction_loss_only: bool = _f(False, "Accepted; no effect.")
     eval_do_concat_batches: bool = _f(True, "Accepted; no effect.")
     eval_use_gather_object: bool = _f(False, "Accepted; no effect.")
@@ -170,35 +177,39 @@ class DPOConfig:
     ddp_static_graph: bool | None = _f(None, "Accepted; no effect.")
     ddp_backend: str | None = _f(None, "Accepted; no effect.")
     ddp_timeout: int = _f(1800, "Accepted; no effect.")
-    hub_token: str | None = _f(None, "Accepted; no effect (push_to_hub is unsupported).")
-    hub_private_repo: bool | None = _f(None, "Accepted; no effect.")
-    hub_model_id: str | None = _f(None, "Accepted; no effect.")
-    hub_strategy: str = _f("every_save", "Accepted; no effect.")
+    hub_token: str | None = _f(None, "Hub token for push_to_hub (default: the logged-in one).")
+    hub_private_repo: bool | None = _f(None, "Create the Hub repo private.")
+    hub_model_id: str | None = _f(None, "Hub repo id; default: the output_dir's name.")
+    hub_strategy: str = _f("every_save", "Accepted; csd-fast pushes once, when asked.")
     hub_always_push: bool = _f(False, "Accepted; no effect.")
-    hub_revision: str | None = _f(None, "Accepted; no effect.")
+    hub_revision: str | None = _f(None, "Hub branch to push to.")
     # ---- inherited, not supported (default only) -----------------------------------------
     optim_args: str | None = _no(None, "Extra optimizer arguments.")
-    optim_target_modules: str | list[str] | None = _no(None, "GaLore/APOLLO target modules.")
+    optim_target_modules: None | str | list[str] = _no(None, "GaLore/APOLLO target modules.")
     label_smoothing_factor: float = _no(0.0, "HF label smoother (DPO has label_smoothing).")
     bf16_full_eval: bool = _no(False, "Evaluate fully in bf16.")
     fp16_full_eval: bool = _no(False, "Evaluate fully in fp16.")
-    torch_compile: bool = _no(False, "torch.compile the model.")
-    torch_compile_backend: str | None = _no(None, "torch.compile backend.")
-    torch_compile_mode: str | None = _no(None, "torch.compile mode.")
-    use_liger_kernel: bool = _no(False, "Patch the model with Liger kernels (use `fused`).")
-    liger_kernel_config: dict | None = _no(None, "Liger kernel options.")
+    torch_compile: bool = _f(False, "torch.compile the policy (and a live reference model).")
+    torch_compile_backend: str | None = _f(None, "torch.compile backend (default: inductor).")
+    torch_compile_mode: str | None = _f(None, "torch.compile mode (e.g. 'max-autotune').")
+    use_liger_kernel: bool = _f(
+        False, "Liger's layer kernels (RMSNorm, RoPE, SwiGLU) on GPU; the LM head stays ours."
+    )
+    liger_kernel_config: dict | None = _f(None, "Liger kernel options (as TRL: no fused CE).")
     neftune_noise_alpha: float | None = _no(None, "NEFTune embedding noise.")
     auto_find_batch_size: bool = _no(False, "Search a batch size that fits.")
     eval_delay: float = _no(0, "Steps/epochs before the first evaluation.")
     eval_on_start: bool = _no(False, "Evaluate before training.")
     enable_jit_checkpoint: bool = _no(False, "Checkpoint on SIGTERM.")
-    push_to_hub: bool = _no(False, "Push checkpoints to the Hugging Face Hub.")
+    push_to_hub: bool = _f(
+        False, "Push the model to the Hub at the end (`trainer.push_to_hub()`; TRL's scripts)."
+    )
     ignore_data_skip: bool = _no(False, "Do not fast-forward data on resume.")
     restore_callback_states_from_checkpoint: bool = _no(False, "Restore callback states.")
     full_determinism: bool = _no(False, "Deterministic algorithms for distributed runs.")
     accelerator_config: dict | str | None = _no(None, "accelerate options.")
     parallelism_config: Any = _no(None, "accelerate ParallelismConfig.")
-    fsdp: str | bool | None = _no(None, "FSDP via accelerate.")
+    fsdp: str | None = _no(None, "FSDP via accelerate.")
     fsdp_config: dict | str | None = _no(None, "FSDP options.")
     deepspeed: dict | str | None = _no(None, "DeepSpeed config.")
     debug: str | list[str] = _no("", "transformers debug options.")
@@ -208,7 +219,9 @@ class DPOConfig:
         None, "Keyword arguments for from_pretrained when `model` is a path (e.g. dtype)."
     )
     trust_remote_code: bool = _f(False, "Allow models/tokenizers with custom code.")
-    router_aux_loss_coef: float | None = _no(None, "MoE load-balancing loss coefficient.")
+    router_aux_loss_coef: float | None = _f(
+        None, "MoE load-balancing loss coefficient; None: the model config's own (0 if none)."
+    )
     disable_dropout: bool = _f(True, "Disable dropout in the policy and reference models.")
     # ---- TRL DPOConfig: data -----------------------------------------------------------------
     dataset_num_proc: int | None = _f(None, "Accepted; tokenization runs in one process.")
@@ -242,7 +255,7 @@ class DPOConfig:
     use_weighting: bool = _f(False, "WPO weighting of pairs by length-normalized policy prob.")
     discopop_tau: float = _f(0.05, "DiscoPOP temperature.")
     activation_offloading: bool = _no(False, "Offload activations to the CPU.")
-    sync_ref_model: bool = _no(False, "TR-DPO: mix the policy into the reference periodically.")
+    sync_ref_model: bool = _f(False, "TR-DPO: mix the policy into the reference periodically.")
     ref_model_mixup_alpha: float = _f(0.6, "TR-DPO alpha (needs sync_ref_model).")
     ref_model_sync_steps: int = _f(512, "TR-DPO period (needs sync_ref_model).")
     pad_token: str | None = _f(None, "Deprecated in TRL: set tokenizer.pad_token instead.")
@@ -252,7 +265,16 @@ class DPOConfig:
     prefix_sharing: bool = _f(
         False, "Pack [prompt, chosen, rejected] once per pair (prompt computed once)."
     )
-    ref_cache_dir: str | None = _f(None, "Persistent cache of reference log-probs (reused runs).")
+    ref_cache_dir: str | None = _f(
+        None, "Sharded on-disk store of reference log-probs, shared by runs and sweeps."
+    )
+    ref_cache_strict: bool = _f(
+        False, "Error (naming what differs) instead of computing a missing reference table."
+    )
+    ref_cache_shard_size: int = _f(4096, "Pairs per reference-store shard (the unit of resume).")
+    plan_cache_dir: str | None = _f(
+        None, "On-disk cache of token-budget epoch plans (shared by the runs of a sweep)."
+    )
     max_tokens_per_batch: int | None = _f(
         None, "Token budget per packed micro-batch (padding_free/prefix_sharing)."
     )
@@ -262,6 +284,14 @@ class DPOConfig:
     on_bad_row: str = _f("error", "Bad dataset row: 'error' stops, 'skip' skips and records it.")
     min_lr: float | None = _f(None, "Floor of the cosine schedule (cosine_with_min_lr).")
     clo_lambda: float = _f(0.5, "CLO: weight of the NLL term on the target language.")
+    stream_buffer_size: int = _f(
+        1024, "Streams with max_tokens_per_batch: pairs read ahead and planned together."
+    )
+    on_fully_truncated: str | None = _f(
+        None,
+        "Rows whose prompt alone fills max_length: 'drop' (TRL's way, with a warning and the "
+        "rejects file) or 'error'. None: 'drop' in the Python API, 'error' in csd train.",
+    )
     dataset_cache_dir: str | None = _f(
         "auto",
         "Tokenized-pairs cache: 'auto' ($CSD_FAST_CACHE/pairs or ~/.cache/csd_fast/pairs), a "
@@ -290,6 +320,10 @@ class DPOConfig:
             "",
         ):
             self.dataset_cache_dir = None
+        if self.ref_cache_strict and not self.ref_cache_dir:
+            raise ValueError("ref_cache_strict needs ref_cache_dir (the store it must read)")
+        if self.ref_cache_shard_size < 1:
+            raise ValueError(f"ref_cache_shard_size must be >= 1, got {self.ref_cache_shard_size}")
         if self.output_dir is None:
             self.output_dir = "trainer_output"  # transformers 5's default
         # TRL's rule: bf16 unless fp16 was asked for.
@@ -336,7 +370,7 @@ class DPOConfig:
     # -- validation helpers ----------------------------------------------------------------
     def _check_unsupported(self) -> None:
         for f in dataclasses.fields(self):
-            if not f.metadata.get("unsupported"):
+            if f.name not in UNSUPPORTED_FIELDS:
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             value = getattr(self, f.name)
@@ -355,6 +389,7 @@ class DPOConfig:
             "save_strategy": (*STRATEGIES, "best"),
             "truncation_mode": ("keep_start", "keep_end"),
             "on_bad_row": ("error", "skip"),
+            "on_fully_truncated": (None, "drop", "error"),
         }
         for name, allowed in checks.items():
             value = getattr(self, name)
@@ -491,3 +526,6 @@ class DPOConfig:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             out.append((f.name, f.type, default, f.metadata.get("help", "")))
         return out
+
+
+UNSUPPORTED_FIELDS = frozenset(f.name for f in _UNSUPPORTED)

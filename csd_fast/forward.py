@@ -86,6 +86,8 @@ class ForwardOutput:
     entropy: Tensor | None = None  # (N,) no grad
     mean_logit: Tensor | None = None  # (N,)
     is_top1: Tensor | None = None  # (N,) bool
+    log_sum_sq_probs: Tensor | None = None  # (N,) log sum_v p_v^2, no grad (WPO weights)
+    aux_loss: Tensor | None = None  # () MoE router load-balancing loss (router_aux_loss_coef)
 
 
 def head_impl_for(fused: bool) -> str:
@@ -114,7 +116,14 @@ class LogprobHead:
             return super().forward(hidden)
         from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
 
+        extras = kernel_kwargs.pop("extras", None)  # see _score_tokens
         hidden, weight, bias = self.operands(hidden)
+        if extras is not None and "log_sum_sq_probs" in extras:
+            # here, inside the head's forward, the weight is whole even when FSDP shards it
+            extras["log_sum_sq_probs"] = log_sum_sq_probs(
+                hidden.detach(), weight, bias, self.logit_scale, self.softcap,
+                kernel_kwargs.get("temperature", 1.0),
+            )  # fmt: skip
         # reference passes (no grad) take the forward-only kernel: no autograd state is kept
         head = fused_linear_logprob if torch.is_grad_enabled() else linear_logprob_inference
         return head(
@@ -183,15 +192,26 @@ class PairScorer(nn.Module):
         install_logprob_head(model)
 
     def forward(
-        self, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
-        return _score_tokens(self.model, batch, head_impl, with_stats, temperature)
+        self, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float,
+        extras: dict | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:  # fmt: skip
+        return _score_tokens(self.model, batch, head_impl, with_stats, temperature, extras)
 
 
-def _score_tokens(model, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float):
+def _score_tokens(
+    model, batch: PairBatch, head_impl: str, with_stats: bool, temperature: float,
+    extras: dict | None = None,
+):  # fmt: skip
+    """`extras` (a dict, filled in place) asks for outputs the common path does not compute:
+    key "aux_loss" -> the MoE router loss, "log_sum_sq_probs" -> (N,) per-token log sum p^2."""
     kwargs = dict(batch.model_kwargs)
+    want_aux = extras is not None and "aux_loss" in extras
+    if want_aux:
+        kwargs["output_router_logits"] = True
     out = backbone(model)(**kwargs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if want_aux:
+        extras["aux_loss"] = router_aux_loss(model, out.router_logits, batch)
     hidden = hidden.flatten(0, 1).index_select(0, batch.token_index)  # (N, H)
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
@@ -205,6 +225,7 @@ def _score_tokens(model, batch: PairBatch, head_impl: str, with_stats: bool, tem
         temperature=temperature,
         return_stats=with_stats,
         impl=head_impl,
+        **({"extras": extras} if extras else {}),
     )
     if with_stats:
         logps, stats = result
@@ -219,15 +240,60 @@ def token_logps_and_stats(
     head_impl: str = "eager",
     with_stats: bool = True,
     temperature: float = 1.0,
+    extras: dict | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """Run the backbone over the batch rows and score the completion tokens through the head.
 
     `model` is a `PairScorer` (sharded or not) or a bare causal LM (its head is then given the
-    `LogprobHead` forward on first use)."""
+    `LogprobHead` forward on first use). `extras`: see `_score_tokens`."""
     if isinstance(model, PairScorer):
-        return model(batch, head_impl, with_stats, temperature)
+        return model(batch, head_impl, with_stats, temperature, extras)
     install_logprob_head(model)
-    return _score_tokens(model, batch, head_impl, with_stats, temperature)
+    return _score_tokens(model, batch, head_impl, with_stats, temperature, extras)
+
+
+def router_aux_loss(model: nn.Module, router_logits, batch: PairBatch) -> Tensor:
+    """The load-balancing loss a transformers MoE causal LM adds (its own module's function).
+
+    Padded rows pass their 2-D attention mask, as the model's forward does; packed rows hold no
+    padding, so every token counts and no mask is needed.
+    """
+    import sys
+
+    lm = unwrap_causal_lm(model)
+    fn = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)
+    if fn is None or router_logits is None:
+        raise ValueError(
+            f"{type(lm).__name__} returns no router load-balancing loss; set "
+            "router_aux_loss_coef=0.0 (or leave it None) for this model"
+        )
+    config = lm.config.get_text_config()
+    num_experts = getattr(lm, "num_experts", None) or getattr(config, "num_local_experts", None)
+    num_experts = num_experts or config.num_experts
+    top_k = getattr(lm, "num_experts_per_tok", None) or config.num_experts_per_tok
+    mask = batch.model_kwargs.get("attention_mask")
+    mask = mask if mask is not None and mask.dim() == 2 else None
+    return fn(router_logits, num_experts, top_k, mask)
+
+
+@torch.no_grad()
+def log_sum_sq_probs(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float = 1.0,
+    softcap: float | None = None, temperature: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """(N,) log sum_v softmax(logits)_v^2 per scored token, on eager logits in row chunks.
+
+    WPO's per-token weight is p(y_t) / sqrt(sum_v p_v^2) in log space (TRL's `log_sum_sq_probs`);
+    it is computed here without grad, so the head kernels need not return it.
+    """
+    out = []
+    for h in hidden.split(1024):
+        logits = torch.nn.functional.linear(h, weight, bias).float() * logit_scale
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        out.append(torch.logsumexp(2 * logp, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0)
 
 
 def length_weights(batch: PairBatch, ld_alpha: float | None) -> Tensor | None:
@@ -256,11 +322,19 @@ def sequence_forward(
     with_stats: bool = True,
     ld_alpha: float | None = None,
     temperature: float = 1.0,
+    aux_loss: bool = False,
+    with_sq_probs: bool = False,
 ) -> ForwardOutput:
-    """Per-sequence summed completion log-probs (chosen and rejected) for one micro-batch."""
-    token_logps, stats = token_logps_and_stats(
-        model, batch, head_impl=head_impl, with_stats=with_stats, temperature=temperature
+    """Per-sequence summed completion log-probs (chosen and rejected) for one micro-batch.
+
+    aux_loss: also the MoE router loss; with_sq_probs: also per-token log sum p^2 (WPO)."""
+    extras = dict.fromkeys(
+        [k for k, on in (("aux_loss", aux_loss), ("log_sum_sq_probs", with_sq_probs)) if on]
     )
+    token_logps, stats = token_logps_and_stats(
+        model, batch, head_impl=head_impl, with_stats=with_stats, temperature=temperature,
+        extras=extras,
+    )  # fmt: skip
     weights = length_weights(batch, ld_alpha)
     summed = token_logps if weights is None else token_logps * weights
     seq_logps = segment_sum(summed, batch.seq_offsets)  # (2P,)
@@ -271,6 +345,7 @@ def sequence_forward(
         out.plain_chosen_logps = segment_sum(token_logps[:chosen_end], batch.seq_offsets[: P + 1])
     if stats is not None:
         out.entropy, out.mean_logit, out.is_top1 = stats
+    out.aux_loss, out.log_sum_sq_probs = extras.get("aux_loss"), extras.get("log_sum_sq_probs")
     return out
 
 

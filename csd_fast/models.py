@@ -98,6 +98,20 @@ def prepare_models(model: nn.Module, ref_model: nn.Module | None, peft_config, a
     return model, ref_model
 
 
+def prepare_reference(ref_model: nn.Module, args) -> nn.Module:
+    """A reference loaded later (lazily, by path) made ready as `prepare_models` would."""
+    freeze(ref_model)
+    if args.disable_dropout:
+        disable_dropout(ref_model)
+    if args.padding_free or args.prefix_sharing or args.max_tokens_per_batch:
+        from csd_fast.attention import enable_packed_attention
+
+        enable_packed_attention(ref_model)
+    if args.fused and torch.cuda.is_available():
+        apply_liger_kernels(ref_model)
+    return ref_model
+
+
 def apply_liger_kernels(model: nn.Module) -> bool:
     """Swap RMSNorm, RoPE and SwiGLU for Liger's Triton kernels (GPU only; not the LM head).
 

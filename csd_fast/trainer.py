@@ -22,6 +22,7 @@ global batch, and writes sharded checkpoints; rank 0 logs and writes files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from pathlib import Path
 
@@ -35,7 +36,6 @@ from csd_fast.batching import (
     layout_for,
     make_collate,
     pair_costs,
-    rank_plans,
 )
 from csd_fast.config import DPOConfig
 from csd_fast.distributed.env import init_distributed
@@ -47,11 +47,13 @@ from csd_fast.forward import (
     unwrap_causal_lm,
 )
 from csd_fast.optim import select_trainable
-from csd_fast.refcache import cached_table, compute_table, model_fingerprint, pairs_fingerprint
+from csd_fast.plancache import cached_rank_plans
 from csd_fast.reporting import MetricsWriter, plot_curves
+from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
+from csd_fast.trainer_api import TrainerAPI
 
 
-class DPOTrainer:
+class DPOTrainer(TrainerAPI):
     """Drop-in for `trl.DPOTrainer` (1.16): same arguments, same logged metrics."""
 
     def __init__(
@@ -70,6 +72,7 @@ class DPOTrainer:
         peft_config=None,
     ):
         from csd_fast.models import ensure_pad_token, load_model, load_tokenizer, prepare_models
+        from csd_fast.trl_compat import check_trl_arguments, model_setup
 
         if args is None:
             name = model if isinstance(model, str) else type(model).__name__
@@ -78,14 +81,12 @@ class DPOTrainer:
             raise NotImplementedError(
                 "a custom data_collator is not supported: layouts are built-in"
             )
-        if compute_metrics is not None:
-            raise NotImplementedError(
-                "compute_metrics is not supported yet (TRL deprecates it too)"
-            )
         if quantization_config is not None:
             raise NotImplementedError("quantization_config is not supported yet")
+        check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
         _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
+        self.compute_metrics = compute_metrics
         if args.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
@@ -97,18 +98,21 @@ class DPOTrainer:
             "model": model_path,
             "ref_model": ref_model if isinstance(ref_model, str) else None,
         }
-        # tokenizer and data first: a bad row is reported before a large model loads
-        tok_source = None if model_path else model
-        self.processing_class = processing_class or load_tokenizer(tok_source, model_path, args)
-        ensure_pad_token(self.processing_class, args)
-        self.train_pairs = (
-            self._tokenize(train_dataset, "train") if train_dataset is not None else None
-        )
-        self.eval_pairs = self._tokenize(eval_dataset, "eval") if eval_dataset is not None else None
         self.model = load_model(model, args) if model_path else model
+        self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
+        ensure_pad_token(self.processing_class, args)
+        # a reference given by path is loaded only if a table must be computed (or a live
+        # reference is needed): with a complete ref_cache_dir store it never enters memory
+        self._ref_model_path = None
         if isinstance(ref_model, str):
-            ref_model = load_model(ref_model, args)
+            if args.ref_cache_dir and Path(ref_model).is_dir() and not self.dist.distributed:
+                self._ref_model_path, ref_model = ref_model, None
+            else:
+                ref_model = load_model(ref_model, args)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
+        self.callbacks = list(callbacks or [])
+        # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
+        self.router_aux_loss_coef, self.aux_loss_enabled = model_setup(self, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
         self.trainable = select_trainable(self.model, args.trainable_params)
         self.model.to(self.device)
@@ -132,13 +136,16 @@ class DPOTrainer:
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
         self.optimizer, self.lr_scheduler = optimizers
-        self.callbacks = list(callbacks or [])
         self.state = TrainerState()
         self.control = TrainerControl()
         self.progress = ckpt.TrainProgress()
         from csd_fast.metrics import MetricsLog
 
         self._metrics = MetricsLog()
+        self.train_pairs = (
+            self._tokenize(train_dataset, "train") if train_dataset is not None else None
+        )
+        self.eval_pairs = self._tokenize_eval(eval_dataset) if eval_dataset is not None else None
         # reference tables by the identity of the tokenized set they score: an evaluate() on a
         # new dataset must never read another set's rows
         self._ref_tables: dict[int, object] = {}
@@ -146,9 +153,11 @@ class DPOTrainer:
         self._ref_fingerprint: str | None = None
         self._policy_is_initial = True  # until training starts the policy is its own reference
         if args.precompute_ref_log_probs or args.ref_cache_dir:
-            for name, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
+            for name, pairs in (("train", self.train_pairs), *self._eval_sets().items()):
                 if pairs is not None:
                     self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
+            if self._ref_model_path is not None:  # reloaded from its path only if needed again
+                self.ref_model = self.ref_scorer = None
         self._policy_is_initial = False  # from here on the policy no longer equals the reference
 
     # ----------------------------------------------------------------------------- data
@@ -157,15 +166,63 @@ class DPOTrainer:
 
         a = self.args
         out = Path(a.output_dir)
-        return tokenize_pairs(
+        rejects = out / f"rejected_rows_{name}.jsonl"
+        if is_stream(dataset):  # tokenized chunk by chunk as the loop reads it
+            return StreamPairs(dataset, self._stream_tokenizer(), name, rejects)
+        pairs = tokenize_pairs(
             load_rows(dataset, split="train" if name == "train" else "test"),
             self.processing_class,
             max_length=a.max_length,
             truncation_mode=a.truncation_mode,
             on_bad_row=a.on_bad_row,
-            rejects_path=out / f"rejected_rows_{name}.jsonl",
+            rejects_path=rejects,
             cache_dir=a.dataset_cache_dir,
+            drop_fully_truncated=a.on_fully_truncated != "error",
         )
+        dropped = pairs.skipped.get("prompt_too_long", 0)
+        if dropped:
+            import warnings
+
+            warnings.warn(
+                f"{name} dataset: dropped {dropped} example(s) whose prompt alone fills "
+                f"max_length={a.max_length} (keep_start truncation leaves no completion token, "
+                f"as TRL drops them); they are listed in {rejects}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return pairs
+
+    def _stream_tokenizer(self):
+        from csd_fast.data import tokenize_pairs
+
+        a = self.args
+        return lambda rows: tokenize_pairs(
+            rows, self.processing_class, max_length=a.max_length,
+            truncation_mode=a.truncation_mode, on_bad_row=a.on_bad_row, cache_dir=None,
+            drop_fully_truncated=a.on_fully_truncated != "error",
+        )  # fmt: skip
+
+    def _tokenize_eval(self, dataset):
+        """One eval set, or named sets (a dict or a DatasetDict) tokenized one by one."""
+        import datasets
+
+        if isinstance(dataset, dict | datasets.DatasetDict | datasets.IterableDatasetDict):
+            return {name: self._tokenize(ds, f"eval_{name}") for name, ds in dataset.items()}
+        return self._tokenize(dataset, "eval")
+
+    def _eval_sets(self, eval_dataset=None) -> dict:
+        """name -> tokenized set; a single set is named "eval" (its metrics keep `eval_`)."""
+        if isinstance(eval_dataset, str):  # the name of one of the named sets, as transformers
+            if not isinstance(self.eval_pairs, dict) or eval_dataset not in self.eval_pairs:
+                raise ValueError(f"no eval set named {eval_dataset!r}")
+            return {eval_dataset: self.eval_pairs[eval_dataset]}
+        if eval_dataset is not None:
+            pairs = self._tokenize_eval(eval_dataset)
+        else:
+            pairs = self.eval_pairs
+        if pairs is None:
+            return {}
+        return pairs if isinstance(pairs, dict) else {"eval": pairs}
 
     def _batching(self, mode: str) -> BatchingOptions:
         a = self.args
@@ -193,13 +250,29 @@ class DPOTrainer:
         """plan[rank][micro] of one epoch; planned once per (set, mode, epoch) and kept."""
         cached = self._plans.get(mode)
         # one entry per mode, holding the set itself: an id() is unique only while it lives
+        if isinstance(pairs, StreamPairs) and (
+            mode != "train" or cached is None or cached[0] is not pairs or cached[1] != epoch
+        ):
+            # a stream is read as the plan is consumed: a training pass is kept (the loop asks
+            # for it several times), an evaluation pass is new each time
+            a = self.args
+            nominal = a.max_steps * a.gradient_accumulation_steps if mode == "train" else None
+            if self.dist.world_size > 1:
+                raise NotImplementedError("streams are read by one process: load it map-style")
+            plan = StreamPlan(pairs, epoch, self._batching(mode), nominal, a.stream_buffer_size)
+            if mode == "train":
+                self._plans[mode] = (pairs, epoch, [plan])
+            return [plan]
         if cached is None or cached[0] is not pairs or cached[1] != epoch:
             opts = self._batching(mode)
             costs = None
             groups = pairs.groups()  # CLO examples stay in one micro-batch (None: no groups)
             if opts.max_tokens_per_batch:
                 costs = pair_costs(pairs.lengths(), opts)
-            plans = rank_plans(len(pairs), epoch, opts, self.dist.world_size, costs, groups)
+            plans = cached_rank_plans(
+                self.args.plan_cache_dir, len(pairs), epoch, opts, self.dist.world_size, costs,
+                groups,
+            )  # fmt: skip
             cached = (pairs, epoch, plans)
             self._plans[mode] = cached
         return cached[2]
@@ -210,28 +283,41 @@ class DPOTrainer:
 
     def _examples(self, pairs):
         """idx -> the example dicts of a micro-batch, with cached reference values if any."""
-        owner, table = self._ref_tables.get(id(pairs), (None, None))
-        table = table if owner is pairs else None  # ids are unique only among live objects
+        table = self._table_for(pairs)
+        ld_alpha = self.args.ld_alpha
 
         def examples(idx: list[int]) -> list[dict]:
             out = [dict(pairs[i]) for i in idx]
-            if table is not None:
-                for ex in out:
-                    ex["ref_chosen_logps"], ex["ref_rejected_logps"] = table[ex["row"]]
+            if table is not None and out:
+                chosen, rejected = table.lookup([ex["row"] for ex in out], ld_alpha)
+                for ex, c, r in zip(out, chosen.tolist(), rejected.tolist(), strict=True):
+                    ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
             return out
 
         return examples
 
-    def _collate(self, pairs, idx: list[int], mode: str):
+    def _collate_fn(self, pairs, mode: str):
+        """The layout's collate; with a reference table, each batch's token counts are checked
+        against the table's (on the host, before the device copy: no sync)."""
         collate = make_collate(self._batching(mode), self._pad_id)
-        return collate(self._examples(pairs)(idx)).to(self.device)
+        table = self._table_for(pairs)
+        if table is None:
+            return collate
+
+        def checked(examples):
+            batch = collate(examples)
+            table.check_lengths(batch.pair_ids.tolist(), batch.sequence_lengths())
+            return batch
+
+        return checked
+
+    def _collate(self, pairs, idx: list[int], mode: str):
+        return self._collate_fn(pairs, mode)(self._examples(pairs)(idx)).to(self.device)
 
     def micro_batches(self, pairs, plan: list[list[int]], mode: str):
         """The collated micro-batches of `plan` on the device (DataLoader workers if asked)."""
         a = self.args
-        source = PlanBatches(
-            plan, self._examples(pairs), make_collate(self._batching(mode), self._pad_id)
-        )
+        source = PlanBatches(plan, self._examples(pairs), self._collate_fn(pairs, mode))
         return source.iterate(
             self.device,
             workers=a.dataloader_num_workers,
@@ -243,6 +329,12 @@ class DPOTrainer:
     @contextlib.contextmanager
     def _reference(self):
         """The frozen reference: a separate model, or the policy with its LoRA adapters off."""
+        if self.ref_scorer is None and self._ref_model_path is not None:
+            from csd_fast.models import load_model, prepare_reference
+
+            ref = prepare_reference(load_model(self._ref_model_path, self.args), self.args)
+            self.ref_model = ref.to(self.device)
+            self.ref_scorer = PairScorer(self.ref_model)
         if self.ref_scorer is not None:
             yield self.ref_scorer
         elif hasattr(self.model, "disable_adapter"):
@@ -270,34 +362,129 @@ class DPOTrainer:
                 ref.train(was_training)
 
     def _precompute(self, pairs, name: str):
+        """Reference table of a tokenized set: from the ref_cache_dir store, else scored."""
+        from csd_fast.refcache import describe, reference_table
+
         a = self.args
-        opts = self._batching("eval")
-        bs = a.precompute_ref_batch_size or opts.batch_size
-        batches = [list(range(i, min(i + bs, len(pairs)))) for i in range(0, len(pairs), bs)]
-        examples = [pairs[i] for i in range(len(pairs))]
-        collate = make_collate(opts, self._pad_id)
 
-        def build():
-            if self.dist.distributed:  # each rank scores its share; the table gathered once
-                from csd_fast.distributed.sharded_table import compute_table_sharded
+        def score(positions):
+            return self._score_reference(pairs, positions)
 
-                return compute_table_sharded(
-                    examples, batches, collate, self._ref_logps, self.device, self.dist
-                )
-            return compute_table(examples, batches, collate, self._ref_logps, self.device)
+        if self.dist.distributed and not a.ref_cache_dir:  # in memory: each rank scores a share
+            from csd_fast.distributed.sharded_table import compute_table_sharded
 
-        def key_parts():
-            if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
+            bs = a.precompute_ref_batch_size or self._batching("eval").batch_size
+            return compute_table_sharded(len(pairs), bs, score, self.dist, a.ld_alpha)
+        table, report = reference_table(
+            pairs,
+            split=name,
+            score=score,
+            root=a.ref_cache_dir,
+            components=lambda: self._ref_components(pairs),
+            labels={"model": self._ref_label(), "data": getattr(pairs, "source", "")},
+            shard_rows=a.ref_cache_shard_size,
+            strict=a.ref_cache_strict,
+            ld_alpha=a.ld_alpha,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            barrier=self.dist.barrier,
+        )
+        if self.dist.is_main:
+            print(f"[csd-fast] {describe(report, name, len(pairs))}")
+        return table
+
+    def _table_for(self, pairs):
+        """The reference table of `pairs`: computed at init, or a complete one in the store."""
+        owner, table = self._ref_tables.get(id(pairs), (None, None))
+        if owner is pairs:  # ids are unique only among live objects
+            return table
+        if not self.args.ref_cache_dir or self._ref_fingerprint is None:
+            return None
+        from csd_fast.refcache import reference_table
+        from csd_fast.refstore import StoreError
+
+        try:  # score=None: the policy has moved, only a stored table can serve
+            table, _ = reference_table(
+                pairs, split="eval", score=None, root=self.args.ref_cache_dir,
+                components=lambda: self._ref_components(pairs),
+                shard_rows=self.args.ref_cache_shard_size,
+            )  # fmt: skip
+        except StoreError:
+            if self._ref_model_path is None and self.ref_model is None:
+                return None  # the live path says why there is no reference
+            table = self._precompute(pairs, "eval")
+        self._ref_tables[id(pairs)] = (pairs, table)
+        return table
+
+    def _ref_label(self) -> str:
+        if self._ref_model_path:
+            return self._ref_model_path
+        lm = unwrap_causal_lm(self.ref_model if self.ref_model is not None else self.model)
+        return str(getattr(lm.config, "_name_or_path", "") or type(lm).__name__)
+
+    def _ref_components(self, pairs) -> dict:
+        from csd_fast.data.tokenize import tokenizer_fingerprint
+        from csd_fast.refcache import (
+            device_kind,
+            fingerprint_components,
+            model_fingerprint,
+            pairs_fingerprint,
+            path_fingerprint,
+        )
+
+        a = self.args
+        if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
+            if self._ref_model_path is not None:
+                self._ref_fingerprint = path_fingerprint(self._ref_model_path)
+            else:
                 with self._reference() as ref:
                     self._ref_fingerprint = model_fingerprint(getattr(ref, "model", ref))
-            fp = self._ref_fingerprint
-            opts_key = {"max_length": a.max_length, "trunc": a.truncation_mode, "ld": a.ld_alpha}
-            return fp, pairs_fingerprint(examples), opts_key
+        lm = unwrap_causal_lm(self.model)
+        autocast = self._autocast()
+        return fingerprint_components(
+            model=self._ref_fingerprint,
+            tokenizer=tokenizer_fingerprint(self.processing_class),
+            data=pairs_fingerprint(pairs),
+            max_length=a.max_length,
+            truncation_mode=a.truncation_mode,
+            layout=self.layout,
+            head_impl=self.head_impl,
+            attention=getattr(lm.config, "_attn_implementation", None),
+            dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
+            autocast=str(getattr(autocast, "fast_dtype", "none")).removeprefix("torch."),
+            device=device_kind(self.device),
+        )
 
-        table, how = cached_table(a.ref_cache_dir, key_parts, build)
-        if self.dist.is_main:
-            print(f"[csd-fast] reference log-probs for {name}: {len(pairs)} pairs ({how})")
-        return table
+    @torch.no_grad()
+    def _score_reference(self, pairs, positions: list[int]):
+        """The reference's table columns for `positions` of `pairs`, in precompute batches."""
+        from csd_fast.forward import token_logps_and_stats
+        from csd_fast.refcache import concat_columns, reference_columns
+
+        opts = self._batching("eval")
+        bs = self.args.precompute_ref_batch_size or opts.batch_size
+        collate = make_collate(opts, self._pad_id)
+        chunks = [positions[i : i + bs] for i in range(0, len(positions), bs)]
+        real = len(chunks)
+        if self._sharded and self.args.ref_cache_dir:
+            # FSDP: every rank runs as many forwards per store shard (a short last shard or an
+            # empty turn is padded with stand-in batches whose results are dropped)
+            chunks += [[0]] * (-(-self.args.ref_cache_shard_size // bs) - real)
+        parts = []
+        with self._reference() as ref, self._autocast():
+            was_training = ref.training
+            ref.eval()  # the reference never sees dropout, even with disable_dropout=False
+            try:
+                for k, chunk in enumerate(chunks):
+                    batch = collate([pairs[j] for j in chunk]).to(self.device)
+                    token_logps, _ = token_logps_and_stats(
+                        ref, batch, head_impl=self.head_impl, with_stats=False
+                    )
+                    if k < real:
+                        parts.append(reference_columns(token_logps, batch, self.args.ld_alpha))
+            finally:
+                ref.train(was_training)
+        return concat_columns(parts)
 
     # ----------------------------------------------------------------------------- step
     def _autocast(self):
@@ -317,8 +504,9 @@ class DPOTrainer:
         ref_c, ref_r = self._ref_logps(batch)
         with self._autocast():
             fwd = sequence_forward(
-                self.scorer, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
-            )
+                self.scorer, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha,
+                aux_loss=self.aux_loss_enabled, with_sq_probs=self.args.use_weighting,
+            )  # fmt: skip
         lengths = batch.sequence_lengths()
         P = batch.num_pairs
         logps = PairLogps(
@@ -331,6 +519,7 @@ class DPOTrainer:
             sft_mask=batch.sft_mask,
             group_ids=batch.group_ids,
             nll_chosen_logps=fwd.plain_chosen_logps,
+            weights=wpo_weights(fwd, batch, lengths) if self.args.use_weighting else None,
         )
         if self._fused_loss_type is not None:
             from csd_fast.kernels.pair_loss import fused_pair_loss
@@ -359,6 +548,9 @@ class DPOTrainer:
             num_pairs=P,
         )
         f64 = dict(dtype=torch.float64, device=loss.device)
+        if fwd.aux_loss is not None:  # MoE: TRL adds coef * aux and logs the raw aux_loss
+            loss = loss + self.router_aux_loss_coef * fwd.aux_loss.to(loss.dtype)
+            sums["aux_loss"] = torch.stack([fwd.aux_loss.detach().double(), torch.ones((), **f64)])
         if batch.capacity:
             sums["padding_efficiency"] = torch.tensor(
                 [batch.num_real_tokens, batch.capacity], **f64
@@ -394,6 +586,11 @@ class DPOTrainer:
 
         if self.train_pairs is None:
             raise ValueError("train() needs a train_dataset")
+        if isinstance(self.train_pairs, StreamPairs) and self.args.max_steps <= 0:
+            raise ValueError(  # transformers' message for a dataloader without a length
+                "args.max_steps must be set to a positive value if dataloader does not have a "
+                f"length, was {self.args.max_steps}"
+            )
         # one writer per output_dir; a used one needs resume or overwrite_output_dir; the
         # checkpoint is verified and its configuration compared before anything loads
         with guarded_training(self, resume_from_checkpoint) as checkpoint:
@@ -436,41 +633,88 @@ class DPOTrainer:
             run=run_identity(self),
         )
 
-    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
-        """Loss and TRL's metrics over the eval set, logged with the `eval_` prefix."""
-        pairs = (
-            self._tokenize(eval_dataset, "eval") if eval_dataset is not None else self.eval_pairs
-        )
-        if pairs is None:
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict:
+        """Loss and TRL's metrics over the eval set(s), logged with the `eval_` prefix.
+
+        Named sets (a dict or DatasetDict, given here or at construction) are evaluated one by
+        one, each under `eval_<name>_`; a str names one of the sets given at construction.
+        """
+        from csd_fast.trl_compat import check_new_eval_reference
+
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            check_new_eval_reference(self)  # before tokenizing, as TRL: fail fast
+        sets = self._eval_sets(eval_dataset)
+        if not sets:
             raise ValueError("evaluate() needs an eval_dataset")
+        source = self.eval_pairs if eval_dataset is None else eval_dataset
+        named = isinstance(eval_dataset, str) or isinstance(source, dict)
+        metrics: dict = {}
+        for name, pairs in sets.items():
+            prefix = f"{metric_key_prefix}_{name}" if named else metric_key_prefix
+            metrics.update(self._evaluate_set(pairs, name, prefix, log=True))
+        return metrics
+
+    def _evaluate_set(self, pairs, name: str, prefix: str, log: bool) -> dict:
+        from csd_fast.trl_compat import eval_predictions_metrics
+
+        a = self.args
+        if (a.precompute_ref_log_probs or a.ref_cache_dir) and isinstance(pairs, StreamPairs):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please "
+                "use a map-style Dataset or set `precompute_ref_log_probs=False`."
+            )
+        if (a.precompute_ref_log_probs or a.ref_cache_dir) and id(pairs) not in self._ref_tables:
+            # a set first seen here: score it with the reference as __init__ does (before any
+            # training the untrained policy is the reference; check_new_eval_reference refused
+            # the case where no reference is left)
+            initial, self._policy_is_initial = self._policy_is_initial, self.state.global_step == 0
+            try:
+                self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
+            finally:
+                self._policy_is_initial = initial
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
         plan = self._plan(pairs, "eval", 0)
-        real = [bool(idx) for idx in plan]
-        if not all(real):  # a rank without pairs here joins the collectives with a stand-in
-            everyone = self._rank_plans(pairs, "eval", 0)
-            stand_in = next(idx[:1] for p in everyone for idx in p if idx)
-            plan = [idx or stand_in for idx in plan]
+        if isinstance(pairs, StreamPairs):  # read once, batch by batch (one process)
+            batches = (self._collate(pairs, idx, "eval") for idx in plan)
+            real = itertools.repeat(True)
+        else:
+            real = [bool(idx) for idx in plan]
+            if not all(real):  # a rank without pairs here joins the collectives with a stand-in
+                everyone = self._rank_plans(pairs, "eval", 0)
+                stand_in = next(idx[:1] for p in everyone for idx in p if idx)
+                plan = [idx or stand_in for idx in plan]
+            batches = self.micro_batches(pairs, plan, "eval")
         sums = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for batch, is_real in zip(self.micro_batches(pairs, plan, "eval"), real, strict=True):
+            for batch, is_real in zip(batches, real, strict=False):
                 loss = self.compute_loss(batch, "eval", dummy=not is_real)
                 if is_real:  # one read per batch on one process, as before
                     sums += torch.tensor([float(loss) * batch.num_pairs, batch.num_pairs])
         self.model.train(was_training)
         total, n = self.dist.all_reduce_sum(sums).tolist()
-        metrics = {f"{metric_key_prefix}_loss": total / max(n, 1)}
-        metrics.update(self._metrics.pop("eval"))
+        metrics = {f"{prefix}_loss": total / max(n, 1)}
+        # MetricsLog names eval metrics eval_<key>; a named set or predict() has its own prefix
+        metrics.update({f"{prefix}_{k[5:]}": v for k, v in self._metrics.pop("eval").items()})
+        if self.compute_metrics is not None:
+            metrics.update(eval_predictions_metrics(self, pairs, prefix))
         runtime = time.perf_counter() - start
-        metrics[f"{metric_key_prefix}_runtime"] = runtime
-        metrics[f"{metric_key_prefix}_samples_per_second"] = n / max(runtime, 1e-9)
-        self.log(metrics)
-        self._fire("on_evaluate", metrics=metrics)
+        metrics[f"{prefix}_runtime"] = runtime
+        metrics[f"{prefix}_samples_per_second"] = n / max(runtime, 1e-9)
+        if log:
+            self.log(metrics)
+            self._fire("on_evaluate", metrics=metrics)
         return metrics
 
     # -------------------------------------------------------------------------- logging
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "train_runtime" in logs:
+            # TRL's log() adds the metrics of the steps since the last logging step to whatever
+            # is logged, so the end-of-training summary carries that window (aux_loss, ...)
+            logs = {**logs, **self._metrics.pop("train")}
         if self.state.epoch is not None:
             logs = {**logs, "epoch": self.state.epoch}
         entry = {**logs, "step": self.state.global_step}
@@ -542,8 +786,9 @@ class DPOTrainer:
             model.save_pretrained(tmp, safe_serialization=True)
             self.processing_class.save_pretrained(tmp)
 
-        if out.exists() and any(out.iterdir()) and output_dir is None:
-            # output_dir also holds checkpoints and logs: write the files in place, each atomic
+        if out.exists() and any(out.iterdir()):
+            # a folder that holds other files (output_dir: checkpoints, logs; TRL's script saves
+            # there by name) is never replaced as a whole: write the files in place, each atomic
             model.save_pretrained(out, safe_serialization=True)
             self.processing_class.save_pretrained(out)
             return out
@@ -584,11 +829,21 @@ def _check_inputs(args, model, ref_model, train_dataset, eval_dataset) -> None:
             check_model_source(value, field)
 
 
+def wpo_weights(fwd, batch, lengths: torch.Tensor) -> torch.Tensor:
+    """(P,) WPO weights (TRL's use_weighting): w(chosen) * w(rejected), no grad.
+
+    w(y) = exp(mean over y's tokens of [log p(y_t) - log sum_v p_v^2]) (WPO eq. 2).
+    """
+    from csd_fast.batch import segment_sum
+
+    with torch.no_grad():
+        aligned = fwd.token_logps.detach().float() - fwd.log_sum_sq_probs.float()
+        w = torch.exp(segment_sum(aligned, batch.seq_offsets) / lengths.clamp(min=1))
+        P = batch.num_pairs
+        return w[:P] * w[P:]
+
+
 def _check_supported(args) -> None:
     """Options the config accepts (TRL's surface) that this trainer cannot honour yet: say so."""
-    if args.use_weighting:
-        raise NotImplementedError(
-            "use_weighting (WPO) is not supported yet: the head does not return log-sum-sq-probs"
-        )
     if args.logging_strategy not in ("steps", "no"):
         raise NotImplementedError(f"logging_strategy={args.logging_strategy!r}: use 'steps'")

@@ -312,3 +312,22 @@ def test_tensorboard_receives_the_metrics(tmp_path):
     events.Reload()
     assert "rewards/accuracies" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
+
+
+def test_fully_truncated_row_stops_csd_train_unless_dropping(tmp_path):
+    """The Python API drops such rows as TRL does (with a warning); the command line stops."""
+    assets = build_demo(tmp_path / "assets")
+    rows = [json.loads(line) for line in assets.train_file.read_text().splitlines()[:6]]
+    rows[2]["prompt"] = " ".join([rows[2]["prompt"]] * 40)  # fills max_length on its own
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--model_name_or_path", str(assets.model_dir), "--dataset_name", str(data),
+            "--max_steps", "1", "--report_to", "none", "--bf16", "false",
+            "--max_length", "64"]  # fmt: skip
+    from csd_fast.data import PreferenceDataError
+
+    with pytest.raises(PreferenceDataError, match=r"long\.jsonl, row 2.*max_length"):
+        main([*base, "--output_dir", str(tmp_path / "strict")])
+    with pytest.warns(UserWarning, match="dropped 1 example"):
+        code = main([*base, "--output_dir", str(tmp_path / "drop"), "--on_fully_truncated", "drop"])
+    assert code == 0

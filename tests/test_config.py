@@ -30,7 +30,9 @@ INTENDED = {
 OURS_ONLY = {
     "warmup_ratio", "logging_dir", "overwrite_output_dir",  # transformers < 5 names, accepted
     "fused", "prefix_sharing", "ref_cache_dir", "max_tokens_per_batch", "trainable_params",
-    "on_bad_row", "min_lr", "clo_lambda", "dataset_cache_dir", "resume_with_changes",
+    "on_bad_row", "min_lr", "clo_lambda", "dataset_cache_dir", "on_fully_truncated",
+    "stream_buffer_size", "ref_cache_strict", "ref_cache_shard_size", "plan_cache_dir",
+    "resume_with_changes",
 }  # fmt: skip
 
 
@@ -158,12 +160,7 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
     [
         {"deepspeed": "ds.json"},
         {"fsdp": "full_shard"},
-        {"torch_compile": True},
-        {"torch_compile_mode": "max-autotune"},
-        {"push_to_hub": True},
-        {"use_liger_kernel": True},
         {"fp16": True},
-        {"sync_ref_model": True},
         {"activation_offloading": True},
         {"neftune_noise_alpha": 5.0},
         {"train_sampling_strategy": "group_by_length"},

@@ -224,7 +224,7 @@ def test_precomputed_reference_matches_live_reference(tmp_path):
     for a, b in steps:
         for key in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
-    assert len(list((tmp_path / "cache").glob("ref_logps-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("ref-*/manifest.json"))) == 1
     # a second run with the same reference and data hits the persistent cache
     again = DPOTrainer(
         tiny_model(tok),
@@ -234,7 +234,7 @@ def test_precomputed_reference_matches_live_reference(tmp_path):
         train_dataset=ROWS,
         processing_class=tok,
     )
-    assert len(list((tmp_path / "cache").glob("ref_logps-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("ref-*/manifest.json"))) == 1
     row0 = again.train_pairs[0]["row"]
     table_again = again._ref_tables[id(again.train_pairs)][1]
     assert table_again[row0] == pre._ref_tables[id(pre.train_pairs)][1][row0]
@@ -264,12 +264,12 @@ def test_eval_logs_prefixed_metrics_and_tracks_best(tmp_path):
 
 def test_evaluate_new_set_after_training_needs_a_reference(tmp_path):
     """With precomputed tables and no reference model, a new eval set cannot be scored by the
-    trained policy (TRL would silently use it as its own reference): say so."""
+    trained policy: TRL 1.16's ValueError, raised before the new set is tokenized."""
     tok = tiny_tokenizer()
     args = make_args(tmp_path, max_steps=1, precompute_ref_log_probs=True)
     trainer = DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS, processing_class=tok)
     trainer.train()
-    with pytest.raises(RuntimeError, match="no reference model"):
+    with pytest.raises(ValueError, match="after training has started"):
         trainer.evaluate(eval_dataset=ROWS[:4])
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from data_helpers import tiny_tokenizer  # noqa: E402
 
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2", "qwen3_moe", "gpt_oss", "glm4_moe")
 TOPICS = ["sky", "sun", "sea", "capital", "world", "color", "France", "Germany"]
 ANSWERS = ["blue", "green", "in the sky", "in the sea", "Paris", "Berlin", "fine", "red"]
 
@@ -40,6 +40,24 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0):
         return LlamaForCausalLM(LlamaConfig(**common)).float()
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).float()
+    # Mixture-of-Experts: 4 experts, 2 per token, so the router's load-balancing loss is live
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, **moe, num_experts=4)).float()
+    if arch == "gpt_oss":
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        config = GptOssConfig(**{**common, "intermediate_size": 32}, num_local_experts=4,
+                              num_experts_per_tok=2, sliding_window=16)  # fmt: skip
+        return GptOssForCausalLM(config).float()
+    if arch == "glm4_moe":
+        from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+        config = Glm4MoeConfig(**common, **moe, n_routed_experts=4, n_shared_experts=1,
+                               first_k_dense_replace=1, n_group=1, topk_group=1)  # fmt: skip
+        return Glm4MoeForCausalLM(config).float()
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
@@ -111,14 +129,19 @@ def run(
     else:
         raise ValueError(impl)
     eval_rows = kw.pop("eval_rows", 0)
+    eval_dataset = kw.pop("eval_dataset", None)  # any eval object (a dict of sets, ...)
+    trainer_kwargs = kw.pop("trainer_kwargs", {})  # e.g. compute_metrics
+    train_dataset = kw.pop("train_dataset", None)  # in place of `data` (e.g. a stream of it)
     path, _ = save_tiny(arch, model_root)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tok = AutoTokenizer.from_pretrained(path)
     args = DPOConfig(**base_kwargs(out_dir, **kw))
+    if eval_rows:
+        eval_dataset = datasets.Dataset.from_list(data[:eval_rows])
     trainer = DPOTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(data),
-        eval_dataset=datasets.Dataset.from_list(data[:eval_rows]) if eval_rows else None,
-        processing_class=tok,
+        model=model, args=args,
+        train_dataset=datasets.Dataset.from_list(data) if train_dataset is None else train_dataset,
+        eval_dataset=eval_dataset, processing_class=tok, **trainer_kwargs,
     )  # fmt: skip
     trainer.train()
     state = {k: v.detach().float().cpu().clone() for k, v in trainer.model.state_dict().items()}

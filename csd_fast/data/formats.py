@@ -83,7 +83,8 @@ def _check_messages(msgs: Any, field: str, src: RowSource, i: int, what: str) ->
             raise src.error(
                 i, field, f"message {j}: expected a dict, got {type(m).__name__}", "bad_message"
             )
-        for key in ("role", "content"):
+        # an assistant turn that only calls tools may leave `content` out (TRL's tool datasets)
+        for key in ("role", "content") if m.get("tool_calls") is None else ("role",):
             if key not in m:
                 raise src.error(i, field, f"message {j}: missing {key!r}", "bad_message")
         role = m["role"]
@@ -96,7 +97,7 @@ def _check_messages(msgs: Any, field: str, src: RowSource, i: int, what: str) ->
                 f"message {j}: unknown role {role!r} (allowed: {', '.join(ALLOWED_ROLES)}){hint}",
                 "unknown_role",
             )
-        content = m["content"]
+        content = m.get("content")
         # None content is legitimate only for an assistant turn that carries tool calls
         if content is None and m.get("tool_calls") is None:
             raise src.error(i, field, f"message {j}: content is None", "bad_message")

@@ -94,12 +94,11 @@ def load_rows(source: Any, *, split: str = "train") -> RowSource:
     if isinstance(source, datasets.Dataset):
         return RowSource(source, "<Dataset>")
     if isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
-        # tokenization, validation and the planner all need the whole set (lengths, row ids)
+        # a RowSource is a whole set (lengths, row ids); DPOTrainer reads streams chunk by chunk
         raise NotImplementedError(
-            f"streaming sources ({type(source).__name__}) are not supported: csd-fast validates "
-            "and tokenizes the whole set up front. Load it without streaming=True, or "
-            "materialise it with datasets.Dataset.from_generator(lambda: iter(ds), "
-            "features=ds.features)"
+            f"load_rows needs a whole set, not a stream ({type(source).__name__}): pass the "
+            "stream to DPOTrainer directly (csd_fast.streaming), or materialise it with "
+            "datasets.Dataset.from_generator(lambda: iter(ds), features=ds.features)"
         )
     if isinstance(source, (list, tuple)) and all(isinstance(r, dict) for r in source):
         return RowSource(list(source), "<list>")

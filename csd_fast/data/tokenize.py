@@ -176,10 +176,13 @@ def tokenize_pairs(
     on_bad_row: str = "error",
     rejects_path: str | None = None,
     cache_dir: str | os.PathLike | None = "auto",
+    drop_fully_truncated: bool = False,
 ) -> TokenizedPairs:
     """Validate, then tokenize every pair of `rows` (a RowSource or anything load_rows takes).
 
     `cache_dir`: "auto" (default_cache_dir()), a folder, or None for no cache.
+    `drop_fully_truncated`: rows whose prompt alone fills max_length are skipped (and recorded
+    in the rejects) even when on_bad_row="error", as TRL drops them.
     """
     if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(
@@ -205,6 +208,7 @@ def tokenize_pairs(
                 truncation_mode,
                 on_bad_row,
             ]
+            + ([True] if drop_fully_truncated else [])
         )
         fp = hashlib.sha256(key.encode()).hexdigest()
         cache_path = os.path.join(cache_dir, f"pairs-{fp[:40]}.npz")
@@ -231,6 +235,7 @@ def tokenize_pairs(
         max_length,
         truncation_mode,
         on_bad_row,
+        drop_fully_truncated,
     )
     bad = sorted(bad + more_bad, key=lambda e: e.row if e.row is not None else -1)
     rejects = [
@@ -291,6 +296,7 @@ def _tokenize_rows(
     max_length: int | None,
     truncation_mode: str,
     on_bad_row: str,
+    drop_fully_truncated: bool = False,
 ) -> tuple[list[tuple[int, list[int], list[int], list[int]]], list[PreferenceDataError]]:
     """(row, prompt_ids, chosen_ids, rejected_ids) of each good row, and the rows that failed here.
 
@@ -326,7 +332,7 @@ def _tokenize_rows(
             empty = "chosen" if not chosen_ids else "rejected"
             err = src.error(i, empty, "completion has no tokens", "empty_completion_tokens")
         if err is not None:
-            if stop:
+            if stop and not (drop_fully_truncated and err.kind == "prompt_too_long"):
                 raise err
             bad.append(err)
             continue

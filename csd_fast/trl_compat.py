@@ -1,0 +1,198 @@
+"""TRL 1.16 DPOTrainer behaviours at construction and evaluation that sit outside the core loop.
+
+    check_trl_arguments(args, model, ref_model, train_dataset, peft_config)   # TRL's init errors
+    coef, enabled = model_setup(trainer, args)   # MoE aux, tags, pad id, TR-DPO, Liger, compile
+    check_new_eval_reference(trainer)            # evaluate(new set) with precomputed references
+    eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
+
+Each function follows the named TRL 1.16 code path (trl/trainer/dpo_trainer.py) and raises the
+same exception type with TRL's message where TRL raises. Tests: tests/test_trl_compat.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset) -> None:
+    """The argument errors TRL's `DPOTrainer.__init__` raises before any model work."""
+    import datasets
+
+    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    streams = [d for d in (train_dataset, *evals) if isinstance(d, datasets.IterableDataset)]
+    if streams and (args.precompute_ref_log_probs or args.ref_cache_dir):
+        raise ValueError(
+            "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a "
+            "map-style Dataset or set `precompute_ref_log_probs=False` (a reference table, also "
+            "ref_cache_dir, is indexed by row: a stream has no random access)."
+        )
+
+    if train_dataset is None:
+        raise ValueError("`train_dataset` is required")
+    if isinstance(train_dataset, datasets.DatasetDict | datasets.IterableDatasetDict):
+        raise TypeError(
+            "`train_dataset` must be a `Dataset` or `IterableDataset`, got "
+            f"`{type(train_dataset).__name__}`."
+        )
+    if ref_model is not None and ref_model is model:
+        raise ValueError(
+            "`model` and `ref_model` cannot be the same object. In most cases you should omit "
+            "`ref_model` and we'll initialize it to a copy of `model` for you."
+        )
+    if args.use_weighting and {"aot", "aot_unpaired"} & set(args.loss_type):
+        raise NotImplementedError(
+            "WPO-style weighting is not implemented for 'aot' or 'aot_unpaired' because those "
+            "losses sort samples, which would misalign per-pair weights."
+        )
+    if args.sync_ref_model:
+        if peft_config is not None or hasattr(model, "peft_config"):
+            raise NotImplementedError(
+                "sync_ref_model=True with a PEFT model: the reference is the policy with its "
+                "adapters disabled, so there is no separate reference model to synchronize."
+            )
+        if args.precompute_ref_log_probs:
+            raise ValueError(
+                "You cannot use `sync_ref_model=True` together with "
+                "`precompute_ref_log_probs=True`: the reference model changes during training, "
+                "so precomputed reference log-probs would go stale."
+            )
+        if args.ref_cache_dir:
+            raise ValueError(
+                "sync_ref_model=True cannot use a cached reference (ref_cache_dir): TR-DPO "
+                "updates the reference every ref_model_sync_steps steps, so cached log-probs "
+                "would be those of a reference that no longer exists. Unset ref_cache_dir."
+            )
+    liger = args.liger_kernel_config or {}
+    if args.use_liger_kernel and liger.get("fused_linear_cross_entropy"):
+        raise ValueError(
+            '`liger_kernel_config={"fused_linear_cross_entropy": True}` is not supported: the '
+            "LM head is csd-fast's own fused log-prob head."
+        )
+
+
+def model_setup(trainer, args) -> tuple[float, bool]:
+    """Post-load model steps of TRL's init; returns (router_aux_loss_coef, aux_loss_enabled)."""
+    from csd_fast.forward import unwrap_causal_lm
+
+    model = trainer.model
+    lm = unwrap_causal_lm(model)
+    # the model and the tokenizer agree on the pad token from construction on (TRL does this)
+    pad = trainer.processing_class.pad_token_id
+    lm.config.get_text_config().pad_token_id = pad
+    if getattr(lm, "generation_config", None) is not None:
+        lm.generation_config.pad_token_id = pad
+    if hasattr(model, "add_model_tags"):
+        model.add_model_tags(trainer._tag_names)
+    text_config = lm.config.get_text_config()
+    coef = args.router_aux_loss_coef
+    resolved = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if coef and not hasattr(text_config, "output_router_logits"):
+        raise ValueError(
+            f"`router_aux_loss_coef` is set to {coef} but {type(lm).__name__} is not a "
+            "Mixture-of-Experts model that returns its router logits, so there is no auxiliary "
+            "loss to weight."
+        )
+    # a config may declare the attribute as None (GLM-4-MoE): no coefficient, no aux loss
+    resolved = float(resolved or 0.0)
+    enabled = hasattr(text_config, "output_router_logits") and resolved != 0.0
+    if args.sync_ref_model:
+        trainer.add_callback(SyncRefModelCallback(trainer))
+    if args.use_liger_kernel:
+        _apply_liger(trainer, args)
+    if args.torch_compile:
+        _compile(trainer, args)
+    return resolved, enabled
+
+
+class SyncRefModelCallback:
+    """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every `ref_model_sync_steps` steps
+    ref <- alpha * policy + (1 - alpha) * ref, alpha = `ref_model_mixup_alpha` (TRL's callback)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps != 0:
+            return None
+        ref = self.trainer.ref_model
+        if ref is None:
+            raise RuntimeError("sync_ref_model needs a reference model to update")
+        policy = dict(self.trainer.model.named_parameters())
+        alpha = args.ref_model_mixup_alpha
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                src = policy[name].detach().to(p.dtype)
+                p.mul_(1.0 - alpha).add_(src, alpha=alpha)
+        return None
+
+
+def _apply_liger(trainer, args) -> None:
+    from csd_fast.models import apply_liger_kernels
+
+    warnings.warn(
+        "`use_liger_kernel=True` is deprecated in TRL (removed in v2.0.0); csd-fast applies "
+        "Liger's layer kernels (RMSNorm, RoPE, SwiGLU) and keeps its own fused LM head.",
+        FutureWarning,
+        stacklevel=4,
+    )
+    if trainer.device.type != "cuda":
+        warnings.warn(
+            f"use_liger_kernel=True on {trainer.device.type}: Liger's kernels are Triton GPU "
+            "kernels and cannot run here, so the layers stay eager (the numbers are the same).",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
+    if args.fused:
+        return  # prepare_models already applied them
+    for m in (trainer.model, trainer.ref_model):
+        if m is not None:
+            apply_liger_kernels(m)
+
+
+def _compile(trainer, args) -> None:
+    """torch.compile the decoder stacks in place (parameter names, hence checkpoints, unchanged)."""
+    from csd_fast.forward import backbone
+
+    kwargs = {"backend": args.torch_compile_backend or "inductor"}
+    if args.torch_compile_mode:
+        kwargs["mode"] = args.torch_compile_mode
+    for m in (trainer.model, trainer.ref_model):
+        if m is not None:
+            backbone(m).compile(**kwargs)
+
+
+def check_new_eval_reference(trainer) -> None:
+    """TRL's refusal: a new eval set, precomputed references, no reference model left."""
+    a = trainer.args
+    if (
+        (a.precompute_ref_log_probs or a.ref_cache_dir)
+        and trainer.ref_model is None
+        and not hasattr(trainer.model, "disable_adapter")
+        and trainer.state.global_step > 0
+    ):
+        raise ValueError(
+            "Cannot compute reference log-probs for a dataset passed to `evaluate()` after "
+            "training has started, because `precompute_ref_log_probs=True` and no `ref_model` "
+            "was provided (full fine-tuning). In this setup the reference model is not kept in "
+            "memory, so it is only available before training. Provide this dataset as "
+            "`eval_dataset` at initialization, pass an explicit `ref_model`, or set "
+            "`precompute_ref_log_probs=False`."
+        )
+
+
+def eval_predictions_metrics(trainer, pairs, prefix: str) -> dict:
+    """`compute_metrics(EvalPrediction(logits, input_ids))` as TRL feeds it, keys prefixed."""
+    from transformers.trainer_utils import EvalPrediction
+
+    warnings.warn(
+        "compute_metrics gets the logits of a second forward pass, as in TRL, where passing "
+        "logits to compute_metrics is deprecated (removed in TRL 2.0).",
+        FutureWarning,
+        stacklevel=4,
+    )
+    logits, labels = trainer._eval_logits(pairs)
+    out = trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)) or {}
+    return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in out.items()}
