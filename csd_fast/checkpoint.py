@@ -4,12 +4,14 @@
         model.safetensors, config.json   HF save_pretrained layout (load with from_pretrained)
         tokenizer files                  when a tokenizer was given
         optimizer.pt, scheduler.pt       optimizer and LR-schedule state
-        rng_state.pth                    python, numpy, torch CPU and CUDA generators
+        rng_state.pth                    python, numpy, torch CPU and CUDA generators (tensors)
         trainer_state.json               step, epoch position, best eval loss, log history
+        manifest.json                    size + sha256 of every file above (csd_fast.manifest)
 
 A checkpoint is written into a hidden temporary directory beside its final name and renamed into
 place only once every file is flushed: a crash mid-write leaves the previous checkpoint untouched
-and only a `.tmp-*` directory behind (removed by the next save).
+and only a `.tmp-*` directory behind (removed by the next save). State files hold only tensors
+and plain values and are read with `torch.load(weights_only=True)` (`csd_fast.resume`).
 
 Under torchrun (several ranks) the same atomic directory holds a sharded DCP checkpoint instead
 (`csd_fast.distributed.checkpoint`); `load_checkpoint` reads either layout on any world size.
@@ -29,6 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from csd_fast.errors import corrupt_file
+from csd_fast.manifest import write_manifest
+from csd_fast.resume import CheckpointError, load_state_file
+from csd_fast.rundir import apply_umask_tree
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -43,13 +50,23 @@ class TrainProgress:
     best_metric: float | None = None
     best_model_checkpoint: str | None = None
     total_tokens: int = 0
+    train_loss_sum: float = 0.0  # sum of every step's loss since step 0 (train_loss after resume)
     log_history: list[dict] = field(default_factory=list)
 
 
 def rng_state() -> dict:
+    """Every generator's state as tensors and plain values (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(internal), "gauss": gauss},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "cpu": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -58,8 +75,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -82,6 +101,7 @@ def write_dir_atomically(final: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         write(tmp)
+        apply_umask_tree(tmp)  # mkdtemp's 0700, safetensors' 0600 would survive the rename
         publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,25 +174,36 @@ def save_checkpoint(
         write_json_atomically(tmp / STATE_FILE, asdict(progress))
         if config is not None:
             write_json_atomically(tmp / "training_config.json", config)
+        required = [STATE_FILE, "rng_state.pth"]
+        required += ["optimizer.pt"] if optimizer is not None else []
+        required += ["scheduler.pt"] if scheduler is not None else []
+        write_manifest(tmp, required=tuple(required))  # last: it vouches for the files above
 
     return write_dir_atomically(path, write)
 
 
 def load_progress(path: Path) -> TrainProgress:
-    with open(Path(path) / STATE_FILE) as fh:
-        return TrainProgress(**json.load(fh))
+    file = Path(path) / STATE_FILE
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: not a complete checkpoint")
+    with corrupt_file(file, fix="resume from an earlier checkpoint"):
+        return TrainProgress(**json.loads(file.read_text()))
 
 
 def load_training_state(path: Path, *, optimizer, scheduler) -> TrainProgress:
-    """Restore optimizer, scheduler and RNG state from a checkpoint; the weights load separately."""
+    """Restore optimizer, scheduler and RNG state from a checkpoint; the weights load separately.
+
+    Every state file must be there (a missing one is refused, never started fresh) and is read
+    with weights_only=True.
+    """
     path = Path(path)
-    if optimizer is not None and (path / "optimizer.pt").exists():
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    if scheduler is not None and (path / "scheduler.pt").exists():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if (path / "rng_state.pth").exists():
-        set_rng_state(torch.load(path / "rng_state.pth", weights_only=False))
-    return load_progress(path)
+    progress = load_progress(path)
+    if optimizer is not None:
+        optimizer.load_state_dict(load_state_file(path / "optimizer.pt"))
+    if scheduler is not None:
+        scheduler.load_state_dict(load_state_file(path / "scheduler.pt"))
+    set_rng_state(load_state_file(path / "rng_state.pth"))
+    return progress
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, env=None) -> TrainProgress:
@@ -197,7 +228,7 @@ def _load_full_optimizer(file: Path, model, optimizer) -> None:
     """A single-process optimizer.pt (state by parameter position) into a sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    saved = torch.load(file, weights_only=False)
+    saved = load_state_file(file)
     names = {id(p): n for n, p in model.named_parameters()}
     # the same builder made both optimizers, so positions line up group by group
     position = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -229,11 +260,17 @@ def load_weights(model, path: Path) -> None:
     if (path / "adapter_model.safetensors").exists():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        with corrupt_file(path / "adapter_model.safetensors", fix="resume from an earlier one"):
+            adapter = load_file(path / "adapter_model.safetensors")
+        set_peft_model_state_dict(model, adapter)
         return
     state = {}
     for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
+        with corrupt_file(
+            f,
+            fix="resume from an earlier checkpoint (a bare --resume picks the newest complete one)",
+        ):
+            state.update(load_file(f))
     if not state:
         raise FileNotFoundError(f"no safetensors weights in checkpoint {path}")
     from csd_fast.distributed.fsdp import is_sharded

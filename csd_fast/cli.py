@@ -8,9 +8,16 @@
     csd-train --plan --nproc 8 ...                     # per-device memory estimate, then exit
 
 Every `DPOConfig` field is a flag named as the field (`--max_steps`, also `--max-steps`), as in
-`trl dpo`. The resolved configuration is printed and saved to `<output_dir>/config.yaml`. With no
-model and no data the built-in demo runs with its recipe (`csd_fast.demo.DEMO_RECIPE`), any flag
-overriding it.
+`trl dpo`. The options that differ from the defaults are printed; the whole resolved
+configuration is saved to `<output_dir>/config.yaml` (atomically, once every check has passed).
+With no model and no data the built-in demo runs with its recipe (`csd_fast.demo.DEMO_RECIPE`),
+any flag overriding it.
+
+Safety (README "Safety"): one run per output_dir (a lock naming the holder); a directory holding
+an earlier run needs `--resume` or `--overwrite_output_dir`; `--resume` verifies the checkpoint
+and refuses run-changing option changes unless `--resume_with_changes`. A user error (bad option,
+missing or corrupt file, locked directory) is one line on stderr and exit code 2, before any
+model loads; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ import dataclasses
 import json
 import os
 import sys
-import types
-import typing
 from pathlib import Path
 
 import yaml
+
+from csd_fast.errors import ConfigError, UserError, run_cli
+from csd_fast.validation import base_type as _base_type
 
 # Options of the script itself (not training hyperparameters), like TRL's ScriptArguments.
 SCRIPT_OPTIONS = {
@@ -41,7 +49,7 @@ SCRIPT_OPTIONS = {
     "resume": (
         str,
         None,
-        "resume: a checkpoint directory, or no value for the latest in output_dir",
+        "resume: a checkpoint directory, or no value for the newest complete one in output_dir",
     ),
     "prepare_only": (
         bool,
@@ -54,26 +62,6 @@ ALIASES = {
     "ref_model_name_or_path": ["--ref_model", "--ref-model"],
     "model_name_or_path": ["--model"],
 }
-
-
-def _base_type(tp):
-    """(scalar type, is_list) of a dataclass field annotation such as `list[str] | None`."""
-    if isinstance(tp, str):
-        tp = eval(tp, {"typing": typing, "Any": typing.Any})  # annotations are strings (PEP 563)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        lists = [a for a in args if typing.get_origin(a) is list]
-        if lists:
-            inner = typing.get_args(lists[0])
-            return (inner[0] if inner else str), True
-        return _base_type(args[0]) if len(args) == 1 else (str, False)
-    if origin is list:
-        inner = typing.get_args(tp)
-        return (inner[0] if inner else str), True
-    if origin is dict:
-        return dict, False
-    return tp, False
 
 
 def _parse_bool(v: str) -> bool:
@@ -111,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="csd-train",
         description="DPO / CLO preference training (TRL-compatible options).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="A user error (bad option, missing or corrupt file, used or locked output_dir) is "
+        "one line on stderr and exit code 2; --debug shows its traceback instead.",
     )
     parser.add_argument("--config", help="YAML recipe; flags given on the command line override it")
     parser.add_argument(
@@ -149,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
     """(script options, DPOConfig kwargs): recipe file < demo recipe < command-line flags."""
     from csd_fast.config import DPOConfig
+    from csd_fast.validation import coerce_fields
 
     ns = vars(build_parser().parse_args(argv))
     ns.pop("sweep")
@@ -156,9 +147,14 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
     script = {k: ns.pop(k) for k in SCRIPT_OPTIONS}
     recipe = {}
     if config_path:
-        recipe = yaml.safe_load(Path(config_path).read_text()) or {}
+        if not Path(config_path).is_file():
+            raise ConfigError("config", f"{config_path}: no such file")
+        try:
+            recipe = yaml.safe_load(Path(config_path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{config_path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(recipe, dict):
-            raise SystemExit(f"{config_path}: a recipe must be a mapping of option: value")
+            raise UserError(f"{config_path}: a recipe must be a mapping of option: value")
         for k in list(recipe):
             name = k.replace("-", "_")
             if name in SCRIPT_OPTIONS:
@@ -168,8 +164,13 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
         known = {f.name for f in dataclasses.fields(DPOConfig)}
         unknown = [k for k in recipe if k.replace("-", "_") not in known]
         if unknown:
-            raise SystemExit(f"{config_path}: unknown option(s) {unknown}")
+            import difflib
+
+            hints = [m[0] for k in unknown if (m := difflib.get_close_matches(k, known, n=1))]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise UserError(f"{config_path}: unknown option(s) {unknown}{hint}")
         recipe = {k.replace("-", "_"): v for k, v in recipe.items()}
+        recipe = coerce_fields(DPOConfig, recipe, source=config_path)
     demo = script["model_name_or_path"] is None and script["dataset_name"] is None
     merged = {}
     if demo:
@@ -181,12 +182,57 @@ def resolve(argv: list[str] | None = None) -> tuple[dict, dict]:
     merged.update(ns)  # only flags actually given (argparse.SUPPRESS drops the rest)
     script["demo"] = demo
     if "output_dir" not in merged:
-        raise SystemExit("csd-train: --output_dir is required (except for the built-in demo)")
+        raise ConfigError("output_dir", "is required (except for the built-in demo)")
     return script, merged
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`csd train`: user errors are one line on stderr and exit code 2 (`--debug`: traceback)."""
+    return run_cli("csd-train", _train, argv)
+
+
+def _checked_config(script: dict, kwargs: dict):
+    """The DPOConfig, every path and option checked; nothing is written or loaded yet."""
+    from csd_fast import DPOConfig
+    from csd_fast.validation import check_data_source, check_model_source, check_training_args
+
+    if not script["demo"]:
+        if script["model_name_or_path"] is None or script["dataset_name"] is None:
+            raise UserError("csd-train: give both --model_name_or_path and --dataset_name")
+        check_model_source(script["model_name_or_path"], "model_name_or_path")
+        if script["ref_model_name_or_path"]:
+            check_model_source(script["ref_model_name_or_path"], "ref_model_name_or_path")
+        check_data_source(script["dataset_name"], "dataset_name")
+        if script["eval_dataset_name"]:
+            check_data_source(script["eval_dataset_name"], "eval_dataset_name")
+    has_eval = bool(script["eval_dataset_name"]) or script["demo"]
+    if has_eval and "eval_strategy" not in kwargs:
+        kwargs["eval_strategy"] = "steps"  # an eval set given without a strategy: evaluate
+    # the command line stops on a fully truncated row unless told to drop it (TRL's API drops)
+    kwargs.setdefault("on_fully_truncated", "error")
+    try:
+        args = DPOConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"invalid option: {e}") from None
+    check_training_args(args, has_train=True, has_eval=has_eval)
+    if script["resume"] and args.overwrite_output_dir:
+        raise UserError("--resume and --overwrite_output_dir contradict each other: pick one")
+    return args
+
+
+def _changed_options(args) -> str:
+    from csd_fast import DPOConfig
+
+    defaults = DPOConfig(output_dir=args.output_dir).to_dict()
+    changed = {k: v for k, v in args.to_dict().items() if v != defaults.get(k)}
+    return ", ".join(f"{k}={v}" for k, v in changed.items())
+
+
+def _train(argv: list[str] | None) -> int:
+    from csd_fast import DPOTrainer
     from csd_fast.distributed.launch import launch_if_asked, pop_option
+    from csd_fast.resume import check_resume, read_record, select_checkpoint
+    from csd_fast.rundir import claim_output_dir, write_text_atomically
 
     argv = list(sys.argv[1:] if argv is None else argv)
     plan = "--plan" in argv
@@ -197,45 +243,69 @@ def main(argv: list[str] | None = None) -> int:
     code, argv = launch_if_asked(argv)  # --nproc N: the same command under torchrun
     if code is not None:
         return code
-    from csd_fast import DPOConfig, DPOTrainer
-
     if any(a == "--sweep" or a.startswith("--sweep=") for a in argv):
         from csd_fast.pipeline.sweep import main as sweep_main  # only when asked: no engine dep
 
         return sweep_main(_sweep_argv(argv))
     script, kwargs = resolve(argv)
-    output_dir = Path(kwargs["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if script["demo"]:
-        from csd_fast.demo import build_demo
+    args = _checked_config(script, kwargs)
+    output_dir = Path(args.output_dir)
+    with claim_output_dir(
+        output_dir,
+        resume=bool(script["resume"]),
+        overwrite=args.overwrite_output_dir,
+        command="csd train",
+    ):
+        checkpoint = select_checkpoint(script["resume"], output_dir)
+        if checkpoint is not None:  # the option comparison needs no model: refuse early
+            new = {
+                "training": args.to_dict(),
+                "run": {
+                    "model": script["model_name_or_path"],
+                    "ref_model": script["ref_model_name_or_path"],
+                },
+            }
+            check_resume(
+                read_record(checkpoint),
+                new,
+                allow_changes=args.resume_with_changes,
+                where=str(checkpoint),
+            )
+        if script["demo"]:
+            from csd_fast.demo import build_demo
 
-        assets = build_demo(output_dir / "demo_assets")
-        script["model_name_or_path"] = str(assets.model_dir)
-        train_file, eval_file = assets.train_file, assets.eval_file
-        if "clo" in kwargs.get("loss_type", []):  # the demo's items as CLO groups
-            from csd_fast.demo.preference import write_clo_files
+            assets = build_demo(output_dir / "demo_assets")
+            script["model_name_or_path"] = str(assets.model_dir)
+            train_file, eval_file = assets.train_file, assets.eval_file
+            if "clo" in (args.loss_type or []):  # the demo's items as CLO groups
+                from csd_fast.demo.preference import write_clo_files
 
-            train_file, eval_file = write_clo_files(train_file, eval_file, assets.model_dir.parent)
-        script["dataset_name"] = str(train_file)
-        script["eval_dataset_name"] = str(eval_file)
-        print(f"[csd-train] built-in demo: tiny model and bilingual pairs in {assets.model_dir}")
-    if script["model_name_or_path"] is None or script["dataset_name"] is None:
-        raise SystemExit("csd-train: give both --model_name_or_path and --dataset_name")
-    if script["eval_dataset_name"] and "eval_strategy" not in kwargs:
-        kwargs["eval_strategy"] = "steps"  # an eval set given without a strategy: evaluate
-    # the command line stops on a fully truncated row unless told to drop it (TRL's API drops)
-    kwargs.setdefault("on_fully_truncated", "error")
-    args = DPOConfig(**kwargs)
-    resolved = {
-        "script": {k: v for k, v in script.items() if k != "demo"},
-        "training": args.to_dict(),
-    }
-    text = yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks and writes
-    if main_rank:
-        print(text)
-        (output_dir / "config.yaml").write_text(text)
-    ref = script["ref_model_name_or_path"]
+                train_file, eval_file = write_clo_files(
+                    train_file, eval_file, assets.model_dir.parent
+                )
+            script["dataset_name"] = str(train_file)
+            script["eval_dataset_name"] = str(eval_file)
+            print(
+                f"[csd-train] built-in demo: tiny model and bilingual pairs in {assets.model_dir}"
+            )
+        resolved = {
+            "script": {k: v for k, v in script.items() if k != "demo"},
+            "training": args.to_dict(),
+        }
+        text = yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)
+        if _main_rank():  # under torchrun, rank 0 speaks and writes
+            write_text_atomically(output_dir / "config.yaml", text)
+            print(
+                f"[csd-train] options: {_changed_options(args)} (all: {output_dir / 'config.yaml'})"
+            )
+        return _run(DPOTrainer, script, args, checkpoint, output_dir)
+
+
+def _main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _run(DPOTrainer, script: dict, args, checkpoint, output_dir: Path) -> int:
     from csd_fast.data import load_rows
 
     # the split options pick a split of a save_to_disk DatasetDict; files have one split
@@ -245,18 +315,25 @@ def main(argv: list[str] | None = None) -> int:
         evalset = load_rows(evalset, split=script["dataset_test_split"])
     trainer = DPOTrainer(
         model=script["model_name_or_path"],
-        ref_model=ref,
+        ref_model=script["ref_model_name_or_path"],
         args=args,
         train_dataset=train,
         eval_dataset=evalset,
     )
+    for name, pairs in (("train", trainer.train_pairs), ("eval", trainer.eval_pairs)):
+        if pairs is not None and pairs.num_skipped:
+            print(
+                f"[csd-train] {name}: skipped {pairs.num_skipped} bad rows {dict(pairs.skipped)}"
+                f"{' (from the tokenization cache)' if pairs.from_cache else ''}; see "
+                f"{output_dir / f'rejected_rows_{name}.jsonl'}"
+            )
     if script["prepare_only"]:  # the data, plans and reference store are now on disk
         print(f"[csd-train] prepared: {len(trainer.train_pairs)} training pairs")
         return 0
     before = _demo_preference(trainer) if script["demo"] else None
     if before:
         print("[csd-train] " + format_preference(before))
-    trainer.train(resume_from_checkpoint=script["resume"])
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if before:
         print("[csd-train] " + format_preference(before, _demo_preference(trainer)))
     trainer.save_model(str(output_dir / "final"))
@@ -264,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = evals[-1] if evals else {}
     if trainer.eval_pairs is not None and summary.get("step") != trainer.state.global_step:
         summary = trainer.evaluate()  # the final weights were not evaluated yet
-    if not main_rank:
+    if not _main_rank():
         return 0
     png = trainer.plot()
     keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")

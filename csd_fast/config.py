@@ -76,7 +76,10 @@ class DPOConfig:
 
     # ---- output, run control -------------------------------------------------------------
     output_dir: str | None = _f(None, "Where checkpoints, metrics and the final model go.")
-    overwrite_output_dir: bool = _f(False, "Accepted for older scripts; has no effect.")
+    overwrite_output_dir: bool = _f(
+        False,
+        "Replace the earlier run's results in output_dir (else a used output_dir is refused).",
+    )
     do_train: bool = _f(False, "For scripts only; the trainer does not read it.")
     do_eval: bool = _f(False, "For scripts only; set True when eval_strategy is not 'no'.")
     do_predict: bool = _f(False, "For scripts only; the trainer does not read it.")
@@ -303,6 +306,10 @@ class DPOConfig:
         "directory, or None for no cache.",
     )
 
+    resume_with_changes: bool = _f(
+        False, "Resume although run-changing options differ from the checkpoint's (logged)."
+    )
+
     def __post_init__(self) -> None:
         for name in _DICT_FIELDS:  # the CLI passes dicts as JSON text
             value = getattr(self, name)
@@ -507,7 +514,10 @@ class DPOConfig:
             raise ValueError(
                 f"{path}: expected a mapping of option: value, got {type(data).__name__}"
             )
+        from csd_fast.validation import coerce_fields
+
         data = {k.replace("-", "_"): v for k, v in data.items()}
+        data = coerce_fields(cls, data, source=str(path))  # YAML 1.1 reads 5e-3 as a string
         data.update(overrides)
         return cls(**data)
 

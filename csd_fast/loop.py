@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from csd_fast import checkpoint as ckpt
+from csd_fast import resume
 from csd_fast.distributed.env import DistEnv
 
 
@@ -59,6 +60,7 @@ class TrainingJob:
     evaluate: Callable[[], dict] | None  # None without an eval set
     close: Callable[[], None]  # flush the metric writers
     train_tokens: Callable[[], int]  # training tokens so far over all ranks (a collective)
+    run: dict = field(default_factory=dict)  # model names, data fingerprints (csd_fast.resume)
 
 
 def _due(step: int, every: float | int | None, total: int) -> bool:
@@ -125,6 +127,25 @@ def _stand_ins(group_plans: list[list[list[int]]], rank: int) -> list[list[int]]
     return out
 
 
+class _TokenCount:
+    """The summed step losses since step 0 (the summary `train_loss`, whole-run after a resume)
+    and TRL's `num_tokens` over all ranks; both reduced only when read (collectives)."""
+
+    def __init__(self, job: TrainingJob):
+        self.job = job
+        start = job.progress.train_loss_sum if job.env.is_main else 0.0  # one rank holds it
+        self.loss = torch.tensor(start, dtype=torch.float64, device=job.env.device)
+
+    def loss_sum(self) -> float:
+        """All ranks' summed step losses (a collective when distributed)."""
+        return float(self.job.env.all_reduce_sum(self.loss.detach().cpu().clone()))
+
+    def sync(self) -> int:
+        total = self.job.train_tokens()  # each rank counts its own; the resumed total on rank 0
+        self.job.progress.total_tokens = total
+        return total
+
+
 def run_training(job: TrainingJob, resume_from_checkpoint=None):
     args, env, state, model = job.args, job.env, job.state, job.model
     ga = args.gradient_accumulation_steps
@@ -133,15 +154,19 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
     progress = job.progress
     resume_path = resolve_resume(args.output_dir, resume_from_checkpoint)
     if resume_path is not None:
+        fresh = resume.hyperparameters(opt)  # this run's settings, before the saved ones load
         loaded = ckpt.load_checkpoint(
             resume_path, model=model, optimizer=opt, scheduler=sched, env=env
         )
         for f in fields(loaded):
             setattr(progress, f.name, getattr(loaded, f.name))
+        if getattr(args, "resume_with_changes", False):  # changes accepted (and logged) up front
+            resume.apply_new_hyperparameters(opt, sched, fresh)
         # TRL's cumulative count; each rank counts its own, so the saved total lives on rank 0
         job.metrics.add_tokens("train", progress.total_tokens if env.is_main else 0)
         if env.is_main:
-            job.writer.truncate_after(progress.global_step)
+            job.writer.restore(progress.log_history)  # exactly what was written at that point
+    tokens = _TokenCount(job)
     state.global_step, state.max_steps = progress.global_step, max_steps
     state.num_train_epochs = num_epochs or math.ceil(max_steps / steps_in_epoch(job.plans, ga, 0))
     state.log_history = list(progress.log_history)
@@ -164,7 +189,6 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         desc="train",
     )
     window = _Window(job.env)
-    total_loss = torch.zeros((), dtype=torch.float64, device=env.device)
     grad_norm = None
     epoch = progress.epoch
     while (num_epochs is None or epoch < num_epochs) and state.global_step < max_steps:
@@ -207,12 +231,12 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
                 micro,
             )
             window.add_step(step_loss)
-            total_loss += step_loss
+            tokens.loss += step_loss  # since step 0: saved in checkpoints, train_loss spans resumes
             bar.update(1)
             # transformers' order: the default flags first, then callbacks may add or cancel them
             _set_step_flags(job, max_steps)
             job.fire("on_step_end")
-            _act_on_flags(job, window, grad_norm, lr_used, bar)
+            _act_on_flags(job, window, tokens, grad_norm, lr_used, bar)
             if job.control().should_training_stop:
                 break
         if micro >= len(plan):  # advance first, so a checkpoint saved below resumes after it
@@ -223,7 +247,7 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         control.should_evaluate |= args.eval_strategy == "epoch"
         control.should_save |= args.save_strategy == "epoch"
         job.fire("on_epoch_end")
-        _evaluate_and_save(job)
+        _evaluate_and_save(job, tokens)
         if job.control().should_training_stop:
             break
     bar.close()
@@ -243,7 +267,7 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
             "train_runtime": runtime,
             "train_samples_per_second": pairs_all / max(runtime, 1e-9),
             "train_steps_per_second": steps_run / max(runtime, 1e-9),
-            "train_loss": float(env.all_reduce_sum(total_loss.cpu())) / steps_run,
+            "train_loss": tokens.loss_sum() / max(state.global_step, 1),
         }
     )
     if args.load_best_model_at_end and state.best_model_checkpoint:
@@ -301,7 +325,7 @@ def _set_step_flags(job: TrainingJob, max_steps: int) -> None:
         control.should_save = True
 
 
-def _act_on_flags(job: TrainingJob, window: _Window, grad_norm, lr_used, bar) -> None:
+def _act_on_flags(job: TrainingJob, window: _Window, tokens, grad_norm, lr_used, bar) -> None:
     """Log, evaluate and save as the control flags (defaults + callbacks) say."""
     args, env, control = job.args, job.env, job.control()
     step = job.state.global_step
@@ -328,13 +352,13 @@ def _act_on_flags(job: TrainingJob, window: _Window, grad_norm, lr_used, bar) ->
             tok_s=f"{logs['tokens_per_second']:.0f}",
         )
         window.reset()
-    _evaluate_and_save(job)
+    _evaluate_and_save(job, tokens)
     every = args.torch_empty_cache_steps
     if every and step % every == 0 and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def _evaluate_and_save(job: TrainingJob) -> None:
+def _evaluate_and_save(job: TrainingJob, tokens: _TokenCount) -> None:
     """Run the evaluation and the save the control flags ask for; track the best checkpoint."""
     args, control = job.args, job.control()
     improved = False
@@ -345,7 +369,7 @@ def _evaluate_and_save(job: TrainingJob) -> None:
     control = job.control()
     if control.should_save or (args.save_strategy == "best" and improved):
         control.should_save = False
-        _save(job, best=improved)
+        _save(job, tokens, best=improved)
 
 
 def _track_best(job: TrainingJob, metrics: dict) -> bool:
@@ -369,7 +393,7 @@ def _track_best(job: TrainingJob, metrics: dict) -> bool:
     return better
 
 
-def _save(job: TrainingJob, best: bool = False) -> Path:
+def _save(job: TrainingJob, tokens: _TokenCount, best: bool = False) -> Path:
     args, state, env = job.args, job.state, job.env
     out = Path(args.output_dir)
     path = out / f"checkpoint-{state.global_step}"
@@ -377,7 +401,8 @@ def _save(job: TrainingJob, best: bool = False) -> Path:
         state.best_model_checkpoint = job.progress.best_model_checkpoint = str(path)
     job.progress.log_history = list(state.log_history)
     if env.distributed:
-        job.progress.total_tokens = job.train_tokens()  # the saved count is the all-rank total
+        tokens.sync()  # the saved count is the all-rank total
+    job.progress.train_loss_sum = tokens.loss_sum()
     ckpt.save_checkpoint(
         path,
         model=job.model,
@@ -385,7 +410,7 @@ def _save(job: TrainingJob, best: bool = False) -> Path:
         scheduler=job.scheduler,
         progress=job.progress,
         tokenizer=job.tokenizer,
-        config=args.to_dict(),
+        config=resume.run_record(args, job.run),
         env=env,
         async_save=bool((args.fsdp_config or {}).get("async_checkpoint")),
     )

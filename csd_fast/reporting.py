@@ -1,8 +1,10 @@
 """Where logged metrics go: `metrics.jsonl`, TensorBoard / W&B when asked for, and a PNG at the end.
 
 `metrics.jsonl` holds one JSON object per logging step: `step`, `epoch`, train metrics under TRL's
-names (`loss`, `rewards/accuracies`, ...) and eval metrics with TRL's `eval_` prefix. On resume the
-lines past the resumed step are dropped, so the file always describes one consistent run.
+names (`loss`, `rewards/accuracies`, ...) and eval metrics with TRL's `eval_` prefix. On resume
+the file is rewritten from the checkpoint's log history, so it always describes one consistent
+run. A torn last line (the process was killed mid-write) is dropped with a warning; a broken line
+elsewhere is an error naming the file and the line.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,13 +60,27 @@ class MetricsWriter:
         """Drop lines logged after `step` (resume from a checkpoint at `step`)."""
         if not self.path.exists():
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        keep = [json.dumps(r) for r in parse_metrics(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(f"{line}\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def restore(self, history: list[dict]) -> None:
+        """Rewrite the file as exactly these records (a checkpoint's log history), atomically.
+
+        What the run had written when the checkpoint was saved, whatever came after it (lines
+        of the killed run, a torn line, a summary line at the same step) or went missing.
+        """
+        lines = []
+        for h in history:
+            record = {"step": h.get("step", 0)}
+            record.update({k: _jsonable(v) for k, v in h.items() if k != "step"})
+            lines.append(json.dumps(record) + "\n")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as fh:
+            fh.write("".join(lines))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path)
 
     def write(self, step: int, logs: dict) -> None:
@@ -93,11 +110,32 @@ def _jsonable(v):
     return v
 
 
+def parse_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line is dropped (module docstring)."""
+    from csd_fast.errors import CorruptFileError
+
+    lines = Path(path).read_text(errors="replace").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:  # killed mid-write: the line was never complete
+                warnings.warn(f"{path}: dropping a torn last line (line {i + 1})", stacklevel=2)
+                continue
+            raise CorruptFileError(
+                path, f"line {i + 1} is not JSON", "delete that line (or the file) and rerun"
+            ) from None
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return parse_metrics(path)
 
 
 def plot_curves(output_dir: str | Path, filename: str = "curves.png") -> Path | None:

@@ -85,6 +85,7 @@ class DPOTrainer(TrainerAPI):
             raise NotImplementedError("quantization_config is not supported yet")
         check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
         _check_supported(args)
+        _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
         self.compute_metrics = compute_metrics
         if args.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
@@ -100,6 +101,10 @@ class DPOTrainer(TrainerAPI):
         self.dist = init_distributed(use_cpu=getattr(args, "use_cpu", False))
         self.device = self.dist.device
         model_path = model if isinstance(model, str) else None
+        self.source_names = {
+            "model": model_path,
+            "ref_model": ref_model if isinstance(ref_model, str) else None,
+        }
         self.model = load_model(model, args) if model_path else model
         self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
         ensure_pad_token(self.processing_class, args)
@@ -626,6 +631,7 @@ class DPOTrainer(TrainerAPI):
     def train(self, resume_from_checkpoint: str | bool | None = None):
         """Train; `resume_from_checkpoint=True` continues from output_dir's latest checkpoint."""
         from csd_fast.loop import run_training
+        from csd_fast.resume import guarded_training
 
         if self.train_pairs is None:
             raise ValueError("train() needs a train_dataset")
@@ -634,12 +640,16 @@ class DPOTrainer(TrainerAPI):
                 "args.max_steps must be set to a positive value if dataloader does not have a "
                 f"length, was {self.args.max_steps}"
             )
-        return run_training(self.training_job(), resume_from_checkpoint)
+        # one writer per output_dir; a used one needs resume or overwrite_output_dir; the
+        # checkpoint is verified and its configuration compared before anything loads
+        with guarded_training(self, resume_from_checkpoint) as checkpoint:
+            return run_training(self.training_job(), checkpoint)
 
     def training_job(self):
         """The explicit object `csd_fast.loop.run_training` drives (builds optimizer/schedule)."""
         from csd_fast.loop import TrainingJob, schedule_length
         from csd_fast.optim import build_optimizer, build_scheduler
+        from csd_fast.resume import run_identity
 
         def plans(epoch: int):
             return self._rank_plans(self.train_pairs, "train", epoch)
@@ -670,6 +680,7 @@ class DPOTrainer(TrainerAPI):
             evaluate=self.evaluate if self.eval_pairs is not None else None,
             close=self.close_writer,
             train_tokens=self.global_train_tokens,
+            run=run_identity(self),
         )
 
     def evaluate(
@@ -859,6 +870,18 @@ def _fused_loss_type(args, params) -> str | None:
         and (params.loss_weights is None or params.loss_weights == (1.0,))
     )
     return params.loss_type[0] if plain and params.loss_type[0] in PAIR_LOSS_TYPES else None
+
+
+def _check_inputs(args, model, ref_model, train_dataset, eval_dataset) -> None:
+    """Configuration and model names checked before anything loads (csd_fast.validation)."""
+    from csd_fast.validation import check_model_source, check_training_args
+
+    check_training_args(
+        args, has_train=train_dataset is not None, has_eval=eval_dataset is not None
+    )
+    for value, field in ((model, "model"), (ref_model, "ref_model")):
+        if isinstance(value, str):
+            check_model_source(value, field)
 
 
 def wpo_weights(fwd, batch, lengths: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ OURS_ONLY = {
     "fused", "prefix_sharing", "ref_cache_dir", "max_tokens_per_batch", "trainable_params",
     "on_bad_row", "min_lr", "clo_lambda", "dataset_cache_dir", "on_fully_truncated",
     "stream_buffer_size", "ref_cache_strict", "ref_cache_shard_size", "plan_cache_dir",
+    "resume_with_changes",
 }  # fmt: skip
 
 

@@ -117,7 +117,16 @@ def load_rows(source: Any, *, split: str = "train") -> RowSource:
         import pyarrow.parquet as pq
         from datasets.table import InMemoryTable
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow.ArrowInvalid & co: truncated, or not Parquet at all
+            raise PreferenceDataError(
+                path,
+                None,
+                None,
+                f"not a readable Parquet file ({type(e).__name__}: {str(e)[:160]}); it is "
+                "truncated or not Parquet: write it again (e.g. Dataset.to_parquet)",
+            ) from e
         return RowSource(
             datasets.Dataset(InMemoryTable(table)), path, content_hash=_file_hash(path)
         )

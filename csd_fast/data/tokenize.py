@@ -234,6 +234,7 @@ def tokenize_pairs(
                 logger.warning("%s: unreadable cache (%s), tokenizing again", cache_path, e)
             else:
                 out.source = src.name
+                _report_skips(out, len(py_rows), rejects_path)  # a cache hit says it too
                 _write_rejects(out.rejects, rejects_path)
                 return out
 
@@ -280,15 +281,7 @@ def tokenize_pairs(
     out.group, out.sft = _clo_columns(raw, out.rows)
     if len(out.rows) and raw[int(out.rows[0])].get("lang") is not None:
         out.lang = np.array([str(raw[i]["lang"]) for i in out.rows.tolist()], dtype=np.str_)
-    if rejects:
-        logger.warning(
-            "%s: skipped %d of %d rows %s%s",
-            src.name,
-            len(rejects),
-            len(py_rows),
-            dict(out.skipped),
-            f"; see {rejects_path}" if rejects_path else "",
-        )
+    _report_skips(out, len(py_rows), rejects_path)
     _write_rejects(rejects, rejects_path)
     if cache_path is not None:
         out.fingerprint = os.path.basename(cache_path)
@@ -455,6 +448,19 @@ def _pack(toks, source: str, fmt_name: str, rejects: list[dict]) -> TokenizedPai
         skipped=dict(Counter(r["kind"] for r in rejects)),
         rejects=rejects,
     )
+
+
+def _report_skips(out: TokenizedPairs, total: int, rejects_path) -> None:
+    if out.rejects:
+        logger.warning(
+            "%s: skipped %d of %d rows %s%s%s",
+            out.source,
+            len(out.rejects),
+            total,
+            dict(out.skipped),
+            " (tokenization cache)" if out.from_cache else "",
+            f"; see {rejects_path}" if rejects_path else "",
+        )
 
 
 def _write_rejects(rejects: list[dict], path: str | None) -> None:

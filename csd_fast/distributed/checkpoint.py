@@ -5,6 +5,7 @@
                                   by parameter name, so any world size can load them
         rng_state_<rank>.pth      each rank's generators
         scheduler.pt, trainer_state.json, training_config.json, config.json, tokenizer files
+        manifest.json             size + sha256 of every file above, all ranks' shards included
 
 Every rank writes its shards into `.checkpoint-<step>.tmp-dcp/`; after a barrier rank 0 fsyncs
 and renames the directory into place (with `fsdp_config={"async_checkpoint": true}` the shards are
@@ -29,6 +30,9 @@ import torch
 
 from csd_fast import checkpoint as ckpt
 from csd_fast.distributed.env import DistEnv
+from csd_fast.manifest import write_manifest
+from csd_fast.resume import check_dcp_metadata, load_state_file
+from csd_fast.rundir import apply_umask_tree
 
 DCP_DIR = "dcp"
 
@@ -49,7 +53,7 @@ def _state(model, optimizer) -> dict:
     return state
 
 
-_PENDING: list = []  # (future, env, tmp, final) of async saves not yet published
+_PENDING: list = []  # (future, env, tmp, final, required) of async saves not yet published
 _GROUPS: dict = {}
 
 
@@ -66,14 +70,16 @@ def _checkpoint_group():
 def wait_for_saves() -> None:
     """Finish and publish every pending async checkpoint (call before reading or exiting)."""
     while _PENDING:
-        future, env, tmp, final = _PENDING.pop(0)
+        future, env, tmp, final, required = _PENDING.pop(0)
         future.result()
-        _publish(env, tmp, final)
+        _publish(env, tmp, final, required)
 
 
-def _publish(env: DistEnv, tmp: Path, final: Path) -> None:
-    env.barrier()  # every rank's shards are on disk before rank 0 publishes
+def _publish(env: DistEnv, tmp: Path, final: Path, required: tuple[str, ...]) -> None:
+    env.barrier()  # every rank's shards are on disk before rank 0 hashes and publishes them
     if env.is_main:
+        write_manifest(tmp, required=required)  # every rank's shard and RNG files included
+        apply_umask_tree(tmp)
         ckpt.publish_dir(tmp, final)
     env.barrier()
 
@@ -128,10 +134,12 @@ def save_sharded(
         if config is not None:
             ckpt.write_json_atomically(tmp / "training_config.json", config)
         ckpt.write_json_atomically(tmp / ckpt.STATE_FILE, asdict(progress))
+    required = [ckpt.STATE_FILE, f"{DCP_DIR}/.metadata", "rng_state_0.pth"]
+    required += ["scheduler.pt"] if scheduler is not None else []
     if future is not None:
-        _PENDING.append((future, env, tmp, final))
+        _PENDING.append((future, env, tmp, final, tuple(required)))
     else:
-        _publish(env, tmp, final)
+        _publish(env, tmp, final, tuple(required))
     return final
 
 
@@ -146,17 +154,18 @@ def load_sharded(path: Path, *, env: DistEnv, model, optimizer, scheduler) -> ck
     )
 
     path = Path(path)
+    check_dcp_metadata(path / DCP_DIR / ".metadata")  # DCP unpickles it without restriction
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path / DCP_DIR))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
-    if scheduler is not None and (path / "scheduler.pt").exists():
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if scheduler is not None:  # a missing one is refused, never started fresh
+        scheduler.load_state_dict(load_state_file(path / "scheduler.pt"))
     rng = path / f"rng_state_{env.rank}.pth"
     if not rng.exists():  # more ranks than when saved: rank 0's generators
         rng = path / "rng_state_0.pth"
-    ckpt.set_rng_state(torch.load(rng, weights_only=False))
+    ckpt.set_rng_state(load_state_file(rng))
     return ckpt.load_progress(path)
 
 
@@ -165,6 +174,7 @@ def load_sharded_weights(path: Path, model) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    check_dcp_metadata(Path(path) / DCP_DIR / ".metadata")
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
     set_model_state_dict(model, state["model"])
