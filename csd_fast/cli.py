@@ -261,6 +261,7 @@ def _train(argv: list[str] | None) -> int:
             new = {
                 "training": args.to_dict(),
                 "run": {
+                    "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                     "model": script["model_name_or_path"],
                     "ref_model": script["ref_model_name_or_path"],
                 },

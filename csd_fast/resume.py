@@ -92,8 +92,15 @@ def select_checkpoint(resume, output_dir, *, log=print) -> Path | None:
 
 # --------------------------------------------------------------------- what the run is
 def pairs_fingerprint(pairs) -> str | None:
-    """sha256 over the tokenized pairs (ids, offsets, rows, CLO columns); None without pairs."""
+    """sha256 over the tokenized pairs (ids, offsets, rows, CLO columns); None without pairs.
+
+    Named eval sets (a dict) hash each set under its name; a stream (no rows held) has none."""
     if pairs is None:
+        return None
+    if isinstance(pairs, dict):
+        parts = {name: pairs_fingerprint(p) for name, p in sorted(pairs.items())}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    if not hasattr(pairs, "rows"):  # a streamed set: its rows are not in memory to hash
         return None
     cached = getattr(pairs, "_run_fingerprint", None)
     if cached is not None:  # once per tokenized set, not once per checkpoint
@@ -114,7 +121,9 @@ def pairs_fingerprint(pairs) -> str | None:
 def run_identity(trainer) -> dict:
     """What identifies a trainer's run besides its options: model names, data fingerprints."""
     names = getattr(trainer, "source_names", {}) or {}
+    dist = getattr(trainer, "dist", None)
     return {
+        "world_size": getattr(dist, "world_size", 1),
         "model": names.get("model"),
         "ref_model": names.get("ref_model"),
         "train_data": pairs_fingerprint(trainer.train_pairs),
@@ -137,6 +146,14 @@ def read_record(checkpoint: Path) -> dict:
     return data if "training" in data else {"training": data}
 
 
+# options that are per device; compared as global sizes when the world size changes
+PER_DEVICE_SIZES = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "max_tokens_per_batch",
+)
+
+
 def _fmt(v) -> str:
     text = json.dumps(v, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -146,15 +163,21 @@ def diff_records(saved: dict, new: dict) -> list[tuple[str, object, object]]:
     """(name, saved value, new value) of every run-changing difference."""
     out = []
     old_t, new_t = saved.get("training", {}), new.get("training", {})
+    old_r, new_r = saved.get("run", {}), new.get("run", {})
+    # per-device sizes: the run is the same when the global size is (2 ranks x b == 1 rank x 2b)
+    ranks = (old_r.get("world_size") or 1, new_r.get("world_size") or 1)
     for key in sorted(set(old_t) | set(new_t)):
         if key in RUN_NEUTRAL or key not in old_t or key not in new_t:
             continue  # a field one version does not have cannot be compared
         a, b = old_t[key], new_t[key]
+        if key in PER_DEVICE_SIZES and isinstance(a, int) and isinstance(b, int):
+            if a * ranks[0] != b * ranks[1]:
+                out.append((f"{key} x world_size", f"{a} x {ranks[0]}", f"{b} x {ranks[1]}"))
+            continue
         if a != b and not (
             isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)
         ):
             out.append((key, a, b))
-    old_r, new_r = saved.get("run", {}), new.get("run", {})
     labels = {
         "train_data": "training data",
         "eval_data": "eval data",
@@ -199,7 +222,7 @@ def guarded_training(trainer, resume):
             print(
                 f"[csd-fast] {args.output_dir}: took over a stale lock of {lock.stale.describe()}"
             )
-        if not resume:
+        if not resume and not getattr(trainer, "owns_output_dir", False):
             check_output_dir(
                 args.output_dir,
                 resume=False,

@@ -777,6 +777,10 @@ class DPOTrainer(TrainerAPI):
 
     def _writer(self) -> MetricsWriter:
         if getattr(self, "_metrics_writer", None) is None:
+            # results this trainer writes itself (an evaluate() before train()) are its own run,
+            # not an earlier one that train() must refuse to mix with (csd_fast.resume)
+            used = (Path(self.args.output_dir) / "metrics.jsonl").exists()
+            self.owns_output_dir = not used
             self._metrics_writer = MetricsWriter(
                 self.args.output_dir,
                 self.args.report_to,

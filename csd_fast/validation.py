@@ -20,6 +20,7 @@ Three layers, all raising `csd_fast.errors.ConfigError` (a ValueError, exit code
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import os
 import re
@@ -122,6 +123,14 @@ def coerce_fields(cls, data: dict, *, source: str | None = None) -> dict:
     return out
 
 
+@functools.cache
+def _upstream_str_fields() -> frozenset[str]:
+    """TrainingArguments fields whose declared type admits a string (`str | bool`, ...)."""
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if "str" in str(f.type))
+
+
 def _check_types(args) -> None:
     """Every int/float/bool field holds a value of its type (None where the field allows it)."""
     for f in dataclasses.fields(args):
@@ -129,7 +138,10 @@ def _check_types(args) -> None:
         if tp not in (int, float, bool) or is_list:
             continue
         value = getattr(args, f.name)
-        if value is None and _is_optional(f.type):
+        if isinstance(value, str) and f.name in _upstream_str_fields():
+            continue  # transformers takes a string here too (include_num_input_tokens_seen="no")
+        # (the default too: HF's argument parser rewrites `int | None` field types to `int`)
+        if value is None and (_is_optional(f.type) or f.default is None):
             continue
         number = isinstance(value, numbers.Real) and not isinstance(value, bool)
         if tp is bool:

@@ -314,7 +314,7 @@ def test_tensorboard_receives_the_metrics(tmp_path):
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
 
 
-def test_fully_truncated_row_stops_csd_train_unless_dropping(tmp_path):
+def test_fully_truncated_row_stops_csd_train_unless_dropping(tmp_path, capsys):
     """The Python API drops such rows as TRL does (with a warning); the command line stops."""
     assets = build_demo(tmp_path / "assets")
     rows = [json.loads(line) for line in assets.train_file.read_text().splitlines()[:6]]
@@ -324,10 +324,10 @@ def test_fully_truncated_row_stops_csd_train_unless_dropping(tmp_path):
     base = ["--model_name_or_path", str(assets.model_dir), "--dataset_name", str(data),
             "--max_steps", "1", "--report_to", "none", "--bf16", "false",
             "--max_length", "64"]  # fmt: skip
-    from csd_fast.data import PreferenceDataError
-
-    with pytest.raises(PreferenceDataError, match=r"long\.jsonl, row 2.*max_length"):
-        main([*base, "--output_dir", str(tmp_path / "strict")])
+    # a user error: one line naming file, row and field, exit code 2 (csd_fast.errors)
+    assert main([*base, "--output_dir", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"csd-train: error: .*long\.jsonl, row 2 .*field 'prompt'.*max_length", err)
     with pytest.warns(UserWarning, match="dropped 1 example"):
         code = main([*base, "--output_dir", str(tmp_path / "drop"), "--on_fully_truncated", "drop"])
     assert code == 0

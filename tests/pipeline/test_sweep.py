@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -117,20 +115,34 @@ def test_parallel_runs_are_pinned_one_per_device(recipe, tmp_path, monkeypatch, 
     assert len(_reference_builds(root)) == 2
 
 
+# The sweep's process kills itself (SIGKILL, nothing flushed) right after its first run has
+# published checkpoint-2: a deterministic point, where polling from outside raced a fast machine.
+_KILL_AFTER_CHECKPOINT_2 = """
+import os, signal, sys
+from pathlib import Path
+import csd_fast.checkpoint as ckpt
+save = ckpt.save_checkpoint
+def save_then_die(path, **kw):
+    out = save(path, **kw)
+    if Path(path).name == "checkpoint-2":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+ckpt.save_checkpoint = save_then_die
+from csd_fast.__main__ import main
+sys.exit(main(["sweep", *sys.argv[1:]]))
+"""
+
+
 @pytest.mark.slow
 def test_sweep_resumes_after_kill_9(recipe, tmp_path):
     root = tmp_path / "kill"
     argv = ["--config", str(recipe), "--output_dir", str(root), "--gpus", "", "--in_process",
             "--grid", "beta=0.1,0.3", "--max_steps", "4"]  # fmt: skip
-    cmd = [sys.executable, "-m", "csd_fast", "sweep", *argv]  # killed: the sweep and its run
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    # --in_process: the run trains inside the sweep's process, so the kill takes both
+    cmd = [sys.executable, "-c", _KILL_AFTER_CHECKPOINT_2, *argv]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
     first = root / "beta=0.1"
-    deadline = time.time() + 300
-    while not (first / "checkpoint-2").is_dir() and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its run, mid-training
-    proc.wait()
     assert (first / "checkpoint-2").is_dir() and not (first / "final").exists()
     assert json.loads((first / "sweep_run.json").read_text())["status"] == "running"
     assert main(argv) == 0
