@@ -146,6 +146,8 @@ def read_record(checkpoint: Path) -> dict:
     return data if "training" in data else {"training": data}
 
 
+# fsdp_config keys that change memory or checkpoint writing, not the training numbers
+FSDP_NEUTRAL = frozenset({"async_checkpoint", "cpu_offload", "reshard_after_forward"})
 # options that are per device; compared as global sizes when the world size changes
 PER_DEVICE_SIZES = (
     "per_device_train_batch_size",
@@ -170,6 +172,11 @@ def diff_records(saved: dict, new: dict) -> list[tuple[str, object, object]]:
         if key in RUN_NEUTRAL or key not in old_t or key not in new_t:
             continue  # a field one version does not have cannot be compared
         a, b = old_t[key], new_t[key]
+        if key == "fsdp_config":  # how state is sharded and saved does not change the numbers
+            a, b = (
+                {k: v for k, v in (c or {}).items() if k not in FSDP_NEUTRAL} or None
+                for c in (a, b)
+            )
         if key in PER_DEVICE_SIZES and isinstance(a, int) and isinstance(b, int):
             if a * ranks[0] != b * ranks[1]:
                 out.append((f"{key} x world_size", f"{a} x {ranks[0]}", f"{b} x {ranks[1]}"))
