@@ -163,7 +163,8 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         if getattr(args, "resume_with_changes", False):  # changes accepted (and logged) up front
             resume.apply_new_hyperparameters(opt, sched, fresh)
         # TRL's cumulative count; each rank counts its own, so the saved total lives on rank 0
-        job.metrics.add_tokens("train", progress.total_tokens if env.is_main else 0)
+        # (the running total only: no window value, so the next log row is as if never stopped)
+        job.metrics.total_train_tokens += progress.total_tokens if env.is_main else 0
         if env.is_main:
             job.writer.restore(progress.log_history)  # exactly what was written at that point
     tokens = _TokenCount(job)

@@ -178,7 +178,9 @@ def diff_records(saved: dict, new: dict) -> list[tuple[str, object, object]]:
                 for c in (a, b)
             )
         if key in PER_DEVICE_SIZES and isinstance(a, int) and isinstance(b, int):
-            if a * ranks[0] != b * ranks[1]:
+            if ranks[0] == ranks[1] and a != b:
+                out.append((key, a, b))
+            elif a * ranks[0] != b * ranks[1]:
                 out.append((f"{key} x world_size", f"{a} x {ranks[0]}", f"{b} x {ranks[1]}"))
             continue
         if a != b and not (

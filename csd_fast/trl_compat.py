@@ -167,8 +167,12 @@ def _compile(trainer, args) -> None:
 def check_new_eval_reference(trainer) -> None:
     """TRL's refusal: a new eval set, precomputed references, no reference model left."""
     a = trainer.args
+    # csd-fast's extensions still have a reference: a stored table of the set (ref_cache_dir,
+    # looked up after tokenizing) or a reference given by path, reloaded when needed
+    if a.ref_cache_dir or getattr(trainer, "_ref_model_path", None) is not None:
+        return
     if (
-        (a.precompute_ref_log_probs or a.ref_cache_dir)
+        a.precompute_ref_log_probs
         and trainer.ref_model is None
         and not hasattr(trainer.model, "disable_adapter")
         and trainer.state.global_step > 0
