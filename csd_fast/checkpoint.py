@@ -34,7 +34,7 @@ import torch
 from csd_fast.errors import corrupt_file
 from csd_fast.manifest import write_manifest
 from csd_fast.resume import CheckpointError, load_state_file
-from csd_fast.rundir import apply_umask_tree
+from csd_fast.rundir import apply_umask_tree, fsync_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -84,14 +84,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_dir_atomically(final: Path, write) -> Path:
     """Call `write(tmp_dir)`, fsync, then move tmp_dir to `final` (replacing an older one)."""
     final = Path(final)
@@ -128,7 +120,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def write_json_atomically(path: Path, obj) -> None:

@@ -28,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from csd_fast.rundir import write_bytes_atomically
 
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,21 +67,6 @@ class StoreError(RuntimeError):
 def table_id(components: dict) -> str:
     blob = json.dumps({"v": STORE_VERSION, **components}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # the rename itself survives a power cut
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _tensors_digest(columns: dict[str, np.ndarray]) -> str:
@@ -244,7 +230,7 @@ class RefStore:
             "updated": time.time(),
             "shards": shards,
         }
-        _atomic_write(self.dir / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+        write_bytes_atomically(self.dir / MANIFEST, json.dumps(self.manifest, indent=1).encode())
 
     # ------------------------------------------------------------------------- checks
     def check_shard(self, shard: int, against_manifest: bool = True) -> str | None:
@@ -328,7 +314,7 @@ class RefStore:
         if len(names) > len(COLUMNS):
             meta["ld_alpha"] = repr(float(ld_alpha))
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.shard_path(shard), save(arrays, metadata=meta))
+        write_bytes_atomically(self.shard_path(shard), save(arrays, metadata=meta))
 
     def finalize(self) -> bool:
         """Rank 0: when every shard checks out, record their checksums; True when complete."""

@@ -106,7 +106,7 @@ KILLER = textwrap.dedent(
     from csd_fast import DPOTrainer
 
     writes = []
-    real = rs._atomic_write
+    real = rs.write_bytes_atomically
 
     def dying_write(path, data):
         if path.name.startswith("shard-"):
@@ -116,7 +116,7 @@ KILLER = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
         real(path, data)
 
-    rs._atomic_write = dying_write
+    rs.write_bytes_atomically = dying_write
     tok = tiny_tokenizer()
     args = make_args({out!r}, ref_cache_dir={cache!r}, ref_cache_shard_size=2)
     DPOTrainer(tiny_model(tok), args=args, train_dataset=ROWS, processing_class=tok)

@@ -64,7 +64,7 @@ def load_scored(source: str) -> list[dict]:
 
 
 def write_rows(rows: list[dict], output: Path) -> None:
-    from csd_fast.sampling.store import atomic_write_bytes
+    from csd_fast.rundir import write_bytes_atomically as atomic_write_bytes
 
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix in (".parquet", ".pq"):

@@ -87,7 +87,7 @@ def plot_gaps(gaps: dict[str, list[float]], path: Path, title: str) -> Path | No
 
 
 def write_report(result, output: str | Path, strategy: str, options: dict | None = None) -> dict:
-    from csd_fast.sampling.store import atomic_write_text
+    from csd_fast.rundir import write_text_atomically as atomic_write_text
 
     report = build_report(result, strategy, options)
     out = Path(output)

@@ -166,7 +166,7 @@ def show_settings(prog: str, resolved: dict, path: str | os.PathLike | None) -> 
     text = yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None, allow_unicode=True)
     print(f"[{prog}] resolved settings:\n{text}", flush=True)
     if path is not None:
-        from csd_fast.sampling.store import atomic_write_text
+        from csd_fast.rundir import write_text_atomically as atomic_write_text
 
         atomic_write_text(Path(path), text)
     return text

@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from csd_fast.rundir import fsync_dir as _fsync_dir
+from csd_fast.rundir import write_text_atomically as atomic_write_text
+
 FORMAT = "csd-fast/shards"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -45,28 +48,6 @@ class ManifestMismatch(SystemExit):
         print(message, file=sys.stderr)
         self.message = message
         super().__init__(2)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def file_sha256(path: Path) -> str:
