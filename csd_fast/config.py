@@ -63,6 +63,17 @@ def _f(default: Any = None, help: str = "", **meta: Any) -> Any:
 _UNSUPPORTED: list = []
 
 
+# what to use instead, for the refusals a TRL user meets first
+_UNSUPPORTED_HINTS = {
+    "fp16": ": fp16 training needs dynamic loss scaling, which csd-fast does not implement; "
+    "use bf16=True (the default; A100/H100/MI250X have it)",
+    "deepspeed": ": csd-fast shards with its own FSDP2 under torchrun (fsdp_config, "
+    "`csd train --nproc N`)",
+    "fsdp": ": accelerate's FSDP is not used; launch under torchrun and csd-fast shards with "
+    "FSDP2 itself (options: fsdp_config)",
+}
+
+
 def _no(default: Any = None, help: str = "") -> Any:
     """An inherited field we accept only at its default (anything else: NotImplementedError)."""
     f = _f(default, f"{help} Not supported by csd-fast: only the default is accepted.".strip())
@@ -133,7 +144,11 @@ class DPOConfig:
     save_strategy: str = _f("steps", "When to checkpoint: 'no', 'steps', 'epoch' or 'best'.")
     save_steps: float = _f(500, "Checkpoint every N optimizer steps (a ratio if < 1).")
     save_total_limit: int | None = _f(None, "Keep at most N checkpoints (the best is kept too).")
-    save_only_model: bool = _no(False, "Save only the weights in checkpoints.")
+    save_only_model: bool = _f(
+        False,
+        "Checkpoints hold the weights, tokenizer and progress only (no optimizer, schedule or "
+        "RNG state): smaller, but a run cannot resume from them.",
+    )
     load_best_model_at_end: bool = _f(False, "Reload the best checkpoint when training ends.")
     metric_for_best_model: str | None = _f(None, "Metric that picks the best checkpoint ('loss').")
     greater_is_better: bool | None = _f(None, "Whether a larger metric is better.")
@@ -196,10 +211,12 @@ class DPOConfig:
         False, "Liger's layer kernels (RMSNorm, RoPE, SwiGLU) on GPU; the LM head stays ours."
     )
     liger_kernel_config: dict | None = _f(None, "Liger kernel options (as TRL: no fused CE).")
-    neftune_noise_alpha: float | None = _no(None, "NEFTune embedding noise.")
+    neftune_noise_alpha: float | None = _f(
+        None, "NEFTune: uniform noise on the input embeddings in training (e.g. 5)."
+    )
     auto_find_batch_size: bool = _no(False, "Search a batch size that fits.")
     eval_delay: float = _no(0, "Steps/epochs before the first evaluation.")
-    eval_on_start: bool = _no(False, "Evaluate before training.")
+    eval_on_start: bool = _f(False, "Evaluate once before the first training step.")
     enable_jit_checkpoint: bool = _no(False, "Checkpoint on SIGTERM.")
     push_to_hub: bool = _f(
         False, "Push the model to the Hub at the end (`trainer.push_to_hub()`; TRL's scripts)."
@@ -262,7 +279,9 @@ class DPOConfig:
     beta: float = _f(0.1, "Strength of the tie to the reference model (tau for IPO).")
     use_weighting: bool = _f(False, "WPO weighting of pairs by length-normalized policy prob.")
     discopop_tau: float = _f(0.05, "DiscoPOP temperature.")
-    activation_offloading: bool = _no(False, "Offload activations to the CPU.")
+    activation_offloading: bool = _f(
+        False, "Keep the policy's saved activations in CPU memory between forward and backward."
+    )
     sync_ref_model: bool = _f(False, "TR-DPO: mix the policy into the reference periodically.")
     ref_model_mixup_alpha: float = _f(0.6, "TR-DPO alpha (needs sync_ref_model).")
     ref_model_sync_steps: int = _f(512, "TR-DPO period (needs sync_ref_model).")
@@ -383,9 +402,10 @@ class DPOConfig:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             value = getattr(self, f.name)
             if value != default and not (value in ("", [], None) and default in ("", [], None)):
+                hint = _UNSUPPORTED_HINTS.get(f.name, "")
                 raise NotImplementedError(
                     f"DPOConfig.{f.name}={value!r} is not supported by csd-fast yet "
-                    f"(only the default {default!r} is accepted)"
+                    f"(only the default {default!r} is accepted){hint}"
                 )
 
     def _check_choices(self) -> None:

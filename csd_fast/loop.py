@@ -153,6 +153,14 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
     opt, sched = job.optimizer, job.scheduler
     progress = job.progress
     resume_path = resolve_resume(args.output_dir, resume_from_checkpoint)
+    if resume_path is not None and resume.read_record(resume_path).get("training", {}).get(
+        "save_only_model"
+    ):
+        raise resume.CheckpointError(
+            f"{resume_path} was saved with save_only_model=True: it holds the weights but no "
+            "optimizer, schedule or RNG state, so training cannot resume from it exactly. Start "
+            f"a new run from its weights (model='{resume_path}')."
+        )
     if resume_path is not None:
         fresh = resume.hyperparameters(opt)  # this run's settings, before the saved ones load
         loaded = ckpt.load_checkpoint(
@@ -179,6 +187,10 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
     state.epoch = progress.epoch + progress.micro_in_epoch / max(1, len(resumed_plan))
     progress_start, pairs_seen = state.global_step, 0
     job.fire("on_train_begin")
+    if args.eval_on_start:  # transformers: an evaluation before the first step, on resume too
+        if job.evaluate is None:
+            raise ValueError("eval_on_start=True needs an eval_dataset")
+        job.evaluate()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     by_tokens = bool(args.max_tokens_per_batch)
@@ -407,8 +419,9 @@ def _save(job: TrainingJob, tokens: _TokenCount, best: bool = False) -> Path:
     ckpt.save_checkpoint(
         path,
         model=job.model,
-        optimizer=job.optimizer,
-        scheduler=job.scheduler,
+        # save_only_model: weights, tokenizer and progress only (transformers' option)
+        optimizer=None if args.save_only_model else job.optimizer,
+        scheduler=None if args.save_only_model else job.scheduler,
         progress=job.progress,
         tokenizer=job.tokenizer,
         config=resume.run_record(args, job.run),

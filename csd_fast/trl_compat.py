@@ -3,6 +3,8 @@
     check_trl_arguments(args, model, ref_model, train_dataset, peft_config)   # TRL's init errors
     coef, enabled = model_setup(trainer, args)   # MoE aux, tags, pad id, TR-DPO, Liger, compile
     check_new_eval_reference(trainer)            # evaluate(new set) with precomputed references
+    with neftune(trainer): ...                   # NEFTune noise on the embeddings in train()
+    with activation_offload(args, training, device): ...   # saved activations kept on the CPU
     eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
 
 Each function follows the named TRL 1.16 code path (trl/trainer/dpo_trainer.py) and raises the
@@ -11,6 +13,7 @@ same exception type with TRL's message where TRL raises. Tests: tests/test_trl_c
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -64,6 +67,21 @@ def check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval
                 "updates the reference every ref_model_sync_steps steps, so cached log-probs "
                 "would be those of a reference that no longer exists. Unset ref_cache_dir."
             )
+    adapter = peft_config or getattr(model, "active_peft_config", None)
+    if getattr(adapter, "is_prompt_learning", False):
+        raise ValueError(
+            f"peft_config is a prompt-learning method ({adapter.peft_type}): its virtual tokens "
+            "are prepended by PeftModel.forward, which csd-fast's forward does not call (it runs "
+            "the decoder and the LM head itself), so they would be silently left out. Use an "
+            "adapter on the weights (LoRA, DoRA, IA3, ...)."
+        )
+    packed = args.padding_free or args.prefix_sharing or args.max_tokens_per_batch
+    if args.neftune_noise_alpha is not None and packed:
+        raise NotImplementedError(
+            "neftune_noise_alpha with a packed layout (padding_free, prefix_sharing or "
+            "max_tokens_per_batch): NEFTune scales its noise by the padded sequence length, "
+            "which a packed row of several sequences does not have. Use the padded layout."
+        )
     liger = args.liger_kernel_config or {}
     if args.use_liger_kernel and liger.get("fused_linear_cross_entropy"):
         raise ValueError(
@@ -200,3 +218,30 @@ def eval_predictions_metrics(trainer, pairs, prefix: str) -> dict:
     logits, labels = trainer._eval_logits(pairs)
     out = trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)) or {}
     return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in out.items()}
+
+
+@contextlib.contextmanager
+def neftune(trainer):
+    """NEFTune (Jain et al. 2023, arXiv 2310.05914) for the length of `train()`, as transformers'
+    Trainer does it: its own forward hook on the policy's input embeddings adds uniform noise
+    of half-width alpha / sqrt(L * d) (L the padded length, d the width) in training forwards
+    only (the reference and evaluation run in eval mode: no noise); removed afterwards."""
+    alpha = trainer.args.neftune_noise_alpha
+    if alpha is None:
+        yield
+        return
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    handle = activate_neftune(trainer.model, alpha)
+    try:
+        yield
+    finally:
+        deactivate_neftune(trainer.model, handle)
+
+
+def activation_offload(args, training: bool, device):
+    """`activation_offloading`: the policy's saved activations go to (pinned) CPU memory in the
+    forward and come back in the backward (torch's saved-tensor hooks); training passes only."""
+    if not (args.activation_offloading and training):
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")

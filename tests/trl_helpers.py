@@ -132,6 +132,7 @@ def run(
     eval_dataset = kw.pop("eval_dataset", None)  # any eval object (a dict of sets, ...)
     trainer_kwargs = kw.pop("trainer_kwargs", {})  # e.g. compute_metrics
     train_dataset = kw.pop("train_dataset", None)  # in place of `data` (e.g. a stream of it)
+    resume = kw.pop("resume", None)  # train(resume_from_checkpoint=...)
     path, _ = save_tiny(arch, model_root)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tok = AutoTokenizer.from_pretrained(path)
@@ -143,7 +144,7 @@ def run(
         train_dataset=datasets.Dataset.from_list(data) if train_dataset is None else train_dataset,
         eval_dataset=eval_dataset, processing_class=tok, **trainer_kwargs,
     )  # fmt: skip
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     state = {k: v.detach().float().cpu().clone() for k, v in trainer.model.state_dict().items()}
     return list(trainer.state.log_history), state
 

@@ -1,0 +1,175 @@
+"""TRL DPOConfig options that were on csd-fast's unsupported list, each against TRL 1.16 on CPU.
+
+Run: `python -m pytest tests/test_trl_dropin.py -q` (about 2 minutes on 2 cores).
+
+eval_on_start, save_only_model, neftune_noise_alpha and activation_offloading train the same
+tiny model on the same rows with TRL's DPOTrainer and ours (tests/trl_helpers.py) and compare
+every logged value, the checkpoints' contents and the final weights; a prompt-learning adapter
+(which our forward cannot honour) must be refused, not silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from trl_helpers import compare_logs, eval_logs, rows, run, step_logs
+
+pytest.importorskip("trl")
+
+WEIGHT_ATOL = 2e-5  # as tests/test_trl_parity.py: well under one Adam step at lr 1e-3
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def _both(models, tmp_path, n=8, **kw):
+    data = rows("standard", n)
+    ref = run("trl", "llama", models, tmp_path / "trl", data, **kw)
+    ours = run("csd", "llama", models, tmp_path / "csd", data, **kw)
+    return ref, ours
+
+
+def _same_weights(ours: dict, ref: dict) -> float:
+    assert ours.keys() == ref.keys()
+    return max((ours[k] - ref[k]).abs().max().item() for k in ref)
+
+
+def test_eval_on_start_matches_trl(models, tmp_path):
+    kw = dict(eval_on_start=True, eval_strategy="steps", eval_steps=2, eval_rows=6)
+    (ref_logs, _), (our_logs, _) = _both(models, tmp_path, **kw)
+    assert [h["step"] for h in eval_logs(ref_logs)] == [0, 2, 3]  # before step 1, then as usual
+    problems = compare_logs(our_logs, ref_logs)
+    assert not problems, "\n".join(problems)
+
+
+def test_eval_on_start_without_an_eval_set_is_an_error(models, tmp_path):
+    with pytest.raises(ValueError, match="eval"):
+        run("csd", "llama", models, tmp_path, rows("standard", 8), eval_on_start=True)
+
+
+def _checkpoint_files(out: Path) -> set[str]:
+    return {p.name for p in (out / "checkpoint-2").iterdir()}
+
+
+def _checkpoint_weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(out / "checkpoint-2" / "model.safetensors").items()}
+
+
+def test_save_only_model_matches_trl(models, tmp_path):
+    from csd_fast.resume import CheckpointError
+
+    kw = dict(save_strategy="steps", save_steps=2, save_only_model=True)
+    _both(models, tmp_path, **kw)
+    trl_files, our_files = _checkpoint_files(tmp_path / "trl"), _checkpoint_files(tmp_path / "csd")
+    state = {"optimizer.pt", "scheduler.pt"}
+    assert "model.safetensors" in trl_files and not state & trl_files  # what the option means
+    assert "model.safetensors" in our_files and not state & our_files
+    worst = _same_weights(
+        _checkpoint_weights(tmp_path / "csd"), _checkpoint_weights(tmp_path / "trl")
+    )
+    assert worst <= WEIGHT_ATOL, f"checkpoint weights differ by up to {worst:.3g}"
+    # a full checkpoint (the default) still carries the optimizer: the option made the difference
+    run("csd", "llama", models, tmp_path / "full", rows("standard", 8), save_strategy="steps",
+        save_steps=2)  # fmt: skip
+    assert state <= _checkpoint_files(tmp_path / "full")
+    # resuming from weights alone would restart the moments and schedule: refused, and why
+    with pytest.raises(CheckpointError, match="save_only_model"):
+        run("csd", "llama", models, tmp_path / "csd", rows("standard", 8),
+            resume=True, **kw)  # fmt: skip
+
+
+def test_neftune_noise_as_trl(models, tmp_path, monkeypatch):
+    """transformers' own NEFTune hook, on the same forwards as in TRL's run: the policy's
+    training forwards only, with the same (rows, padded length) shapes, which set the noise
+    scale alpha / sqrt(L * d). (The draws themselves follow each loop's RNG use, so the two
+    runs' numbers are not compared.) The noise changes the loss; eval-mode forwards pass
+    through the hook un-noised (its own training check)."""
+    from transformers.integrations import neftune as hf_neftune
+
+    calls = []
+    original = hf_neftune.neftune_post_forward_hook
+
+    def spy(module, inputs, output):
+        calls.append((tuple(output.shape), module.training))
+        return original(module, inputs, output)
+
+    monkeypatch.setattr(hf_neftune, "neftune_post_forward_hook", spy)
+    kw = dict(neftune_noise_alpha=5.0, eval_strategy="steps", eval_steps=3, eval_rows=6)
+    data = rows("standard", 8)
+    ref_logs, _ = run("trl", "llama", models, tmp_path / "trl", data, **kw)
+    trl_calls, calls[:] = list(calls), []
+    our_logs, _ = run("csd", "llama", models, tmp_path / "csd", data, **kw)
+    noised = [shape for shape, training in calls if training]
+    assert noised == [shape for shape, training in trl_calls if training]
+    assert len(noised) == 3  # one policy forward per optimizer step
+    kw.pop("neftune_noise_alpha")
+    quiet_logs, _ = run("csd", "llama", models, tmp_path / "quiet", data, **kw)
+    assert step_logs(quiet_logs)[0]["loss"] != step_logs(our_logs)[0]["loss"]  # noised forward
+    assert any(not training for _, training in calls)  # evaluation ran through it, un-noised
+
+
+def test_neftune_hook_removed_after_training(models, tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import base_kwargs, save_tiny
+
+    from csd_fast import DPOConfig, DPOTrainer
+
+    path, _ = save_tiny("llama", models)
+    data = datasets.Dataset.from_list(rows("standard", 8))
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        args=DPOConfig(**base_kwargs(tmp_path, neftune_noise_alpha=5.0, max_steps=1)),
+        train_dataset=data, eval_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(path),
+    )  # fmt: skip
+    embed = trainer.model.get_input_embeddings()
+    seen = []
+    spy = embed.register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    plain = embed.weight[ids].detach()
+    trainer.train()
+    assert seen and not hasattr(embed, "neftune_noise_alpha")  # transformers' marker removed
+    embed.train()
+    assert torch.equal(embed(ids), plain)  # no hook left: no noise after train()
+    spy.remove()
+
+
+def test_activation_offloading_matches_trl(models, tmp_path, monkeypatch):
+    packed = []
+    original = torch.autograd.graph.save_on_cpu
+
+    class Counting(original):  # count the tensors that take the offload route
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: (packed.append(1), pack(t))[1]
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Counting)
+    # TRL's own offloading (trl.models.activation_offloading) fails on CPU in 1.16 (it asks for
+    # a CUDA stream); offloading changes no number, so TRL's run without it is the reference
+    data = rows("standard", 8)
+    ref_logs, ref_w = run(
+        "trl", "llama", models, tmp_path / "trl", data, gradient_checkpointing=True
+    )
+    assert not packed
+    our_logs, our_w = run("csd", "llama", models, tmp_path / "csd", data,
+                          gradient_checkpointing=True, activation_offloading=True)  # fmt: skip
+    assert packed, "no activation went through the offload hooks"
+    problems = compare_logs(our_logs, ref_logs)
+    assert not problems, "\n".join(problems)
+    assert _same_weights(our_w, ref_w) <= WEIGHT_ATOL
+
+
+def test_prompt_learning_adapter_is_refused(models, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    with pytest.raises(ValueError, match="prompt-learning"):
+        run("csd", "llama", models, tmp_path, rows("standard", 8),
+            trainer_kwargs={"peft_config": config})  # fmt: skip
