@@ -77,10 +77,14 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
         if args is None:
             name = model if isinstance(model, str) else type(model).__name__
             args = DPOConfig(output_dir=f"{Path(name).name}-DPO")
-        if data_collator is not None:
+        if data_collator is not None and (
+            args.padding_free or args.prefix_sharing or args.max_tokens_per_batch
+        ):
             raise NotImplementedError(
-                "a custom data_collator is not supported: layouts are built-in"
+                "a custom data_collator returns TRL's padded layout: it cannot be combined with "
+                "padding_free, prefix_sharing or max_tokens_per_batch (csd-fast's packed layouts)"
             )
+        self.data_collator = data_collator  # TRL-format output (csd_fast.trl_collate)
         if quantization_config is not None:
             raise NotImplementedError(
                 "quantization_config is not supported: bitsandbytes 4/8-bit weights (QLoRA) "
@@ -329,7 +333,7 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
     def _collate_fn(self, pairs, mode: str):
         """The layout's collate; with a reference table, each batch's token counts are checked
         against the table's (on the host, before the device copy: no sync)."""
-        collate = make_collate(self._batching(mode), self._pad_id)
+        collate = self._base_collate(mode)
         table = self._table_for(pairs)
         if table is None:
             return collate
@@ -340,6 +344,14 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
             return batch
 
         return checked
+
+    def _base_collate(self, mode: str):
+        """examples -> PairBatch: the user's data_collator if given, else the layout's own."""
+        if self.data_collator is not None:
+            from csd_fast.trl_collate import custom_collate
+
+            return custom_collate(self.data_collator)
+        return make_collate(self._batching(mode), self._pad_id)
 
     def _collate(self, pairs, idx: list[int], mode: str):
         return self._collate_fn(pairs, mode)(self._examples(pairs)(idx)).to(self.device)

@@ -15,7 +15,6 @@ import contextlib
 
 import torch
 
-from csd_fast.batching import make_collate
 from csd_fast.forward import PairScorer, reference_logps, unwrap_causal_lm
 
 
@@ -162,7 +161,7 @@ class ReferenceMixin:
 
         opts = self._batching("eval")
         bs = self.args.precompute_ref_batch_size or opts.batch_size
-        collate = make_collate(opts, self._pad_id)
+        collate = self._base_collate("eval")
         chunks = [positions[i : i + bs] for i in range(0, len(positions), bs)]
         real = len(chunks)
         if self._sharded and self.args.ref_cache_dir:

@@ -173,3 +173,30 @@ def test_prompt_learning_adapter_is_refused(models, tmp_path):
     with pytest.raises(ValueError, match="prompt-learning"):
         run("csd", "llama", models, tmp_path, rows("standard", 8),
             trainer_kwargs={"peft_config": config})  # fmt: skip
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_custom_data_collator_matches_trl(models, tmp_path, precompute):
+    """TRL's own collator with its own truncation (max_length 12, under the config's 32): the
+    collator, not the config, decides what is scored, on both sides."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl_helpers import save_tiny
+
+    _, tok = save_tiny("llama", models)
+    collator = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=12)
+    kw = dict(trainer_kwargs={"data_collator": collator}, precompute_ref_log_probs=precompute)
+    (ref_logs, ref_w), (our_logs, our_w) = _both(models, tmp_path, **kw)
+    problems = compare_logs(our_logs, ref_logs)
+    assert not problems, "\n".join(problems)
+    assert _same_weights(our_w, ref_w) <= WEIGHT_ATOL
+    plain, _ = run("csd", "llama", models, tmp_path / "plain", rows("standard", 8))
+    assert step_logs(plain)[0]["num_tokens"] != step_logs(our_logs)[0]["num_tokens"]
+
+
+def test_custom_data_collator_must_return_trls_layout(models, tmp_path):
+    def collator(examples):
+        return {"input_ids": torch.zeros(len(examples), 4, dtype=torch.long)}
+
+    with pytest.raises(ValueError, match="completion_mask"):
+        run("csd", "llama", models, tmp_path, rows("standard", 8),
+            trainer_kwargs={"data_collator": collator})  # fmt: skip
