@@ -65,8 +65,6 @@ _UNSUPPORTED: list = []
 
 # what to use instead, for the refusals a TRL user meets first
 _UNSUPPORTED_HINTS = {
-    "fp16": ": fp16 training needs dynamic loss scaling, which csd-fast does not implement; "
-    "use bf16=True (the default; A100/H100/MI250X have it)",
     "deepspeed": ": csd-fast shards with its own FSDP2 under torchrun (fsdp_config, "
     "`csd train --nproc N`)",
     "fsdp": ": accelerate's FSDP is not used; launch under torchrun and csd-fast shards with "
@@ -119,7 +117,10 @@ class DPOConfig:
     optim: str = _f("adamw_torch_fused", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
     # ---- precision, memory ---------------------------------------------------------------
     bf16: bool | None = _f(None, "bf16 mixed precision; None means True unless fp16 (TRL's rule).")
-    fp16: bool = _no(False, "fp16 mixed precision.")
+    fp16: bool = _f(
+        False,
+        "fp16 mixed precision with dynamic loss scaling on GPUs (none on the CPU, as accelerate).",
+    )
     tf32: bool | None = _f(None, "Allow TF32 matmuls on Ampere+ GPUs.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     gradient_checkpointing_kwargs: dict | str | None = _f(None, "E.g. {'use_reentrant': False}.")
@@ -355,6 +356,8 @@ class DPOConfig:
             self.output_dir = "trainer_output"  # transformers 5's default
         # TRL's rule: bf16 unless fp16 was asked for.
         self.bf16 = (not self.fp16) if self.bf16 is None else bool(self.bf16)
+        if self.bf16 and self.fp16:
+            raise ValueError("At most one of fp16 and bf16 can be True, but not both")
         # transformers 5 renamed gradient_checkpointing -> activation_checkpointing; the new
         # name wins when given, and both read the same afterwards.
         if self.activation_checkpointing is not None:

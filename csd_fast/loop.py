@@ -61,6 +61,7 @@ class TrainingJob:
     close: Callable[[], None]  # flush the metric writers
     train_tokens: Callable[[], int]  # training tokens so far over all ranks (a collective)
     run: dict = field(default_factory=dict)  # model names, data fingerprints (csd_fast.resume)
+    scaler: Any = None  # fp16: a torch.amp.GradScaler (dynamic loss scaling), else None
 
 
 def _due(step: int, every: float | int | None, total: int) -> bool:
@@ -173,6 +174,8 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         # TRL's cumulative count; each rank counts its own, so the saved total lives on rank 0
         # (the running total only: no window value, so the next log row is as if never stopped)
         job.metrics.total_train_tokens += progress.total_tokens if env.is_main else 0
+        if job.scaler is not None and progress.grad_scaler is not None:
+            job.scaler.load_state_dict(progress.grad_scaler)
         if env.is_main:
             job.writer.restore(progress.log_history)  # exactly what was written at that point
     tokens = _TokenCount(job)
@@ -219,7 +222,8 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
             batches = job.batches(_stand_ins(group_plans, env.rank))
             for batch, weight, is_real in zip(batches, weights, real, strict=True):
                 loss = job.compute_loss(batch, "train", dummy=not is_real)
-                (loss * weight).backward()
+                scaled = loss * weight
+                (scaled if job.scaler is None else job.scaler.scale(scaled)).backward()
                 # fp64 on the device: the same sum a float() per micro-batch gave, without the sync
                 value = loss.detach().double()
                 if args.logging_nan_inf_filter:
@@ -231,10 +235,12 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
                     window.pairs += batch.num_pairs
                     pairs_seen += batch.num_pairs
             micro += len(group_plans[env.rank])
+            if job.scaler is not None:  # clip (and log) the true gradients
+                job.scaler.unscale_(opt)
             grad_norm = clip_grad_norm(params, args.max_grad_norm)
             lr_used = sched.get_last_lr()[0]  # TRL logs the rate of this update, not the next
-            opt.step()
-            sched.step()
+            if _optimizer_step(opt, job.scaler):
+                sched.step()
             opt.zero_grad(set_to_none=True)
             state.global_step += 1
             state.epoch = epoch + micro / len(plan)
@@ -288,6 +294,18 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
     job.fire("on_train_end")
     job.close()
     return state
+
+
+def _optimizer_step(opt, scaler) -> bool:
+    """opt.step(), through the GradScaler under fp16; False when it skipped the step (inf/nan
+    gradients: the scale went down). As accelerate, a skipped step leaves the schedule alone."""
+    if scaler is None:
+        opt.step()
+        return True
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.get_scale() >= before
 
 
 def clip_grad_norm(params: list[Tensor], max_grad_norm: float | None) -> Tensor:
@@ -416,6 +434,7 @@ def _save(job: TrainingJob, tokens: _TokenCount, best: bool = False) -> Path:
     if env.distributed:
         tokens.sync()  # the saved count is the all-rank total
     job.progress.train_loss_sum = tokens.loss_sum()
+    job.progress.grad_scaler = None if job.scaler is None else job.scaler.state_dict()
     ckpt.save_checkpoint(
         path,
         model=job.model,

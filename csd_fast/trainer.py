@@ -147,6 +147,9 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
                 if scorer is not None:
                     shard_model(scorer, self.dist, opts)
             self._sharded = True
+        from csd_fast.trl_compat import fp16_scaler
+
+        self.grad_scaler = fp16_scaler(args, self.device, self._sharded)
         self.loss_params = args.loss_params()
         self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
@@ -369,9 +372,12 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
 
     # ----------------------------------------------------------------------------- step
     def _autocast(self):
-        if self.device.type == "cuda" and self.args.bf16 and not self._sharded:
+        if self.device.type == "cuda" and not self._sharded:
             # (sharded: FSDP's mixed-precision policy casts the gathered weights instead)
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.args.fp16:
+                return torch.autocast("cuda", dtype=torch.float16)
+            if self.args.bf16:
+                return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def compute_loss(self, batch, mode: str = "train", dummy: bool = False) -> torch.Tensor:
@@ -536,6 +542,7 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
             close=self.close_writer,
             train_tokens=self.global_train_tokens,
             run=run_identity(self),
+            scaler=self.grad_scaler,
         )
 
     def evaluate(

@@ -5,6 +5,7 @@
     check_new_eval_reference(trainer)            # evaluate(new set) with precomputed references
     with neftune(trainer): ...                   # NEFTune noise on the embeddings in train()
     with activation_offload(args, training, device): ...   # saved activations kept on the CPU
+    scaler = fp16_scaler(args, device, sharded)  # fp16: a GradScaler on GPUs (None on the CPU)
     eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
 
 Each function follows the named TRL 1.16 code path (trl/trainer/dpo_trainer.py) and raises the
@@ -245,3 +246,21 @@ def activation_offload(args, training: bool, device):
     if not (args.activation_offloading and training):
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
+def fp16_scaler(args, device, sharded: bool):
+    """fp16 as accelerate does it: fp16 autocast (trainer._autocast) plus dynamic loss scaling
+    on an accelerator; on the CPU accelerate leaves fp16 off (plain fp32), and so do we."""
+    if not args.fp16 or device.type == "cpu":
+        return None
+    if sharded:
+        raise NotImplementedError(
+            "fp16 under FSDP2 (torchrun) needs a sharded gradient scaler, which csd-fast does not "
+            "have: use bf16=True"
+        )
+    if args.fused:
+        raise NotImplementedError(
+            "fp16 with fused=True: the fused kernels are built and tested for bf16 and fp32; use "
+            "bf16=True, or fused=False"
+        )
+    return torch.amp.GradScaler(device.type)

@@ -200,3 +200,57 @@ def test_custom_data_collator_must_return_trls_layout(models, tmp_path):
     with pytest.raises(ValueError, match="completion_mask"):
         run("csd", "llama", models, tmp_path, rows("standard", 8),
             trainer_kwargs={"data_collator": collator})  # fmt: skip
+
+
+def test_fp16_on_cpu_matches_trl(models, tmp_path):
+    """On the CPU accelerate leaves fp16 off (no autocast, no scaler): TRL's fp16 run is fp32,
+    and so is ours, to the last logged digit."""
+    (ref_logs, ref_w), (our_logs, our_w) = _both(models, tmp_path, fp16=True)
+    problems = compare_logs(our_logs, ref_logs)
+    assert not problems, "\n".join(problems)
+    assert _same_weights(our_w, ref_w) <= WEIGHT_ATOL
+
+
+def _csd_trainer(models, out, **kw):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import base_kwargs, save_tiny
+
+    from csd_fast import DPOConfig, DPOTrainer
+
+    path, _ = save_tiny("llama", models)
+    return DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        args=DPOConfig(**base_kwargs(out, **kw)),
+        train_dataset=datasets.Dataset.from_list(rows("standard", 8)),
+        processing_class=AutoTokenizer.from_pretrained(path),
+    )  # fmt: skip
+
+
+def test_loss_scaling_is_exact_and_skips_overflowing_steps(models, tmp_path):
+    """The fp16 loop path (a GradScaler; on a GPU made by fp16=True) run on the CPU's scaler:
+    a power-of-two scale changes no number (TRL's fp32 run), an overflowing one skips the step
+    (weights and schedule untouched, scale halved) and is saved for resume."""
+    import json
+
+    data = rows("standard", 8)
+    ref_logs, ref_w = run("trl", "llama", models, tmp_path / "trl", data)
+    scaled = _csd_trainer(models, tmp_path / "scaled")
+    scaled.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled.train()
+    problems = compare_logs(scaled.state.log_history, ref_logs)
+    assert not problems, "\n".join(problems)
+    assert scaled.grad_scaler.get_scale() == 2.0**10  # no overflow, growth interval not reached
+
+    over = _csd_trainer(models, tmp_path / "over", max_steps=1, save_strategy="steps",
+                        save_steps=1)  # fmt: skip
+    before = {k: v.clone() for k, v in over.model.state_dict().items()}
+    over.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    # an fp16 overflow, made certain: one gradient turns inf
+    next(over.model.parameters()).register_hook(lambda g: g * float("inf"))
+    over.train()
+    assert all(torch.equal(before[k], v) for k, v in over.model.state_dict().items())
+    assert over.lr_scheduler.last_epoch == 0  # a skipped step does not advance the schedule
+    assert over.grad_scaler.get_scale() == 2.0**9
+    saved = json.loads((tmp_path / "over" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert saved["grad_scaler"]["scale"] == 2.0**9
