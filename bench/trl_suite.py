@@ -263,6 +263,8 @@ def run_suite(out: Path, extra: list[str], timeout: int) -> dict[str, tuple[str,
     """pytest in `out`; {test id: (outcome, first line of the failure)} from its junit XML."""
     report = out / "junit.xml"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # the csd-fast under test is this checkout's, whatever else is installed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(TRANSFORMERS_OFFLINE="1", TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     cmd = [
         "timeout", str(timeout), sys.executable, "-m", "pytest", "tests/test_dpo_trainer.py",

@@ -202,7 +202,9 @@ class DPOConfig:
     # ---- inherited, not supported (default only) -----------------------------------------
     optim_args: str | None = _no(None, "Extra optimizer arguments.")
     optim_target_modules: None | str | list[str] = _no(None, "GaLore/APOLLO target modules.")
-    label_smoothing_factor: float = _no(0.0, "HF label smoother (DPO has label_smoothing).")
+    label_smoothing_factor: float = _f(
+        0.0, "Accepted; no effect, as in TRL (its DPO loss never calls HF's label smoother)."
+    )
     bf16_full_eval: bool = _no(False, "Evaluate fully in bf16.")
     fp16_full_eval: bool = _no(False, "Evaluate fully in fp16.")
     torch_compile: bool = _f(False, "torch.compile the policy (and a live reference model).")
@@ -216,7 +218,7 @@ class DPOConfig:
         None, "NEFTune: uniform noise on the input embeddings in training (e.g. 5)."
     )
     auto_find_batch_size: bool = _no(False, "Search a batch size that fits.")
-    eval_delay: float = _no(0, "Steps/epochs before the first evaluation.")
+    eval_delay: float = _f(0, "No evaluation before this many steps (or epochs, eval 'epoch').")
     eval_on_start: bool = _f(False, "Evaluate once before the first training step.")
     enable_jit_checkpoint: bool = _no(False, "Checkpoint on SIGTERM.")
     push_to_hub: bool = _f(

@@ -263,7 +263,7 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
             progress.epoch, progress.micro_in_epoch = epoch, 0
         # also when stopped mid-epoch (max_steps, a callback), as transformers does
         control = job.control()
-        control.should_evaluate |= args.eval_strategy == "epoch"
+        control.should_evaluate |= args.eval_strategy == "epoch" and args.eval_delay <= state.epoch
         control.should_save |= args.save_strategy == "epoch"
         job.fire("on_epoch_end")
         _evaluate_and_save(job, tokens)
@@ -348,7 +348,11 @@ def _set_step_flags(job: TrainingJob, max_steps: int) -> None:
     ):
         control.should_log = True
     eval_every = args.eval_steps or args.logging_steps
-    if args.eval_strategy == "steps" and (_due(step, eval_every, max_steps) or step >= max_steps):
+    if (
+        args.eval_strategy == "steps"
+        and (_due(step, eval_every, max_steps) or step >= max_steps)
+        and args.eval_delay <= step
+    ):
         control.should_evaluate = True  # like HF, the last step is evaluated too
     if args.save_strategy == "steps" and (
         _due(step, args.save_steps, max_steps) or step >= max_steps

@@ -46,6 +46,23 @@ def test_eval_on_start_matches_trl(models, tmp_path):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize(
+    "kw, evaluated_at",
+    [
+        (dict(eval_delay=2, eval_strategy="steps", eval_steps=1), [2, 3]),
+        (dict(eval_delay=1.5, eval_strategy="epoch", max_steps=4), [4]),  # epoch 1 ends: too soon
+        (dict(label_smoothing_factor=0.1, eval_strategy="steps", eval_steps=2), [2, 3]),
+    ],
+)
+def test_eval_delay_and_label_smoothing_factor_match_trl(models, tmp_path, kw, evaluated_at):
+    """eval_delay holds evaluations back (steps, or epochs); label_smoothing_factor has no
+    effect on TRL's DPO loss, so none on ours."""
+    (ref_logs, _), (our_logs, _) = _both(models, tmp_path, eval_rows=6, **kw)
+    assert [h["step"] for h in eval_logs(ref_logs)] == evaluated_at
+    problems = compare_logs(our_logs, ref_logs)
+    assert not problems, "\n".join(problems)
+
+
 def test_eval_on_start_without_an_eval_set_is_an_error(models, tmp_path):
     with pytest.raises(ValueError, match="eval"):
         run("csd", "llama", models, tmp_path, rows("standard", 8), eval_on_start=True)
