@@ -277,6 +277,11 @@ def run_suite(out: Path, extra: list[str], timeout: int) -> dict[str, tuple[str,
     print(f"{out.name}: pytest exit {rc}; log {log}", file=sys.stderr)
     if not report.is_file():
         raise SystemExit(f"{out.name}: no junit report (timed out?); see {log}")
+    return read_report(report)
+
+
+def read_report(report: Path) -> dict[str, tuple[str, str]]:
+    """{test id: (outcome, first line of the failure)} of a pytest junit XML."""
     results = {}
     for case in ET.parse(report).iter("testcase"):
         test_id = f"{case.get('classname').split('.')[-1]}::{case.get('name')}"
@@ -297,39 +302,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="work folder (default: a new temp dir)")
     p.add_argument("--csv", type=Path, default=REPO / "bench/results/trl_suite.csv")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per pytest run")
-    p.add_argument("--only", choices=("trl", "csd"), help="run one side (the CSV keeps both)")
+    p.add_argument(
+        "--only", choices=("trl", "csd"), help="run one side (the other: its last run in --work)"
+    )
+    p.add_argument("--no-run", action="store_true", help="only rewrite the CSV from --work's runs")
     args, extra = p.parse_known_args(argv)
     scripts = args.trl_scripts or args.trl_tests.parent / "scripts"
     work = args.work or Path(tempfile.mkdtemp(prefix="trl_suite_"))
     data, models = work / "data", work / "models"
-    texts = build_datasets(scripts.resolve(), data)
-    build_models(scripts.resolve(), models, build_tokenizer(texts))
+    if not args.no_run:
+        texts = build_datasets(scripts.resolve(), data)
+        build_models(scripts.resolve(), models, build_tokenizer(texts))
     shim = SHIM.format(data=str(data), models=str(models), org=ORG)
     outcomes = {}
     for side in ("trl", "csd"):
         out = work / side
-        if args.only and side != args.only:
+        if args.no_run or (args.only and side != args.only):
+            if (out / "junit.xml").is_file():  # the other side's last run in this work folder
+                outcomes[side] = read_report(out / "junit.xml")
             continue
         shutil.rmtree(out / "tests", ignore_errors=True)
         write_suite(args.trl_tests, out, shim, swap=side == "csd")
         outcomes[side] = run_suite(out, extra, args.timeout)
-    old = {}
-    if args.only and args.csv.is_file():
-        with args.csv.open() as fh:
-            old = {r["test"]: r for r in csv.DictReader(fh)}
-    ids = sorted({t for side in outcomes.values() for t in side} | set(old))
+    ids = sorted({t for side in outcomes.values() for t in side})
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["test", "trl", "csd", "reason"])
+        w.writerow(["test", "trl", "csd", "trl_reason", "csd_reason"])
         for t in ids:
-            row = old.get(t, {})
-            trl = outcomes.get("trl", {}).get(t, (row.get("trl", ""), ""))
-            ours = outcomes.get("csd", {}).get(t, (row.get("csd", ""), row.get("reason", "")))
-            reason = ours[1] if ours[0] in ("failed", "error") else ""
-            if trl[0] in ("failed", "error"):
-                reason = f"trl: {trl[1]}" + (f" | csd: {reason}" if reason else "")
-            w.writerow([t, trl[0], ours[0], reason])
+            trl = outcomes.get("trl", {}).get(t, ("", ""))
+            ours = outcomes.get("csd", {}).get(t, ("", ""))
+            failed = ("failed", "error")
+            w.writerow([t, trl[0], ours[0], trl[1] if trl[0] in failed else "",
+                        ours[1] if ours[0] in failed else ""])  # fmt: skip
     for side, res in outcomes.items():
         counts = {
             o: sum(1 for v in res.values() if v[0] == o)
