@@ -220,7 +220,9 @@ class DPOConfig:
     auto_find_batch_size: bool = _no(False, "Search a batch size that fits.")
     eval_delay: float = _f(0, "No evaluation before this many steps (or epochs, eval 'epoch').")
     eval_on_start: bool = _f(False, "Evaluate once before the first training step.")
-    enable_jit_checkpoint: bool = _no(False, "Checkpoint on SIGTERM.")
+    enable_jit_checkpoint: bool = _f(
+        False, "On SIGTERM: finish the step, write a checkpoint, stop (preemptible jobs)."
+    )
     push_to_hub: bool = _f(
         False, "Push the model to the Hub at the end (`trainer.push_to_hub()`; TRL's scripts)."
     )

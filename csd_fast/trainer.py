@@ -501,9 +501,13 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
             )
         # one writer per output_dir; a used one needs resume or overwrite_output_dir; the
         # checkpoint is verified and its configuration compared before anything loads
-        from csd_fast.trl_compat import neftune
+        from csd_fast.trl_compat import jit_checkpoint, neftune
 
-        with guarded_training(self, resume_from_checkpoint) as checkpoint, neftune(self):
+        with (
+            guarded_training(self, resume_from_checkpoint) as checkpoint,
+            neftune(self),
+            jit_checkpoint(self),
+        ):
             return run_training(self.training_job(), checkpoint)
 
     def training_job(self):

@@ -4,6 +4,7 @@
     coef, enabled = model_setup(trainer, args)   # MoE aux, tags, pad id, TR-DPO, Liger, compile
     check_new_eval_reference(trainer)            # evaluate(new set) with precomputed references
     with neftune(trainer): ...                   # NEFTune noise on the embeddings in train()
+    with jit_checkpoint(trainer): ...            # SIGTERM: checkpoint after this step, stop
     with activation_offload(args, training, device): ...   # saved activations kept on the CPU
     scaler = fp16_scaler(args, device, sharded)  # fp16: a GradScaler on GPUs (None on the CPU)
     eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
@@ -15,6 +16,8 @@ same exception type with TRL's message where TRL raises. Tests: tests/test_trl_c
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import warnings
 
 import torch
@@ -264,3 +267,53 @@ def fp16_scaler(args, device, sharded: bool):
             "bf16=True, or fused=False"
         )
     return torch.amp.GradScaler(device.type)
+
+
+class _JitCheckpointCallback:
+    """Asks the loop for a checkpoint and a stop at the first step end after SIGTERM."""
+
+    def __init__(self, trainer):
+        self.trainer, self.requested = trainer, False
+
+    def _requested_anywhere(self) -> bool:
+        dist = self.trainer.dist
+        if not dist.distributed:  # every rank must stop at the same step: agree on the flag
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=dist.device)
+        return bool(dist.all_reduce_sum(flag).item() > 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._requested_anywhere():
+            control.should_save = control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.requested:  # the step end above saved this state already
+            control.should_save = False
+        return control
+
+
+@contextlib.contextmanager
+def jit_checkpoint(trainer):
+    """`enable_jit_checkpoint` (transformers 5): on SIGTERM (SLURM `--signal=TERM@<s>`, a
+    Kubernetes preemption) the running optimizer step finishes, a regular (atomic) checkpoint
+    is written and train() returns; `train(resume_from_checkpoint=True)` continues exactly.
+    transformers waits 3 s for a SIGKILL first; csd-fast's checkpoints are atomic, so a kill
+    during the save leaves the previous one intact and the flag is acted on at once."""
+    if not trainer.args.enable_jit_checkpoint or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        yield
+        return
+    callback = _JitCheckpointCallback(trainer)
+
+    def handler(signum, frame):
+        callback.requested = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    trainer.callbacks.append(callback)  # last: after the user's own step-end callbacks
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        trainer.callbacks.remove(callback)

@@ -271,3 +271,32 @@ def test_loss_scaling_is_exact_and_skips_overflowing_steps(models, tmp_path):
     assert over.grad_scaler.get_scale() == 2.0**9
     saved = json.loads((tmp_path / "over" / "checkpoint-1" / "trainer_state.json").read_text())
     assert saved["grad_scaler"]["scale"] == 2.0**9
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(models, tmp_path):
+    """enable_jit_checkpoint: a SIGTERM during step 2 (as SLURM sends before a preemption)
+    ends training after that step with checkpoint-2 written; resuming from it ends with the
+    weights of a run never stopped. The previous SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    class SigtermAtStep2:
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    kw = dict(max_steps=5, save_strategy="no", enable_jit_checkpoint=True)
+    before = signal.getsignal(signal.SIGTERM)
+    whole = _csd_trainer(models, tmp_path / "whole", **kw)
+    whole.train()
+    cut = _csd_trainer(models, tmp_path / "cut", **kw)
+    cut.add_callback(SigtermAtStep2())
+    cut.train()
+    assert cut.state.global_step == 2
+    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGTERM) is before
+    resumed = _csd_trainer(models, tmp_path / "cut", **kw)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 5
+    ours, ref = resumed.model.state_dict(), whole.model.state_dict()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
