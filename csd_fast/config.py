@@ -205,8 +205,10 @@ class DPOConfig:
     label_smoothing_factor: float = _f(
         0.0, "Accepted; no effect, as in TRL (its DPO loss never calls HF's label smoother)."
     )
-    bf16_full_eval: bool = _no(False, "Evaluate fully in bf16.")
-    fp16_full_eval: bool = _no(False, "Evaluate fully in fp16.")
+    bf16_full_eval: bool = _f(
+        False, "evaluate()/predict() outside train() cast the policy to bf16 (as transformers)."
+    )
+    fp16_full_eval: bool = _f(False, "The same in fp16.")
     torch_compile: bool = _f(False, "torch.compile the policy (and a live reference model).")
     torch_compile_backend: str | None = _f(None, "torch.compile backend (default: inductor).")
     torch_compile_mode: str | None = _f(None, "torch.compile mode (e.g. 'max-autotune').")
@@ -226,7 +228,9 @@ class DPOConfig:
     push_to_hub: bool = _f(
         False, "Push the model to the Hub at the end (`trainer.push_to_hub()`; TRL's scripts)."
     )
-    ignore_data_skip: bool = _no(False, "Do not fast-forward data on resume.")
+    ignore_data_skip: bool = _f(
+        False, "On resume, start the saved epoch over instead of skipping its consumed batches."
+    )
     restore_callback_states_from_checkpoint: bool = _no(False, "Restore callback states.")
     full_determinism: bool = _f(
         False,

@@ -169,6 +169,8 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         )
         for f in fields(loaded):
             setattr(progress, f.name, getattr(loaded, f.name))
+        if args.ignore_data_skip:  # transformers: no fast-forward, the epoch starts over
+            progress.micro_in_epoch = 0
         if getattr(args, "resume_with_changes", False):  # changes accepted (and logged) up front
             resume.apply_new_hyperparameters(opt, sched, fresh)
         # TRL's cumulative count; each rank counts its own, so the saved total lives on rank 0

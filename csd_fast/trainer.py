@@ -95,6 +95,7 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
         _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
         self.compute_metrics = compute_metrics
+        self._in_train = False  # inside train() (evaluations there never cast: *_full_eval)
         if args.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
@@ -503,12 +504,16 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
         # checkpoint is verified and its configuration compared before anything loads
         from csd_fast.trl_compat import jit_checkpoint, neftune
 
-        with (
-            guarded_training(self, resume_from_checkpoint) as checkpoint,
-            neftune(self),
-            jit_checkpoint(self),
-        ):
-            return run_training(self.training_job(), checkpoint)
+        self._in_train = True
+        try:
+            with (
+                guarded_training(self, resume_from_checkpoint) as checkpoint,
+                neftune(self),
+                jit_checkpoint(self),
+            ):
+                return run_training(self.training_job(), checkpoint)
+        finally:
+            self._in_train = False
 
     def training_job(self):
         """The explicit object `csd_fast.loop.run_training` drives (builds optimizer/schedule)."""
@@ -590,6 +595,9 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
                 self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
             finally:
                 self._policy_is_initial = initial
+        if not self._in_train and (a.bf16_full_eval or a.fp16_full_eval):
+            # transformers: outside train() the model is cast (in place, and it stays so)
+            self.model.to(torch.bfloat16 if a.bf16_full_eval else torch.float16)
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
@@ -633,8 +641,8 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
             # TRL's log() adds the metrics of the steps since the last logging step to whatever
             # is logged, so the end-of-training summary carries that window (aux_loss, ...)
             logs = {**logs, **self._metrics.pop("train")}
-        if self.state.epoch is not None:
-            logs = {**logs, "epoch": self.state.epoch}
+        if self.state.epoch is not None:  # in place, as transformers: evaluate()'s metrics
+            logs["epoch"] = self.state.epoch  # carry the epoch too
         entry = {**logs, "step": self.state.global_step}
         self.state.log_history.append(entry)
         if self.dist.is_main:  # every rank keeps the (all-rank) history; rank 0 writes it

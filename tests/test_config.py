@@ -160,7 +160,7 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
     [
         {"deepspeed": "ds.json"},
         {"fsdp": "full_shard"},
-        {"fp16_full_eval": True},
+        {"restore_callback_states_from_checkpoint": True},
         {"auto_find_batch_size": True},
         {"optim_args": "betas=(0.9,0.99)"},
         {"train_sampling_strategy": "group_by_length"},

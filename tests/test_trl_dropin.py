@@ -300,3 +300,65 @@ def test_sigterm_checkpoints_and_resumes_exactly(models, tmp_path):
     assert resumed.state.global_step == 5
     ours, ref = resumed.model.state_dict(), whole.model.state_dict()
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_bf16_full_eval_matches_trl(models, tmp_path):
+    """evaluate() outside train() with bf16_full_eval: the policy is cast to bf16 (and stays
+    so, as in transformers) and the metrics are TRL's within bf16 rounding."""
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import base_kwargs, save_tiny
+
+    from csd_fast import DPOConfig, DPOTrainer
+
+    path, _ = save_tiny("llama", models)
+    data = datasets.Dataset.from_list(rows("standard", 8))
+    results = {}
+    for name, (config, trainer_cls) in {
+        "trl": (trl.DPOConfig, trl.DPOTrainer),
+        "csd": (DPOConfig, DPOTrainer),
+    }.items():
+        trainer = trainer_cls(
+            model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+            args=config(**base_kwargs(tmp_path / name, bf16_full_eval=True)),
+            train_dataset=data, eval_dataset=data,
+            processing_class=AutoTokenizer.from_pretrained(path),
+        )  # fmt: skip
+        results[name] = trainer.evaluate()
+        assert next(trainer.model.parameters()).dtype == torch.bfloat16, name
+    ref, ours = results["trl"], results["csd"]
+    keys = [k for k in ref if not k.endswith(("runtime", "per_second"))]
+    assert keys and not [k for k in keys if k not in ours], [k for k in keys if k not in ours]
+    bad = [k for k in keys if abs(ours[k] - ref[k]) > 2e-2 * max(1.0, abs(ref[k]))]
+    assert not bad, {k: (ours[k], ref[k]) for k in bad}
+    assert ours["eval_logps/chosen"] != pytest.approx(-40.39, abs=1e-6)  # not the fp32 value
+
+
+def test_ignore_data_skip_starts_the_epoch_over(models, tmp_path):
+    """Resumed after step 1 of a 2-step epoch: by default step 2 takes the epoch's second
+    batch (as never stopped); with ignore_data_skip it takes the first one again."""
+
+    class StopAfterStep1:
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                control.should_training_stop = True
+            return control
+
+    def tokens_per_step(trainer) -> list[int]:
+        seen = [h["num_tokens"] for h in step_logs(trainer.state.log_history)]
+        return [b - a for a, b in zip([0, *seen], seen, strict=False)]
+
+    kw = dict(max_steps=3, save_strategy="steps", save_steps=1)
+    whole = _csd_trainer(models, tmp_path / "whole", **kw)
+    whole.train()
+    first, second, _ = tokens_per_step(whole)
+    assert first != second  # the two batches of the epoch are told apart by their sizes
+    for ignore, want in ((False, second), (True, first)):
+        out = tmp_path / f"ignore_{ignore}"
+        cut = _csd_trainer(models, out, **kw)
+        cut.add_callback(StopAfterStep1())
+        cut.train()
+        resumed = _csd_trainer(models, out, ignore_data_skip=ignore, **kw)
+        resumed.train(resume_from_checkpoint=True)
+        assert tokens_per_step(resumed)[1] == want
