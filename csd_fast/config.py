@@ -200,7 +200,9 @@ class DPOConfig:
     hub_always_push: bool = _f(False, "Accepted; no effect.")
     hub_revision: str | None = _f(None, "Hub branch to push to.")
     # ---- inherited, not supported (default only) -----------------------------------------
-    optim_args: str | None = _no(None, "Extra optimizer arguments.")
+    optim_args: str | None = _f(
+        None, "Accepted; transformers reads it only for optimizers other than AdamW (a warning)."
+    )
     optim_target_modules: None | str | list[str] = _no(None, "GaLore/APOLLO target modules.")
     label_smoothing_factor: float = _f(
         0.0, "Accepted; no effect, as in TRL (its DPO loss never calls HF's label smoother)."
@@ -396,6 +398,14 @@ class DPOConfig:
                 "`pad_token` is deprecated: set `tokenizer.pad_token` and pass the tokenizer as "
                 "`processing_class`.",
                 FutureWarning,
+                stacklevel=3,
+            )
+        if self.optim_args:
+            warnings.warn(
+                f"optim_args={self.optim_args!r} has no effect with optim={self.optim!r}: "
+                "transformers passes optim_args only to other optimizers (SGD, GaLore, ...), "
+                "and so it is ignored, as in TRL. Set adam_beta1/adam_beta2/adam_epsilon.",
+                UserWarning,
                 stacklevel=3,
             )
         if self.truncation_mode == "keep_end":

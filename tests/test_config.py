@@ -162,7 +162,7 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
         {"fsdp": "full_shard"},
         {"restore_callback_states_from_checkpoint": True},
         {"auto_find_batch_size": True},
-        {"optim_args": "betas=(0.9,0.99)"},
+        {"optim_target_modules": ["attn"]},
         {"train_sampling_strategy": "group_by_length"},
         {"optim": "sgd"},
         {"lr_scheduler_type": "reduce_lr_on_plateau"},

@@ -362,3 +362,12 @@ def test_ignore_data_skip_starts_the_epoch_over(models, tmp_path):
         resumed = _csd_trainer(models, out, ignore_data_skip=ignore, **kw)
         resumed.train(resume_from_checkpoint=True)
         assert tokens_per_step(resumed)[1] == want
+
+
+def test_optim_args_are_ignored_with_adamw_as_in_trl(models, tmp_path):
+    with pytest.warns(UserWarning, match="optim_args"):
+        (ref_logs, ref_w), (our_logs, our_w) = _both(models, tmp_path, optim_args="eps=0.5")
+    problems = compare_logs(our_logs, ref_logs)
+    assert not problems, "\n".join(problems)
+    plain, _ = run("trl", "llama", models, tmp_path / "plain", rows("standard", 8))
+    assert not compare_logs(plain, ref_logs)  # TRL's own run: no effect either
