@@ -233,7 +233,9 @@ class DPOConfig:
     ignore_data_skip: bool = _f(
         False, "On resume, start the saved epoch over instead of skipping its consumed batches."
     )
-    restore_callback_states_from_checkpoint: bool = _no(False, "Restore callback states.")
+    restore_callback_states_from_checkpoint: bool = _f(
+        False, "On resume, restore stateful callbacks (e.g. EarlyStoppingCallback) as saved."
+    )
     full_determinism: bool = _f(
         False,
         "transformers' enable_full_determinism(seed): deterministic torch algorithms and cuBLAS "

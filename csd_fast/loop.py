@@ -62,6 +62,8 @@ class TrainingJob:
     train_tokens: Callable[[], int]  # training tokens so far over all ranks (a collective)
     run: dict = field(default_factory=dict)  # model names, data fingerprints (csd_fast.resume)
     scaler: Any = None  # fp16: a torch.amp.GradScaler (dynamic loss scaling), else None
+    callback_states: Callable[[], dict] | None = None  # stateful callbacks, for checkpoints
+    restore_callbacks: Callable[[dict], None] | None = None  # ... and back on resume
 
 
 def _due(step: int, every: float | int | None, total: int) -> bool:
@@ -178,6 +180,8 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         job.metrics.total_train_tokens += progress.total_tokens if env.is_main else 0
         if job.scaler is not None and progress.grad_scaler is not None:
             job.scaler.load_state_dict(progress.grad_scaler)
+        if args.restore_callback_states_from_checkpoint and job.restore_callbacks is not None:
+            job.restore_callbacks(progress.stateful_callbacks)
         if env.is_main:
             job.writer.restore(progress.log_history)  # exactly what was written at that point
     tokens = _TokenCount(job)
@@ -441,6 +445,8 @@ def _save(job: TrainingJob, tokens: _TokenCount, best: bool = False) -> Path:
         tokens.sync()  # the saved count is the all-rank total
     job.progress.train_loss_sum = tokens.loss_sum()
     job.progress.grad_scaler = None if job.scaler is None else job.scaler.state_dict()
+    if job.callback_states is not None:
+        job.progress.stateful_callbacks = job.callback_states()
     ckpt.save_checkpoint(
         path,
         model=job.model,

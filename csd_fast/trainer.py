@@ -520,6 +520,7 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
         from csd_fast.loop import TrainingJob, schedule_length
         from csd_fast.optim import build_optimizer, build_scheduler
         from csd_fast.resume import run_identity
+        from csd_fast.trl_compat import callback_states, restore_callback_states
 
         def plans(epoch: int):
             return self._rank_plans(self.train_pairs, "train", epoch)
@@ -552,6 +553,8 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
             train_tokens=self.global_train_tokens,
             run=run_identity(self),
             scaler=self.grad_scaler,
+            callback_states=lambda: callback_states(self),
+            restore_callbacks=lambda saved: restore_callback_states(self, saved),
         )
 
     def evaluate(

@@ -7,6 +7,7 @@
     with jit_checkpoint(trainer): ...            # SIGTERM: checkpoint after this step, stop
     with activation_offload(args, training, device): ...   # saved activations kept on the CPU
     scaler = fp16_scaler(args, device, sharded)  # fp16: a GradScaler on GPUs (None on the CPU)
+    callback_states(trainer); restore_callback_states(trainer, saved)   # checkpointed callbacks
     eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
 
 Each function follows the named TRL 1.16 code path (trl/trainer/dpo_trainer.py) and raises the
@@ -317,3 +318,49 @@ def jit_checkpoint(trainer):
     finally:
         signal.signal(signal.SIGTERM, previous)
         trainer.callbacks.remove(callback)
+
+
+def _exportable(trainer) -> list:
+    from transformers.trainer_callback import ExportableState
+
+    return [cb for cb in [*trainer.callbacks, trainer.control] if isinstance(cb, ExportableState)]
+
+
+def callback_states(trainer) -> dict:
+    """transformers' `stateful_callbacks` of a checkpoint: class name -> `state()` (a list when
+    several callbacks share a class), for every ExportableState callback and the control."""
+    out: dict = {}
+    for cb in _exportable(trainer):
+        name = type(cb).__name__
+        if name in out:
+            out[name] = [*(out[name] if isinstance(out[name], list) else [out[name]]), cb.state()]
+        else:
+            out[name] = cb.state()
+    return out
+
+
+def restore_callback_states(trainer, saved: dict) -> None:
+    """`restore_callback_states_from_checkpoint`, as transformers: each saved state rebuilds the
+    callback of the same class (in order, for several), `type(cb)(**args)` then its attributes;
+    saved callbacks the run no longer has are named in a warning."""
+    missing = []
+    for name, states in saved.items():
+        states = states if isinstance(states, list) else [states]
+        current = [cb for cb in _exportable(trainer) if type(cb).__name__ == name]
+        if not current:
+            missing.append(name)
+        for cb, state in zip(current, states, strict=False):
+            new = type(cb)(**state.get("args", {}))
+            for attribute, value in state.get("attributes", {}).items():
+                setattr(new, attribute, value)
+            if cb is trainer.control:
+                trainer.control = new
+            else:
+                trainer.callbacks[trainer.callbacks.index(cb)] = new
+    if missing:
+        warnings.warn(
+            f"the checkpoint has callback states for {', '.join(missing)}, which this run does not "
+            "have: ignored",
+            UserWarning,
+            stacklevel=2,
+        )

@@ -160,7 +160,7 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
     [
         {"deepspeed": "ds.json"},
         {"fsdp": "full_shard"},
-        {"restore_callback_states_from_checkpoint": True},
+        {"debug": "underflow_overflow"},
         {"auto_find_batch_size": True},
         {"optim_target_modules": ["attn"]},
         {"train_sampling_strategy": "group_by_length"},

@@ -1,20 +1,28 @@
 """TRL DPOConfig options that were on csd-fast's unsupported list, each against TRL 1.16 on CPU.
 
-Run: `python -m pytest tests/test_trl_dropin.py -q` (about 2 minutes on 2 cores).
+Run: `python -m pytest tests/test_trl_dropin.py -q` (about 1.5 minutes on 2 cores).
 
-eval_on_start, save_only_model, neftune_noise_alpha and activation_offloading train the same
-tiny model on the same rows with TRL's DPOTrainer and ours (tests/trl_helpers.py) and compare
-every logged value, the checkpoints' contents and the final weights; a prompt-learning adapter
-(which our forward cannot honour) must be refused, not silently ignored.
+eval_on_start, eval_delay, label_smoothing_factor, neftune_noise_alpha, activation_offloading,
+a custom data_collator, fp16 (on the CPU), bf16_full_eval and optim_args train or evaluate the
+same tiny model on the same rows with TRL's DPOTrainer and ours (tests/trl_helpers.py) and
+compare every logged value and the final weights; a prompt-learning adapter (which our forward
+cannot honour) must be refused, not silently ignored. Checkpoint and resume options:
+tests/test_trl_dropin_resume.py.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from trl_helpers import compare_logs, eval_logs, rows, run, step_logs
+from trl_helpers import (
+    both_runs,
+    compare_logs,
+    eval_logs,
+    max_weight_diff,
+    rows,
+    run,
+    step_logs,
+)
 
 pytest.importorskip("trl")
 
@@ -26,21 +34,9 @@ def models(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
-def _both(models, tmp_path, n=8, **kw):
-    data = rows("standard", n)
-    ref = run("trl", "llama", models, tmp_path / "trl", data, **kw)
-    ours = run("csd", "llama", models, tmp_path / "csd", data, **kw)
-    return ref, ours
-
-
-def _same_weights(ours: dict, ref: dict) -> float:
-    assert ours.keys() == ref.keys()
-    return max((ours[k] - ref[k]).abs().max().item() for k in ref)
-
-
 def test_eval_on_start_matches_trl(models, tmp_path):
     kw = dict(eval_on_start=True, eval_strategy="steps", eval_steps=2, eval_rows=6)
-    (ref_logs, _), (our_logs, _) = _both(models, tmp_path, **kw)
+    (ref_logs, _), (our_logs, _) = both_runs(models, tmp_path, **kw)
     assert [h["step"] for h in eval_logs(ref_logs)] == [0, 2, 3]  # before step 1, then as usual
     problems = compare_logs(our_logs, ref_logs)
     assert not problems, "\n".join(problems)
@@ -57,7 +53,7 @@ def test_eval_on_start_matches_trl(models, tmp_path):
 def test_eval_delay_and_label_smoothing_factor_match_trl(models, tmp_path, kw, evaluated_at):
     """eval_delay holds evaluations back (steps, or epochs); label_smoothing_factor has no
     effect on TRL's DPO loss, so none on ours."""
-    (ref_logs, _), (our_logs, _) = _both(models, tmp_path, eval_rows=6, **kw)
+    (ref_logs, _), (our_logs, _) = both_runs(models, tmp_path, eval_rows=6, **kw)
     assert [h["step"] for h in eval_logs(ref_logs)] == evaluated_at
     problems = compare_logs(our_logs, ref_logs)
     assert not problems, "\n".join(problems)
@@ -66,39 +62,6 @@ def test_eval_delay_and_label_smoothing_factor_match_trl(models, tmp_path, kw, e
 def test_eval_on_start_without_an_eval_set_is_an_error(models, tmp_path):
     with pytest.raises(ValueError, match="eval"):
         run("csd", "llama", models, tmp_path, rows("standard", 8), eval_on_start=True)
-
-
-def _checkpoint_files(out: Path) -> set[str]:
-    return {p.name for p in (out / "checkpoint-2").iterdir()}
-
-
-def _checkpoint_weights(out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return {k: v.float() for k, v in load_file(out / "checkpoint-2" / "model.safetensors").items()}
-
-
-def test_save_only_model_matches_trl(models, tmp_path):
-    from csd_fast.resume import CheckpointError
-
-    kw = dict(save_strategy="steps", save_steps=2, save_only_model=True)
-    _both(models, tmp_path, **kw)
-    trl_files, our_files = _checkpoint_files(tmp_path / "trl"), _checkpoint_files(tmp_path / "csd")
-    state = {"optimizer.pt", "scheduler.pt"}
-    assert "model.safetensors" in trl_files and not state & trl_files  # what the option means
-    assert "model.safetensors" in our_files and not state & our_files
-    worst = _same_weights(
-        _checkpoint_weights(tmp_path / "csd"), _checkpoint_weights(tmp_path / "trl")
-    )
-    assert worst <= WEIGHT_ATOL, f"checkpoint weights differ by up to {worst:.3g}"
-    # a full checkpoint (the default) still carries the optimizer: the option made the difference
-    run("csd", "llama", models, tmp_path / "full", rows("standard", 8), save_strategy="steps",
-        save_steps=2)  # fmt: skip
-    assert state <= _checkpoint_files(tmp_path / "full")
-    # resuming from weights alone would restart the moments and schedule: refused, and why
-    with pytest.raises(CheckpointError, match="save_only_model"):
-        run("csd", "llama", models, tmp_path / "csd", rows("standard", 8),
-            resume=True, **kw)  # fmt: skip
 
 
 def test_neftune_noise_as_trl(models, tmp_path, monkeypatch):
@@ -181,7 +144,7 @@ def test_activation_offloading_matches_trl(models, tmp_path, monkeypatch):
     assert packed, "no activation went through the offload hooks"
     problems = compare_logs(our_logs, ref_logs)
     assert not problems, "\n".join(problems)
-    assert _same_weights(our_w, ref_w) <= WEIGHT_ATOL
+    assert max_weight_diff(our_w, ref_w) <= WEIGHT_ATOL
 
 
 def test_prompt_learning_adapter_is_refused(models, tmp_path):
@@ -202,10 +165,10 @@ def test_custom_data_collator_matches_trl(models, tmp_path, precompute):
     _, tok = save_tiny("llama", models)
     collator = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=12)
     kw = dict(trainer_kwargs={"data_collator": collator}, precompute_ref_log_probs=precompute)
-    (ref_logs, ref_w), (our_logs, our_w) = _both(models, tmp_path, **kw)
+    (ref_logs, ref_w), (our_logs, our_w) = both_runs(models, tmp_path, **kw)
     problems = compare_logs(our_logs, ref_logs)
     assert not problems, "\n".join(problems)
-    assert _same_weights(our_w, ref_w) <= WEIGHT_ATOL
+    assert max_weight_diff(our_w, ref_w) <= WEIGHT_ATOL
     plain, _ = run("csd", "llama", models, tmp_path / "plain", rows("standard", 8))
     assert step_logs(plain)[0]["num_tokens"] != step_logs(our_logs)[0]["num_tokens"]
 
@@ -222,84 +185,10 @@ def test_custom_data_collator_must_return_trls_layout(models, tmp_path):
 def test_fp16_on_cpu_matches_trl(models, tmp_path):
     """On the CPU accelerate leaves fp16 off (no autocast, no scaler): TRL's fp16 run is fp32,
     and so is ours, to the last logged digit."""
-    (ref_logs, ref_w), (our_logs, our_w) = _both(models, tmp_path, fp16=True)
+    (ref_logs, ref_w), (our_logs, our_w) = both_runs(models, tmp_path, fp16=True)
     problems = compare_logs(our_logs, ref_logs)
     assert not problems, "\n".join(problems)
-    assert _same_weights(our_w, ref_w) <= WEIGHT_ATOL
-
-
-def _csd_trainer(models, out, **kw):
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl_helpers import base_kwargs, save_tiny
-
-    from csd_fast import DPOConfig, DPOTrainer
-
-    path, _ = save_tiny("llama", models)
-    return DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
-        args=DPOConfig(**base_kwargs(out, **kw)),
-        train_dataset=datasets.Dataset.from_list(rows("standard", 8)),
-        processing_class=AutoTokenizer.from_pretrained(path),
-    )  # fmt: skip
-
-
-def test_loss_scaling_is_exact_and_skips_overflowing_steps(models, tmp_path):
-    """The fp16 loop path (a GradScaler; on a GPU made by fp16=True) run on the CPU's scaler:
-    a power-of-two scale changes no number (TRL's fp32 run), an overflowing one skips the step
-    (weights and schedule untouched, scale halved) and is saved for resume."""
-    import json
-
-    data = rows("standard", 8)
-    ref_logs, ref_w = run("trl", "llama", models, tmp_path / "trl", data)
-    scaled = _csd_trainer(models, tmp_path / "scaled")
-    scaled.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    scaled.train()
-    problems = compare_logs(scaled.state.log_history, ref_logs)
-    assert not problems, "\n".join(problems)
-    assert scaled.grad_scaler.get_scale() == 2.0**10  # no overflow, growth interval not reached
-
-    over = _csd_trainer(models, tmp_path / "over", max_steps=1, save_strategy="steps",
-                        save_steps=1)  # fmt: skip
-    before = {k: v.clone() for k, v in over.model.state_dict().items()}
-    over.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    # an fp16 overflow, made certain: one gradient turns inf
-    next(over.model.parameters()).register_hook(lambda g: g * float("inf"))
-    over.train()
-    assert all(torch.equal(before[k], v) for k, v in over.model.state_dict().items())
-    assert over.lr_scheduler.last_epoch == 0  # a skipped step does not advance the schedule
-    assert over.grad_scaler.get_scale() == 2.0**9
-    saved = json.loads((tmp_path / "over" / "checkpoint-1" / "trainer_state.json").read_text())
-    assert saved["grad_scaler"]["scale"] == 2.0**9
-
-
-def test_sigterm_checkpoints_and_resumes_exactly(models, tmp_path):
-    """enable_jit_checkpoint: a SIGTERM during step 2 (as SLURM sends before a preemption)
-    ends training after that step with checkpoint-2 written; resuming from it ends with the
-    weights of a run never stopped. The previous SIGTERM handler is back afterwards."""
-    import os
-    import signal
-
-    class SigtermAtStep2:
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    kw = dict(max_steps=5, save_strategy="no", enable_jit_checkpoint=True)
-    before = signal.getsignal(signal.SIGTERM)
-    whole = _csd_trainer(models, tmp_path / "whole", **kw)
-    whole.train()
-    cut = _csd_trainer(models, tmp_path / "cut", **kw)
-    cut.add_callback(SigtermAtStep2())
-    cut.train()
-    assert cut.state.global_step == 2
-    assert sorted(p.name for p in (tmp_path / "cut").glob("checkpoint-*")) == ["checkpoint-2"]
-    assert signal.getsignal(signal.SIGTERM) is before
-    resumed = _csd_trainer(models, tmp_path / "cut", **kw)
-    resumed.train(resume_from_checkpoint=True)
-    assert resumed.state.global_step == 5
-    ours, ref = resumed.model.state_dict(), whole.model.state_dict()
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert max_weight_diff(our_w, ref_w) <= WEIGHT_ATOL
 
 
 def test_bf16_full_eval_matches_trl(models, tmp_path):
@@ -335,38 +224,9 @@ def test_bf16_full_eval_matches_trl(models, tmp_path):
     assert ours["eval_logps/chosen"] != pytest.approx(-40.39, abs=1e-6)  # not the fp32 value
 
 
-def test_ignore_data_skip_starts_the_epoch_over(models, tmp_path):
-    """Resumed after step 1 of a 2-step epoch: by default step 2 takes the epoch's second
-    batch (as never stopped); with ignore_data_skip it takes the first one again."""
-
-    class StopAfterStep1:
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                control.should_training_stop = True
-            return control
-
-    def tokens_per_step(trainer) -> list[int]:
-        seen = [h["num_tokens"] for h in step_logs(trainer.state.log_history)]
-        return [b - a for a, b in zip([0, *seen], seen, strict=False)]
-
-    kw = dict(max_steps=3, save_strategy="steps", save_steps=1)
-    whole = _csd_trainer(models, tmp_path / "whole", **kw)
-    whole.train()
-    first, second, _ = tokens_per_step(whole)
-    assert first != second  # the two batches of the epoch are told apart by their sizes
-    for ignore, want in ((False, second), (True, first)):
-        out = tmp_path / f"ignore_{ignore}"
-        cut = _csd_trainer(models, out, **kw)
-        cut.add_callback(StopAfterStep1())
-        cut.train()
-        resumed = _csd_trainer(models, out, ignore_data_skip=ignore, **kw)
-        resumed.train(resume_from_checkpoint=True)
-        assert tokens_per_step(resumed)[1] == want
-
-
 def test_optim_args_are_ignored_with_adamw_as_in_trl(models, tmp_path):
     with pytest.warns(UserWarning, match="optim_args"):
-        (ref_logs, ref_w), (our_logs, our_w) = _both(models, tmp_path, optim_args="eps=0.5")
+        (ref_logs, ref_w), (our_logs, our_w) = both_runs(models, tmp_path, optim_args="eps=0.5")
     problems = compare_logs(our_logs, ref_logs)
     assert not problems, "\n".join(problems)
     plain, _ = run("trl", "llama", models, tmp_path / "plain", rows("standard", 8))

@@ -149,6 +149,39 @@ def run(
     return list(trainer.state.log_history), state
 
 
+def both_runs(model_root, tmp_path, n: int = 8, **kw):
+    """(TRL's (logs, weights), ours) on the same `n` standard rows, in tmp_path/trl and /csd."""
+    data = rows("standard", n)
+    ref = run("trl", "llama", model_root, Path(tmp_path) / "trl", data, **kw)
+    ours = run("csd", "llama", model_root, Path(tmp_path) / "csd", data, **kw)
+    return ref, ours
+
+
+def max_weight_diff(ours: dict, ref: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert ours.keys() == ref.keys()
+    return max((ours[k] - ref[k]).abs().max().item() for k in ref)
+
+
+def csd_trainer(model_root, out, eval_rows=0, callbacks=None, **kw):
+    """A csd-fast DPOTrainer on the tiny Llama and 8 standard rows (the first eval_rows: eval)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import base_kwargs, save_tiny
+
+    from csd_fast import DPOConfig, DPOTrainer
+
+    path, _ = save_tiny("llama", model_root)
+    data = rows("standard", 8)
+    return DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        args=DPOConfig(**base_kwargs(out, **kw)),
+        train_dataset=datasets.Dataset.from_list(data),
+        eval_dataset=datasets.Dataset.from_list(data[:eval_rows]) if eval_rows else None,
+        processing_class=AutoTokenizer.from_pretrained(path), callbacks=callbacks,
+    )  # fmt: skip
+
+
 def step_logs(history: list[dict]) -> list[dict]:
     """Per-step training logs (drop the end-of-training summary with train_runtime etc.)."""
     return [h for h in history if "loss" in h and "train_runtime" not in h]
