@@ -203,7 +203,9 @@ class DPOConfig:
     optim_args: str | None = _f(
         None, "Accepted; transformers reads it only for optimizers other than AdamW (a warning)."
     )
-    optim_target_modules: None | str | list[str] = _no(None, "GaLore/APOLLO target modules.")
+    optim_target_modules: None | str | list[str] = _f(
+        None, "Accepted; transformers reads it only for GaLore/APOLLO (a warning)."
+    )
     label_smoothing_factor: float = _f(
         0.0, "Accepted; no effect, as in TRL (its DPO loss never calls HF's label smoother)."
     )
@@ -250,7 +252,9 @@ class DPOConfig:
         "reduce_dtype, async_checkpoint (csd_fast.distributed.fsdp.FSDP_CONFIG_KEYS).",
     )
     deepspeed: dict | str | None = _no(None, "DeepSpeed config.")
-    debug: str | list[str] = _no("", "transformers debug options.")
+    debug: str | list[str] = _f(
+        "", "transformers' debug options: 'underflow_overflow' (abort on the first inf/nan)."
+    )
 
     # ---- TRL DPOConfig: model --------------------------------------------------------------
     model_init_kwargs: dict[str, Any] | str | None = _f(
@@ -388,6 +392,13 @@ class DPOConfig:
             self.disable_tqdm = False
         if isinstance(self.debug, str):
             self.debug = self.debug.split()
+        self.debug = [getattr(d, "value", d) for d in self.debug]
+        unknown = [d for d in self.debug if d not in ("underflow_overflow", "tpu_metrics_debug")]
+        if unknown:
+            raise ValueError(
+                f"debug={unknown} is not a valid DebugOption: use 'underflow_overflow' or "
+                "'tpu_metrics_debug'"
+            )
         self._check_choices()
         self._derive_logging_eval_save()
         self._normalise_report_to()
@@ -402,14 +413,16 @@ class DPOConfig:
                 FutureWarning,
                 stacklevel=3,
             )
-        if self.optim_args:
-            warnings.warn(
-                f"optim_args={self.optim_args!r} has no effect with optim={self.optim!r}: "
-                "transformers passes optim_args only to other optimizers (SGD, GaLore, ...), "
-                "and so it is ignored, as in TRL. Set adam_beta1/adam_beta2/adam_epsilon.",
-                UserWarning,
-                stacklevel=3,
-            )
+        for name in ("optim_args", "optim_target_modules"):
+            if getattr(self, name):
+                warnings.warn(
+                    f"{name}={getattr(self, name)!r} has no effect with optim={self.optim!r}: "
+                    "transformers reads it only for other optimizers (SGD, GaLore, APOLLO, ...), "
+                    "so it is ignored, as in TRL. AdamW's settings: adam_beta1/adam_beta2/"
+                    "adam_epsilon/weight_decay.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if self.truncation_mode == "keep_end":
             warnings.warn(
                 "truncation_mode='keep_end' is deprecated (removed in TRL 2.0); use 'keep_start'.",

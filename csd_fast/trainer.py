@@ -502,8 +502,9 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
             )
         # one writer per output_dir; a used one needs resume or overwrite_output_dir; the
         # checkpoint is verified and its configuration compared before anything loads
-        from csd_fast.trl_compat import jit_checkpoint, neftune
+        from csd_fast.trl_compat import jit_checkpoint, neftune, watch_underflow_overflow
 
+        watch_underflow_overflow(self)
         self._in_train = True
         try:
             with (

@@ -5,6 +5,7 @@
     check_new_eval_reference(trainer)            # evaluate(new set) with precomputed references
     with neftune(trainer): ...                   # NEFTune noise on the embeddings in train()
     with jit_checkpoint(trainer): ...            # SIGTERM: checkpoint after this step, stop
+    watch_underflow_overflow(trainer)            # debug="underflow_overflow"
     with activation_offload(args, training, device): ...   # saved activations kept on the CPU
     scaler = fp16_scaler(args, device, sharded)  # fp16: a GradScaler on GPUs (None on the CPU)
     callback_states(trainer); restore_callback_states(trainer, saved)   # checkpointed callbacks
@@ -364,3 +365,14 @@ def restore_callback_states(trainer, saved: dict) -> None:
             UserWarning,
             stacklevel=2,
         )
+
+
+def watch_underflow_overflow(trainer) -> None:
+    """`debug="underflow_overflow"`: transformers' own DebugUnderflowOverflow on the policy (its
+    forward hooks abort on the first inf/nan with a trace of the last frames), added once, at
+    train() as transformers does ('tpu_metrics_debug' needs a TPU: no effect here)."""
+    if "underflow_overflow" not in trainer.args.debug or getattr(trainer, "_debug_hooks", None):
+        return
+    from transformers.debug_utils import DebugUnderflowOverflow
+
+    trainer._debug_hooks = DebugUnderflowOverflow(trainer.model)

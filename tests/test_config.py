@@ -160,9 +160,9 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
     [
         {"deepspeed": "ds.json"},
         {"fsdp": "full_shard"},
-        {"debug": "underflow_overflow"},
+        {"parallelism_config": {"tp_size": 2}},
         {"auto_find_batch_size": True},
-        {"optim_target_modules": ["attn"]},
+        {"accelerator_config": {"split_batches": True}},
         {"train_sampling_strategy": "group_by_length"},
         {"optim": "sgd"},
         {"lr_scheduler_type": "reduce_lr_on_plateau"},

@@ -224,10 +224,38 @@ def test_bf16_full_eval_matches_trl(models, tmp_path):
     assert ours["eval_logps/chosen"] != pytest.approx(-40.39, abs=1e-6)  # not the fp32 value
 
 
-def test_optim_args_are_ignored_with_adamw_as_in_trl(models, tmp_path):
-    with pytest.warns(UserWarning, match="optim_args"):
-        (ref_logs, ref_w), (our_logs, our_w) = both_runs(models, tmp_path, optim_args="eps=0.5")
+@pytest.mark.parametrize("kw", [{"optim_args": "eps=0.5"}, {"optim_target_modules": ["q_proj"]}])
+def test_optimizer_options_of_other_optimizers_are_ignored_as_in_trl(models, tmp_path, kw):
+    with pytest.warns(UserWarning, match=next(iter(kw))):
+        (ref_logs, ref_w), (our_logs, our_w) = both_runs(models, tmp_path, **kw)
     problems = compare_logs(our_logs, ref_logs)
     assert not problems, "\n".join(problems)
     plain, _ = run("trl", "llama", models, tmp_path / "plain", rows("standard", 8))
     assert not compare_logs(plain, ref_logs)  # TRL's own run: no effect either
+
+
+def test_debug_underflow_overflow_aborts_as_trl(models, tmp_path):
+    """debug="underflow_overflow": an inf in a weight stops training at the first forward
+    that meets it, with transformers' ValueError, on both sides (without it: a nan loss)."""
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import base_kwargs, save_tiny
+
+    from csd_fast import DPOConfig, DPOTrainer
+
+    path, _ = save_tiny("llama", models)
+    data = datasets.Dataset.from_list(rows("standard", 8))
+    for name, config, trainer_cls in (
+        ("trl", trl.DPOConfig, trl.DPOTrainer),
+        ("csd", DPOConfig, DPOTrainer),
+    ):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+        trainer = trainer_cls(
+            model=model, args=config(**base_kwargs(tmp_path / name, debug="underflow_overflow")),
+            train_dataset=data, processing_class=AutoTokenizer.from_pretrained(path),
+        )  # fmt: skip
+        with pytest.raises(ValueError, match="inf/nan detected"):
+            trainer.train()
