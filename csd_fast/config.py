@@ -223,7 +223,9 @@ class DPOConfig:
     neftune_noise_alpha: float | None = _f(
         None, "NEFTune: uniform noise on the input embeddings in training (e.g. 5)."
     )
-    auto_find_batch_size: bool = _no(False, "Search a batch size that fits.")
+    auto_find_batch_size: bool = _f(
+        False, "On out-of-memory, retry from the start with 0.9x the train batch size."
+    )
     eval_delay: float = _f(0, "No evaluation before this many steps (or epochs, eval 'epoch').")
     eval_on_start: bool = _f(False, "Evaluate once before the first training step.")
     enable_jit_checkpoint: bool = _f(

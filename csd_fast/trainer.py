@@ -156,6 +156,7 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
         self.optimizer, self.lr_scheduler = optimizers
+        self._own_optimizer, self._own_scheduler = optimizers[0] is None, optimizers[1] is None
         self.state = TrainerState()
         self.control = TrainerControl()
         self.progress = ckpt.TrainProgress()
@@ -502,9 +503,16 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
             )
         # one writer per output_dir; a used one needs resume or overwrite_output_dir; the
         # checkpoint is verified and its configuration compared before anything loads
-        from csd_fast.trl_compat import jit_checkpoint, neftune, watch_underflow_overflow
+        from csd_fast.trl_compat import (
+            batch_size_search,
+            jit_checkpoint,
+            neftune,
+            resumed_batch_size,
+            watch_underflow_overflow,
+        )
 
         watch_underflow_overflow(self)
+        resumed_batch_size(self, resume_from_checkpoint)  # auto_find_batch_size: the found one
         self._in_train = True
         try:
             with (
@@ -512,9 +520,25 @@ class DPOTrainer(ReferenceMixin, TrainerAPI):
                 neftune(self),
                 jit_checkpoint(self),
             ):
-                return run_training(self.training_job(), checkpoint)
+                return batch_size_search(
+                    self, lambda: run_training(self.training_job(), checkpoint)
+                )
         finally:
             self._in_train = False
+
+    def restart_with_batch_size(self, batch_size: int) -> None:
+        """Forget a failed start (auto_find_batch_size): new train batch size, plans, schedule,
+        optimizer (unless the caller gave one), state and metrics."""
+        from csd_fast.metrics import MetricsLog
+
+        self.args.per_device_train_batch_size = batch_size
+        self._plans.pop("train", None)
+        if self._own_optimizer:
+            self.optimizer = None
+        if self._own_scheduler:
+            self.lr_scheduler = None
+        self.state, self.control = TrainerState(), TrainerControl()
+        self.progress, self._metrics = ckpt.TrainProgress(), MetricsLog()
 
     def training_job(self):
         """The explicit object `csd_fast.loop.run_training` drives (builds optimizer/schedule)."""

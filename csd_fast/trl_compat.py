@@ -6,6 +6,7 @@
     with neftune(trainer): ...                   # NEFTune noise on the embeddings in train()
     with jit_checkpoint(trainer): ...            # SIGTERM: checkpoint after this step, stop
     watch_underflow_overflow(trainer)            # debug="underflow_overflow"
+    batch_size_search(trainer, attempt)          # auto_find_batch_size: retry smaller on OOM
     with activation_offload(args, training, device): ...   # saved activations kept on the CPU
     scaler = fp16_scaler(args, device, sharded)  # fp16: a GradScaler on GPUs (None on the CPU)
     callback_states(trainer); restore_callback_states(trainer, saved)   # checkpointed callbacks
@@ -18,6 +19,7 @@ same exception type with TRL's message where TRL raises. Tests: tests/test_trl_c
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import threading
 import warnings
@@ -376,3 +378,53 @@ def watch_underflow_overflow(trainer) -> None:
     from transformers.debug_utils import DebugUnderflowOverflow
 
     trainer._debug_hooks = DebugUnderflowOverflow(trainer.model)
+
+
+def batch_size_search(trainer, attempt):
+    """`auto_find_batch_size`, as transformers (through accelerate) does it: when a training
+    start runs out of memory (accelerate's test of the error), retry from the start with
+    per_device_train_batch_size * 0.9 until one fits; gradient_accumulation_steps is kept."""
+    args = trainer.args
+    if not args.auto_find_batch_size:
+        return attempt()
+    if trainer.dist.distributed:
+        raise NotImplementedError(
+            "auto_find_batch_size under torchrun: an out-of-memory on one rank would leave the "
+            "others waiting in a collective; set per_device_train_batch_size"
+        )
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    while True:
+        try:
+            return attempt()
+        except Exception as e:
+            if not should_reduce_batch_size(e):
+                raise
+        smaller = int(args.per_device_train_batch_size * 0.9)
+        if smaller == 0:
+            raise RuntimeError("No executable batch size found, reached zero.")
+        warnings.warn(
+            f"out of memory with per_device_train_batch_size={args.per_device_train_batch_size}"
+            f": starting again with {smaller} (auto_find_batch_size)",
+            UserWarning,
+            stacklevel=3,
+        )
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        trainer.restart_with_batch_size(smaller)
+
+
+def resumed_batch_size(trainer, resume) -> None:
+    """On resume with auto_find_batch_size, the batch size the checkpoint's run found (as
+    transformers reads it back from the trainer state), so the resume check sees no change."""
+    if not (trainer.args.auto_find_batch_size and resume):
+        return
+    from csd_fast.resume import read_record, select_checkpoint
+
+    path = select_checkpoint(resume, trainer.args.output_dir, log=lambda *a, **k: None)
+    found = (
+        read_record(path).get("training", {}).get("per_device_train_batch_size") if path else None
+    )
+    if found:
+        trainer.args.per_device_train_batch_size = int(found)

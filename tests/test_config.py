@@ -161,7 +161,7 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
         {"deepspeed": "ds.json"},
         {"fsdp": "full_shard"},
         {"parallelism_config": {"tp_size": 2}},
-        {"auto_find_batch_size": True},
+        {"fsdp": "shard_grad_op"},
         {"accelerator_config": {"split_batches": True}},
         {"train_sampling_strategy": "group_by_length"},
         {"optim": "sgd"},

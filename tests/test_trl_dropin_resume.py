@@ -196,3 +196,35 @@ def test_callback_states_saved_as_trl_and_restored(models, tmp_path):
         probe.trainer = trainer
         trainer.train(resume_from_checkpoint=str(tmp_path / "csd" / "checkpoint-2"))
         assert seen["counter"] == want
+
+
+def test_auto_find_batch_size_retries_smaller_as_trl(models, tmp_path):
+    """An out-of-memory above 3 pairs per micro-batch (raised as PyTorch words it): the search
+    goes 8, 7, 6, 5, 4, 3 (accelerate's 0.9 steps) and trains exactly as TRL does at 3; its
+    checkpoint resumes with the found size (no configuration change to refuse)."""
+    data = rows("standard", 8)
+    ref_logs, ref_w = run("trl", "llama", models, tmp_path / "trl", data,
+                          per_device_train_batch_size=3)  # fmt: skip
+    kw = dict(per_device_train_batch_size=8, auto_find_batch_size=True, save_strategy="steps",
+              save_steps=2)  # fmt: skip
+    trainer = csd_trainer(models, tmp_path / "csd", **kw)
+    tried = []
+    compute_loss = trainer.compute_loss
+
+    def oom_above_3(batch, mode="train", dummy=False):
+        if mode == "train" and batch.num_pairs > 3:
+            tried.append(batch.num_pairs)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return compute_loss(batch, mode, dummy)
+
+    trainer.compute_loss = oom_above_3
+    with pytest.warns(UserWarning, match="out of memory"):
+        trainer.train()
+    assert tried == [8, 7, 6, 5, 4]
+    problems = compare_logs(trainer.state.log_history, ref_logs)
+    assert not problems, "\n".join(problems)
+    ours = {k: v.detach().float() for k, v in trainer.model.state_dict().items()}
+    assert max_weight_diff(ours, ref_w) <= WEIGHT_ATOL
+    resumed = csd_trainer(models, tmp_path / "csd", **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "csd" / "checkpoint-2"))
+    assert resumed.args.per_device_train_batch_size == 3 and resumed.state.global_step == 3
