@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from csd_fast.pipeline.loopconfig import STAGES, LoopConfig
 from csd_fast.pipeline.stages import STAGE_FUNCTIONS, StageError
+from csd_fast.rundir import write_text_atomically
 
 MANIFEST = "loop.json"
 
@@ -72,9 +72,9 @@ class Loop:
 
     def _save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{MANIFEST}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(self.manifest, indent=1, sort_keys=True))
-        tmp.replace(self.manifest_path)
+        write_text_atomically(
+            self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True)
+        )
 
     # ---------------------------------------------------------------------- the plan
     def step_dir(self, r: int, stage: str) -> Path:
@@ -127,6 +127,7 @@ class Loop:
         base_responses = str(self.step_dir(1, "eval") / "resp-base")
         policies = {"base": {"model": base, "responses": base_responses}}
         base_fp = policy_fp
+        ranker = None  # ICR's implicit-reward models for the next round (set by each train)
         for r, stage in c.steps():
             out = self.step_dir(r, stage)
             if stage == "translate":
@@ -134,7 +135,7 @@ class Loop:
                 settings = {
                     "model": c.translation_model,
                     "languages": c.languages,
-                    "options": {"languages": c.languages},
+                    "options": {**c.translate_options, "languages": c.languages},
                     "engine": c.engine,
                 }
                 upstream = [prompts_fp]
@@ -154,12 +155,13 @@ class Loop:
                 upstream = [fp[(r, "sample")], _file_hash(rm)]
             elif stage == "pairs":
                 inputs = {"scores": str(self.step_dir(r, "score"))}
-                settings = {
-                    "strategy": c.pair_strategy,
-                    "options": c.pair_options,
-                    "engine": c.engine,
-                }
-                upstream = [fp[(r, "score")]]
+                options, upstream = dict(c.pair_options), [fp[(r, "score")]]
+                if c.pair_strategy == "icr" and ranker is not None:
+                    # ICR iterates: round r ranks with the policy round r-1 trained, against the
+                    # reference it trained with (round 1 ranks with pair_options' models)
+                    options.update(policy=ranker["policy"], reference=ranker["reference"])
+                    upstream.append(ranker["fingerprint"])
+                settings = {"strategy": c.pair_strategy, "options": options, "engine": c.engine}
             elif stage == "train":
                 reference = base if (c.reference == "base" and r > 1) else None
                 inputs = {
@@ -176,9 +178,16 @@ class Loop:
                     "responses": str(out / f"resp-round-{r}"),
                 }
                 inputs = {"policies": dict(policies)}
-                settings = {"prompts": eval_prompts, "eval": c.eval, "reward_model": rm}
+                settings = {
+                    "prompts": eval_prompts,
+                    "eval": c.eval,
+                    "reward_model": rm,
+                    "engine": c.engine,
+                }
                 upstream = [fp[(k, "train")] for k in range(1, r + 1)]
                 upstream += [base_fp, _file_hash(eval_prompts), _file_hash(rm)]
+            if stage in ("translate", "sample", "score", "eval"):
+                inputs["engine_options"] = c.engine_options  # how it runs: not fingerprinted
             fp[(r, stage)] = _digest([stage, settings, upstream])
             steps.append(
                 {
@@ -192,6 +201,11 @@ class Loop:
                 }
             )
             if stage == "train":  # the next round starts from this round's policy
+                ranker = {
+                    "policy": str(out / "final"),
+                    "reference": inputs["reference"] or inputs["init"],
+                    "fingerprint": fp[(r, stage)],
+                }
                 policy, policy_fp = str(out / "final"), fp[(r, stage)]
         return steps
 

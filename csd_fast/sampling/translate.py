@@ -107,6 +107,7 @@ class Translator:
         self.engine, self.tokenizer, self.v = engine, tokenizer, v
         self.params = GenParams(n=1, temperature=0.0, max_tokens=v["max_tokens"])
         self.fragmentwise = 0
+        self.empty = 0  # target rows dropped because the model returned no text
 
     def _generate(self, jobs: list[tuple[str, str, str]]) -> list[str]:
         """jobs: (source, target, text) -> translations."""
@@ -218,12 +219,30 @@ def translate_rows(translator: Translator, rows, v: dict) -> list[dict]:
         row["messages"] = json.dumps(msgs, ensure_ascii=False)
         users = [m["content"] for m in msgs if m["role"] == "user"]
         row["prompt"] = users[-1] if users else msgs[-1]["content"]
+    kept = []
     for row in out:
         src_row = row.pop("_source", None)
         if src_row is not None and row["prompt"] is None:
             row["prompt"] = src_row.prompt  # prompts not translated (--fields response)
             row["messages"] = src_row.messages_json()
-    return out
+        if src_row is not None and _lost_text(row, src_row):
+            translator.empty += 1  # an empty translation is no prompt to sample from: dropped
+            continue
+        kept.append(row)
+    return kept
+
+
+def _lost_text(row: dict, source) -> bool:
+    """Whether a translation came back empty for a non-empty source text."""
+    if row["messages"] is not None and source.messages is not None:
+        turns = json.loads(row["messages"])
+        pairs = zip(turns, source.messages, strict=True)
+        if any(not m["content"].strip() and text.strip() for m, (_, text) in pairs):
+            return True
+    if not row["prompt"].strip():
+        return True
+    response = dict(source.extra).get("response")
+    return bool(response and response.strip() and not (row["response"] or "").strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[{PROG}] {translator.fragmentwise} line(s) lost a code placeholder and were "
             "translated fragment by fragment"
+        )
+    if translator.empty:
+        print(
+            f"[{PROG}] dropped {translator.empty} translation(s) that came back empty "
+            "(the model stopped at once; try another --template or model)"
         )
     code = _report(out, 0) if not child else 0
     return runner.exit_cleanly(code, v["backend"] == "vllm")
