@@ -681,7 +681,24 @@ class DPOTrainer(TrainerAPI):
             close=self.close_writer,
             train_tokens=self.global_train_tokens,
             run=run_identity(self),
+            loss_tokens=self._sft_loss_tokens(),
         )
+
+    def _sft_loss_tokens(self):
+        """Per SFT row, the completion tokens its loss averages over (after truncation): the
+        loop weights micro-batches by them, as TRL's SFTTrainer does. None for preference data
+        and streams (a stream's micro-batches keep the per-micro-batch mean)."""
+        from csd_fast.packing import truncated_lengths
+
+        if not self._sft_data or not hasattr(self.train_pairs, "lengths"):
+            return None
+        prompt, chosen, rejected = self.train_pairs.lengths()
+        a = self.args
+        kept_prompt, kept, _, _ = truncated_lengths(
+            prompt, chosen, rejected, a.max_length, a.truncation_mode
+        )
+        # a completion that starts its row (no prompt kept) has no prediction for its first token
+        return kept - (kept_prompt == 0)
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
