@@ -45,8 +45,11 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     # a single-process checkpoint at step 3, for the workers to resume on two ranks
     scenarios.build_trainer("packed", 1, out / "one_rank", [scenarios.StopAt(3)]).train()
+    for name in scenarios.BY_PATH:
+        scenarios.by_path_models(out, name)
     proc = torchrun(out, "parity")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    (out / "torchrun.log").write_text(proc.stdout)
     return out
 
 
@@ -81,6 +84,11 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name
     assert_same_run(got, scenarios.history(trainer), scenarios.weights(trainer), skip)
     if name == "packed":  # eval ran on both sides; rank 1 had no pair in the last eval batch
         assert any("eval_loss" in h for h in got["history"])
+    if name in scenarios.BY_PATH:  # equal, though rank 1 never read the weights itself
+        path = scenarios.by_path_models(two_ranks, name)[0]
+        assert (
+            f"rank 1: {path} built on the meta device" in (two_ranks / "torchrun.log").read_text()
+        )
 
 
 def test_resume_on_two_ranks_continues_the_run(two_ranks):
