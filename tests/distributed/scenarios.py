@@ -32,7 +32,8 @@ SCENARIOS = {
                    save_strategy="steps", save_steps=3),
     "padded": dict(max_steps=3),
     "prefix_fused": dict(prefix_sharing=True, fused=True, max_steps=3),
-    "lora": dict(padding_free=True, max_steps=3, learning_rate=1e-2),
+    "lora": dict(padding_free=True, max_steps=3, learning_rate=1e-2, save_strategy="steps",
+                 save_steps=3),  # checkpoint-3: what csd export merges
     "attention_only": dict(padding_free=True, max_steps=3, trainable_params=[r"\.self_attn\."]),
     "ckpt_tied_ga": dict(padding_free=True, max_steps=3, gradient_checkpointing=True,
                          gradient_accumulation_steps=2),

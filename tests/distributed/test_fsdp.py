@@ -136,6 +136,39 @@ def test_export_reloads_with_from_pretrained_and_scores_the_same(two_ranks, tmp_
     torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-5)
 
 
+def test_export_merges_lora_checkpoints_sharded_and_single_process(two_ranks, tmp_path):
+    """`csd export` of a LoRA run's checkpoint (2-rank DCP, and the 1-process adapter
+    directory with --base_model): a full model whose log-probs are the trained PEFT model's."""
+    from transformers import AutoModelForCausalLM
+
+    from csd_fast.__main__ import main
+    from csd_fast.batch import collate_padded
+    from csd_fast.forward import sequence_forward
+
+    trainer = single("lora", tmp_path / "one")  # 3 steps: its checkpoint-3 is its final state
+    tok = trainer.processing_class
+    base = tmp_path / "base"  # the scenario's base weights, as the 1-process adapter needs them
+    scenarios.tiny_model(tok).save_pretrained(base)
+    examples = [dict(trainer.train_pairs[i]) for i in range(6)]
+    batch = collate_padded(examples, tok.pad_token_id)
+    with torch.no_grad():
+        want = sequence_forward(trainer.model.eval(), batch, with_stats=False)
+    sources = {
+        "dcp": [str(two_ranks / "lora" / "checkpoint-3")],
+        "adapter": [str(tmp_path / "one" / "checkpoint-3"), "--base_model", str(base)],
+    }
+    for name, (ckpt_dir, *extra) in sources.items():
+        assert main(["export", ckpt_dir, str(tmp_path / name), *extra]) == 0, name
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)
+        assert not any("lora" in k for k in exported.state_dict()), name  # merged
+        with torch.no_grad():
+            got = sequence_forward(exported.eval(), batch, with_stats=False)
+        torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-5)
+    # without a recorded base model, the adapter alone cannot be merged: said, exit 2
+    assert main(["export", sources["adapter"][0], str(tmp_path / "x")]) == 2
+
+
 def test_export_command_writes_the_same_model_from_a_sharded_checkpoint(two_ranks, tmp_path):
     from safetensors.torch import load_file
 
