@@ -41,6 +41,8 @@ SCENARIOS = {
     # policy and reference given by path: on two ranks only rank 0 reads them (the others
     # build them on meta and get rank 0's weights after sharding); a reference of its own,
     # and a tied policy with LoRA (its frozen copy the reference)
+    # the reference store (ref_cache_dir) under FSDP: each rank scores and writes its shards
+    "ref_store": dict(padding_free=True, max_steps=3, ref_cache_shard_size=4),  # 5 shards
     "by_path": dict(padding_free=True, max_steps=3),
     "by_path_lora_tied": dict(padding_free=True, max_steps=3, learning_rate=1e-2),
 }  # fmt: skip
@@ -82,6 +84,8 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
         gradient_checkpointing=False, use_cpu=True,
     )  # fmt: skip
     kw.update(ASYNC if name == "packed_async" else SCENARIOS[name])
+    if name == "ref_store":
+        kw["ref_cache_dir"] = str(Path(out) / "refstore")
     kw.update(overrides)
     peft_config = None
     if name in ("lora", "by_path_lora_tied"):

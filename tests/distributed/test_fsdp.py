@@ -136,6 +136,38 @@ def test_export_reloads_with_from_pretrained_and_scores_the_same(two_ranks, tmp_
     torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-5)
 
 
+def read_columns(table_dir: Path) -> dict:
+    from csd_fast.refstore import RefStore, read_manifest
+
+    m = read_manifest(table_dir)
+    store = RefStore(table_dir.parent, m["components"], m["num_rows"], labels=m.get("labels"),
+                     shard_rows=m["shard_rows"])  # fmt: skip
+    return store.load_columns()
+
+
+def test_reference_store_written_by_two_ranks_is_complete_and_reused(two_ranks, tmp_path):
+    """The store the two ranks wrote (each its share of the shards) verifies, equals the one a
+    single process writes, and a second two-rank run trains from it with the same result."""
+    import numpy as np
+
+    from csd_fast.refstore import list_tables, verify_table
+
+    single("ref_store", tmp_path)  # one process writes all the shards itself
+    mine = {p.name: p for p, _ in list_tables(tmp_path / "refstore")}
+    theirs = {p.name: p for p, _ in list_tables(two_ranks / "ref_store" / "refstore")}
+    assert mine and mine.keys() == theirs.keys()  # the same tables (world size is no part)
+    for name, table in theirs.items():
+        assert verify_table(table) == {}  # every shard present, every checksum right
+        assert len(list(table.glob("shard-*.safetensors"))) > 2  # several, dealt to both ranks
+        a, b = (read_columns(t) for t in (table, mine[name]))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    want = torch.load(two_ranks / "ref_store.pt", weights_only=False)
+    got = torch.load(two_ranks / "ref_store_hit.pt", weights_only=False)
+    assert_same_run(got, want["history"], want["weights"], PADDING_KEYS - {"num_tokens"})
+
+
 def test_export_merges_lora_checkpoints_sharded_and_single_process(two_ranks, tmp_path):
     """`csd export` of a LoRA run's checkpoint (2-rank DCP, and the 1-process adapter
     directory with --base_model): a full model whose log-probs are the trained PEFT model's."""
