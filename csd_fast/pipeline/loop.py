@@ -19,7 +19,8 @@ not sample / score / pairs of round 1. On each run a step is
   * redone from scratch, its folder cleared, when its fingerprint changed; the command prints
     which steps are invalidated and which settings changed.
 The manifest is rewritten atomically (tmp + rename) after every state change, so a kill at any
-instant leaves a readable one. Round r+1 starts from round r's trained policy; its reference is
+instant leaves a readable one; the run folder's lock (`csd_fast.rundir`) lets one `csd loop`
+write it at a time. Round r+1 starts from round r's trained policy; its reference is
 the base model (`reference: base`) or round r's policy (`reference: previous`, as ICR).
 Test: `python -m pytest tests/pipeline/test_loop.py -q`.
 """
@@ -34,9 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+from csd_fast.errors import UserError
 from csd_fast.pipeline.loopconfig import STAGES, LoopConfig
 from csd_fast.pipeline.stages import STAGE_FUNCTIONS, StageError
-from csd_fast.rundir import write_text_atomically
+from csd_fast.rundir import RunDirLock, write_text_atomically
 
 MANIFEST = "loop.json"
 
@@ -211,6 +213,14 @@ class Loop:
 
     # ------------------------------------------------------------------------ running
     def run(self, until: str | None = None, start: str | None = None) -> int:
+        """Run (or continue) the steps; one `csd loop` per run folder at a time (its lock)."""
+        with RunDirLock(self.dir, command="csd loop") as lock:
+            if lock.stale is not None:  # the last loop here died (kill -9): continued below
+                print(f"[csd loop] the previous run here ended without finishing "
+                      f"({lock.stale.describe()}); continuing it")  # fmt: skip
+            return self._run(until, start)
+
+    def _run(self, until: str | None, start: str | None) -> int:
         steps = self.plan()
         keys = [s["key"] for s in steps]
         until_key, start_key = (self._resolve(k, keys) for k in (until, start))
@@ -343,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             print(loop.status())
             return 0
         return loop.run(until=a.until, start=a.start)
-    except (ValueError, FileNotFoundError, StageError) as e:
+    except (ValueError, FileNotFoundError, StageError, UserError) as e:
         print(f"csd loop: {e}", file=sys.stderr)
         return 2
 

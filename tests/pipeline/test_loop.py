@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,26 @@ def test_engine_options_are_checked_and_not_fingerprinted(tmp_path, assets):
     with pytest.raises(ValueError, match=r"engine_options: unknown option\(s\) \['temperature'\]"):
         LoopConfig.from_yaml(write_config(tmp_path / "loop.yaml", assets,
                                           engine_options={"temperature": 1.0}))  # fmt: skip
+
+
+def test_a_second_loop_on_the_same_run_folder_is_refused(tmp_path, assets, capsys):
+    config = write_config(tmp_path / "loop.yaml", assets, rounds=1)
+    run = tmp_path / "runs" / "t"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from csd_fast.rundir import RunDirLock; "
+         "RunDirLock(sys.argv[1], command='csd loop (the other one)').acquire(); "
+         "print('held', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["--config", str(config), "--until", "sample"]) == 2
+        err = capsys.readouterr().err
+        assert "being written by" in err and "csd loop (the other one)" in err
+        assert not (run / "loop.json").exists()  # nothing was started
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: the next loop takes over and says so
+    assert main(["--config", str(config), "--until", "sample"]) == 0
+    assert "ended without finishing" in capsys.readouterr().out
