@@ -16,9 +16,16 @@ import warnings
 import torch
 from torch import nn
 
+# model_init_kwargs a model built from its config alone honours; any other (a revision, a
+# quantization config, a device map) needs the weights read, so such a load is never on meta
+_META_KWARGS = {"trust_remote_code", "attn_implementation"}
 
-def load_model(path: str, args) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+
+def load_model(path: str, args, *, on_meta: bool = False) -> nn.Module:
+    """`path` as a causal LM in TRL's dtype; `on_meta`: only its structure, on the meta device
+    (no weights read: an FSDP rank other than 0, whose shards come from rank 0 after sharding,
+    `csd_fast.distributed.fsdp.broadcast_from_rank0`). See `loads_on_meta`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(args.model_init_kwargs or {}) if isinstance(args.model_init_kwargs, dict) else {}
     # TRL loads float32 unless told otherwise: bf16 master weights would round away small updates
@@ -26,7 +33,32 @@ def load_model(path: str, args) -> nn.Module:
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if not on_meta:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    model.config._name_or_path = str(path)  # what from_pretrained records, for names and cards
+    return model
+
+
+def loads_on_meta(args) -> bool:
+    """Whether `load_model(..., on_meta=True)` can stand in for reading the weights."""
+    kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
+    return set(kwargs) - {"dtype", "torch_dtype"} <= _META_KWARGS
+
+
+def is_on_meta(module: nn.Module | None) -> bool:
+    return module is not None and any(p.is_meta for p in module.parameters())
+
+
+def to_device(module: nn.Module | None, device) -> None:
+    """Move to `device`, except a model on meta: it gets storage when it is sharded."""
+    if module is not None and not is_on_meta(module):
+        module.to(device)
 
 
 def load_tokenizer(model: nn.Module, path: str | None, args):

@@ -5,11 +5,11 @@
     ids = render_prompt(tokenizer, prompts[0], chat_template="auto")
 
 A row has `prompt` (a string) or `messages` (a chat: a list of {role, content}), and optionally
-`id`, `lang` and `group` (the id shared by the translations of one prompt). A missing id is made
-stable from the content: `p-` + the first 16 hex digits of sha256(lang + prompt), so the same
-prompt gets the same id in every run and on every shard. Ids must be unique per language; an exact
-repeat of a row without an id is dropped (and counted), a clash of different rows is an error that
-names the file, both rows and the field.
+`id` (or `prompt_id`, as csd's outputs call it), `lang` and `group` (the id shared by the
+translations of one prompt). A missing id is made stable from the content: `p-` + the first 16
+hex digits of sha256(lang + prompt), so the same prompt gets the same id in every run and on every
+shard. Ids must be unique per language; an exact repeat of a row without an id is dropped (and
+counted), a clash of different rows is an error that names the file, both rows and the field.
 """
 
 from __future__ import annotations
@@ -111,9 +111,11 @@ def load_prompts(source: str | Path, *, keep: tuple[str, ...] = ()) -> list[Prom
         lang = r.get("lang")
         if lang is not None and not isinstance(lang, str):
             raise src.error(i, "lang", f"expected a string, got {type(lang).__name__}")
-        given = r.get("id")
+        # `prompt_id` is what csd's own outputs call it: their rows read back as prompts
+        id_field = "id" if r.get("id") is not None else "prompt_id"
+        given = r.get(id_field)
         if isinstance(given, bool) or (given is not None and not isinstance(given, (int, str))):
-            raise src.error(i, "id", f"expected an int or str id, got {type(given).__name__}")
+            raise src.error(i, id_field, f"expected an int or str id, got {type(given).__name__}")
         extra = []
         for name in keep:
             value = r.get(name)

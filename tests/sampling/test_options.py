@@ -58,6 +58,7 @@ def test_prompt_formats_and_stable_ids(tmp_path):
         {"messages": [{"role": "user", "content": "Q?"}]},
         {"prompt": "Hi there", "lang": "de", "id": 7, "group": 1},
         {"prompt": "Hi there", "lang": "en"},
+        {"prompt": "Bye", "lang": "da", "prompt_id": "3-da"},  # csd's own outputs' id column
     ]  # an exact repeat without id: dropped
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -66,6 +67,7 @@ def test_prompt_formats_and_stable_ids(tmp_path):
         stable_id("en", "Hi there", None),
         stable_id(None, "Q?", (("user", "Q?"),)),
         "7",
+        "3-da",
     ]
     assert got[1].messages == (("user", "Q?"),) and got[2].group == "1"
     import datasets
