@@ -278,6 +278,7 @@ class _JitCheckpointCallback:
 
     def __init__(self, trainer):
         self.trainer, self.requested = trainer, False
+        self.stopping = False  # what every rank agreed on at the last step end
 
     def _requested_anywhere(self) -> bool:
         dist = self.trainer.dist
@@ -287,12 +288,13 @@ class _JitCheckpointCallback:
         return bool(dist.all_reduce_sum(flag).item() > 0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._requested_anywhere():
+        self.stopping = self._requested_anywhere()
+        if self.stopping:
             control.should_save = control.should_training_stop = True
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.requested:  # the step end above saved this state already
+        if self.stopping:  # the step end above saved this state already (on every rank)
             control.should_save = False
         return control
 
