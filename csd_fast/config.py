@@ -67,8 +67,6 @@ _UNSUPPORTED: list = []
 _UNSUPPORTED_HINTS = {
     "deepspeed": ": csd-fast shards with its own FSDP2 under torchrun (fsdp_config, "
     "`csd train --nproc N`)",
-    "fsdp": ": accelerate's FSDP is not used; launch under torchrun and csd-fast shards with "
-    "FSDP2 itself (options: fsdp_config)",
 }
 
 
@@ -247,7 +245,11 @@ class DPOConfig:
     )
     accelerator_config: dict | str | None = _no(None, "accelerate options.")
     parallelism_config: Any = _no(None, "accelerate ParallelismConfig.")
-    fsdp: str | None = _no(None, "FSDP via accelerate.")
+    fsdp: str | list[str] | None = _f(
+        None,
+        "transformers' FSDP words, mapped onto csd-fast's FSDP2 under torchrun: full_shard, "
+        "shard_grad_op (no reshard after forward), offload (cpu_offload), auto_wrap (always).",
+    )
     fsdp_config: dict | str | None = _f(
         None,
         "FSDP2 options under torchrun: cpu_offload, reshard_after_forward, param_dtype, "
@@ -354,6 +356,7 @@ class DPOConfig:
             if isinstance(value, str) and value.strip().startswith("{"):
                 setattr(self, name, json.loads(value))
         self._check_unsupported()
+        self._map_fsdp_words()
         if self.train_sampling_strategy not in ("random", "sequential"):
             raise NotImplementedError(
                 f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported yet "
@@ -445,6 +448,28 @@ class DPOConfig:
                     f"DPOConfig.{f.name}={value!r} is not supported by csd-fast yet "
                     f"(only the default {default!r} is accepted){hint}"
                 )
+
+    def _map_fsdp_words(self) -> None:
+        """transformers' `fsdp` option ("full_shard auto_wrap offload") as fsdp_config keys of
+        csd-fast's own FSDP2 (csd_fast.distributed.fsdp); keys given in fsdp_config win."""
+        words = self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp or [])
+        words = [str(getattr(w, "value", w)) for w in words]
+        if not words:
+            return
+        known = {"full_shard": {"reshard_after_forward": True},
+                 "shard_grad_op": {"reshard_after_forward": False},
+                 "offload": {"cpu_offload": True}, "auto_wrap": {}}  # fmt: skip
+        unknown = [w for w in words if w not in known]
+        if unknown:
+            raise NotImplementedError(
+                f"DPOConfig.fsdp={unknown} is not supported: csd-fast's FSDP2 shards each "
+                "decoder layer over all ranks (full_shard, shard_grad_op, offload, auto_wrap); "
+                "no hybrid sharding or no_shard"
+            )
+        mapped: dict = {}
+        for w in words:
+            mapped.update(known[w])
+        self.fsdp_config = {**mapped, **(self.fsdp_config or {})}
 
     def _check_choices(self) -> None:
         checks = {
