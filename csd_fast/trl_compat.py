@@ -1,4 +1,4 @@
-"""TRL 1.16 DPOTrainer behaviours at construction and evaluation that sit outside the core loop.
+"""TRL 1.16 / transformers Trainer behaviours that sit outside the core loop: init, eval, options.
 
     check_trl_arguments(args, model, ref_model, train_dataset, peft_config)   # TRL's init errors
     coef, enabled = model_setup(trainer, args)   # MoE aux, tags, pad id, TR-DPO, Liger, compile
@@ -13,7 +13,8 @@
     eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
 
 Each function follows the named TRL 1.16 code path (trl/trainer/dpo_trainer.py) and raises the
-same exception type with TRL's message where TRL raises. Tests: tests/test_trl_compat.py.
+same exception type with TRL's message where TRL raises. Tests: tests/test_trl_compat.py,
+tests/test_trl_dropin.py, tests/test_trl_dropin_resume.py.
 """
 
 from __future__ import annotations
