@@ -245,7 +245,7 @@ class DPOConfig:
     )
     accelerator_config: dict | str | None = _no(None, "accelerate options.")
     parallelism_config: Any = _no(None, "accelerate ParallelismConfig.")
-    fsdp: str | list[str] | None = _f(
+    fsdp: str | None = _f(
         None,
         "transformers' FSDP words, mapped onto csd-fast's FSDP2 under torchrun: full_shard, "
         "shard_grad_op (no reshard after forward), offload (cpu_offload), auto_wrap (always).",
@@ -397,6 +397,7 @@ class DPOConfig:
             self.disable_tqdm = False
         if isinstance(self.debug, str):
             self.debug = self.debug.split()
+        self.debug = list(self.debug or [])  # HF's parser may hand over None
         self.debug = [getattr(d, "value", d) for d in self.debug]
         unknown = [d for d in self.debug if d not in ("underflow_overflow", "tpu_metrics_debug")]
         if unknown:
