@@ -34,14 +34,17 @@ elementwise ops). GEMMs are
 torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 on CPU as the chunked head does).
 "auto" = triton on CUDA / ROCm tensors, else torch.
 
-seq_offsets is read on the host once per call to plan the chunks (a sync when it lives on a GPU);
-pass `host_offsets` (the collator's CPU copy) to avoid it.
+The chunks are planned on the host from the sequence offsets: pass `host_offsets` (the collator's
+copy, `PairBatch.host_seq_offsets`) and the call reads nothing back from the device; without it,
+seq_offsets is read once (a sync when it lives on a GPU). Everything else stays on the device:
+row indices are device aranges, lengths a device diff (no blocking copy of host data).
 
 Tests: python -m pytest tests/kernels/test_linear_pair_loss.py -q
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -303,13 +306,13 @@ class LinearPairLossFunction(torch.autograd.Function):
         coefs = loss_coefs(p.loss_type, P, p.clo_lambda, group_ids, dev)
         sft, sft_den = sft_inputs(seq_offsets, sft_mask, P)
         has_sft = has_nll_term(p.loss_type, p.clo_lambda)
-        lengths = torch.tensor(offsets, device=dev).diff()
+        lengths = seq_offsets.diff()  # (2P,) on the device
         chosen, rejected = torch.zeros(P, **f32), torch.zeros(P, **f32)
         loss = torch.zeros((), **f32)
         budget = p.chunk_elements or _default_budget(dev, V)
         for a, b in _chunks(offsets, P, V, budget):
             span_c, span_r = (offsets[a], offsets[b]), (offsets[P + a], offsets[P + b])
-            rows = torch.cat([torch.arange(*span_c), torch.arange(*span_r)]).to(dev)  # (n,)
+            rows = torch.cat([torch.arange(*span_c, device=dev), torch.arange(*span_r, device=dev)])
             n, k = rows.numel(), b - a
             h, lab = h_all.index_select(0, rows), labels.index_select(0, rows)
             blocks = [
@@ -389,7 +392,7 @@ def fused_linear_pair_loss(
     bias: Tensor | None = None,
     sft_mask: Tensor | None = None,
     group_ids: Tensor | None = None,
-    host_offsets: list[int] | None = None,
+    host_offsets: Sequence[int] | None = None,
     **params,
 ) -> PairHeadOutput:
     """The pair loss of `kernels/pair_loss.py` over the head's token log-probs, with the head's
@@ -402,6 +405,10 @@ def fused_linear_pair_loss(
     if labels.shape != (N,) or seq_offsets.shape != (2 * P + 1,):
         raise ValueError(f"need labels ({N},) and seq_offsets ({2 * P + 1},), got "
                          f"{tuple(labels.shape)} and {tuple(seq_offsets.shape)}")  # fmt: skip
+    if host_offsets is not None and (len(host_offsets) != 2 * P + 1 or host_offsets[-1] != N):
+        raise ValueError(f"host_offsets must be seq_offsets on the host: {2 * P + 1} values "
+                         f"ending at N={N}, got {len(host_offsets)} ending at "
+                         f"{host_offsets[-1] if host_offsets else None}")  # fmt: skip
     if p.impl == "triton" and (triton is None or (hidden.device.type == "cpu"
                                                   and not autotune.is_interpreter())):  # fmt: skip
         raise RuntimeError("impl='triton' needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")

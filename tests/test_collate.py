@@ -14,10 +14,10 @@ import random
 
 import pytest
 import torch
+from collate_reference import collate_packed_reference, collate_padded_reference
 
 from csd_fast.batch import collate_padded
 from csd_fast.packing import collate_packed
-from tests.collate_reference import collate_packed_reference, collate_padded_reference
 
 
 def ragged_examples(n: int, seed: int, sft: str = "none") -> list[dict]:
