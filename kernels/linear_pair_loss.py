@@ -27,11 +27,15 @@ A single pair whose logits exceed the budget is split into row blocks and recomp
 (4 GEMMs for that pair only). dz/dy needs no saved tile: with softcap, z = c tanh(u / c) / T, so
 1 - tanh^2 = 1 - (z T / c)^2 is read off z itself.
 
-Impls: "torch" (CPU, and the reference of the tile kernels: row blocks of BLOCK_ELEMENTS keep
-the temporaries small and in cache between the passes) and "triton" (tile kernels A, B: one
-program per row, one read of the tile in A and one read + write in B, against ~8 passes of torch
-elementwise ops). GEMMs are
-torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 on CPU as the chunked head does).
+Impls: "triton" (tile kernels A, B: one program per row, one read of the tile in A and one read
++ write in B) and "torch" (CPU, and the reference of the tile kernels), which changes 2 and 4:
+  2'. log_softmax in place over the whole tile (one op; few ops matter more than cache
+      blocking on a busy CPU, see _tile_stats_torch): the label log-probs are read off it
+  4'. tile -> exp -> prob - onehot (n writes), and the row scale -g moves onto the (n, H)
+      operands: dH = -g ((prob - onehot) @ W), dW += (prob - onehot).T @ (-g h): one pass over
+      the tile instead of step 4's three. With softcap dz/dy is elementwise and step 4 runs.
+GEMMs are torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 into reused buffers on
+CPU).
 "auto" = triton on CUDA / ROCm tensors, else torch.
 
 The chunks are planned on the host from the sequence offsets: pass `host_offsets` (the collator's
@@ -62,8 +66,7 @@ except ImportError:  # pragma: no cover - the torch impl needs no triton
     triton = None
     tl = None
 
-# torch impl: fp32 elements per elementwise row block (4 MiB: within L2/L3 between the passes,
-# and few enough ops that OpenMP's per-op cost stays small on a busy machine)
+# torch impl: fp32 elements per row block of the entropy's temporaries (4 MiB; stats only)
 BLOCK_ELEMENTS = 1 << 20
 IMPLS = ("auto", "triton", "torch")
 
@@ -190,51 +193,68 @@ class PairHeadParams:
 
 
 def _row_blocks(n: int, V: int):
-    """Row ranges of ~BLOCK_ELEMENTS: each block's temporaries stay in cache between passes."""
+    """Row ranges of ~BLOCK_ELEMENTS (the entropy's temporaries)."""
     step = max(1, BLOCK_ELEMENTS // V)
     return ((r, min(n, r + step)) for r in range(0, n, step))
 
 
 def _tile_stats_torch(z: Tensor, labels: Tensor, p: PairHeadParams):
-    """In place: raw logits -> z; returns (lse, z_label, stats | None), each (n,)."""
+    """In place: raw logits -> log-probs; returns (lse, token_logps, stats | None), each (n,).
+
+    Whole-tile ops, not row blocks: each CPU op is one OpenMP region whose threads must all meet,
+    and on a busy machine that wait costs more than the cache misses blocking would save (a
+    (32, V) block loop measured 20x slower than one whole-tile log_softmax at load 5 on 2 cores).
+    log_softmax writes each row after its last read of it, so it runs in place (tested)."""
     transform_(z, p)
     n, V = z.shape
     valid = labels != p.ignore_index
-    z_label = torch.where(valid, z.gather(1, labels.clamp(0, V - 1)[:, None])[:, 0], 0.0)
-    lse = torch.empty(n, dtype=z.dtype, device=z.device)
-    xs = torch.empty_like(lse) if p.return_stats else None
-    tmp = torch.empty((max(1, BLOCK_ELEMENTS // V), V), dtype=z.dtype, device=z.device)
-    for r0, r1 in _row_blocks(n, V):
-        block, e = z[r0:r1], tmp[: r1 - r0]
-        m = block.amax(1, keepdim=True)
-        torch.sub(block, m, out=e).exp_()  # read from cache right after the max pass
-        s = e.sum(1)
-        lse[r0:r1] = m[:, 0] + s.log()
-        if xs is not None:
-            xs[r0:r1] = (e.mul_(block)).sum(1) / s
+    cols = labels.clamp(0, V - 1)[:, None]
+    z_label = z.gather(1, cols)[:, 0]
+    if p.return_stats:
+        # max(dim) returns the first index of the maximum, as TRL's argmax compare does
+        top1, mean = valid & (z.max(1).indices == labels), z.mean(1)
+    torch._log_softmax(z, 1, False, out=z)  # (n, V) log-probs
+    label_logp = z.gather(1, cols)[:, 0]
+    lse = z_label - label_logp  # read back only for the softcap derivative
+    token_logps = torch.where(valid, label_logp, 0.0)
     if not p.return_stats:
-        return lse, z_label, None
-    top1 = valid & (z.argmax(1) == labels)  # argmax returns the first maximum, as TRL compares
-    return lse, z_label, (lse - xs, z.mean(1), top1)
+        return lse, token_logps, None
+    entropy = torch.empty(n, dtype=z.dtype, device=z.device)  # -sum_v p log p
+    tmp = torch.empty((min(n, max(1, BLOCK_ELEMENTS // V)), V), dtype=z.dtype, device=z.device)
+    for r0, r1 in _row_blocks(n, V):
+        prob = torch.exp(z[r0:r1], out=tmp[: r1 - r0])
+        entropy[r0:r1] = -torch.linalg.vecdot(prob, z[r0:r1])
+    return lse, token_logps, (entropy, mean, top1)
 
 
 def _tile_grad_torch(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
-    """In place: z -> d = g * (onehot - softmax(z)) * dz/dy."""
-    n, V = z.shape
+    """With softcap, in place: log-probs -> d = g * (onehot - softmax) * dz/dy."""
     scale = p.logit_scale / p.temperature
-    c_t = p.softcap / p.temperature if p.softcap is not None else None
-    rows = torch.arange(n, device=z.device)
-    cols = labels.clamp(0, V - 1)
-    z_label = z[rows, cols]
-    neg_g = g * -scale
-    for r0, r1 in _row_blocks(n, V):
-        block = z[r0:r1]
-        factor = 1.0 - (block / c_t).square() if c_t is not None else None
-        block.sub_(lse[r0:r1, None]).exp_().mul_(neg_g[r0:r1, None])
-        if factor is not None:
-            block.mul_(factor)
-    at_label = g * scale * (1.0 - (z_label / c_t).square() if c_t is not None else 1.0)
-    z[rows, cols] += at_label  # g is 0 on ignored rows: nothing lands there
+    cols = labels.clamp(0, z.shape[1] - 1)[:, None]
+    c_t = p.softcap / p.temperature
+    factor = 1.0 - ((z + lse[:, None]) / c_t).square()  # dz/dy = 1 - (z T / c)^2, z = log p + lse
+    at_label = g * scale * factor.gather(1, cols)[:, 0]
+    z.exp_().mul_((g * -scale)[:, None]).mul_(factor)
+    z.scatter_add_(1, cols, at_label[:, None])  # g is 0 on ignored rows: nothing lands there
+
+
+def _head_grads_torch(logp, h, w, labels, g, p: PairHeadParams, dh_part, dw, db) -> None:
+    """No softcap: the head's gradients from the log-probs with one pass over the tile (exp).
+
+    d = g s (onehot - prob) (s = logit_scale / T) is never formed: the tile becomes prob - onehot
+    (exp in place, n writes at the labels) and the row scale -g s moves onto the (n, H) operands,
+        dH = -g s ((prob - onehot) @ W)        dW += (prob - onehot).T @ (-g s h)
+    so after the exp the (n, V) tile is read by the two GEMMs only. Consumes the tile."""
+    neg_gs = g * -(p.logit_scale / p.temperature)  # (n,), 0 on ignored rows
+    cols = labels.clamp(0, logp.shape[1] - 1)[:, None]
+    prob = logp.exp_()
+    prob.scatter_add_(1, cols, prob.new_full(cols.shape, -1.0))
+    if dh_part is not None:
+        torch.mm(prob, w, out=dh_part).mul_(neg_gs[:, None])
+    if dw is not None:
+        dw.addmm_(prob.T, h * neg_gs[:, None])
+    if db is not None:
+        db.addmv_(prob.T, neg_gs)
 
 
 def _tile_stats_triton(z: Tensor, labels: Tensor, p: PairHeadParams):
@@ -246,9 +266,9 @@ def _tile_stats_triton(z: Tensor, labels: Tensor, p: PairHeadParams):
         BLOCK_V=autotune.tile_block(), num_warps=autotune.tile_warps(),
     )  # fmt: skip
     valid = labels != p.ignore_index
-    lse, z_label = out[0], torch.where(valid, out[1], 0.0)
+    lse, token_logps = out[0], torch.where(valid, out[1] - out[0], 0.0)
     stats = (lse - out[2], out[3] / V, valid & (out[4] > 0)) if p.return_stats else None
-    return lse, z_label, stats
+    return lse, token_logps, stats
 
 
 def _tile_grad_triton(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
@@ -276,8 +296,10 @@ def _chunks(offsets: list[int], P: int, V: int, budget: int) -> list[tuple[int, 
 
 
 def _default_budget(device: torch.device, V: int) -> int:
-    # GPU: <= 1 GiB of fp32 logits (the issue's transient goal); CPU: 64 MiB, cache-friendlier
-    return (1 << 28) if device.type == "cuda" else max(1 << 24, 2 * V)
+    # GPU: <= 1 GiB of fp32 logits (the issue's transient goal). CPU: 128 MiB, 1024 rows at
+    # V=32000: the dW GEMM's K is the chunk's rows, and at 512 rows its 8 read-modify-writes of
+    # dW cost ~15% over one bare GEMM (measured at N=4096, H=512; 1024 rows: ~4%)
+    return (1 << 28) if device.type == "cuda" else max(1 << 25, 2 * V)
 
 
 class LinearPairLossFunction(torch.autograd.Function):
@@ -310,25 +332,27 @@ class LinearPairLossFunction(torch.autograd.Function):
         chosen, rejected = torch.zeros(P, **f32), torch.zeros(P, **f32)
         loss = torch.zeros((), **f32)
         budget = p.chunk_elements or _default_budget(dev, V)
+        rows_max = max(1, budget // V)
+        # CPU: one logits buffer for every chunk (a fresh 64 MiB tensor per chunk is page faults)
+        buf = torch.empty((min(N, rows_max), V), **f32) if dev.type == "cpu" and N else None
+        dh_buf = torch.empty((min(N, rows_max), H), **f32) if needs_h else None
         for a, b in _chunks(offsets, P, V, budget):
             span_c, span_r = (offsets[a], offsets[b]), (offsets[P + a], offsets[P + b])
             rows = torch.cat([torch.arange(*span_c, device=dev), torch.arange(*span_r, device=dev)])
             n, k = rows.numel(), b - a
             h, lab = h_all.index_select(0, rows), labels.index_select(0, rows)
-            blocks = [
-                (r, min(n, r + max(1, budget // V))) for r in range(0, n, max(1, budget // V))
-            ]
-            kept, lse, z_label = [], torch.empty(n, **f32), torch.empty(n, **f32)
+            blocks = [(r, min(n, r + rows_max)) for r in range(0, n, rows_max)]
+            kept, lse, x = [], torch.empty(n, **f32), torch.empty(n, **f32)
             for r0, r1 in blocks:  # 1-2: logits, softmax statistics
-                z = _logits(h[r0:r1], w, bias)
-                lse[r0:r1], z_label[r0:r1], st = stats_fn(z, lab[r0:r1], p)
+                z = _logits(h[r0:r1], w, bias, buf)
+                lse[r0:r1], x[r0:r1], st = stats_fn(z, lab[r0:r1], p)
                 if st is not None:
                     for out, val in zip(stats, st, strict=True):
-                        out[rows[r0:r1]] = val
+                        out.index_copy_(0, rows[r0:r1], val)
                 kept.append(z if len(blocks) == 1 else None)
             # 3. the chunk's pair sums, its share of the loss, and g = d loss / d token_logps
             valid = lab != p.ignore_index
-            x = torch.where(valid, z_label - lse, 0.0).requires_grad_()
+            x.requires_grad_()
             local = torch.cat([lengths[a:b], lengths[P + a : P + b]]).cumsum(0)
             local = torch.cat([local.new_zeros(1), local])
             with torch.enable_grad():
@@ -339,12 +363,19 @@ class LinearPairLossFunction(torch.autograd.Function):
                 (g,) = torch.autograd.grad(parts, x)
             loss += parts.detach()
             chosen[a:b], rejected[a:b] = sums[:k].detach(), sums[k:].detach()
-            token_logps[rows] = x.detach()
+            token_logps.index_copy_(0, rows, x.detach())
             g = torch.where(valid, g, 0.0)
             if not (needs_h or needs_w or needs_b):
                 continue  # no-grad call (evaluation): the loss and log-probs only
             for (r0, r1), z in zip(blocks, kept, strict=True):  # 4-5: d in place, dH, dW, db
-                z = z if z is not None else _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p)
+                if z is None:
+                    z = _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p, buf)
+                if impl == "torch" and p.softcap is None:  # CPU: no pass over the tile
+                    part = dh_buf[: r1 - r0] if dh is not None else None
+                    _head_grads_torch(z, h[r0:r1], w, lab[r0:r1], g[r0:r1], p, part, dw, db)
+                    if part is not None:
+                        dh.index_copy_(0, rows[r0:r1], part)
+                    continue
                 grad_fn(z, lab[r0:r1], lse[r0:r1], g[r0:r1], p)
                 if db is not None:
                     db += z.sum(0)
@@ -352,7 +383,7 @@ class LinearPairLossFunction(torch.autograd.Function):
                 if dh is not None:
                     part = torch.zeros((r1 - r0, H), **f32)
                     _addmm_fp32_(part, d, w)
-                    dh[rows[r0:r1]] = part
+                    dh.index_copy_(0, rows[r0:r1], part)
                 if dw is not None:
                     _addmm_fp32_(dw, d.T, h[r0:r1])
         # handed back in the inputs' dtypes (dW rounded once, as an eager head's would be)
@@ -369,14 +400,21 @@ class LinearPairLossFunction(torch.autograd.Function):
         return (scale(dh), scale(dw), scale(db), *([None] * 8))
 
 
-def _logits(h: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    y = (h @ w.T).float()  # (n, V); GPU: bf16 GEMM rounded as the eager head rounds its logits
+def _logits(h: Tensor, w: Tensor, bias: Tensor | None, buf: Tensor | None = None) -> Tensor:
+    """(n, V) fp32 logits; on CPU written into `buf` (fp32 GEMM), on a GPU in the GEMM's dtype
+    first, rounded as the eager head rounds its logits."""
+    if buf is not None:
+        out = buf[: h.shape[0]]
+        if bias is not None:
+            return torch.addmm(bias.float(), h, w.T, out=out)
+        return torch.mm(h, w.T, out=out)
+    y = (h @ w.T).float()
     return y.add_(bias.float()) if bias is not None else y
 
 
-def _refresh(h, w, bias, stats_fn, labels, p):
+def _refresh(h, w, bias, stats_fn, labels, p, buf=None):
     """A row block of an over-budget pair: recompute its logits and transform them in place."""
-    z = _logits(h, w, bias)
+    z = _logits(h, w, bias, buf)
     stats_fn(z, labels, replace(p, return_stats=False))
     return z
 

@@ -152,9 +152,10 @@ def test_bf16_within_tolerance_rule(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_stats_and_token_logps_match_the_head(impl):
+@pytest.mark.parametrize("head", [{"softcap": 3.0, "logit_scale": 0.8}, {"logit_scale": 0.8}],
+                         ids=["softcap", "plain"])  # fmt: skip
+def test_stats_and_token_logps_match_the_head(impl, head):
     case = make(4, 16, 53, torch.float32, seed=5, bias=True)
-    head = {"softcap": 3.0, "logit_scale": 0.8}
     out, _ = ours(case, {"loss_type": ("sigmoid",)}, head, impl, 9 * 53, return_stats=True)
     h64, w64, b64 = (case[k].detach().double() for k in ("hidden", "weight", "bias"))
     logps, st = fused_linear_logprob_ref(h64, w64, case["labels"], bias=b64, return_stats=True,
@@ -186,3 +187,34 @@ def test_chunks_keep_pairs_whole_within_budget():
         assert sum(tokens[a:b]) * 10 <= 100 or b - a == 1
     with pytest.raises(ValueError, match="loss_type"):
         lpl.PairHeadParams(loss_type="exo_pair")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_label_probability_below_fp32_range(impl):
+    # a label ~200 nats under its row's mass: exp underflows to 0 in fp32, the log-prob must not
+    case = make(3, 16, 37, torch.float32, seed=8)
+    with torch.no_grad():  # row 1 (row 0 is an ignored token) points against weight row 5
+        sign = torch.ones(16, device=DEVICE)
+        case["hidden"][1] = 4.0 * sign
+        case["weight"][5] -= 3.0 * sign
+    case["labels"][1] = 5
+    loss_kw = {"loss_type": ("sigmoid",), "beta": 0.3}
+    want, want_g, want_sums = reference(case, loss_kw, {})
+    out, got_g = ours(case, loss_kw, {}, impl, None)
+    h64, w64 = case["hidden"][1:2].detach().double(), case["weight"].detach().double()
+    logp1 = fused_linear_logprob_ref(h64, w64, case["labels"][1:2])
+    assert logp1.item() < -120  # the case is what it claims: e^-120 is 0 in fp32
+    torch.testing.assert_close(out.token_logps[1:2], logp1.float())
+    check("chosen", out.chosen_logps, None, want_sums[:3], torch.float32)
+    check("loss", out.loss, None, want, torch.float32)
+    for name, g, t in zip(("dh", "dw"), got_g, want_g, strict=False):
+        check(name, g, None, t, torch.float32)
+
+
+def test_softmax_runs_in_place():
+    # the CPU path overwrites each logits tile with its (log-)softmax through out=
+    x = torch.randn(37, 1000) * 4
+    for op, ref in ((torch._softmax, torch.softmax), (torch._log_softmax, torch.log_softmax)):
+        y = x.clone()
+        op(y, 1, False, out=y)
+        assert torch.equal(y, ref(x, 1))
