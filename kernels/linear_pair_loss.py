@@ -66,8 +66,9 @@ except ImportError:  # pragma: no cover - the torch impl needs no triton
     triton = None
     tl = None
 
-# torch impl: fp32 elements per row block of the entropy's temporaries (4 MiB; stats only)
-BLOCK_ELEMENTS = 1 << 20
+# torch impl: fp32 elements per row block of the entropy's temporary (32 MiB, stats only: a
+# quarter of a CPU chunk, so 4 ops per chunk rather than 32, see _tile_stats_torch)
+BLOCK_ELEMENTS = 1 << 23
 IMPLS = ("auto", "triton", "torch")
 
 
@@ -238,7 +239,7 @@ def _tile_grad_torch(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairH
     z.scatter_add_(1, cols, at_label[:, None])  # g is 0 on ignored rows: nothing lands there
 
 
-def _head_grads_torch(logp, h, w, labels, g, p: PairHeadParams, dh_part, dw, db) -> None:
+def _head_grads_torch(logp, h, w, labels, g, p: PairHeadParams, dh_part, dw, dw_beta, db):
     """No softcap: the head's gradients from the log-probs with one pass over the tile (exp).
 
     d = g s (onehot - prob) (s = logit_scale / T) is never formed: the tile becomes prob - onehot
@@ -252,7 +253,7 @@ def _head_grads_torch(logp, h, w, labels, g, p: PairHeadParams, dh_part, dw, db)
     if dh_part is not None:
         torch.mm(prob, w, out=dh_part).mul_(neg_gs[:, None])
     if dw is not None:
-        dw.addmm_(prob.T, h * neg_gs[:, None])
+        dw.addmm_(prob.T, h * neg_gs[:, None], beta=dw_beta)
     if db is not None:
         db.addmv_(prob.T, neg_gs)
 
@@ -320,7 +321,9 @@ class LinearPairLossFunction(torch.autograd.Function):
         mm = torch.float32 if dev.type == "cpu" else hidden.dtype  # fp32 GEMMs on CPU
         h_all, w = hidden.to(mm), weight.to(mm)
         dh = torch.zeros((N, H), **f32) if needs_h else None
-        dw = torch.zeros((V, H), **f32) if needs_w else None
+        # dW: the first chunk's GEMM writes it (beta=0), the others accumulate: no 4*V*H-byte fill
+        dw = torch.empty((V, H), **f32) if needs_w else None
+        acc = {"dw": 0.0}  # beta of the next dW GEMM
         db = torch.zeros((V,), **f32) if needs_b else None
         token_logps = torch.zeros(N, **f32)
         stats = [torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, dtype=torch.bool,
@@ -372,7 +375,9 @@ class LinearPairLossFunction(torch.autograd.Function):
                     z = _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p, buf)
                 if impl == "torch" and p.softcap is None:  # CPU: no pass over the tile
                     part = dh_buf[: r1 - r0] if dh is not None else None
-                    _head_grads_torch(z, h[r0:r1], w, lab[r0:r1], g[r0:r1], p, part, dw, db)
+                    _head_grads_torch(z, h[r0:r1], w, lab[r0:r1], g[r0:r1], p, part, dw,
+                                      acc["dw"], db)  # fmt: skip
+                    acc["dw"] = 1.0
                     if part is not None:
                         dh.index_copy_(0, rows[r0:r1], part)
                     continue
@@ -385,7 +390,13 @@ class LinearPairLossFunction(torch.autograd.Function):
                     _addmm_fp32_(part, d, w)
                     dh.index_copy_(0, rows[r0:r1], part)
                 if dw is not None:
+                    if acc["dw"] == 0.0:
+                        dw.zero_()
                     _addmm_fp32_(dw, d.T, h[r0:r1])
+                    acc["dw"] = 1.0
+        if dw is not None and acc["dw"] == 0.0:  # no chunk wrote it (no pairs)
+            dw.zero_()
+        ctx.used = False
         # handed back in the inputs' dtypes (dW rounded once, as an eager head's would be)
         ctx.save_for_backward(*(None if t is None else t.to(x.dtype)
                                 for t, x in ((dh, hidden), (dw, weight), (db, bias))))  # fmt: skip
@@ -395,8 +406,15 @@ class LinearPairLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if ctx.used:  # the gradients were scaled in place by the first backward
+            raise RuntimeError(
+                "the fused head + loss supports one backward per forward (its gradients are "
+                "computed in the forward and handed over once)"
+            )
+        ctx.used = True
         dh, dw, db = ctx.saved_tensors
-        scale = lambda t: None if t is None else t * grad_loss.to(t.dtype)
+        # in place: no second V x H buffer (the tensors were made for this hand-over)
+        scale = lambda t: None if t is None else t.mul_(grad_loss.to(t.dtype))
         return (scale(dh), scale(dw), scale(db), *([None] * 8))
 
 

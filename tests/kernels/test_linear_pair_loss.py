@@ -218,3 +218,15 @@ def test_softmax_runs_in_place():
         y = x.clone()
         op(y, 1, False, out=y)
         assert torch.equal(y, ref(x, 1))
+
+
+def test_one_backward_per_forward():
+    # the gradients are handed over (scaled in place) by the first backward: a second must fail
+    case = make(2, 8, 19, torch.float32, seed=9)
+    out = fused_linear_pair_loss(case["hidden"], case["weight"], case["labels"], case["offsets"],
+                                 case["ref_c"], case["ref_r"], impl="torch")  # fmt: skip
+    (2.0 * out.loss).backward(retain_graph=True)
+    first = case["weight"].grad.clone()
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        out.loss.backward()
+    assert torch.equal(case["weight"].grad, first)
