@@ -229,13 +229,16 @@ def _tile_stats_torch(z: Tensor, labels: Tensor, p: PairHeadParams):
 
 
 def _tile_grad_torch(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
-    """With softcap, in place: log-probs -> d = g * (onehot - softmax) * dz/dy."""
+    """In place: log-probs -> d = g * (onehot - softmax) * dz/dy (softcap, or half GEMMs)."""
     scale = p.logit_scale / p.temperature
     cols = labels.clamp(0, z.shape[1] - 1)[:, None]
-    c_t = p.softcap / p.temperature
-    factor = 1.0 - ((z + lse[:, None]) / c_t).square()  # dz/dy = 1 - (z T / c)^2, z = log p + lse
-    at_label = g * scale * factor.gather(1, cols)[:, 0]
-    z.exp_().mul_((g * -scale)[:, None]).mul_(factor)
+    at_label, factor = g * scale, None
+    if p.softcap is not None:  # dz/dy = 1 - (z T / c)^2, z = log p + lse
+        factor = 1.0 - ((z + lse[:, None]) / (p.softcap / p.temperature)).square()
+        at_label = at_label * factor.gather(1, cols)[:, 0]
+    z.exp_().mul_((g * -scale)[:, None])
+    if factor is not None:
+        z.mul_(factor)
     z.scatter_add_(1, cols, at_label[:, None])  # g is 0 on ignored rows: nothing lands there
 
 
@@ -338,7 +341,8 @@ class LinearPairLossFunction(torch.autograd.Function):
         rows_max = max(1, budget // V)
         # CPU: one logits buffer for every chunk (a fresh 64 MiB tensor per chunk is page faults)
         buf = torch.empty((min(N, rows_max), V), **f32) if dev.type == "cpu" and N else None
-        dh_buf = torch.empty((min(N, rows_max), H), **f32) if needs_h else None
+        row_scaled = impl == "torch" and p.softcap is None and w.dtype == torch.float32
+        dh_buf = torch.empty((min(N, rows_max), H), **f32) if needs_h and row_scaled else None
         for a, b in _chunks(offsets, P, V, budget):
             span_c, span_r = (offsets[a], offsets[b]), (offsets[P + a], offsets[P + b])
             rows = torch.cat([torch.arange(*span_c, device=dev), torch.arange(*span_r, device=dev)])
@@ -373,7 +377,7 @@ class LinearPairLossFunction(torch.autograd.Function):
             for (r0, r1), z in zip(blocks, kept, strict=True):  # 4-5: d in place, dH, dW, db
                 if z is None:
                     z = _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p, buf)
-                if impl == "torch" and p.softcap is None:  # CPU: no pass over the tile
+                if row_scaled:  # torch, fp32 GEMMs, no softcap: one pass over the tile
                     part = dh_buf[: r1 - r0] if dh is not None else None
                     _head_grads_torch(z, h[r0:r1], w, lab[r0:r1], g[r0:r1], p, part, dw,
                                       acc["dw"], db)  # fmt: skip

@@ -230,3 +230,23 @@ def test_one_backward_per_forward():
     with pytest.raises(RuntimeError, match="one backward per forward"):
         out.loss.backward()
     assert torch.equal(case["weight"].grad, first)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_row_scaled_gradients_equal_the_explicit_tile(scale):
+    # the CPU path's dH, dW, db (row scale on the operands) == GEMMs of the explicit d tile
+    g = torch.Generator().manual_seed(10)
+    n, H, V = 7, 5, 23
+    z, h, w = torch.randn(n, V, generator=g), torch.randn(n, H, generator=g), torch.randn(V, H)
+    labels = torch.randint(0, V, (n,), generator=g)
+    grad = torch.randn(n, generator=g)
+    grad[2] = 0.0  # an ignored row
+    p = lpl.PairHeadParams(logit_scale=scale, temperature=0.8)
+    logp = torch.log_softmax(z, 1)
+    d = logp.clone()
+    lpl._tile_grad_torch(d, labels, torch.logsumexp(z, 1), grad, p)
+    dh, dw, db = torch.empty(n, H), torch.full((V, H), 7.0), torch.zeros(V)
+    lpl._head_grads_torch(logp.clone(), h, w, labels, grad, p, dh, dw, 0.0, db)
+    torch.testing.assert_close(dh, d @ w)
+    torch.testing.assert_close(dw, d.T @ h)  # beta=0: the 7s are ignored
+    torch.testing.assert_close(db, d.sum(0))
