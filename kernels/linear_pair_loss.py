@@ -29,11 +29,11 @@ A single pair whose logits exceed the budget is split into row blocks and recomp
 
 Impls: "triton" (tile kernels A, B: one program per row, one read of the tile in A and one read
 + write in B) and "torch" (CPU, and the reference of the tile kernels), which changes 2 and 4:
-  2'. log_softmax in place over the whole tile (one op; few ops matter more than cache
-      blocking on a busy CPU, see _tile_stats_torch): the label log-probs are read off it
-  4'. tile -> exp -> prob - onehot (n writes), and the row scale -g moves onto the (n, H)
-      operands: dH = -g ((prob - onehot) @ W), dW += (prob - onehot).T @ (-g h): one pass over
-      the tile instead of step 4's three. With softcap dz/dy is elementwise and step 4 runs.
+  2'. whole-tile ops (few ops matter more than cache blocking on a busy CPU): the tile becomes
+      e = exp(z - max) in place, lse = max + log(sum e) as the chunked head computes it
+  4'. tile -> e - (sum e) onehot (n writes), and the row scale -g / sum e moves onto the (n, H)
+      operands: dH = -g/S ((e - S onehot) @ W), dW += (e - S onehot).T @ (-g/S h): no pass over
+      the tile besides the GEMMs. With softcap dz/dy is elementwise and step 4 runs.
 GEMMs are torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 into reused buffers on
 CPU).
 "auto" = triton on CUDA / ROCm tensors, else torch.
@@ -200,12 +200,14 @@ def _row_blocks(n: int, V: int):
 
 
 def _tile_stats_torch(z: Tensor, labels: Tensor, p: PairHeadParams):
-    """In place: raw logits -> log-probs; returns (lse, token_logps, stats | None), each (n,).
+    """In place: raw logits -> e = exp(z - max) (with softcap z stays, for dz/dy); returns
+    (norm, token_logps, stats | None), each (n,): norm = sum_v e, or lse with softcap.
 
+    lse = max + log(sum e), the chunked head's arithmetic op for op, so a policy still equal to
+    its cached reference scores bit-equal log-probs (rewards exactly 0 at step 0, as in TRL).
     Whole-tile ops, not row blocks: each CPU op is one OpenMP region whose threads must all meet,
     and on a busy machine that wait costs more than the cache misses blocking would save (a
-    (32, V) block loop measured 20x slower than one whole-tile log_softmax at load 5 on 2 cores).
-    log_softmax writes each row after its last read of it, so it runs in place (tested)."""
+    (32, V) block loop measured 20x slower than one whole-tile log_softmax at load 5 on 2 cores)."""
     transform_(z, p)
     n, V = z.shape
     valid = labels != p.ignore_index
@@ -213,52 +215,66 @@ def _tile_stats_torch(z: Tensor, labels: Tensor, p: PairHeadParams):
     z_label = z.gather(1, cols)[:, 0]
     if p.return_stats:
         # max(dim) returns the first index of the maximum, as TRL's argmax compare does
-        top1, mean = valid & (z.max(1).indices == labels), z.mean(1)
-    torch._log_softmax(z, 1, False, out=z)  # (n, V) log-probs
-    label_logp = z.gather(1, cols)[:, 0]
-    lse = z_label - label_logp  # read back only for the softcap derivative
-    token_logps = torch.where(valid, label_logp, 0.0)
+        top = z.max(1)
+        top1, mean, m = valid & (top.indices == labels), z.mean(1), top.values
+    else:
+        m = z.amax(1)
+    xs = torch.empty(n, dtype=z.dtype, device=z.device) if p.return_stats else None
+    if p.softcap is None:
+        s = z.sub_(m[:, None]).exp_().sum(1)  # the tile is e from here on
+    else:  # z is kept: e in row blocks of a temporary
+        s = torch.empty(n, dtype=z.dtype, device=z.device)
+        tmp = torch.empty((min(n, max(1, BLOCK_ELEMENTS // V)), V), dtype=z.dtype, device=z.device)
+        for r0, r1 in _row_blocks(n, V):
+            e = torch.sub(z[r0:r1], m[r0:r1, None], out=tmp[: r1 - r0]).exp_()
+            s[r0:r1] = e.sum(1)
+            if xs is not None:
+                xs[r0:r1] = torch.linalg.vecdot(e, z[r0:r1])
+    lse = m + s.log()
+    token_logps = torch.where(valid, z_label - lse, 0.0)
+    norm = s if p.softcap is None else lse
     if not p.return_stats:
-        return lse, token_logps, None
-    entropy = torch.empty(n, dtype=z.dtype, device=z.device)  # -sum_v p log p
-    tmp = torch.empty((min(n, max(1, BLOCK_ELEMENTS // V)), V), dtype=z.dtype, device=z.device)
-    for r0, r1 in _row_blocks(n, V):
-        prob = torch.exp(z[r0:r1], out=tmp[: r1 - r0])
-        entropy[r0:r1] = -torch.linalg.vecdot(prob, z[r0:r1])
-    return lse, token_logps, (entropy, mean, top1)
+        return norm, token_logps, None
+    if p.softcap is None:  # sum_v e z = sum_v e (log e + m): entropy = lse - that / s
+        tmp = torch.empty((min(n, max(1, BLOCK_ELEMENTS // V)), V), dtype=z.dtype, device=z.device)
+        for r0, r1 in _row_blocks(n, V):
+            e_log_e = torch.special.xlogy(z[r0:r1], z[r0:r1], out=tmp[: r1 - r0]).sum(1)
+            xs[r0:r1] = e_log_e + s[r0:r1] * m[r0:r1]
+    return norm, token_logps, (lse - xs / s, mean, top1)
 
 
-def _tile_grad_torch(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
-    """In place: log-probs -> d = g * (onehot - softmax) * dz/dy (softcap, or half GEMMs)."""
+def _tile_grad_torch(z: Tensor, labels: Tensor, norm: Tensor, g: Tensor, p: PairHeadParams):
+    """In place -> d = g s_l (onehot - softmax) dz/dy (s_l = logit_scale / T), from the tile and
+    norm `_tile_stats_torch` left: e and sum e, or (softcap) z and lse."""
     scale = p.logit_scale / p.temperature
     cols = labels.clamp(0, z.shape[1] - 1)[:, None]
-    at_label, factor = g * scale, None
-    if p.softcap is not None:  # dz/dy = 1 - (z T / c)^2, z = log p + lse
-        factor = 1.0 - ((z + lse[:, None]) / (p.softcap / p.temperature)).square()
-        at_label = at_label * factor.gather(1, cols)[:, 0]
-    z.exp_().mul_((g * -scale)[:, None])
-    if factor is not None:
-        z.mul_(factor)
-    z.scatter_add_(1, cols, at_label[:, None])  # g is 0 on ignored rows: nothing lands there
+    if p.softcap is None:  # softmax = e / sum e
+        z.mul_((g * -scale / norm)[:, None])
+        z.scatter_add_(1, cols, (g * scale)[:, None])  # g is 0 on ignored rows
+        return
+    factor = 1.0 - (z / (p.softcap / p.temperature)).square()  # dz/dy = 1 - (z T / c)^2
+    at_label = g * scale * factor.gather(1, cols)[:, 0]
+    z.sub_(norm[:, None]).exp_().mul_((g * -scale)[:, None]).mul_(factor)
+    z.scatter_add_(1, cols, at_label[:, None])
 
 
-def _head_grads_torch(logp, h, w, labels, g, p: PairHeadParams, dh_part, dw, dw_beta, db):
-    """No softcap: the head's gradients from the log-probs with one pass over the tile (exp).
+def _head_grads_torch(e, h, w, labels, g, norm, p: PairHeadParams, dh_part, dw, dw_beta, db):
+    """No softcap: the head's gradients from the tile e = exp(z - max) with no pass over it.
 
-    d = g s (onehot - prob) (s = logit_scale / T) is never formed: the tile becomes prob - onehot
-    (exp in place, n writes at the labels) and the row scale -g s moves onto the (n, H) operands,
-        dH = -g s ((prob - onehot) @ W)        dW += (prob - onehot).T @ (-g s h)
-    so after the exp the (n, V) tile is read by the two GEMMs only. Consumes the tile."""
-    neg_gs = g * -(p.logit_scale / p.temperature)  # (n,), 0 on ignored rows
-    cols = labels.clamp(0, logp.shape[1] - 1)[:, None]
-    prob = logp.exp_()
-    prob.scatter_add_(1, cols, prob.new_full(cols.shape, -1.0))
+    d = g s_l (onehot - e / S) (S = sum e, s_l = logit_scale / T) is never formed: the tile
+    becomes e - S onehot (n writes at the labels) and the row scale -g s_l / S moves onto the
+    (n, H) operands,
+        dH = (-g s_l / S) ((e - S onehot) @ W)        dW += (e - S onehot).T @ ((-g s_l / S) h)
+    so the (n, V) tile is read by the two GEMMs and by nothing else. Consumes the tile."""
+    neg = g * -(p.logit_scale / p.temperature) / norm  # (n,), 0 on ignored rows
+    cols = labels.clamp(0, e.shape[1] - 1)[:, None]
+    e.scatter_add_(1, cols, -norm[:, None])
     if dh_part is not None:
-        torch.mm(prob, w, out=dh_part).mul_(neg_gs[:, None])
+        torch.mm(e, w, out=dh_part).mul_(neg[:, None])
     if dw is not None:
-        dw.addmm_(prob.T, h * neg_gs[:, None], beta=dw_beta)
+        dw.addmm_(e.T, h * neg[:, None], beta=dw_beta)
     if db is not None:
-        db.addmv_(prob.T, neg_gs)
+        db.addmv_(e.T, neg)
 
 
 def _tile_stats_triton(z: Tensor, labels: Tensor, p: PairHeadParams):
@@ -349,6 +365,7 @@ class LinearPairLossFunction(torch.autograd.Function):
             n, k = rows.numel(), b - a
             h, lab = h_all.index_select(0, rows), labels.index_select(0, rows)
             blocks = [(r, min(n, r + rows_max)) for r in range(0, n, rows_max)]
+            # lse: the tile's row normaliser (triton: lse; torch: sum_v exp(z - max), see above)
             kept, lse, x = [], torch.empty(n, **f32), torch.empty(n, **f32)
             for r0, r1 in blocks:  # 1-2: logits, softmax statistics
                 z = _logits(h[r0:r1], w, bias, buf)
@@ -379,8 +396,8 @@ class LinearPairLossFunction(torch.autograd.Function):
                     z = _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p, buf)
                 if row_scaled:  # torch, fp32 GEMMs, no softcap: one pass over the tile
                     part = dh_buf[: r1 - r0] if dh is not None else None
-                    _head_grads_torch(z, h[r0:r1], w, lab[r0:r1], g[r0:r1], p, part, dw,
-                                      acc["dw"], db)  # fmt: skip
+                    _head_grads_torch(z, h[r0:r1], w, lab[r0:r1], g[r0:r1], lse[r0:r1], p,
+                                      part, dw, acc["dw"], db)  # fmt: skip
                     acc["dw"] = 1.0
                     if part is not None:
                         dh.index_copy_(0, rows[r0:r1], part)
