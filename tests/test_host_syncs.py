@@ -91,7 +91,7 @@ def test_host_offsets_must_match_the_offsets():
 def _micro_batch_lines() -> range:
     """Lines of run_training's micro-batch body (after the batch iterator hands a batch over)."""
     lines, first = inspect.getsourcelines(loop_module.run_training)
-    start = next(i for i, s in enumerate(lines) if "for batch, weight, is_real in zip" in s)
+    start = next(i for i, s in enumerate(lines) if "is_real" in s and "zip(batches" in s)
     end = next(i for i, s in enumerate(lines) if "micro += len(group_plans" in s)
     return range(first + start + 1, first + end)
 
