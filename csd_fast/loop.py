@@ -11,9 +11,11 @@ Weighting, with g micro-batches per step and W ranks (`plan[rank][micro]`): coun
 micro-batches are averaged as TRL does on one process (each micro-batch mean over its pairs,
 the step the mean of those), a micro-batch's mean taken over its pairs on all ranks; token-budget
 micro-batches are weighted by their pair count over the step's pairs on all ranks, so every pair
-counts once however the planner groups them. The global counts come from the plan, which every
-rank computes whole (it is deterministic), so no collective is needed for them. FSDP averages
-gradients over ranks, hence the factor W: W ranks x b pairs == 1 rank x W*b pairs.
+counts once however the planner groups them. SFT rows are weighted by their loss tokens over the
+step's (TRL's SFTTrainer divides the step's token sum by its token count), either way. The global
+counts come from the plan, which every rank computes whole (it is deterministic), so no
+collective is needed for them. FSDP averages gradients over ranks, hence the factor W: W ranks x
+b pairs == 1 rank x W*b pairs.
 
 The loop reads nothing back to the host per micro-batch: the loss accumulates on the device and
 is reduced across ranks and read once per logging step; the fused head plans its chunks from the
@@ -63,6 +65,7 @@ class TrainingJob:
     close: Callable[[], None]  # flush the metric writers
     train_tokens: Callable[[], int]  # training tokens so far over all ranks (a collective)
     run: dict = field(default_factory=dict)  # model names, data fingerprints (csd_fast.resume)
+    loss_tokens: Any = None  # (n,) int64 per train pair: weight by loss tokens (SFT); None: pairs
 
 
 def _due(step: int, every: float | int | None, total: int) -> bool:
@@ -103,12 +106,19 @@ def schedule_length(plans, args) -> tuple[int, int | None]:
     return max(total, 1), math.ceil(args.num_train_epochs)
 
 
-def micro_weights(group_plans: list[list[list[int]]], rank: int, by_tokens: bool) -> list[float]:
+def micro_weights(
+    group_plans: list[list[list[int]]], rank: int, by_tokens: bool, loss_tokens=None
+) -> list[float]:
     """Loss weight of each of this rank's micro-batches in one step (see the module docstring).
 
-    `group_plans[r][m]` is rank r's m-th micro-batch of the step."""
+    `group_plans[r][m]` is rank r's m-th micro-batch of the step. With `loss_tokens` (per pair,
+    the tokens its loss averages over) a micro-batch weighs its share of the step's loss tokens
+    on all ranks: a token mean over the whole step, as TRL's SFTTrainer takes it."""
     world = len(group_plans)
     mine = group_plans[rank]
+    if loss_tokens is not None:
+        step_tokens = sum(int(loss_tokens[idx].sum()) for plan in group_plans for idx in plan)
+        return [int(loss_tokens[idx].sum()) / max(step_tokens, 1) * world for idx in mine]
     if by_tokens:
         step_pairs = sum(len(idx) for plan in group_plans for idx in plan)
         return [len(idx) / step_pairs * world for idx in mine]
@@ -203,11 +213,14 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         job.fire("on_epoch_begin")
         while micro < len(plan) and state.global_step < max_steps:
             group_plans = [p[micro : micro + ga] for p in plans]
-            weights = micro_weights(group_plans, env.rank, by_tokens)
+            weights = micro_weights(group_plans, env.rank, by_tokens, job.loss_tokens)
             real = [bool(idx) for idx in group_plans[env.rank]]
             step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
             batches = job.batches(_stand_ins(group_plans, env.rank))
-            for batch, weight, is_real in zip(batches, weights, real, strict=True):
+            job.fire("on_step_begin")
+            for m, (batch, weight, is_real) in enumerate(zip(batches, weights, real, strict=True)):
+                if m:
+                    job.fire("on_substep_end")  # HF's order: after each micro-batch but the last
                 loss = job.compute_loss(batch, "train", dummy=not is_real)
                 (loss * weight).backward()
                 # fp64 on the device: the same sum a float() per micro-batch gave, without the sync
@@ -223,7 +236,9 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
             micro += len(group_plans[env.rank])
             grad_norm = clip_grad_norm(params, args.max_grad_norm)
             lr_used = sched.get_last_lr()[0]  # TRL logs the rate of this update, not the next
+            job.fire("on_pre_optimizer_step")  # after clipping, as in HF: gradients are final
             opt.step()
+            job.fire("on_optimizer_step")
             sched.step()
             opt.zero_grad(set_to_none=True)
             state.global_step += 1

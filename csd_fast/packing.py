@@ -263,6 +263,23 @@ def _cumsum32(lengths) -> torch.Tensor:
     return out
 
 
+def truncated_lengths(
+    prompt, chosen, rejected, max_length: int | None, truncation_mode: str = "keep_start"
+) -> tuple[np.ndarray, ...]:
+    """(chosen's prompt, chosen, rejected's prompt, rejected) token counts kept by TRL's
+    per-sequence truncation (`csd_fast.batch.truncate_pair`), for arrays of lengths."""
+    p, c, r = (np.asarray(x, dtype=np.int64) for x in (prompt, chosen, rejected))
+    if max_length is None:
+        return p, c, p, r
+    if truncation_mode == "keep_start":
+        pc = pr = np.minimum(p, max_length)
+        return pc, np.minimum(c, max_length - pc), pr, np.minimum(r, max_length - pr)
+    if truncation_mode == "keep_end":
+        c, r = np.minimum(c, max_length), np.minimum(r, max_length)
+        return np.minimum(p, max_length - c), c, np.minimum(p, max_length - r), r
+    raise ValueError(f"Unsupported truncation mode: {truncation_mode}")
+
+
 def pair_costs(
     prompt: np.ndarray,
     chosen: np.ndarray,
@@ -277,17 +294,7 @@ def pair_costs(
     The planner's budget is then a hard bound: with keep_end the two sequences may keep prompts
     of different lengths, and such a pair is not shared (two segments), as in `collate_packed`.
     """
-    p, c, r = (np.asarray(x, dtype=np.int64) for x in (prompt, chosen, rejected))
-    if max_length is None:
-        pc, pr = p, p
-    elif truncation_mode == "keep_start":
-        pc = pr = np.minimum(p, max_length)
-        c, r = np.minimum(c, max_length - pc), np.minimum(r, max_length - pr)
-    elif truncation_mode == "keep_end":
-        c, r = np.minimum(c, max_length), np.minimum(r, max_length)
-        pc, pr = np.minimum(p, max_length - c), np.minimum(p, max_length - r)
-    else:
-        raise ValueError(f"Unsupported truncation mode: {truncation_mode}")
+    pc, c, pr, r = truncated_lengths(prompt, chosen, rejected, max_length, truncation_mode)
     # an SFT row (no rejected at all) places no rejected segment, not even its prompt
     unshared = pc + c + np.where(np.asarray(rejected) > 0, pr + r, 0)
     if not prefix_sharing:

@@ -71,7 +71,15 @@ class DPOTrainer(TrainerAPI):
         quantization_config=None,
         peft_config=None,
     ):
-        from csd_fast.models import ensure_pad_token, load_model, load_tokenizer, prepare_models
+        from csd_fast.models import (
+            ensure_pad_token,
+            is_on_meta,
+            load_model,
+            load_tokenizer,
+            loads_on_meta,
+            prepare_models,
+            to_device,
+        )
         from csd_fast.trl_compat import check_trl_arguments, model_setup
 
         if args is None:
@@ -105,7 +113,13 @@ class DPOTrainer(TrainerAPI):
             "model": model_path,
             "ref_model": ref_model if isinstance(ref_model, str) else None,
         }
-        self.model = load_model(model, args) if model_path else model
+        # FSDP: only rank 0 reads weights given by path; the others build the structure on
+        # meta and get their shards from rank 0 once sharded (no full copy per rank in memory)
+        meta = self.dist.distributed and not self.dist.is_main and loads_on_meta(args)
+        self.model = load_model(model, args, on_meta=meta) if model_path else model
+        if meta and model_path:
+            print(f"[csd] rank {self.dist.rank}: {model_path} built on the meta device, its "
+                  "weights sent by rank 0 once sharded", flush=True)  # fmt: skip
         self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
         ensure_pad_token(self.processing_class, args)
         # a reference given by path is loaded only if a table must be computed (or a live
@@ -115,29 +129,39 @@ class DPOTrainer(TrainerAPI):
             if args.ref_cache_dir and Path(ref_model).is_dir() and not self.dist.distributed:
                 self._ref_model_path, ref_model = ref_model, None
             else:
-                ref_model = load_model(ref_model, args)
+                ref_model = load_model(ref_model, args, on_meta=meta)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
         self.callbacks = list(callbacks or [])
         # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
         self.router_aux_loss_coef, self.aux_loss_enabled = model_setup(self, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
         self.trainable = select_trainable(self.model, args.trainable_params)
-        self.model.to(self.device)
-        if self.ref_model is not None:
-            self.ref_model.to(self.device)
+        to_device(self.model, self.device)
+        to_device(self.ref_model, self.device)
         # backbone + head as one module each: what FSDP2 shards (the models stay HF modules)
         self.scorer = PairScorer(self.model)
         self.ref_scorer = PairScorer(self.ref_model) if self.ref_model is not None else None
         self._sharded = False
         if self.dist.distributed:
-            from csd_fast.distributed.fsdp import FsdpOptions, shard_model
+            from csd_fast.distributed.fsdp import (
+                FsdpOptions,
+                broadcast_from_rank0,
+                rank0_source,
+                shard_model,
+            )
 
             if optimizers[0] is not None:
                 raise ValueError("optimizers=(...) under FSDP: build it after sharding (omit it)")
             opts = FsdpOptions.from_args(args, self.dist)
             for scorer in (self.scorer, self.ref_scorer):
-                if scorer is not None:
-                    shard_model(scorer, self.dist, opts)
+                if scorer is None:
+                    continue
+                on_meta = any(self.dist.all_gather_objects(is_on_meta(scorer)))
+                source = rank0_source(scorer, self.dist) if on_meta else None
+                shard_model(scorer, self.dist, opts)
+                if on_meta:
+                    broadcast_from_rank0(scorer, source, self.dist)
+                    del source
             self._sharded = True
         self.loss_params = args.loss_params()
         self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
@@ -681,7 +705,24 @@ class DPOTrainer(TrainerAPI):
             close=self.close_writer,
             train_tokens=self.global_train_tokens,
             run=run_identity(self),
+            loss_tokens=self._sft_loss_tokens(),
         )
+
+    def _sft_loss_tokens(self):
+        """Per SFT row, the completion tokens its loss averages over (after truncation): the
+        loop weights micro-batches by them, as TRL's SFTTrainer does. None for preference data
+        and streams (a stream's micro-batches keep the per-micro-batch mean)."""
+        from csd_fast.packing import truncated_lengths
+
+        if not self._sft_data or not hasattr(self.train_pairs, "lengths"):
+            return None
+        prompt, chosen, rejected = self.train_pairs.lengths()
+        a = self.args
+        kept_prompt, kept, _, _ = truncated_lengths(
+            prompt, chosen, rejected, a.max_length, a.truncation_mode
+        )
+        # a completion that starts its row (no prompt kept) has no prediction for its first token
+        return kept - (kept_prompt == 0)
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"

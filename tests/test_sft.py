@@ -163,3 +163,40 @@ def test_sft_rows_errors(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match=r"loss_type \['sft'\]"):
         DPOTrainer(str(tmp_path / "m"), args=args, train_dataset=load_rows(TEXT))
+
+
+@pytest.mark.parametrize("budget", [None, 24], ids=["count", "token_budget"])
+@pytest.mark.parametrize("rows", [TEXT, MESSAGES], ids=["completion_only", "all_tokens"])
+def test_accumulated_step_is_one_token_mean_as_trl(tmp_path, rows, budget):
+    """Gradient accumulation over micro-batches of unequal token counts: TRL's SFTTrainer takes
+    the step's token sum over its token count, i.e. one cross-entropy over all the rows (a mean
+    of micro-batch means would weigh a short row's tokens more). The step's accumulated
+    gradient, read by a callback at on_pre_optimizer_step, must equal the plain cross-entropy's
+    gradient over the whole step."""
+    from transformers import TrainerCallback
+
+    class KeepGradients(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            self.grads = [p.grad.detach().clone() for p in model.parameters()]
+
+    tok = tiny_tokenizer()
+    tiny_model(tok).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    ragged = rows[:1] + rows[1:2] * 2 + rows[2:]  # 5 rows: micro-batches of 2, 2 and 1
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"), loss_type=["sft"], padding_free=True, bf16=False,
+        per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=1,
+        max_tokens_per_batch=budget, max_grad_norm=0.0, report_to="none", dataset_cache_dir=None,
+        use_cpu=True, gradient_checkpointing=False, save_strategy="no",
+    )  # fmt: skip
+    keep = KeepGradients()
+    trainer = DPOTrainer(str(tmp_path / "m"), args=args, train_dataset=ragged, callbacks=[keep])
+    plan = trainer.training_job().plans(0)[0]
+    assert 1 < len(plan) <= 4 and sum(len(m) for m in plan) == len(ragged)  # 1 step, 2-4 parts
+    trainer.train()
+
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m").float()
+    examples = [trainer.train_pairs[i] for i in range(len(ragged))]
+    hf_cross_entropy(ref, examples, tok.pad_token_id).backward()
+    for got, p in zip(keep.grads, ref.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)

@@ -129,6 +129,8 @@ def save_sharded(
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         lm = unwrap_causal_lm(model)
         lm.config.save_pretrained(tmp)
+        if hasattr(model, "peft_config"):  # what `csd export` needs to rebuild the adapters
+            model.peft_config[model.active_adapter].save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if config is not None:
@@ -206,23 +208,35 @@ def export_hf(model, out: Path, *, env: DistEnv, tokenizer=None) -> Path:
     return out
 
 
-def export_checkpoint(checkpoint: Path, out: Path, dtype: str | None = None) -> Path:
-    """`csd export`: a DCP (or HF-layout) training checkpoint -> consolidated HF model dir."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def export_checkpoint(
+    checkpoint: Path, out: Path, dtype: str | None = None, base_model: str | None = None
+) -> Path:
+    """`csd export`: a training checkpoint -> consolidated HF model dir.
 
+    A DCP checkpoint is rebuilt from its config.json on meta and filled from its shards; a LoRA
+    run's (sharded, or the single-process adapter directory) has its adapters merged into the
+    base weights, so the result loads with `from_pretrained` and vLLM like any full model."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if not (checkpoint / "config.json").exists():
-        raise FileNotFoundError(f"{checkpoint}: no config.json (not a csd-fast checkpoint)")
-    config = AutoConfig.from_pretrained(checkpoint)
-    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.to_empty(device="cpu")
-    model.tie_weights()  # to_empty gave a tied head its own storage
-    if is_sharded_checkpoint(checkpoint):
-        _check_not_peft(checkpoint)
-        load_sharded_weights(checkpoint, model)
+    adapter = (checkpoint / "adapter_config.json").exists()
+    if adapter and not is_sharded_checkpoint(checkpoint):
+        model = _merged_adapter_checkpoint(checkpoint, base_model)
     else:
-        ckpt.load_weights(model, checkpoint)
+        if not (checkpoint / "config.json").exists():
+            raise FileNotFoundError(f"{checkpoint}: no config.json (not a csd-fast checkpoint)")
+        if base_model:
+            raise ValueError(
+                f"--base_model is for a single-process LoRA checkpoint (an adapter directory); "
+                f"{checkpoint} holds its base weights itself"
+            )
+        model = _empty_model(checkpoint)
+        if is_sharded_checkpoint(checkpoint):
+            if adapter or _has_adapter_keys(checkpoint):
+                model = _lora_model(model, checkpoint)
+            load_sharded_weights(checkpoint, model)
+            if hasattr(model, "merge_and_unload"):
+                model = merge_adapters(model)
+        else:
+            ckpt.load_weights(model, checkpoint)
     if dtype:
         model.to(getattr(torch, dtype))
         model.config.dtype = getattr(torch, dtype)
@@ -234,12 +248,67 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str | None = None) -> 
     return export_hf(model, out, env=DistEnv(), tokenizer=tokenizer)
 
 
-def _check_not_peft(checkpoint: Path) -> None:
+def _empty_model(checkpoint: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gave a tied head its own storage
+    return model
+
+
+def merge_adapters(peft_model):
+    """`merge_and_unload`, except that a tied head with an adapter of its own is untied first:
+    the adapter changes the output projection only, and merged into a shared weight it would
+    change the input embeddings too."""
+    from torch import nn
+
+    base = peft_model.get_base_model()
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    layer = getattr(head, "base_layer", head)
+    if layer is not head and layer.weight is getattr(embed, "weight", None):
+        layer.weight = nn.Parameter(layer.weight.detach().clone())
+        base.config.tie_word_embeddings = False
+        text = getattr(base.config, "get_text_config", lambda: None)()
+        if text is not None:
+            text.tie_word_embeddings = False
+    return peft_model.merge_and_unload()
+
+
+def _has_adapter_keys(checkpoint: Path) -> bool:
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(str(checkpoint / DCP_DIR)).read_metadata().state_dict_metadata
-    if any("lora_" in k for k in keys):
-        raise NotImplementedError(
-            f"{checkpoint} holds LoRA adapters: export it from the run (final/ is written by "
-            "`csd train`), `csd export` reads full-model checkpoints"
+    return any("lora_" in k for k in keys)
+
+
+def _lora_model(base, checkpoint: Path):
+    """The PEFT model a sharded LoRA checkpoint was saved from (its keys), empty."""
+    from peft import PeftConfig, get_peft_model
+
+    if not (checkpoint / "adapter_config.json").exists():
+        raise ValueError(
+            f"{checkpoint} holds LoRA adapters but no adapter_config.json (written by csd-fast "
+            "since sharded LoRA export landed): export the run's final/ instead"
         )
+    return get_peft_model(base, PeftConfig.from_pretrained(str(checkpoint)))
+
+
+def _merged_adapter_checkpoint(checkpoint: Path, base_model: str | None):
+    """A single-process LoRA checkpoint (an adapter directory) merged into its base model."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recorded = json.loads((checkpoint / "adapter_config.json").read_text())
+    base = base_model or recorded.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"{checkpoint}: a LoRA adapter whose base model is not recorded (the run was given "
+            "a model object): name it with --base_model PATH"
+        )
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return merge_adapters(PeftModel.from_pretrained(model, str(checkpoint)))

@@ -119,6 +119,55 @@ def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module
     return scorer
 
 
+def rank0_source(scorer: nn.Module, env: DistEnv) -> dict | None:
+    """Before sharding, rank 0's whole tensors by name (parameters and every buffer, persistent
+    or not): what `broadcast_from_rank0` sends; None on the other ranks. References, not
+    copies: rank 0 holds one full model, as it did before sharding."""
+    if not env.is_main:
+        return None
+    source = dict(scorer.state_dict())
+    source.update(dict(scorer.named_buffers()))
+    return source
+
+
+def broadcast_from_rank0(scorer: nn.Module, source: dict | None, env: DistEnv) -> None:
+    """Fill a sharded model that only rank 0 loaded: the other ranks built it on the meta
+    device (no weights read, no host copy), get storage for their shards here, and receive
+    rank 0's values, one parameter at a time (peak: one full weight). A collective."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # the same names, shapes and dtypes on every rank, or the collectives below would hang
+    layout = [(n, tuple(t.shape), str(t.dtype)) for n, t in _tensors(scorer)]
+    layouts = env.all_gather_objects(layout)
+    for rank, other in enumerate(layouts):
+        if other != layouts[0]:
+            first = next((a, b) for a, b in zip(layouts[0], other, strict=False) if a != b)
+            raise RuntimeError(
+                f"rank {rank} built the model unlike rank 0 (first difference: rank 0 has "
+                f"{first[0]}, rank {rank} {first[1]}); set CSD_FSDP_META_INIT=0 to load the "
+                "weights on every rank instead"
+            )
+    if not env.is_main:
+        scorer.to_empty(device=env.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    keys = list(scorer.state_dict())
+    weights = {k: source[k] for k in keys} if env.is_main else {}
+    set_model_state_dict(scorer, weights, options=options)
+    # non-persistent buffers (e.g. rotary inv_freq) are in no state dict: sent as they are
+    for name, buf in scorer.named_buffers():
+        if name not in keys:
+            if env.is_main:
+                buf.copy_(source[name])
+            dist.broadcast(buf, src=0)
+
+
+def _tensors(module: nn.Module):
+    """(name, tensor) of every parameter (its global shape when sharded) and buffer."""
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 

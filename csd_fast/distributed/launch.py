@@ -4,6 +4,7 @@
       == python -m torch.distributed.run --standalone --nproc_per_node 8 -m csd_fast train ...
     csd export out/checkpoint-500 out/hf          # consolidated HF safetensors (from_pretrained)
     csd export out/checkpoint-500 out/hf --dtype bfloat16
+    csd export out/checkpoint-500 out/hf --base_model M   # a 1-process LoRA checkpoint, merged
 
 Several nodes: run torchrun yourself with a c10d rendezvous (examples/slurm/*.sbatch), since the
 node count and the rendezvous host come from the scheduler.
@@ -68,12 +69,19 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a checkpoint-<step> directory")
     parser.add_argument("out", help="output directory (written atomically)")
     parser.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
+    parser.add_argument(
+        "--base_model",
+        "--base-model",
+        default=None,
+        help="the base model of a single-process LoRA checkpoint, when the adapter does not "
+        "record it (its adapters are merged into these weights)",
+    )
     ns = parser.parse_args(argv)
     from csd_fast.distributed.checkpoint import export_checkpoint
 
     try:
-        out = export_checkpoint(ns.checkpoint, ns.out, dtype=ns.dtype)
-    except (FileNotFoundError, NotImplementedError, ValueError) as e:
+        out = export_checkpoint(ns.checkpoint, ns.out, dtype=ns.dtype, base_model=ns.base_model)
+    except (OSError, NotImplementedError, ValueError) as e:  # OSError: an unreadable model
         print(f"csd export: {e}", file=sys.stderr)
         return 2
     print(f"[csd export] {ns.checkpoint} -> {out}")

@@ -19,7 +19,8 @@ not sample / score / pairs of round 1. On each run a step is
   * redone from scratch, its folder cleared, when its fingerprint changed; the command prints
     which steps are invalidated and which settings changed.
 The manifest is rewritten atomically (tmp + rename) after every state change, so a kill at any
-instant leaves a readable one. Round r+1 starts from round r's trained policy; its reference is
+instant leaves a readable one; the run folder's lock (`csd_fast.rundir`) lets one `csd loop`
+write it at a time. Round r+1 starts from round r's trained policy; its reference is
 the base model (`reference: base`) or round r's policy (`reference: previous`, as ICR).
 Test: `python -m pytest tests/pipeline/test_loop.py -q`.
 """
@@ -29,14 +30,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from csd_fast.pipeline.loopconfig import STAGES, LoopConfig
+from csd_fast.errors import UserError
+from csd_fast.pipeline.loopconfig import STAGES, LoopConfig, output_engine_options
 from csd_fast.pipeline.stages import STAGE_FUNCTIONS, StageError
+from csd_fast.rundir import RunDirLock, write_text_atomically
 
 MANIFEST = "loop.json"
 
@@ -72,9 +74,9 @@ class Loop:
 
     def _save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{MANIFEST}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(self.manifest, indent=1, sort_keys=True))
-        tmp.replace(self.manifest_path)
+        write_text_atomically(
+            self.manifest_path, json.dumps(self.manifest, indent=1, sort_keys=True)
+        )
 
     # ---------------------------------------------------------------------- the plan
     def step_dir(self, r: int, stage: str) -> Path:
@@ -127,6 +129,7 @@ class Loop:
         base_responses = str(self.step_dir(1, "eval") / "resp-base")
         policies = {"base": {"model": base, "responses": base_responses}}
         base_fp = policy_fp
+        ranker = None  # ICR's implicit-reward models for the next round (set by each train)
         for r, stage in c.steps():
             out = self.step_dir(r, stage)
             if stage == "translate":
@@ -134,7 +137,7 @@ class Loop:
                 settings = {
                     "model": c.translation_model,
                     "languages": c.languages,
-                    "options": {"languages": c.languages},
+                    "options": {**c.translate_options, "languages": c.languages},
                     "engine": c.engine,
                 }
                 upstream = [prompts_fp]
@@ -154,12 +157,18 @@ class Loop:
                 upstream = [fp[(r, "sample")], _file_hash(rm)]
             elif stage == "pairs":
                 inputs = {"scores": str(self.step_dir(r, "score"))}
+                upstream = [fp[(r, "score")]]
+                if c.pair_strategy == "icr" and ranker is not None:
+                    # ICR iterates: round r ranks with the policy round r-1 trained, against the
+                    # reference it trained with (round 1 ranks with pair_options' models); the
+                    # models are identified by that training's fingerprint, not their paths
+                    inputs["ranker"] = {k: ranker[k] for k in ("policy", "reference")}
+                    upstream.append(ranker["fingerprint"])
                 settings = {
                     "strategy": c.pair_strategy,
                     "options": c.pair_options,
                     "engine": c.engine,
                 }
-                upstream = [fp[(r, "score")]]
             elif stage == "train":
                 reference = base if (c.reference == "base" and r > 1) else None
                 inputs = {
@@ -176,9 +185,19 @@ class Loop:
                     "responses": str(out / f"resp-round-{r}"),
                 }
                 inputs = {"policies": dict(policies)}
-                settings = {"prompts": eval_prompts, "eval": c.eval, "reward_model": rm}
+                settings = {
+                    "prompts": eval_prompts,
+                    "eval": c.eval,
+                    "reward_model": rm,
+                    "engine": c.engine,
+                }
                 upstream = [fp[(k, "train")] for k in range(1, r + 1)]
                 upstream += [base_fp, _file_hash(eval_prompts), _file_hash(rm)]
+            if stage in ("translate", "sample", "score", "eval"):
+                inputs["engine_options"] = c.engine_options
+                # what changes the outputs is fingerprinted; how the stage runs (env, data
+                # parallel, the hardware profile) is not, as the harness's own resume does
+                settings["engine_args"] = output_engine_options(c.engine_options)
             fp[(r, stage)] = _digest([stage, settings, upstream])
             steps.append(
                 {
@@ -192,11 +211,25 @@ class Loop:
                 }
             )
             if stage == "train":  # the next round starts from this round's policy
+                ranker = {
+                    "policy": str(out / "final"),
+                    "reference": inputs["reference"] or inputs["init"],
+                    "fingerprint": fp[(r, stage)],
+                }
                 policy, policy_fp = str(out / "final"), fp[(r, stage)]
         return steps
 
     # ------------------------------------------------------------------------ running
     def run(self, until: str | None = None, start: str | None = None) -> int:
+        """Run (or continue) the steps; one `csd loop` per run folder at a time (its lock)."""
+        with RunDirLock(self.dir, command="csd loop") as lock:
+            self.manifest = self._read_manifest()  # as the last holder left it
+            if lock.stale is not None:  # the last loop here died (kill -9): continued below
+                print(f"[csd loop] the previous run here ended without finishing "
+                      f"({lock.stale.describe()}); continuing it")  # fmt: skip
+            return self._run(until, start)
+
+    def _run(self, until: str | None, start: str | None) -> int:
         steps = self.plan()
         keys = [s["key"] for s in steps]
         until_key, start_key = (self._resolve(k, keys) for k in (until, start))
@@ -329,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             print(loop.status())
             return 0
         return loop.run(until=a.until, start=a.start)
-    except (ValueError, FileNotFoundError, StageError) as e:
+    except (ValueError, FileNotFoundError, StageError, UserError) as e:
         print(f"csd loop: {e}", file=sys.stderr)
         return 2
 

@@ -6,8 +6,12 @@
     prompts: prompts.jsonl             # prompt_id, prompt, lang (already translated, or English)
     translation_model: null            # set it to translate `prompts` into `languages` first
     languages: [da, de]
+    translate_options: {template: translategemma, max_tokens: 1024}   # more csd translate flags
     num_samples: 64                    # K responses per prompt per round
     sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 1024, seed: 0}
+    engine: auto                       # auto | vllm (csd sample/score/translate) | hf (fallbacks)
+    engine_options: {profile: cuda}    # csd sample/score/translate engine flags: profile, env,
+                                       # engine_arg, max_model_len, data_parallel
     pair_strategy: paired              # paired | sweet-spot | max-r | clo | icr | cm-align
     train_recipe: recipes/csd-paired-eurollm-9b-h100.yaml
     train_overrides: {beta: 0.1}
@@ -35,6 +39,17 @@ STAGES = ("translate", "sample", "score", "pairs", "train", "eval")
 PAIR_STRATEGIES = ("paired", "sweet-spot", "max-r", "clo", "icr", "cm-align")
 REFERENCES = ("base", "previous")
 ENGINES = ("auto", "hf", "vllm")
+# the vLLM engine flags `csd sample | score | translate` share (sampling.sample.ENGINE_OPTIONS)
+ENGINE_OPTION_NAMES = ("profile", "engine_arg", "env", "max_model_len", "data_parallel")
+# of those, what changes what a stage writes (the engine's own arguments: dtype, quantization,
+# kv-cache dtype ...; the context length): part of a step's fingerprint. `profile` (which also
+# picks a dtype), `env` and `data_parallel` say how it runs on this machine and are not, as in
+# the harness's own resume rules
+OUTPUT_ENGINE_OPTIONS = ("engine_arg", "max_model_len")
+
+
+def output_engine_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: options[k] for k in OUTPUT_ENGINE_OPTIONS if options.get(k) not in (None, {})}
 
 
 @dataclass
@@ -47,11 +62,13 @@ class LoopConfig:
     train_overrides: dict[str, Any] = field(default_factory=dict)
     translation_model: str | None = None
     languages: list[str] = field(default_factory=list)
+    translate_options: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 8
     sampling: dict[str, Any] = field(default_factory=dict)
     engine: str = (
         "auto"  # auto: csd sample/score/pairs (issue #9) when installed, else transformers
     )
+    engine_options: dict[str, Any] = field(default_factory=dict)
     pair_strategy: str = "paired"
     pair_options: dict[str, Any] = field(default_factory=dict)
     rounds: int = 1
@@ -72,6 +89,11 @@ class LoopConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        unknown = sorted(set(self.engine_options) - set(ENGINE_OPTION_NAMES))
+        if unknown:
+            raise ValueError(
+                f"engine_options: unknown option(s) {unknown}; known: {list(ENGINE_OPTION_NAMES)}"
+            )
         if self.translation_model and not self.languages:
             raise ValueError("translation_model needs `languages` (the target languages)")
 

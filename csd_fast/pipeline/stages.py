@@ -11,7 +11,7 @@ Every stage is itself resumable after a kill -9: sample and score write atomic s
 finished ones, pairs writes one file atomically, train resumes from its latest checkpoint, eval
 reuses its generated shards and cached scores. `inputs` are upstream output paths, `settings`
 the JSON-able options that also make up the stage's fingerprint in the loop manifest. With
-`engine: auto` the sampling harness's stages are used when they are installed
+`engine: auto` the sampling harness's vLLM stages are used when vLLM is installed
 (csd_fast.sampling, csd_fast.pairs), else the transformers fallbacks below; `engine: hf` forces
 the fallbacks, `engine: vllm` requires the harness.
 """
@@ -37,8 +37,10 @@ class StageError(RuntimeError):
 
 
 def harness_available() -> bool:
+    """The vLLM stages can run here: the sampling harness and vLLM itself are installed."""
     try:
-        return importlib.util.find_spec("csd_fast.sampling.sample") is not None
+        return all(importlib.util.find_spec(m) is not None
+                   for m in ("csd_fast.sampling.sample", "vllm"))  # fmt: skip
     except ModuleNotFoundError:  # no csd_fast.sampling package at all
         return False
 
@@ -51,24 +53,33 @@ def _use_harness(settings: dict, stage: str) -> bool:
         return True
     if engine == "vllm" or stage == "translate":
         raise StageError(
-            f"the {stage} stage needs the sampling harness (csd_fast.sampling, issue #9), which "
-            "is not installed" + ("" if stage == "translate" else "; use engine: hf")
+            f"the {stage} stage needs vLLM and the sampling harness (csd_fast.sampling), which "
+            "are not installed" + ("" if stage == "translate" else "; use engine: hf")
         )
     return False
 
 
-def _flags(options: dict[str, Any]) -> list[str]:
-    argv = []
-    for key, value in options.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv.append(f"--{key}" if value else f"--no-{key.replace('_', '-')}")
-        elif isinstance(value, (list, tuple)):
-            argv += [f"--{key}", ",".join(str(v) for v in value)]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
+def _options_file(out: Path, options: dict[str, Any]) -> Path:
+    """A harness stage's options as its `--config` YAML, beside its output folder (inside it
+    would be a foreign file to the shard store). YAML keeps dicts, lists and booleans as they
+    are, which flags would have to re-encode."""
+    import yaml
+
+    from csd_fast.rundir import write_text_atomically
+
+    path = out.with_name(f".{out.name}.options.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in options.items() if v is not None}
+    write_text_atomically(path, yaml.safe_dump(clean, sort_keys=True))
+    return path
+
+
+def _run_harness(stage: str, out: Path, options: dict[str, Any], inputs: dict) -> None:
+    """`csd <stage>` on the vLLM backend with the loop's engine options and these options."""
+    engine = dict(inputs.get("engine_options") or {})
+    if stage != "pairs":
+        engine["backend"] = "vllm"
+    _run_cli(stage, ["--config", str(_options_file(out, {**engine, **options}))])
 
 
 def _die_with_parent() -> None:
@@ -101,8 +112,8 @@ def _run_cli(stage: str, argv: list[str]) -> None:
 
 def translate(inputs: dict, out: Path, settings: dict) -> dict:
     _use_harness(settings, "translate")
-    argv = ["--model", settings["model"], "--input", str(inputs["prompts"]), "--output", str(out)]
-    _run_cli("translate", argv + _flags(settings.get("options", {})))
+    options = {"model": settings["model"], "input": str(inputs["prompts"]), "output": str(out)}
+    _run_harness("translate", out, {**settings.get("options", {}), **options}, inputs)
     import pyarrow.parquet as pq
 
     # translated prompts have no response column: count rows, not responses
@@ -113,9 +124,9 @@ def translate(inputs: dict, out: Path, settings: dict) -> dict:
 def sample(inputs: dict, out: Path, settings: dict) -> dict:
     s = settings["sampling"]
     if _use_harness(settings, "sample"):
-        argv = ["--model", str(inputs["policy"]), "--prompts", str(inputs["prompts"])]
-        argv += ["--output", str(out), "--num_samples", str(settings["num_samples"])]
-        _run_cli("sample", argv + _flags(s))
+        options = {"model": str(inputs["policy"]), "prompts": str(inputs["prompts"])}
+        options.update(output=str(out), num_samples=settings["num_samples"])
+        _run_harness("sample", out, {**s, **options}, inputs)
     else:
         prompts = inputs["prompts"]
         rows = read_responses(prompts) if Path(prompts).is_dir() else read_prompts(prompts)
@@ -130,8 +141,8 @@ def sample(inputs: dict, out: Path, settings: dict) -> dict:
 
 def score(inputs: dict, out: Path, settings: dict) -> dict:
     if _use_harness(settings, "score"):
-        argv = ["--model", settings["reward_model"], "--samples", str(inputs["samples"])]
-        _run_cli("score", argv + ["--output", str(out)])
+        options = {"model": settings["reward_model"], "samples": str(inputs["samples"])}
+        _run_harness("score", out, {**options, "output": str(out)}, inputs)
         return {"count": len(read_responses(out))}
     from csd_fast.pipeline.judges import RewardScorer
 
@@ -161,8 +172,9 @@ def pairs(inputs: dict, out: Path, settings: dict) -> dict:
     strategy = settings["strategy"]
     path = out / "pairs.jsonl"
     if _use_harness(settings, "pairs"):
-        argv = ["--scores", str(inputs["scores"]), "--strategy", strategy, "--output", str(path)]
-        _run_cli("pairs", argv + _flags(settings.get("options", {})))
+        options = {"scores": str(inputs["scores"]), "strategy": strategy, "output": str(path)}
+        options.update(inputs.get("ranker") or {})  # ICR's models of this round (loop.py)
+        _run_harness("pairs", out, {**settings.get("options", {}), **options}, inputs)
         return {"count": sum(1 for _ in path.open()), "file": str(path)}
     if strategy not in ("paired", "max-r"):
         raise StageError(f"pair strategy {strategy!r} needs csd pairs (issue #9); the "
@@ -235,13 +247,19 @@ def evaluate(inputs: dict, out: Path, settings: dict) -> dict:
     systems = {}
     # {"base": {"model", "responses"}, "round-1": ...}: earlier rounds' responses are complete
     # already (their shards are skipped), so each round generates only its own policy's
+    harness = _use_harness(settings, "eval")
     for name, system in inputs["policies"].items():
         model, shards = system["model"], Path(system["responses"])
-        generate_responses(
-            model, prompts, shards, num_samples=e.get("num_samples", 1),
-            max_new_tokens=e.get("max_tokens", 256), temperature=e.get("temperature", 0.6),
-            top_p=e.get("top_p", 0.9), seed=e.get("seed", 0),
-        )  # fmt: skip
+        gen = {"num_samples": e.get("num_samples", 1), "temperature": e.get("temperature", 0.6),
+               "top_p": e.get("top_p", 0.9), "seed": e.get("seed", 0)}  # fmt: skip
+        if harness:  # the sampling harness skips a finished folder without starting vLLM
+            options = {"model": str(model), "prompts": settings["prompts"], "output": str(shards)}
+            options.update(gen, max_tokens=e.get("max_tokens", 256))
+            _run_harness("sample", shards, options, inputs)
+        else:
+            generate_responses(
+                model, prompts, shards, max_new_tokens=e.get("max_tokens", 256), **gen
+            )
         systems[name] = read_responses(shards)
     result = run_eval(
         systems,

@@ -22,7 +22,6 @@ from csd_fast.sampling.options import (
     UsageError,
     output_settings,
     parse_options,
-    show_settings,
 )
 
 PROG = "csd sample"
@@ -192,7 +191,8 @@ def settings_path(out_dir, shard: tuple[int, int]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from csd_fast.sampling import engines, inputs, profiles, runner, store
+    from csd_fast.sampling import engines, inputs
+    from csd_fast.sampling.stage import open_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
     v = parse_options(PROG, "K responses per prompt on vLLM (or transformers).", OPTIONS, argv)
@@ -201,47 +201,26 @@ def main(argv: list[str] | None = None) -> int:
             f"{PROG}: greedy decoding (--temperature 0) draws one sample; "
             f"got --num-samples {v['num_samples']}"
         )
-    profile = profiles.resolve_profile(v["profile"], v["engine_arg"], v["env"])
-    shard = store.parse_shard_spec(v["shard"])
-    child = v["dp_rank"] is not None
     prompts = inputs.load_prompts(v["prompts"])
-    settings = output_settings(OPTIONS, v)
     fingerprint = {
         "model": inputs.model_fingerprint(v["model"]),
         "input": inputs.input_fingerprint(v["prompts"]),
     }
-    out = store.ShardStore(
-        v["output"],
-        "samples",
-        settings,
-        fingerprint,
-        num_units=len(prompts),
-        shard_size=v["shard_size"],
-        overwrite=v["overwrite"] and not child,
-    )
-    if not child:
-        show_settings(
-            PROG, resolved_settings(v, profile, fingerprint), settings_path(v["output"], shard)
-        )
-        print(profile.describe(), flush=True)
-    dp = 1 if child else data_parallel_size(v["data_parallel"], v["backend"], profile)
-    if dp > 1:
-        code = runner.launch_data_parallel("sample", strip_dp_flags(argv), profile, dp)
-        return _report(out, code)
-    worker, workers = runner.worker_index(shard, v["dp_rank"] or 0, v["dp_size"] or 1)
-    mine = store.worker_shards(out.num_shards, worker, workers)
-    if not out.todo(worker, workers):
-        print(f"[{PROG}] nothing to do: all {len(mine)} shard(s) of this worker are written")
-        return _report(out, 0)
-    profiles.apply_env(profile.env)
+    settings = output_settings(OPTIONS, v)
+    job = open_stage(
+        PROG, "sample", "samples", v, argv, settings, fingerprint, len(prompts),
+        describe_profile=True,
+    )  # fmt: skip
+    if isinstance(job, int):
+        return job
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(v["model"])
-    dtype = v["dtype"] if v["dtype"] != "auto" else profile.engine.get("dtype", "auto")
+    dtype = v["dtype"] if v["dtype"] != "auto" else job.profile.engine.get("dtype", "auto")
     engine = engines.open_engine(
         v["backend"],
         v["model"],
-        profile,
+        job.profile,
         seed=v["seed"],
         max_model_len=v["max_model_len"],
         dtype=dtype,
@@ -259,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     def work(j: int):
         import pyarrow as pa
 
-        start, stop = out.units(j)
+        start, stop = job.out.units(j)
         rows = prompts[start:stop]
         ids = [
             inputs.render_prompt(
@@ -280,18 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             dropped_total[k] += dropped[k]
         return pa.Table.from_pylist(table_rows, schema=samples_schema())
 
-    total = sum(out.units(j)[1] - out.units(j)[0] for j in out.todo(worker, workers))
     try:
-        runner.run_shards(
-            out,
-            mine,
-            work,
-            total=total * v["num_samples"],
-            unit="sample",
-            label=PROG if not child else f"{PROG} [rank {v['dp_rank']}]",
-            rows_per_unit=v["num_samples"],
-            position=v["dp_rank"] or 0,
-        )
+        job.run(work, unit="sample", rows_per_unit=v["num_samples"])
     finally:
         engine.close()
     if any(dropped_total.values()):
@@ -299,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[{PROG}] dropped {dropped_total['truncated']} truncated and "
             f"{dropped_total['duplicate']} duplicate sample(s)"
         )
-    code = _report(out, 0) if not child else 0
-    return runner.exit_cleanly(code, v["backend"] == "vllm")
+    return job.finish()
 
 
 def resolved_settings(v: dict, profile, fingerprint: dict) -> dict:
@@ -315,15 +283,6 @@ def resolved_settings(v: dict, profile, fingerprint: dict) -> dict:
         },
         "fingerprint": fingerprint,
     }
-
-
-def _report(out, code: int) -> int:
-    manifest = out.finalize()
-    written = len(manifest["shards"])
-    rows = sum(r["rows"] for r in manifest["shards"])
-    state = "complete" if manifest["complete"] else f"{written}/{manifest['num_shards']} shards"
-    print(f"[{out.kind}] {out.dir}: {state}, {rows} rows", flush=True)
-    return code
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import sys
 
-from csd_fast.sampling.options import Option, output_settings, parse_options, show_settings
-from csd_fast.sampling.sample import ENGINE_OPTIONS, resolved_settings, settings_path
+from csd_fast.sampling.options import Option, output_settings, parse_options
+from csd_fast.sampling.sample import ENGINE_OPTIONS
 
 PROG = "csd score"
 
@@ -68,51 +68,27 @@ def conversation(row: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from csd_fast.sampling import inputs, profiles, rewards, runner, store
-    from csd_fast.sampling.sample import _report, data_parallel_size, strip_dp_flags
+    from csd_fast.sampling import inputs, profiles, rewards, store
+    from csd_fast.sampling.stage import open_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
     v = parse_options(PROG, "Reward-model scores of samples (raw logits).", OPTIONS, argv)
-    profile = profiles.resolve_profile(v["profile"], v["engine_arg"], v["env"])
-    shard = store.parse_shard_spec(v["shard"])
-    child = v["dp_rank"] is not None
     manifest = store.read_manifest(v["samples"])
     if not manifest.get("complete"):
         raise SystemExit(f"{v['samples']}: sampling is not finished (rerun `csd sample` first)")
     table = store.read_table(v["samples"])
-    settings = output_settings(OPTIONS, v)
     fingerprint = {
         "model": inputs.model_fingerprint(v["model"]),
         "input": inputs.input_fingerprint(v["samples"]),
     }
-    out = store.ShardStore(
-        v["output"],
-        "scores",
-        settings,
-        fingerprint,
-        num_units=table.num_rows,
-        shard_size=v["shard_size"],
-        overwrite=v["overwrite"] and not child,
-    )
-    if not child:
-        show_settings(
-            PROG, resolved_settings(v, profile, fingerprint), settings_path(v["output"], shard)
-        )
-    dp = 1 if child else data_parallel_size(v["data_parallel"], v["backend"], profile)
-    if dp > 1:
-        code = runner.launch_data_parallel("score", strip_dp_flags(argv), profile, dp)
-        return _report(out, code)
-    worker, workers = runner.worker_index(shard, v["dp_rank"] or 0, v["dp_size"] or 1)
-    mine = store.worker_shards(out.num_shards, worker, workers)
-    todo = out.todo(worker, workers)
-    if not todo:
-        print(f"[{PROG}] nothing to do: all {len(mine)} shard(s) of this worker are written")
-        return _report(out, 0)
-    profiles.apply_env(profile.env)
-    dtype = v["dtype"] if v["dtype"] != "auto" else profile.engine.get("dtype", "auto")
+    settings = output_settings(OPTIONS, v)
+    job = open_stage(PROG, "score", "scores", v, argv, settings, fingerprint, table.num_rows)
+    if isinstance(job, int):
+        return job
+    dtype = v["dtype"] if v["dtype"] != "auto" else job.profile.engine.get("dtype", "auto")
     if v["backend"] == "vllm":
         scorer = rewards.VllmScorer(
-            v["model"], profile.engine, seed=0, max_model_len=v["max_model_len"]
+            v["model"], job.profile.engine, seed=0, max_model_len=v["max_model_len"]
         )
     else:
         scorer = rewards.PackedScorer(v["model"], dtype=dtype, packing=v["packing"])
@@ -124,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     def work(j: int):
         import pyarrow as pa
 
-        start, stop = out.units(j)
+        start, stop = job.out.units(j)
         rows = table.slice(start, stop - start).to_pylist()
         seqs = []
         for r in rows:
@@ -137,22 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             r["reward"], r["reward_tokens"] = float(s), len(ids)
         return pa.Table.from_pylist(rows, schema=schema)
 
-    total = sum(out.units(j)[1] - out.units(j)[0] for j in todo)
     try:
-        runner.run_shards(
-            out,
-            mine,
-            work,
-            total=total,
-            unit="sample",
-            label=PROG if not child else f"{PROG} [rank {v['dp_rank']}]",
-            position=v["dp_rank"] or 0,
-        )
+        job.run(work, unit="sample")
     finally:
         if hasattr(scorer, "close"):
             scorer.close()
-    code = _report(out, 0) if not child else 0
-    return runner.exit_cleanly(code, v["backend"] == "vllm")
+    return job.finish()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from csd_fast.sampling.options import Option, output_settings, parse_options, show_settings
-from csd_fast.sampling.sample import ENGINE_OPTIONS, resolved_settings, settings_path
+from csd_fast.sampling.options import Option, output_settings, parse_options
+from csd_fast.sampling.sample import ENGINE_OPTIONS
 
 PROG = "csd translate"
 LANGUAGES = {
@@ -107,6 +107,7 @@ class Translator:
         self.engine, self.tokenizer, self.v = engine, tokenizer, v
         self.params = GenParams(n=1, temperature=0.0, max_tokens=v["max_tokens"])
         self.fragmentwise = 0
+        self.empty = 0  # target rows dropped because the model returned no text
 
     def _generate(self, jobs: list[tuple[str, str, str]]) -> list[str]:
         """jobs: (source, target, text) -> translations."""
@@ -218,84 +219,70 @@ def translate_rows(translator: Translator, rows, v: dict) -> list[dict]:
         row["messages"] = json.dumps(msgs, ensure_ascii=False)
         users = [m["content"] for m in msgs if m["role"] == "user"]
         row["prompt"] = users[-1] if users else msgs[-1]["content"]
+    kept = []
     for row in out:
         src_row = row.pop("_source", None)
         if src_row is not None and row["prompt"] is None:
             row["prompt"] = src_row.prompt  # prompts not translated (--fields response)
             row["messages"] = src_row.messages_json()
-    return out
+        if src_row is not None and _lost_text(row, src_row):
+            translator.empty += 1  # an empty translation is no prompt to sample from: dropped
+            continue
+        kept.append(row)
+    return kept
+
+
+def _lost_text(row: dict, source) -> bool:
+    """Whether a translation came back empty for a non-empty source text."""
+    if row["messages"] is not None and source.messages is not None:
+        turns = json.loads(row["messages"])
+        pairs = zip(turns, source.messages, strict=True)
+        if any(not m["content"].strip() and text.strip() for m, (_, text) in pairs):
+            return True
+    if not row["prompt"].strip():
+        return True
+    response = dict(source.extra).get("response")
+    return bool(response and response.strip() and not (row["response"] or "").strip())
 
 
 def main(argv: list[str] | None = None) -> int:
-    from csd_fast.sampling import engines, inputs, profiles, runner, store
-    from csd_fast.sampling.sample import _report, data_parallel_size, strip_dp_flags
+    from csd_fast.sampling import engines, inputs
+    from csd_fast.sampling.stage import open_stage
 
     argv = list(sys.argv[1:] if argv is None else argv)
     v = parse_options(PROG, "Translate prompts (and responses), markdown kept.", OPTIONS, argv)
     bad = [f for f in v["fields"] if f not in ("prompt", "response")]
     if bad:
         raise SystemExit(f"{PROG}: --fields takes prompt and/or response, got {bad}")
-    profile = profiles.resolve_profile(v["profile"], v["engine_arg"], v["env"])
-    shard = store.parse_shard_spec(v["shard"])
-    child = v["dp_rank"] is not None
     rows = inputs.load_prompts(v["input"], keep=("response",))
-    settings = output_settings(OPTIONS, v)
     fingerprint = {
         "model": inputs.model_fingerprint(v["model"]),
         "input": inputs.input_fingerprint(v["input"]),
     }
-    out = store.ShardStore(
-        v["output"],
-        "translations",
-        settings,
-        fingerprint,
-        num_units=len(rows),
-        shard_size=v["shard_size"],
-        overwrite=v["overwrite"] and not child,
-    )
-    if not child:
-        show_settings(
-            PROG, resolved_settings(v, profile, fingerprint), settings_path(v["output"], shard)
-        )
-    dp = 1 if child else data_parallel_size(v["data_parallel"], v["backend"], profile)
-    if dp > 1:
-        return _report(
-            out, runner.launch_data_parallel("translate", strip_dp_flags(argv), profile, dp)
-        )
-    worker, workers = runner.worker_index(shard, v["dp_rank"] or 0, v["dp_size"] or 1)
-    todo = out.todo(worker, workers)
-    if not todo:
-        print(f"[{PROG}] nothing to do: this worker's shards are written")
-        return _report(out, 0)
-    profiles.apply_env(profile.env)
+    settings = output_settings(OPTIONS, v)
+    job = open_stage(PROG, "translate", "translations", v, argv, settings, fingerprint, len(rows))
+    if isinstance(job, int):
+        return job
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(v["model"])
-    dtype = v["dtype"] if v["dtype"] != "auto" else profile.engine.get("dtype", "auto")
+    dtype = v["dtype"] if v["dtype"] != "auto" else job.profile.engine.get("dtype", "auto")
     engine = engines.open_engine(
-        v["backend"], v["model"], profile, seed=0, max_model_len=v["max_model_len"], dtype=dtype
-    )
+        v["backend"], v["model"], job.profile, seed=0, max_model_len=v["max_model_len"],
+        dtype=dtype,
+    )  # fmt: skip
     translator = Translator(engine, tokenizer, v)
 
     def work(j: int):
         import pyarrow as pa
 
-        start, stop = out.units(j)
+        start, stop = job.out.units(j)
         return pa.Table.from_pylist(
             translate_rows(translator, rows[start:stop], v), schema=translation_schema()
         )
 
-    total = sum(out.units(j)[1] - out.units(j)[0] for j in todo)
     try:
-        runner.run_shards(
-            out,
-            store.worker_shards(out.num_shards, worker, workers),
-            work,
-            total=total,
-            unit="row",
-            label=PROG,
-            position=v["dp_rank"] or 0,
-        )
+        job.run(work, unit="row")
     finally:
         engine.close()
     if translator.fragmentwise:
@@ -303,8 +290,12 @@ def main(argv: list[str] | None = None) -> int:
             f"[{PROG}] {translator.fragmentwise} line(s) lost a code placeholder and were "
             "translated fragment by fragment"
         )
-    code = _report(out, 0) if not child else 0
-    return runner.exit_cleanly(code, v["backend"] == "vllm")
+    if translator.empty:
+        print(
+            f"[{PROG}] dropped {translator.empty} translation(s) that came back empty "
+            "(the model stopped at once; try another --template or model)"
+        )
+    return job.finish()
 
 
 if __name__ == "__main__":

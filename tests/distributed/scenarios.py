@@ -32,15 +32,25 @@ SCENARIOS = {
                    save_strategy="steps", save_steps=3),
     "padded": dict(max_steps=3),
     "prefix_fused": dict(prefix_sharing=True, fused=True, max_steps=3),
-    "lora": dict(padding_free=True, max_steps=3, learning_rate=1e-2),
+    "lora": dict(padding_free=True, max_steps=3, learning_rate=1e-2, save_strategy="steps",
+                 save_steps=3),  # checkpoint-3: what csd export merges
     "attention_only": dict(padding_free=True, max_steps=3, trainable_params=[r"\.self_attn\."]),
     "ckpt_tied_ga": dict(padding_free=True, max_steps=3, gradient_checkpointing=True,
                          gradient_accumulation_steps=2),
     "precompute": dict(padding_free=True, max_steps=3, precompute_ref_log_probs=True),
+    # policy and reference given by path: on two ranks only rank 0 reads them (the others
+    # build them on meta and get rank 0's weights after sharding); a reference of its own,
+    # and a tied policy with LoRA (its frozen copy the reference)
+    # the reference store (ref_cache_dir) under FSDP: each rank scores and writes its shards
+    "ref_store": dict(padding_free=True, max_steps=3, ref_cache_shard_size=4),  # 5 shards
+    "by_path": dict(padding_free=True, max_steps=3),
+    "by_path_lora_tied": dict(padding_free=True, max_steps=3, learning_rate=1e-2,
+                              save_strategy="steps", save_steps=3),
 }  # fmt: skip
+BY_PATH = {"by_path", "by_path_lora_tied"}
 # the packed run with checkpoints written in the background (run by the worker, not 1-rank)
 ASYNC = dict(SCENARIOS["packed"], fsdp_config={"async_checkpoint": True})
-TIED = {"ckpt_tied_ga"}
+TIED = {"ckpt_tied_ga", "by_path_lora_tied"}
 
 
 def tiny_model(tok, tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
@@ -75,19 +85,40 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
         gradient_checkpointing=False, use_cpu=True,
     )  # fmt: skip
     kw.update(ASYNC if name == "packed_async" else SCENARIOS[name])
+    if name == "ref_store":
+        kw["ref_cache_dir"] = str(Path(out) / "refstore")
     kw.update(overrides)
     peft_config = None
-    if name == "lora":
+    if name in ("lora", "by_path_lora_tied"):
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
     evalset = EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
     name = "packed" if name == "packed_async" else name
+    model, ref = tiny_model(tok, tied=name in TIED), None
+    if name in BY_PATH:
+        model, ref = by_path_models(Path(out).parent, name)
     return DPOTrainer(
-        tiny_model(tok, tied=name in TIED), args=DPOConfig(**kw), train_dataset=ROWS,
-        eval_dataset=evalset, processing_class=tok, peft_config=peft_config,
-        callbacks=callbacks,
+        model, ref_model=ref, args=DPOConfig(**kw), train_dataset=ROWS, eval_dataset=evalset,
+        processing_class=tok, peft_config=peft_config, callbacks=callbacks,
     )  # fmt: skip
+
+
+def by_path_models(root: Path, name: str) -> tuple[str, str | None]:
+    """(policy path, reference path or None) of a by-path scenario under root/models, saved
+    once; the two-rank test saves them before torchrun starts, so no two ranks write them."""
+    tok = tiny_tokenizer()
+    paths = []
+    models = [("", tiny_model(tok, tied=name in TIED))]
+    if name == "by_path":  # a reference of its own, also by path
+        models.append(("-ref", tiny_model(tok, seed=1)))
+    for suffix, model in models:
+        path = root / "models" / f"{name}{suffix}"
+        if not path.exists():
+            model.save_pretrained(path)
+            tok.save_pretrained(path)
+        paths.append(str(path))
+    return paths[0], (paths[1] if len(paths) > 1 else None)
 
 
 def history(trainer) -> list[dict]:

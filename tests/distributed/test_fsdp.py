@@ -45,8 +45,11 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     # a single-process checkpoint at step 3, for the workers to resume on two ranks
     scenarios.build_trainer("packed", 1, out / "one_rank", [scenarios.StopAt(3)]).train()
+    for name in scenarios.BY_PATH:
+        scenarios.by_path_models(out, name)
     proc = torchrun(out, "parity")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    (out / "torchrun.log").write_text(proc.stdout)
     return out
 
 
@@ -81,6 +84,11 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name
     assert_same_run(got, scenarios.history(trainer), scenarios.weights(trainer), skip)
     if name == "packed":  # eval ran on both sides; rank 1 had no pair in the last eval batch
         assert any("eval_loss" in h for h in got["history"])
+    if name in scenarios.BY_PATH:  # equal, though rank 1 never read the weights itself
+        path = scenarios.by_path_models(two_ranks, name)[0]
+        assert (
+            f"rank 1: {path} built on the meta device" in (two_ranks / "torchrun.log").read_text()
+        )
 
 
 def test_resume_on_two_ranks_continues_the_run(two_ranks):
@@ -126,6 +134,79 @@ def test_export_reloads_with_from_pretrained_and_scores_the_same(two_ranks, tmp_
         got = sequence_forward(exported.eval(), batch, with_stats=False)
     torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-5)
+
+
+def read_columns(table_dir: Path) -> dict:
+    from csd_fast.refstore import RefStore, read_manifest
+
+    m = read_manifest(table_dir)
+    store = RefStore(table_dir.parent, m["components"], m["num_rows"], labels=m.get("labels"),
+                     shard_rows=m["shard_rows"])  # fmt: skip
+    return store.load_columns()
+
+
+def test_reference_store_written_by_two_ranks_is_complete_and_reused(two_ranks, tmp_path):
+    """The store the two ranks wrote (each its share of the shards) verifies, equals the one a
+    single process writes, and a second two-rank run trains from it with the same result."""
+    import numpy as np
+
+    from csd_fast.refstore import list_tables, verify_table
+
+    single("ref_store", tmp_path)  # one process writes all the shards itself
+    mine = {p.name: p for p, _ in list_tables(tmp_path / "refstore")}
+    theirs = {p.name: p for p, _ in list_tables(two_ranks / "ref_store" / "refstore")}
+    assert mine and mine.keys() == theirs.keys()  # the same tables (world size is no part)
+    for name, table in theirs.items():
+        assert verify_table(table) == {}  # every shard present, every checksum right
+        assert len(list(table.glob("shard-*.safetensors"))) == 5
+        a, b = (read_columns(t) for t in (table, mine[name]))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    log = (two_ranks / "torchrun.log").read_text()  # rank 0's reports: it built 3 of the 5
+    assert "0/5 shards reused; 3 built)" in log and "5/5 shards reused)" in log  # then all read
+    want = torch.load(two_ranks / "ref_store.pt", weights_only=False)
+    got = torch.load(two_ranks / "ref_store_hit.pt", weights_only=False)
+    assert_same_run(got, want["history"], want["weights"], PADDING_KEYS - {"num_tokens"})
+
+
+def test_export_merges_lora_checkpoints_sharded_and_single_process(two_ranks, tmp_path):
+    """`csd export` of a LoRA run's checkpoint (2-rank DCP, and the 1-process adapter
+    directory with --base_model): a full model whose log-probs are the trained PEFT model's."""
+    from transformers import AutoModelForCausalLM
+
+    from csd_fast.__main__ import main
+    from csd_fast.batch import collate_padded
+    from csd_fast.forward import sequence_forward
+
+    for scenario in ("lora", "by_path_lora_tied"):  # the tied one: its head's adapter unties it
+        trainer = single(scenario, tmp_path / scenario)  # 3 steps: checkpoint-3 is its final state
+        tok = trainer.processing_class
+        base = tmp_path / "base"  # the scenario's base weights, as the 1-process adapter needs
+        scenarios.tiny_model(tok, tied=scenario in scenarios.TIED).save_pretrained(base)
+        examples = [dict(trainer.train_pairs[i]) for i in range(6)]
+        batch = collate_padded(examples, tok.pad_token_id)
+        with torch.no_grad():
+            want = sequence_forward(trainer.model.eval(), batch, with_stats=False)
+        sources = {
+            "dcp": [str(two_ranks / scenario / "checkpoint-3")],
+            "adapter": [str(tmp_path / scenario / "checkpoint-3"), "--base_model", str(base)],
+        }
+        for name, (ckpt_dir, *extra) in sources.items():
+            out = tmp_path / f"{scenario}-{name}"
+            assert main(["export", ckpt_dir, str(out), *extra]) == 0, (scenario, name)
+            exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+            assert not any("lora" in k for k in exported.state_dict()), name  # merged
+            with torch.no_grad():
+                got = sequence_forward(exported.eval(), batch, with_stats=False)
+            for side in ("chosen_logps", "rejected_logps"):
+                torch.testing.assert_close(
+                    getattr(got, side), getattr(want, side), rtol=1e-5, atol=1e-5,
+                    msg=f"{scenario} {name} {side}",
+                )  # fmt: skip
+    # the in-memory model's adapter records no base model: it cannot be merged alone (exit 2)
+    assert main(["export", str(tmp_path / "lora" / "checkpoint-3"), str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_export_command_writes_the_same_model_from_a_sharded_checkpoint(two_ranks, tmp_path):

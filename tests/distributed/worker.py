@@ -54,6 +54,11 @@ def parity(out: Path) -> None:
     async_run = scenarios.build_trainer("packed_async", 2, out / "async")
     async_run.train()
     save(out, "async", async_run)
+    # the reference store the ref_store run wrote, read back by a second two-rank run
+    store = str(out / "ref_store" / "refstore")
+    hit = scenarios.build_trainer("ref_store", 2, out / "ref_store_hit", ref_cache_dir=store)
+    hit.train()
+    save(out, "ref_store_hit", hit)
 
 
 def kill(out: Path) -> None:

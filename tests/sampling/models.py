@@ -12,7 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_policy(path: Path, seed: int = 0) -> Path:
+def build_policy(path: Path, seed: int = 0, can_stop: bool = True) -> Path:
+    """The policy; with can_stop=False EOS is zeroed too, so greedy decoding always writes
+    max_tokens words (a translator whose output is never empty)."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -27,7 +29,7 @@ def build_policy(path: Path, seed: int = 0) -> Path:
         with torch.no_grad():
             model.lm_head.weight.mul_(8.0)  # peaked distributions: EOS ends some samples
             for t in SPECIAL_TOKENS:
-                if t != tok.eos_token:
+                if t != tok.eos_token or not can_stop:
                     model.lm_head.weight[tok.convert_tokens_to_ids(t)] = 0.0
     model.generation_config.pad_token_id = config.pad_token_id
     model.save_pretrained(path)

@@ -140,3 +140,27 @@ def test_translate_keeps_ids_groups_and_markdown(policy, tmp_path):
     from csd_fast.sampling.inputs import load_prompts
 
     assert [(p.id, p.lang) for p in load_prompts(out)] == [("5", "en"), ("5", "de"), ("5", "da")]
+
+
+def test_translate_drops_empty_translations_and_says_so(tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from csd_fast.sampling.translate import main as translate
+
+    # a translator with nothing to say: a zero final norm makes every logit 0, so greedy decoding
+    # takes token 0, <pad>, a special token that decodes to ""
+    mute = build_policy(tmp_path / "mute")
+    model = AutoModelForCausalLM.from_pretrained(mute)
+    assert AutoTokenizer.from_pretrained(mute).convert_ids_to_tokens(0) == "<pad>"
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(mute)
+    src = write_prompts(tmp_path / "in.jsonl", 3, langs=("en",))
+    out = tmp_path / "tr"
+    argv = ["--model", str(mute), "--input", str(src), "--output", str(out), "--languages", "da",
+            "--backend", "hf", "--profile", "cpu", "--max-tokens", "3"]  # fmt: skip
+    assert translate(argv) == 0
+    rows = read_samples(out).to_list()
+    assert [r["lang"] for r in rows] == ["en"] * 3  # the sources kept, no empty Danish prompt
+    assert "dropped 3 translation(s) that came back empty" in capsys.readouterr().out

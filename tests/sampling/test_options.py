@@ -81,6 +81,20 @@ def test_prompt_formats_and_stable_ids(tmp_path):
     )
 
 
+def test_repeated_prompt_ids_are_not_ids(tmp_path):
+    """K samples of a prompt share its prompt_id: read back (e.g. to translate responses) each
+    row keeps a content id of its own, as before prompt_id counted as an id."""
+    rows = [{"prompt_id": "p1", "prompt": "Q?", "lang": "en", "response": f"A{k}"} for k in (0, 1)]
+    f = tmp_path / "samples.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_prompts(f, keep=("response",))
+    assert len({r.id for r in got}) == 2 and "p1" not in {r.id for r in got}
+    # unique per language (a csd output read back as prompts): they are the ids
+    rows = [{"prompt_id": "3", "prompt": "Q?", "lang": lang} for lang in ("en", "da")]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(r.id, r.lang) for r in load_prompts(f)] == [("3", "en"), ("3", "da")]
+
+
 def test_bad_rows_are_named(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps({"prompt": "a", "id": 1}) + "\n" + json.dumps({"text": "b"}) + "\n")
