@@ -26,7 +26,9 @@ The packed and prefix-shared layouts are built in `csd_fast.packing` and drawn t
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from itertools import chain
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,6 +58,9 @@ class PairBatch:
     num_real_tokens: int = 0  # tokens actually in the rows (after prefix sharing)
     capacity: int = 0  # R * T, for padding_efficiency
     extras: dict[str, Tensor] = field(default_factory=dict)  # room for later features
+    # seq_offsets as the collator computed them on the host: `to(device)` leaves this tuple
+    # where it is, so the fused head plans its chunks without reading the device copy back
+    host_seq_offsets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -154,44 +159,51 @@ def collate_padded(
         raise ValueError("collate_padded needs at least one example")
     P = len(examples)
     seqs: list[tuple[list[int], list[int]]] = [None] * (2 * P)  # type: ignore[list-item]
-    for i, ex in enumerate(examples):
+    for i, ex in enumerate(examples):  # per pair: TRL's truncation
         seqs[i], seqs[P + i] = truncate_pair(
             ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length, truncation_mode
         )
     # SFT rows (csd_fast.data.sft) have no rejected side: no rows for it, only empty sequences
     R = P if all(not ex["rejected_ids"] for ex in examples) else 2 * P
-    T = max(len(p) + len(c) for p, c in seqs[:R])
+    lens = np.array([(len(p), len(c)) for p, c in seqs[:R]], dtype=np.int64).reshape(R, 2)
+    p, c = lens[:, 0], lens[:, 1]
+    n = p + c  # (R,) tokens of each row
+    T = int(n.max())
     if pad_to_multiple_of:
         T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((R, T), dtype=torch.long)
-    index, labels, offsets = [], [], [0]
-    for r, (p, c) in enumerate(seqs[:R]):
-        ids = p + c
-        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[r, : len(ids)] = 1
-        # token p+j is predicted from position p+j-1; a completion that starts the row (no prompt
-        # kept) loses its first token, exactly as TRL's shifted completion mask does
-        skip = 1 if not p and c else 0
-        index.append(r * T + torch.arange(len(p) - 1 + skip, len(ids) - 1, dtype=torch.long))
-        labels.append(torch.tensor(c[skip:], dtype=torch.long))
-        offsets.append(offsets[-1] + len(c) - skip)
-    offsets += [offsets[-1]] * (2 * P - R)  # the empty rejected sequences of SFT rows
+    # per token, row-major: row r, column j; one scatter fills the rows
+    tokens = np.fromiter(chain.from_iterable(chain.from_iterable(seqs[:R])), np.int64,
+                         count=int(n.sum()))  # fmt: skip
+    row = np.repeat(np.arange(R), n)
+    j = np.arange(row.size) - (np.cumsum(n) - n)[row]
+    dest = row * T + j
+    input_ids = np.full(R * T, pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros(R * T, dtype=np.int64)
+    input_ids[dest] = tokens
+    attention_mask[dest] = 1
+    # token p+j is predicted from position p+j-1; a completion that starts the row (no prompt
+    # kept) loses its first token, exactly as TRL's shifted completion mask does
+    skip = ((p == 0) & (c > 0)).astype(np.int64)
+    scored = j >= (p + skip)[row]
+    counts = np.zeros(2 * P, dtype=np.int64)  # the empty rejected sequences of SFT rows stay 0
+    counts[:R] = c - skip
+    offsets = np.concatenate([[0], np.cumsum(counts)])
     position_ids = torch.arange(T, dtype=torch.long).expand(R, T).contiguous()
     return PairBatch(
         model_kwargs={
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
+            "input_ids": torch.from_numpy(input_ids.reshape(R, T)),
+            "attention_mask": torch.from_numpy(attention_mask.reshape(R, T)),
             "position_ids": position_ids,
         },
-        token_index=torch.cat(index),
-        token_labels=torch.cat(labels),
-        seq_offsets=torch.tensor(offsets, dtype=torch.long),
+        token_index=torch.from_numpy((row * T + j - 1)[scored]),
+        token_labels=torch.from_numpy(tokens[scored]),
+        seq_offsets=torch.from_numpy(offsets),
         layout="padded",
         **_pair_fields(examples),
-        num_tokens=int(attention_mask.sum()),
-        num_real_tokens=int(attention_mask.sum()),
+        num_tokens=int(n.sum()),
+        num_real_tokens=int(n.sum()),
         capacity=R * T,
+        host_seq_offsets=tuple(offsets.tolist()),
     )
 
 

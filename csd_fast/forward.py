@@ -390,6 +390,7 @@ def fused_sequence_loss(
         ref_rejected_logps=ref_rejected_logps, sft_mask=batch.sft_mask,
         group_ids=batch.group_ids, loss_type=loss_type, beta=beta,
         label_smoothing=label_smoothing, clo_lambda=clo_lambda,
+        host_offsets=batch.host_seq_offsets,  # the collator's: the head reads no device offsets
     )  # fmt: skip
     if isinstance(model, PairScorer):
         out = model(batch, "auto", with_stats, temperature, pair_loss=pair_loss)

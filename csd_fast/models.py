@@ -41,14 +41,42 @@ def load_model(path: str, args, *, on_meta: bool = False) -> nn.Module:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    _keep_in_fp32(model, dtype)
     model.config._name_or_path = str(path)  # what from_pretrained records, for names and cards
     return model
 
 
+def _keep_in_fp32(model: nn.Module, dtype) -> None:
+    """The modules from_pretrained keeps in fp32 under a half dtype (a model's
+    `_keep_in_fp32_modules_strict`, and `_keep_in_fp32_modules` under fp16), which from_config
+    does not: every rank must hold the same dtypes as rank 0."""
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if not keep or dtype not in (torch.float16, torch.bfloat16):
+        return
+    for module_name, module in model.named_modules():
+        for group in (module._parameters, module._buffers):
+            for name, t in group.items():
+                full = f"{module_name}.{name}" if module_name else name
+                if t is not None and any(k in full for k in keep):  # HF's substring match
+                    if isinstance(t, nn.Parameter):
+                        group[name] = nn.Parameter(t.float(), requires_grad=t.requires_grad)
+                    else:
+                        group[name] = t.float()
+
+
 def loads_on_meta(args) -> bool:
-    """Whether `load_model(..., on_meta=True)` can stand in for reading the weights."""
+    """Whether `load_model(..., on_meta=True)` can stand in for reading the weights: not with
+    model_init_kwargs that need them, nor with FSDP's CPU offload (whose shards must start on
+    the host, where rank 0's own load puts them); CSD_FSDP_META_INIT=0 turns it off."""
+    import os
+
+    if os.environ.get("CSD_FSDP_META_INIT", "1") == "0":  # every rank reads the weights
+        return False
     kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
-    return set(kwargs) - {"dtype", "torch_dtype"} <= _META_KWARGS
+    offload = bool((getattr(args, "fsdp_config", None) or {}).get("cpu_offload"))
+    return set(kwargs) - {"dtype", "torch_dtype"} <= _META_KWARGS and not offload
 
 
 def is_on_meta(module: nn.Module | None) -> bool:

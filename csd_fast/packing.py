@@ -58,7 +58,7 @@ attend only to earlier padding of their row (so no softmax row is empty) and are
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -69,53 +69,31 @@ BRANCH_PROMPT, BRANCH_CHOSEN, BRANCH_REJECTED = 0, 1, 2
 ATTN_BACKENDS = ("auto", "sdpa", "flash")
 
 
-@dataclass
-class _Segment:
-    """One attention segment before placement: its tokens and what is scored inside it."""
+class _Segments:
+    """The attention segments of a micro-batch before placement, as parallel arrays.
 
-    tokens: list[int]
-    positions: list[int]
-    branches: list[int]
-    # (sequence id, local position predicting the label, label), sequence id = pair or P + pair
-    scored: list[tuple[int, int, int]] = field(default_factory=list)
-    # varlen view: query runs (lengths, in segment order) and the local key indices of each run
-    q_lens: list[int] = field(default_factory=list)
-    k_local: list[list[int]] = field(default_factory=list)
+    Segment k is [prompt (p[k]) | a (a[k]) | b (b[k])]: `a` is a completion scored as sequence
+    seq_a[k] (chosen, or the rejected of an unshared pair) on branch branch_a[k]; `b` is the
+    rejected completion of a prefix-shared pair (sequence seq_b[k], branch rejected), 0 otherwise.
+    Only per-pair work happens in Python (truncation, the shared-or-not choice); the per-token
+    layout is array arithmetic over these (see `collate_packed`).
+    """
 
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []  # token lists, [prompt, a, b] per segment, in order
+        self.fields: list[tuple[int, int, int, int, int, int]] = []  # p, a, b, branch, seqs
 
-def _plain_segment(prompt: list[int], completion: list[int], seq: int, branch: int) -> _Segment:
-    p, n = len(prompt), len(prompt) + len(completion)
-    seg = _Segment(
-        prompt + completion, list(range(n)), [BRANCH_PROMPT] * p + [branch] * len(completion)
-    )
-    # a completion with no prompt kept loses its first token, exactly as the padded layout does
-    seg.scored = [(seq, p + j - 1, t) for j, t in enumerate(completion) if p + j >= 1]
-    if n:
-        seg.q_lens, seg.k_local = [n], [list(range(n))]
-    return seg
+    def add(self, prompt, a, b, branch_a: int, seq_a: int, seq_b: int) -> None:
+        if prompt or a or b:  # an empty segment is never placed
+            self.chunks += (prompt, a, b)
+            self.fields.append((len(prompt), len(a), len(b), branch_a, seq_a, seq_b))
 
-
-def _shared_segment(prompt: list[int], chosen: list[int], rejected: list[int], i: int, P: int):
-    p, c, r = len(prompt), len(chosen), len(rejected)
-    seg = _Segment(
-        prompt + chosen + rejected,
-        list(range(p + c)) + list(range(p, p + r)),
-        [BRANCH_PROMPT] * p + [BRANCH_CHOSEN] * c + [BRANCH_REJECTED] * r,
-    )
-    seg.scored = [(i, p + j - 1, t) for j, t in enumerate(chosen) if p + j >= 1]
-    for j, t in enumerate(rejected):
-        pred = p - 1 if j == 0 else p + c + j - 1  # r0 is predicted from the prompt's last token
-        if p + j >= 1:
-            seg.scored.append((P + i, pred, t))
-    # varlen: queries [prompt, chosen] see keys [prompt, chosen]; queries [rejected] see keys
-    # [prompt, rejected] with flash's bottom-right causal alignment (query j sees keys <= p + j)
-    if p + c:
-        seg.q_lens.append(p + c)
-        seg.k_local.append(list(range(p + c)))
-    if r:
-        seg.q_lens.append(r)
-        seg.k_local.append(list(range(p)) + list(range(p + c, p + c + r)))
-    return seg
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """(tokens (sum of lengths,), p, a, b, branch_a, seq_a, seq_b (S,) each), int64."""
+        cols = np.array(self.fields, dtype=np.int64).reshape(-1, 6).T
+        total = int(cols[:3].sum())
+        tokens = np.fromiter(chain.from_iterable(self.chunks), dtype=np.int64, count=total)
+        return (tokens, *cols)
 
 
 def _place_rows(lengths: list[int], row_capacity: int | None) -> list[list[int]]:
@@ -164,90 +142,124 @@ def collate_packed(
     if attn_backend not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
     P = len(examples)
-    segments: list[_Segment] = []
+    segs = _Segments()
     num_tokens = 0
-    for i, ex in enumerate(examples):
+    for i, ex in enumerate(examples):  # per pair: truncation and the shared-or-not choice
         (pc, c), (pr, r) = truncate_pair(
             ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length, truncation_mode
         )
         num_tokens += len(pc) + len(c) + (len(pr) + len(r) if ex["rejected_ids"] else 0)
         if prefix_sharing and pc == pr:
-            segments.append(_shared_segment(pc, c, r, i, P))
+            segs.add(pc, c, r, BRANCH_CHOSEN, i, P + i)
         else:
-            segments.append(_plain_segment(pc, c, i, BRANCH_CHOSEN))
+            segs.add(pc, c, [], BRANCH_CHOSEN, i, -1)
             if ex["rejected_ids"]:  # an SFT row (csd_fast.data.sft) has no rejected side
-                segments.append(_plain_segment(pr, r, P + i, BRANCH_REJECTED))
-    segments = [s for s in segments if s.tokens]
-    lengths = [len(s.tokens) for s in segments]
-    rows = _place_rows(lengths, row_capacity)
-    R, T = len(rows), max(max(sum(lengths[s] for s in row) for row in rows), 1)
+                segs.add(pr, r, [], BRANCH_REJECTED, P + i, -1)
+    tokens, p, a, b, branch_a, seq_a, seq_b = segs.arrays()
+    lengths = p + a + b  # (S,)
+    rows = _place_rows(lengths.tolist(), row_capacity)
+    R, S = len(rows), lengths.size
 
-    input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((R, T), dtype=torch.long)
-    segment_ids = torch.full((R, T), -1, dtype=torch.long)
-    branch_ids = torch.zeros((R, T), dtype=torch.int8)
-    scored: list[list[tuple[int, int]]] = [[] for _ in range(2 * P)]  # per sequence (index, label)
-    q_lens: list[int] = []
-    kv_index: list[int] = []
-    k_lens: list[int] = []
-    for r, row in enumerate(rows):
-        col = 0
-        for s in row:
-            seg, n = segments[s], lengths[s]
-            input_ids[r, col : col + n] = torch.tensor(seg.tokens)
-            position_ids[r, col : col + n] = torch.tensor(seg.positions)
-            segment_ids[r, col : col + n] = s
-            branch_ids[r, col : col + n] = torch.tensor(seg.branches, dtype=torch.int8)
-            base = r * T + col
-            for seq, pos, label in seg.scored:
-                scored[seq].append((base + pos, label))
-            for ql, keys in zip(seg.q_lens, seg.k_local, strict=True):
-                q_lens.append(ql)
-                k_lens.append(len(keys))
-                kv_index.extend(base + k for k in keys)
-            col += n
-        if col < T:  # trailing padding: its own causal run, so flash sees no empty softmax row
-            position_ids[r, col:] = torch.arange(T - col)
-            q_lens.append(T - col)
-            k_lens.append(T - col)
-            kv_index.extend(range(r * T + col, r * T + T))
+    # placement: segment k starts at flat position base[k] = row * T + column
+    placed = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=S)
+    per_row = np.array([len(row) for row in rows], dtype=np.int64)  # (R,)
+    row_of = np.repeat(np.arange(R), per_row)  # (S,) in placement order
+    ends = np.cumsum(lengths[placed])
+    row_start = np.concatenate([[0], ends])[np.cumsum(per_row) - per_row]  # (R,)
+    used = np.concatenate([[0], ends])[np.cumsum(per_row)] - row_start  # tokens in each row
+    T = max(int(used.max()), 1)
+    base = np.empty(S, dtype=np.int64)
+    base[placed] = row_of * T + (ends - lengths[placed]) - np.repeat(row_start, per_row)
 
-    index = [ix for seq in scored for ix, _ in seq]
-    labels = [lab for seq in scored for _, lab in seq]
-    offsets = [0]
-    for seq in scored:
-        offsets.append(offsets[-1] + len(seq))
+    # per token, in segment order: local index j, the part it is in, where it lands
+    seg = np.repeat(np.arange(S), lengths)  # (n_tok,)
+    j = np.arange(seg.size) - (np.cumsum(lengths) - lengths)[seg]
+    ps, pa = p[seg], p[seg] + a[seg]
+    in_b, in_a = j >= pa, (j >= ps) & (j < pa)
+    dest = base[seg] + j
+    # filled in numpy: one scatter per field, no torch op (nor its thread pool) per field
+    input_ids = np.full(R * T, pad_token_id, dtype=np.int64)
+    segment_ids = np.full(R * T, -1, dtype=np.int64)
+    branch_ids = np.zeros(R * T, dtype=np.int8)
+    # padding continues 0, 1, ... after each row's last token; real tokens overwrite the rest
+    position_ids = (np.arange(T)[None, :] - used[:, None]).reshape(-1)
+    input_ids[dest] = tokens
+    position_ids[dest] = np.where(in_b, j - a[seg], j)  # rejected continues after the prompt
+    segment_ids[dest] = seg
+    branch_ids[dest] = np.where(in_b, BRANCH_REJECTED, np.where(in_a, branch_a[seg], BRANCH_PROMPT))
+
+    # scored tokens: each completion token, predicted from the token before it (b's first
+    # token from the prompt's last); a completion with no prompt loses its first token, as padded
+    jj = np.where(in_b, j - pa, j - ps)  # index inside the completion
+    scored = (in_a | in_b) & (ps + jj >= 1)
+    pred = np.where(in_b & (jj == 0), ps - 1, j - 1)
+    seq = np.where(in_b, seq_b[seg], seq_a[seg])[scored]
+    by_seq = np.argsort(seq, kind="stable")  # sequence order; tokens in order inside each
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(seq, minlength=2 * P))])
     model_kwargs: dict = {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "csd_segment_ids": segment_ids,
-        "csd_branch_ids": branch_ids,
-    }
+        name: torch.from_numpy(x.reshape(R, T))
+        for name, x in (("input_ids", input_ids), ("position_ids", position_ids),
+                        ("csd_segment_ids", segment_ids), ("csd_branch_ids", branch_ids))
+    }  # fmt: skip
     if attn_backend in ("auto", "flash"):
-        model_kwargs.update(
-            cu_seqlens_q=_cumsum32(q_lens),
-            cu_seqlens_k=_cumsum32(k_lens),
-            max_seqlen_q=max(q_lens),
-            max_seqlen_k=max(k_lens),
-        )
-        if kv_index != list(range(R * T)):  # only prefix sharing needs the key gather
-            model_kwargs["csd_kv_index"] = torch.tensor(kv_index, dtype=torch.long)
+        model_kwargs.update(_varlen(p, a, b, base, placed, row_of, used, per_row, T))
     return PairBatch(
         model_kwargs=model_kwargs,
-        token_index=torch.tensor(index, dtype=torch.long),
-        token_labels=torch.tensor(labels, dtype=torch.long),
-        seq_offsets=torch.tensor(offsets, dtype=torch.long),
+        token_index=torch.from_numpy((base[seg] + pred)[scored][by_seq]),
+        token_labels=torch.from_numpy(tokens[scored][by_seq]),
+        seq_offsets=torch.from_numpy(offsets),
         layout="prefix" if prefix_sharing else "packed",
         **_pair_fields(examples),
         num_tokens=num_tokens,
-        num_real_tokens=sum(lengths),
+        num_real_tokens=int(lengths.sum()),
         capacity=R * T,
+        host_seq_offsets=tuple(offsets.tolist()),
     )
 
 
-def _cumsum32(lengths: list[int]) -> torch.Tensor:
+def _varlen(p, a, b, base, placed, row_of, used, per_row, T: int) -> dict:
+    """flash-attn's varlen metadata: query runs and the flat key positions each run sees.
+
+    In row order, per segment: run 1 = queries [prompt, a] on keys [prompt, a]; run 2 (prefix
+    sharing) = queries b on keys [prompt, b] (flash aligns causality bottom-right, so query j
+    sees keys <= p + j); after a row's last segment its padding, one causal run of its own (so
+    flash sees no empty softmax row). Runs and key ranges are ordered by one integer key.
+    """
+    R = used.size
+    pp, pa, pb, start = p[placed], p[placed] + a[placed], b[placed], base[placed]
+    o = np.arange(placed.size)
+    pad = T - used  # (R,)
+    pad_key = np.cumsum(per_row) - 1  # just before the next row's first segment
+    has_b = pb > 0
+    # query runs: key 3o (run 1), 3o + 1 (run 2), 3(next row's first o) - 1 (padding)
+    q = np.concatenate([pa, pb, pad])
+    k = np.concatenate([pa, pp + pb, pad])
+    key = np.concatenate([3 * o, 3 * o + 1, 3 * pad_key + 2])
+    keep = np.argsort(key, kind="stable")
+    keep = keep[q[keep] > 0]
+    q_lens, k_lens = q[keep], k[keep]
+    # key ranges (start, length): run 1's, run 2's prompt then b, the padding's
+    pad_start = np.arange(R) * T + used
+    starts = np.concatenate([start, start, start + pa, pad_start])
+    lens = np.concatenate([pa, np.where(has_b, pp, 0), pb, pad])
+    rkey = np.concatenate([4 * o, 4 * o + 1, 4 * o + 2, 4 * pad_key + 3])
+    order = np.argsort(rkey, kind="stable")
+    starts, lens = starts[order], lens[order]
+    kv_index = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
+    out = dict(
+        cu_seqlens_q=_cumsum32(q_lens),
+        cu_seqlens_k=_cumsum32(k_lens),
+        max_seqlen_q=int(q_lens.max()),
+        max_seqlen_k=int(k_lens.max()),
+    )
+    if kv_index.size != R * T or (kv_index != np.arange(R * T)).any():
+        out["csd_kv_index"] = torch.from_numpy(kv_index)  # only prefix sharing needs the gather
+    return out
+
+
+def _cumsum32(lengths) -> torch.Tensor:
     out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    out[1:] = torch.as_tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
     return out
 
 

@@ -27,21 +27,28 @@ A single pair whose logits exceed the budget is split into row blocks and recomp
 (4 GEMMs for that pair only). dz/dy needs no saved tile: with softcap, z = c tanh(u / c) / T, so
 1 - tanh^2 = 1 - (z T / c)^2 is read off z itself.
 
-Impls: "torch" (CPU, and the reference of the tile kernels: row blocks of BLOCK_ELEMENTS keep
-the temporaries small and in cache between the passes) and "triton" (tile kernels A, B: one
-program per row, one read of the tile in A and one read + write in B, against ~8 passes of torch
-elementwise ops). GEMMs are
-torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 on CPU as the chunked head does).
+Impls: "triton" (tile kernels A, B: one program per row, one read of the tile in A and one read
++ write in B) and "torch" (CPU, and the reference of the tile kernels), which changes 2 and 4:
+  2'. whole-tile ops (few ops matter more than cache blocking on a busy CPU): the tile becomes
+      e = exp(z - max) in place, lse = max + log(sum e) as the chunked head computes it
+  4'. tile -> e - (sum e) onehot (n writes), and the row scale -g / sum e moves onto the (n, H)
+      operands: dH = -g/S ((e - S onehot) @ W), dW += (e - S onehot).T @ (-g/S h): no pass over
+      the tile besides the GEMMs. With softcap dz/dy is elementwise and step 4 runs.
+GEMMs are torch matmuls either way (cuBLAS / hipBLASLt on a GPU, fp32 into reused buffers on
+CPU).
 "auto" = triton on CUDA / ROCm tensors, else torch.
 
-seq_offsets is read on the host once per call to plan the chunks (a sync when it lives on a GPU);
-pass `host_offsets` (the collator's CPU copy) to avoid it.
+The chunks are planned on the host from the sequence offsets: pass `host_offsets` (the collator's
+copy, `PairBatch.host_seq_offsets`) and the call reads nothing back from the device; without it,
+seq_offsets is read once (a sync when it lives on a GPU). Everything else stays on the device:
+row indices are device aranges, lengths a device diff (no blocking copy of host data).
 
 Tests: python -m pytest tests/kernels/test_linear_pair_loss.py -q
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -59,9 +66,9 @@ except ImportError:  # pragma: no cover - the torch impl needs no triton
     triton = None
     tl = None
 
-# torch impl: fp32 elements per elementwise row block (4 MiB: within L2/L3 between the passes,
-# and few enough ops that OpenMP's per-op cost stays small on a busy machine)
-BLOCK_ELEMENTS = 1 << 20
+# torch impl: fp32 elements per row block of the entropy's temporary (32 MiB, stats only: a
+# quarter of a CPU chunk, so 4 ops per chunk rather than 32, see _tile_stats_torch)
+BLOCK_ELEMENTS = 1 << 23
 IMPLS = ("auto", "triton", "torch")
 
 
@@ -187,51 +194,87 @@ class PairHeadParams:
 
 
 def _row_blocks(n: int, V: int):
-    """Row ranges of ~BLOCK_ELEMENTS: each block's temporaries stay in cache between passes."""
+    """Row ranges of ~BLOCK_ELEMENTS (the entropy's temporaries)."""
     step = max(1, BLOCK_ELEMENTS // V)
     return ((r, min(n, r + step)) for r in range(0, n, step))
 
 
 def _tile_stats_torch(z: Tensor, labels: Tensor, p: PairHeadParams):
-    """In place: raw logits -> z; returns (lse, z_label, stats | None), each (n,)."""
+    """In place: raw logits -> e = exp(z - max) (with softcap z stays, for dz/dy); returns
+    (norm, token_logps, stats | None), each (n,): norm = sum_v e, or lse with softcap.
+
+    lse = max + log(sum e), the chunked head's arithmetic op for op, so a policy still equal to
+    its cached reference scores bit-equal log-probs (rewards exactly 0 at step 0, as in TRL).
+    Whole-tile ops, not row blocks: each CPU op is one OpenMP region whose threads must all meet,
+    and on a busy machine that wait costs more than the cache misses blocking would save (a
+    (32, V) block loop measured 20x slower than one whole-tile log_softmax at load 5 on 2 cores)."""
     transform_(z, p)
     n, V = z.shape
     valid = labels != p.ignore_index
-    z_label = torch.where(valid, z.gather(1, labels.clamp(0, V - 1)[:, None])[:, 0], 0.0)
-    lse = torch.empty(n, dtype=z.dtype, device=z.device)
-    xs = torch.empty_like(lse) if p.return_stats else None
-    tmp = torch.empty((max(1, BLOCK_ELEMENTS // V), V), dtype=z.dtype, device=z.device)
-    for r0, r1 in _row_blocks(n, V):
-        block, e = z[r0:r1], tmp[: r1 - r0]
-        m = block.amax(1, keepdim=True)
-        torch.sub(block, m, out=e).exp_()  # read from cache right after the max pass
-        s = e.sum(1)
-        lse[r0:r1] = m[:, 0] + s.log()
-        if xs is not None:
-            xs[r0:r1] = (e.mul_(block)).sum(1) / s
+    cols = labels.clamp(0, V - 1)[:, None]
+    z_label = z.gather(1, cols)[:, 0]
+    if p.return_stats:
+        # max(dim) returns the first index of the maximum, as TRL's argmax compare does
+        top = z.max(1)
+        top1, mean, m = valid & (top.indices == labels), z.mean(1), top.values
+    else:
+        m = z.amax(1)
+    xs = torch.empty(n, dtype=z.dtype, device=z.device) if p.return_stats else None
+    if p.softcap is None:
+        s = z.sub_(m[:, None]).exp_().sum(1)  # the tile is e from here on
+    else:  # z is kept: e in row blocks of a temporary
+        s = torch.empty(n, dtype=z.dtype, device=z.device)
+        tmp = torch.empty((min(n, max(1, BLOCK_ELEMENTS // V)), V), dtype=z.dtype, device=z.device)
+        for r0, r1 in _row_blocks(n, V):
+            e = torch.sub(z[r0:r1], m[r0:r1, None], out=tmp[: r1 - r0]).exp_()
+            s[r0:r1] = e.sum(1)
+            if xs is not None:
+                xs[r0:r1] = torch.linalg.vecdot(e, z[r0:r1])
+    lse = m + s.log()
+    token_logps = torch.where(valid, z_label - lse, 0.0)
+    norm = s if p.softcap is None else lse
     if not p.return_stats:
-        return lse, z_label, None
-    top1 = valid & (z.argmax(1) == labels)  # argmax returns the first maximum, as TRL compares
-    return lse, z_label, (lse - xs, z.mean(1), top1)
+        return norm, token_logps, None
+    if p.softcap is None:  # sum_v e z = sum_v e (log e + m): entropy = lse - that / s
+        tmp = torch.empty((min(n, max(1, BLOCK_ELEMENTS // V)), V), dtype=z.dtype, device=z.device)
+        for r0, r1 in _row_blocks(n, V):
+            e_log_e = torch.special.xlogy(z[r0:r1], z[r0:r1], out=tmp[: r1 - r0]).sum(1)
+            xs[r0:r1] = e_log_e + s[r0:r1] * m[r0:r1]
+    return norm, token_logps, (lse - xs / s, mean, top1)
 
 
-def _tile_grad_torch(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
-    """In place: z -> d = g * (onehot - softmax(z)) * dz/dy."""
-    n, V = z.shape
+def _tile_grad_torch(z: Tensor, labels: Tensor, norm: Tensor, g: Tensor, p: PairHeadParams):
+    """In place -> d = g s_l (onehot - softmax) dz/dy (s_l = logit_scale / T), from the tile and
+    norm `_tile_stats_torch` left: e and sum e, or (softcap) z and lse."""
     scale = p.logit_scale / p.temperature
-    c_t = p.softcap / p.temperature if p.softcap is not None else None
-    rows = torch.arange(n, device=z.device)
-    cols = labels.clamp(0, V - 1)
-    z_label = z[rows, cols]
-    neg_g = g * -scale
-    for r0, r1 in _row_blocks(n, V):
-        block = z[r0:r1]
-        factor = 1.0 - (block / c_t).square() if c_t is not None else None
-        block.sub_(lse[r0:r1, None]).exp_().mul_(neg_g[r0:r1, None])
-        if factor is not None:
-            block.mul_(factor)
-    at_label = g * scale * (1.0 - (z_label / c_t).square() if c_t is not None else 1.0)
-    z[rows, cols] += at_label  # g is 0 on ignored rows: nothing lands there
+    cols = labels.clamp(0, z.shape[1] - 1)[:, None]
+    if p.softcap is None:  # softmax = e / sum e
+        z.mul_((g * -scale / norm)[:, None])
+        z.scatter_add_(1, cols, (g * scale)[:, None])  # g is 0 on ignored rows
+        return
+    factor = 1.0 - (z / (p.softcap / p.temperature)).square()  # dz/dy = 1 - (z T / c)^2
+    at_label = g * scale * factor.gather(1, cols)[:, 0]
+    z.sub_(norm[:, None]).exp_().mul_((g * -scale)[:, None]).mul_(factor)
+    z.scatter_add_(1, cols, at_label[:, None])
+
+
+def _head_grads_torch(e, h, w, labels, g, norm, p: PairHeadParams, dh_part, dw, dw_beta, db):
+    """No softcap: the head's gradients from the tile e = exp(z - max) with no pass over it.
+
+    d = g s_l (onehot - e / S) (S = sum e, s_l = logit_scale / T) is never formed: the tile
+    becomes e - S onehot (n writes at the labels) and the row scale -g s_l / S moves onto the
+    (n, H) operands,
+        dH = (-g s_l / S) ((e - S onehot) @ W)        dW += (e - S onehot).T @ ((-g s_l / S) h)
+    so the (n, V) tile is read by the two GEMMs and by nothing else. Consumes the tile."""
+    neg = g * -(p.logit_scale / p.temperature) / norm  # (n,), 0 on ignored rows
+    cols = labels.clamp(0, e.shape[1] - 1)[:, None]
+    e.scatter_add_(1, cols, -norm[:, None])
+    if dh_part is not None:
+        torch.mm(e, w, out=dh_part).mul_(neg[:, None])
+    if dw is not None:
+        dw.addmm_(e.T, h * neg[:, None], beta=dw_beta)
+    if db is not None:
+        db.addmv_(e.T, neg)
 
 
 def _tile_stats_triton(z: Tensor, labels: Tensor, p: PairHeadParams):
@@ -243,9 +286,9 @@ def _tile_stats_triton(z: Tensor, labels: Tensor, p: PairHeadParams):
         BLOCK_V=autotune.tile_block(), num_warps=autotune.tile_warps(),
     )  # fmt: skip
     valid = labels != p.ignore_index
-    lse, z_label = out[0], torch.where(valid, out[1], 0.0)
+    lse, token_logps = out[0], torch.where(valid, out[1] - out[0], 0.0)
     stats = (lse - out[2], out[3] / V, valid & (out[4] > 0)) if p.return_stats else None
-    return lse, z_label, stats
+    return lse, token_logps, stats
 
 
 def _tile_grad_triton(z: Tensor, labels: Tensor, lse: Tensor, g: Tensor, p: PairHeadParams):
@@ -273,8 +316,10 @@ def _chunks(offsets: list[int], P: int, V: int, budget: int) -> list[tuple[int, 
 
 
 def _default_budget(device: torch.device, V: int) -> int:
-    # GPU: <= 1 GiB of fp32 logits (the issue's transient goal); CPU: 64 MiB, cache-friendlier
-    return (1 << 28) if device.type == "cuda" else max(1 << 24, 2 * V)
+    # GPU: <= 1 GiB of fp32 logits (the issue's transient goal). CPU: 128 MiB, 1024 rows at
+    # V=32000: the dW GEMM's K is the chunk's rows, and at 512 rows its 8 read-modify-writes of
+    # dW cost ~15% over one bare GEMM (measured at N=4096, H=512; 1024 rows: ~4%)
+    return (1 << 28) if device.type == "cuda" else max(1 << 25, 2 * V)
 
 
 class LinearPairLossFunction(torch.autograd.Function):
@@ -295,7 +340,9 @@ class LinearPairLossFunction(torch.autograd.Function):
         mm = torch.float32 if dev.type == "cpu" else hidden.dtype  # fp32 GEMMs on CPU
         h_all, w = hidden.to(mm), weight.to(mm)
         dh = torch.zeros((N, H), **f32) if needs_h else None
-        dw = torch.zeros((V, H), **f32) if needs_w else None
+        # dW: the first chunk's GEMM writes it (beta=0), the others accumulate: no 4*V*H-byte fill
+        dw = torch.empty((V, H), **f32) if needs_w else None
+        acc = {"dw": 0.0}  # beta of the next dW GEMM
         db = torch.zeros((V,), **f32) if needs_b else None
         token_logps = torch.zeros(N, **f32)
         stats = [torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, dtype=torch.bool,
@@ -303,29 +350,33 @@ class LinearPairLossFunction(torch.autograd.Function):
         coefs = loss_coefs(p.loss_type, P, p.clo_lambda, group_ids, dev)
         sft, sft_den = sft_inputs(seq_offsets, sft_mask, P)
         has_sft = has_nll_term(p.loss_type, p.clo_lambda)
-        lengths = torch.tensor(offsets, device=dev).diff()
+        lengths = seq_offsets.diff()  # (2P,) on the device
         chosen, rejected = torch.zeros(P, **f32), torch.zeros(P, **f32)
         loss = torch.zeros((), **f32)
         budget = p.chunk_elements or _default_budget(dev, V)
+        rows_max = max(1, budget // V)
+        # CPU: one logits buffer for every chunk (a fresh 64 MiB tensor per chunk is page faults)
+        buf = torch.empty((min(N, rows_max), V), **f32) if dev.type == "cpu" and N else None
+        row_scaled = impl == "torch" and p.softcap is None and w.dtype == torch.float32
+        dh_buf = torch.empty((min(N, rows_max), H), **f32) if needs_h and row_scaled else None
         for a, b in _chunks(offsets, P, V, budget):
             span_c, span_r = (offsets[a], offsets[b]), (offsets[P + a], offsets[P + b])
-            rows = torch.cat([torch.arange(*span_c), torch.arange(*span_r)]).to(dev)  # (n,)
+            rows = torch.cat([torch.arange(*span_c, device=dev), torch.arange(*span_r, device=dev)])
             n, k = rows.numel(), b - a
             h, lab = h_all.index_select(0, rows), labels.index_select(0, rows)
-            blocks = [
-                (r, min(n, r + max(1, budget // V))) for r in range(0, n, max(1, budget // V))
-            ]
-            kept, lse, z_label = [], torch.empty(n, **f32), torch.empty(n, **f32)
+            blocks = [(r, min(n, r + rows_max)) for r in range(0, n, rows_max)]
+            # lse: the tile's row normaliser (triton: lse; torch: sum_v exp(z - max), see above)
+            kept, lse, x = [], torch.empty(n, **f32), torch.empty(n, **f32)
             for r0, r1 in blocks:  # 1-2: logits, softmax statistics
-                z = _logits(h[r0:r1], w, bias)
-                lse[r0:r1], z_label[r0:r1], st = stats_fn(z, lab[r0:r1], p)
+                z = _logits(h[r0:r1], w, bias, buf)
+                lse[r0:r1], x[r0:r1], st = stats_fn(z, lab[r0:r1], p)
                 if st is not None:
                     for out, val in zip(stats, st, strict=True):
-                        out[rows[r0:r1]] = val
+                        out.index_copy_(0, rows[r0:r1], val)
                 kept.append(z if len(blocks) == 1 else None)
             # 3. the chunk's pair sums, its share of the loss, and g = d loss / d token_logps
             valid = lab != p.ignore_index
-            x = torch.where(valid, z_label - lse, 0.0).requires_grad_()
+            x.requires_grad_()
             local = torch.cat([lengths[a:b], lengths[P + a : P + b]]).cumsum(0)
             local = torch.cat([local.new_zeros(1), local])
             with torch.enable_grad():
@@ -336,12 +387,21 @@ class LinearPairLossFunction(torch.autograd.Function):
                 (g,) = torch.autograd.grad(parts, x)
             loss += parts.detach()
             chosen[a:b], rejected[a:b] = sums[:k].detach(), sums[k:].detach()
-            token_logps[rows] = x.detach()
+            token_logps.index_copy_(0, rows, x.detach())
             g = torch.where(valid, g, 0.0)
             if not (needs_h or needs_w or needs_b):
                 continue  # no-grad call (evaluation): the loss and log-probs only
             for (r0, r1), z in zip(blocks, kept, strict=True):  # 4-5: d in place, dH, dW, db
-                z = z if z is not None else _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p)
+                if z is None:
+                    z = _refresh(h[r0:r1], w, bias, stats_fn, lab[r0:r1], p, buf)
+                if row_scaled:  # torch, fp32 GEMMs, no softcap: one pass over the tile
+                    part = dh_buf[: r1 - r0] if dh is not None else None
+                    _head_grads_torch(z, h[r0:r1], w, lab[r0:r1], g[r0:r1], lse[r0:r1], p,
+                                      part, dw, acc["dw"], db)  # fmt: skip
+                    acc["dw"] = 1.0
+                    if part is not None:
+                        dh.index_copy_(0, rows[r0:r1], part)
+                    continue
                 grad_fn(z, lab[r0:r1], lse[r0:r1], g[r0:r1], p)
                 if db is not None:
                     db += z.sum(0)
@@ -349,9 +409,15 @@ class LinearPairLossFunction(torch.autograd.Function):
                 if dh is not None:
                     part = torch.zeros((r1 - r0, H), **f32)
                     _addmm_fp32_(part, d, w)
-                    dh[rows[r0:r1]] = part
+                    dh.index_copy_(0, rows[r0:r1], part)
                 if dw is not None:
+                    if acc["dw"] == 0.0:
+                        dw.zero_()
                     _addmm_fp32_(dw, d.T, h[r0:r1])
+                    acc["dw"] = 1.0
+        if dw is not None and acc["dw"] == 0.0:  # no chunk wrote it (no pairs)
+            dw.zero_()
+        ctx.used = False
         # handed back in the inputs' dtypes (dW rounded once, as an eager head's would be)
         ctx.save_for_backward(*(None if t is None else t.to(x.dtype)
                                 for t, x in ((dh, hidden), (dw, weight), (db, bias))))  # fmt: skip
@@ -361,19 +427,33 @@ class LinearPairLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        if ctx.used:  # the gradients were scaled in place by the first backward
+            raise RuntimeError(
+                "the fused head + loss supports one backward per forward (its gradients are "
+                "computed in the forward and handed over once)"
+            )
+        ctx.used = True
         dh, dw, db = ctx.saved_tensors
-        scale = lambda t: None if t is None else t * grad_loss.to(t.dtype)
+        # in place: no second V x H buffer (the tensors were made for this hand-over)
+        scale = lambda t: None if t is None else t.mul_(grad_loss.to(t.dtype))
         return (scale(dh), scale(dw), scale(db), *([None] * 8))
 
 
-def _logits(h: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    y = (h @ w.T).float()  # (n, V); GPU: bf16 GEMM rounded as the eager head rounds its logits
+def _logits(h: Tensor, w: Tensor, bias: Tensor | None, buf: Tensor | None = None) -> Tensor:
+    """(n, V) fp32 logits; on CPU written into `buf` (fp32 GEMM), on a GPU in the GEMM's dtype
+    first, rounded as the eager head rounds its logits."""
+    if buf is not None:
+        out = buf[: h.shape[0]]
+        if bias is not None:
+            return torch.addmm(bias.float(), h, w.T, out=out)
+        return torch.mm(h, w.T, out=out)
+    y = (h @ w.T).float()
     return y.add_(bias.float()) if bias is not None else y
 
 
-def _refresh(h, w, bias, stats_fn, labels, p):
+def _refresh(h, w, bias, stats_fn, labels, p, buf=None):
     """A row block of an over-budget pair: recompute its logits and transform them in place."""
-    z = _logits(h, w, bias)
+    z = _logits(h, w, bias, buf)
     stats_fn(z, labels, replace(p, return_stats=False))
     return z
 
@@ -389,7 +469,7 @@ def fused_linear_pair_loss(
     bias: Tensor | None = None,
     sft_mask: Tensor | None = None,
     group_ids: Tensor | None = None,
-    host_offsets: list[int] | None = None,
+    host_offsets: Sequence[int] | None = None,
     **params,
 ) -> PairHeadOutput:
     """The pair loss of `kernels/pair_loss.py` over the head's token log-probs, with the head's
@@ -402,6 +482,10 @@ def fused_linear_pair_loss(
     if labels.shape != (N,) or seq_offsets.shape != (2 * P + 1,):
         raise ValueError(f"need labels ({N},) and seq_offsets ({2 * P + 1},), got "
                          f"{tuple(labels.shape)} and {tuple(seq_offsets.shape)}")  # fmt: skip
+    if host_offsets is not None and (len(host_offsets) != 2 * P + 1 or host_offsets[-1] != N):
+        raise ValueError(f"host_offsets must be seq_offsets on the host: {2 * P + 1} values "
+                         f"ending at N={N}, got {len(host_offsets)} ending at "
+                         f"{host_offsets[-1] if host_offsets else None}")  # fmt: skip
     if p.impl == "triton" and (triton is None or (hidden.device.type == "cpu"
                                                   and not autotune.is_interpreter())):  # fmt: skip
         raise RuntimeError("impl='triton' needs triton and a GPU, or TRITON_INTERPRET=1 on CPU")

@@ -175,16 +175,18 @@ def count_distinct(ids: Tensor) -> Tensor:
 
 
 def loss_coefs(loss_type: str, P: int, clo_lambda: float, group_ids: Tensor | None, device):
-    """(2,) fp32 on `device`: the pairwise term's weight per pair and the NLL term's weight."""
+    """(2,) fp32 on `device`: the pairwise term's weight per pair and the NLL term's weight.
+
+    Filled on the device (torch.full), not copied from host data: a blocking copy syncs a GPU."""
+    const = lambda v: torch.full((), v, dtype=torch.float32, device=device)
     if loss_type == "sft":
-        return torch.tensor([0.0, 1.0], device=device)
+        return torch.stack([const(0.0), const(1.0)])
     if loss_type == "clo":
-        groups = torch.tensor(float(P), device=device)
+        groups = const(float(P))
         if group_ids is not None:
             groups = count_distinct(group_ids.to(device)).float()
-        pair = (1.0 - clo_lambda) / groups.clamp(min=1.0)
-        return torch.stack([pair, torch.tensor(float(clo_lambda), device=device)])
-    return torch.tensor([1.0 / P, 0.0], device=device)
+        return torch.stack([(1.0 - clo_lambda) / groups.clamp(min=1.0), const(clo_lambda)])
+    return torch.stack([const(1.0 / P), const(0.0)])
 
 
 def has_nll_term(loss_type: str, clo_lambda: float) -> bool:

@@ -223,13 +223,18 @@ def export_checkpoint(
     else:
         if not (checkpoint / "config.json").exists():
             raise FileNotFoundError(f"{checkpoint}: no config.json (not a csd-fast checkpoint)")
+        if base_model:
+            raise ValueError(
+                f"--base_model is for a single-process LoRA checkpoint (an adapter directory); "
+                f"{checkpoint} holds its base weights itself"
+            )
         model = _empty_model(checkpoint)
         if is_sharded_checkpoint(checkpoint):
-            if _has_lora_keys(checkpoint):
+            if adapter or _has_adapter_keys(checkpoint):
                 model = _lora_model(model, checkpoint)
             load_sharded_weights(checkpoint, model)
             if hasattr(model, "merge_and_unload"):
-                model = model.merge_and_unload()
+                model = merge_adapters(model)
         else:
             ckpt.load_weights(model, checkpoint)
     if dtype:
@@ -254,7 +259,25 @@ def _empty_model(checkpoint: Path):
     return model
 
 
-def _has_lora_keys(checkpoint: Path) -> bool:
+def merge_adapters(peft_model):
+    """`merge_and_unload`, except that a tied head with an adapter of its own is untied first:
+    the adapter changes the output projection only, and merged into a shared weight it would
+    change the input embeddings too."""
+    from torch import nn
+
+    base = peft_model.get_base_model()
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    layer = getattr(head, "base_layer", head)
+    if layer is not head and layer.weight is getattr(embed, "weight", None):
+        layer.weight = nn.Parameter(layer.weight.detach().clone())
+        base.config.tie_word_embeddings = False
+        text = getattr(base.config, "get_text_config", lambda: None)()
+        if text is not None:
+            text.tie_word_embeddings = False
+    return peft_model.merge_and_unload()
+
+
+def _has_adapter_keys(checkpoint: Path) -> bool:
     from torch.distributed.checkpoint import FileSystemReader
 
     keys = FileSystemReader(str(checkpoint / DCP_DIR)).read_metadata().state_dict_metadata
@@ -288,4 +311,4 @@ def _merged_adapter_checkpoint(checkpoint: Path, base_model: str | None):
             "a model object): name it with --base_model PATH"
         )
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    return PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
+    return merge_adapters(PeftModel.from_pretrained(model, str(checkpoint)))

@@ -137,6 +137,17 @@ def broadcast_from_rank0(scorer: nn.Module, source: dict | None, env: DistEnv) -
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    # the same names, shapes and dtypes on every rank, or the collectives below would hang
+    layout = [(n, tuple(t.shape), str(t.dtype)) for n, t in _tensors(scorer)]
+    layouts = env.all_gather_objects(layout)
+    for rank, other in enumerate(layouts):
+        if other != layouts[0]:
+            first = next((a, b) for a, b in zip(layouts[0], other, strict=False) if a != b)
+            raise RuntimeError(
+                f"rank {rank} built the model unlike rank 0 (first difference: rank 0 has "
+                f"{first[0]}, rank {rank} {first[1]}); set CSD_FSDP_META_INIT=0 to load the "
+                "weights on every rank instead"
+            )
     if not env.is_main:
         scorer.to_empty(device=env.device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -149,6 +160,12 @@ def broadcast_from_rank0(scorer: nn.Module, source: dict | None, env: DistEnv) -
             if env.is_main:
                 buf.copy_(source[name])
             dist.broadcast(buf, src=0)
+
+
+def _tensors(module: nn.Module):
+    """(name, tensor) of every parameter (its global shape when sharded) and buffer."""
+    yield from module.named_parameters()
+    yield from module.named_buffers()
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -81,7 +81,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_checkpoint(ns.checkpoint, ns.out, dtype=ns.dtype, base_model=ns.base_model)
-    except (FileNotFoundError, NotImplementedError, ValueError) as e:
+    except (OSError, NotImplementedError, ValueError) as e:  # OSError: an unreadable model
         print(f"csd export: {e}", file=sys.stderr)
         return 2
     print(f"[csd export] {ns.checkpoint} -> {out}")

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from csd_fast.errors import UserError
-from csd_fast.pipeline.loopconfig import STAGES, LoopConfig
+from csd_fast.pipeline.loopconfig import STAGES, LoopConfig, output_engine_options
 from csd_fast.pipeline.stages import STAGE_FUNCTIONS, StageError
 from csd_fast.rundir import RunDirLock, write_text_atomically
 
@@ -157,13 +157,18 @@ class Loop:
                 upstream = [fp[(r, "sample")], _file_hash(rm)]
             elif stage == "pairs":
                 inputs = {"scores": str(self.step_dir(r, "score"))}
-                options, upstream = dict(c.pair_options), [fp[(r, "score")]]
+                upstream = [fp[(r, "score")]]
                 if c.pair_strategy == "icr" and ranker is not None:
                     # ICR iterates: round r ranks with the policy round r-1 trained, against the
-                    # reference it trained with (round 1 ranks with pair_options' models)
-                    options.update(policy=ranker["policy"], reference=ranker["reference"])
+                    # reference it trained with (round 1 ranks with pair_options' models); the
+                    # models are identified by that training's fingerprint, not their paths
+                    inputs["ranker"] = {k: ranker[k] for k in ("policy", "reference")}
                     upstream.append(ranker["fingerprint"])
-                settings = {"strategy": c.pair_strategy, "options": options, "engine": c.engine}
+                settings = {
+                    "strategy": c.pair_strategy,
+                    "options": c.pair_options,
+                    "engine": c.engine,
+                }
             elif stage == "train":
                 reference = base if (c.reference == "base" and r > 1) else None
                 inputs = {
@@ -189,7 +194,10 @@ class Loop:
                 upstream = [fp[(k, "train")] for k in range(1, r + 1)]
                 upstream += [base_fp, _file_hash(eval_prompts), _file_hash(rm)]
             if stage in ("translate", "sample", "score", "eval"):
-                inputs["engine_options"] = c.engine_options  # how it runs: not fingerprinted
+                inputs["engine_options"] = c.engine_options
+                # what changes the outputs is fingerprinted; how the stage runs (env, data
+                # parallel, the hardware profile) is not, as the harness's own resume does
+                settings["engine_args"] = output_engine_options(c.engine_options)
             fp[(r, stage)] = _digest([stage, settings, upstream])
             steps.append(
                 {
@@ -215,6 +223,7 @@ class Loop:
     def run(self, until: str | None = None, start: str | None = None) -> int:
         """Run (or continue) the steps; one `csd loop` per run folder at a time (its lock)."""
         with RunDirLock(self.dir, command="csd loop") as lock:
+            self.manifest = self._read_manifest()  # as the last holder left it
             if lock.stale is not None:  # the last loop here died (kill -9): continued below
                 print(f"[csd loop] the previous run here ended without finishing "
                       f"({lock.stale.describe()}); continuing it")  # fmt: skip

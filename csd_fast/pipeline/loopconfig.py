@@ -10,8 +10,8 @@
     num_samples: 64                    # K responses per prompt per round
     sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 1024, seed: 0}
     engine: auto                       # auto | vllm (csd sample/score/translate) | hf (fallbacks)
-    engine_options: {profile: cuda}    # csd sample/score/translate engine flags, e.g. env,
-                                       # engine_arg, max_model_len, data_parallel, dtype
+    engine_options: {profile: cuda}    # csd sample/score/translate engine flags: profile, env,
+                                       # engine_arg, max_model_len, data_parallel
     pair_strategy: paired              # paired | sweet-spot | max-r | clo | icr | cm-align
     train_recipe: recipes/csd-paired-eurollm-9b-h100.yaml
     train_overrides: {beta: 0.1}
@@ -39,9 +39,17 @@ STAGES = ("translate", "sample", "score", "pairs", "train", "eval")
 PAIR_STRATEGIES = ("paired", "sweet-spot", "max-r", "clo", "icr", "cm-align")
 REFERENCES = ("base", "previous")
 ENGINES = ("auto", "hf", "vllm")
-# the engine flags `csd sample | score | translate` share (csd_fast.sampling.sample.ENGINE_OPTIONS);
-# how a stage runs, not what it writes, so they are not part of a step's fingerprint
-ENGINE_OPTION_NAMES = ("profile", "engine_arg", "env", "dtype", "max_model_len", "data_parallel")
+# the vLLM engine flags `csd sample | score | translate` share (sampling.sample.ENGINE_OPTIONS)
+ENGINE_OPTION_NAMES = ("profile", "engine_arg", "env", "max_model_len", "data_parallel")
+# of those, what changes what a stage writes (the engine's own arguments: dtype, quantization,
+# kv-cache dtype ...; the context length): part of a step's fingerprint. `profile` (which also
+# picks a dtype), `env` and `data_parallel` say how it runs on this machine and are not, as in
+# the harness's own resume rules
+OUTPUT_ENGINE_OPTIONS = ("engine_arg", "max_model_len")
+
+
+def output_engine_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: options[k] for k in OUTPUT_ENGINE_OPTIONS if options.get(k) not in (None, {})}
 
 
 @dataclass

@@ -11,7 +11,7 @@ Every stage is itself resumable after a kill -9: sample and score write atomic s
 finished ones, pairs writes one file atomically, train resumes from its latest checkpoint, eval
 reuses its generated shards and cached scores. `inputs` are upstream output paths, `settings`
 the JSON-able options that also make up the stage's fingerprint in the loop manifest. With
-`engine: auto` the sampling harness's stages are used when they are installed
+`engine: auto` the sampling harness's vLLM stages are used when vLLM is installed
 (csd_fast.sampling, csd_fast.pairs), else the transformers fallbacks below; `engine: hf` forces
 the fallbacks, `engine: vllm` requires the harness.
 """
@@ -37,8 +37,10 @@ class StageError(RuntimeError):
 
 
 def harness_available() -> bool:
+    """The vLLM stages can run here: the sampling harness and vLLM itself are installed."""
     try:
-        return importlib.util.find_spec("csd_fast.sampling.sample") is not None
+        return all(importlib.util.find_spec(m) is not None
+                   for m in ("csd_fast.sampling.sample", "vllm"))  # fmt: skip
     except ModuleNotFoundError:  # no csd_fast.sampling package at all
         return False
 
@@ -51,8 +53,8 @@ def _use_harness(settings: dict, stage: str) -> bool:
         return True
     if engine == "vllm" or stage == "translate":
         raise StageError(
-            f"the {stage} stage needs the sampling harness (csd_fast.sampling, issue #9), which "
-            "is not installed" + ("" if stage == "translate" else "; use engine: hf")
+            f"the {stage} stage needs vLLM and the sampling harness (csd_fast.sampling), which "
+            "are not installed" + ("" if stage == "translate" else "; use engine: hf")
         )
     return False
 
@@ -63,10 +65,12 @@ def _options_file(out: Path, options: dict[str, Any]) -> Path:
     are, which flags would have to re-encode."""
     import yaml
 
+    from csd_fast.rundir import write_text_atomically
+
     path = out.with_name(f".{out.name}.options.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in options.items() if v is not None}
-    path.write_text(yaml.safe_dump(clean, sort_keys=True))
+    write_text_atomically(path, yaml.safe_dump(clean, sort_keys=True))
     return path
 
 
@@ -169,6 +173,7 @@ def pairs(inputs: dict, out: Path, settings: dict) -> dict:
     path = out / "pairs.jsonl"
     if _use_harness(settings, "pairs"):
         options = {"scores": str(inputs["scores"]), "strategy": strategy, "output": str(path)}
+        options.update(inputs.get("ranker") or {})  # ICR's models of this round (loop.py)
         _run_harness("pairs", out, {**settings.get("options", {}), **options}, inputs)
         return {"count": sum(1 for _ in path.open()), "file": str(path)}
     if strategy not in ("paired", "max-r"):

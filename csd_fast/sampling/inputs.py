@@ -5,11 +5,12 @@
     ids = render_prompt(tokenizer, prompts[0], chat_template="auto")
 
 A row has `prompt` (a string) or `messages` (a chat: a list of {role, content}), and optionally
-`id` (or `prompt_id`, as csd's outputs call it), `lang` and `group` (the id shared by the
-translations of one prompt). A missing id is made stable from the content: `p-` + the first 16
-hex digits of sha256(lang + prompt), so the same prompt gets the same id in every run and on every
-shard. Ids must be unique per language; an exact repeat of a row without an id is dropped (and
-counted), a clash of different rows is an error that names the file, both rows and the field.
+`id` (or `prompt_id`, as csd's outputs call it, when unique per language), `lang` and `group`
+(the id shared by the translations of one prompt). A missing id is made stable from the
+content: `p-` + the first 16 hex digits of sha256(lang + prompt), so the same prompt gets the
+same id in every run and on every shard. Ids must be unique per language; an exact repeat of a
+row without an id is dropped (and counted), a clash of different rows is an error that names the
+file, both rows and the field.
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ def load_prompts(source: str | Path, *, keep: tuple[str, ...] = ()) -> list[Prom
     out: list[PromptRow] = []
     seen: dict[tuple, int] = {}  # (id, lang) -> index in out
     dropped = 0
+    # `prompt_id` is what csd's own outputs call an id: rows read back as prompts keep theirs,
+    # unless it repeats (K samples of one prompt, read to translate responses: content ids)
+    by_prompt_id = all(r.get("id") is None and r.get("prompt_id") is not None for r in rows)
+    if by_prompt_id:
+        keys = [(str(r["prompt_id"]), r.get("lang")) for r in rows]
+        by_prompt_id = len(set(keys)) == len(keys)
+    id_field = "prompt_id" if by_prompt_id else "id"
     for i, r in enumerate(rows):
         messages = None
         if r.get("messages") is not None:
@@ -111,8 +119,6 @@ def load_prompts(source: str | Path, *, keep: tuple[str, ...] = ()) -> list[Prom
         lang = r.get("lang")
         if lang is not None and not isinstance(lang, str):
             raise src.error(i, "lang", f"expected a string, got {type(lang).__name__}")
-        # `prompt_id` is what csd's own outputs call it: their rows read back as prompts
-        id_field = "id" if r.get("id") is not None else "prompt_id"
         given = r.get(id_field)
         if isinstance(given, bool) or (given is not None and not isinstance(given, (int, str))):
             raise src.error(i, id_field, f"expected an int or str id, got {type(given).__name__}")
@@ -140,7 +146,7 @@ def load_prompts(source: str | Path, *, keep: tuple[str, ...] = ()) -> list[Prom
                 continue
             raise src.error(
                 i,
-                "id",
+                id_field,
                 f"id {pid!r} (lang {lang!r}) already used by row {first.source_row}; "
                 "ids must be unique per language",
                 "duplicate_id",

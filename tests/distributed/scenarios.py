@@ -44,7 +44,8 @@ SCENARIOS = {
     # the reference store (ref_cache_dir) under FSDP: each rank scores and writes its shards
     "ref_store": dict(padding_free=True, max_steps=3, ref_cache_shard_size=4),  # 5 shards
     "by_path": dict(padding_free=True, max_steps=3),
-    "by_path_lora_tied": dict(padding_free=True, max_steps=3, learning_rate=1e-2),
+    "by_path_lora_tied": dict(padding_free=True, max_steps=3, learning_rate=1e-2,
+                              save_strategy="steps", save_steps=3),
 }  # fmt: skip
 BY_PATH = {"by_path", "by_path_lora_tied"}
 # the packed run with checkpoints written in the background (run by the worker, not 1-rank)

@@ -158,11 +158,13 @@ def test_reference_store_written_by_two_ranks_is_complete_and_reused(two_ranks, 
     assert mine and mine.keys() == theirs.keys()  # the same tables (world size is no part)
     for name, table in theirs.items():
         assert verify_table(table) == {}  # every shard present, every checksum right
-        assert len(list(table.glob("shard-*.safetensors"))) > 2  # several, dealt to both ranks
+        assert len(list(table.glob("shard-*.safetensors"))) == 5
         a, b = (read_columns(t) for t in (table, mine[name]))
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    log = (two_ranks / "torchrun.log").read_text()  # rank 0's reports: it built 3 of the 5
+    assert "0/5 shards reused; 3 built)" in log and "5/5 shards reused)" in log  # then all read
     want = torch.load(two_ranks / "ref_store.pt", weights_only=False)
     got = torch.load(two_ranks / "ref_store_hit.pt", weights_only=False)
     assert_same_run(got, want["history"], want["weights"], PADDING_KEYS - {"num_tokens"})
@@ -177,28 +179,34 @@ def test_export_merges_lora_checkpoints_sharded_and_single_process(two_ranks, tm
     from csd_fast.batch import collate_padded
     from csd_fast.forward import sequence_forward
 
-    trainer = single("lora", tmp_path / "one")  # 3 steps: its checkpoint-3 is its final state
-    tok = trainer.processing_class
-    base = tmp_path / "base"  # the scenario's base weights, as the 1-process adapter needs them
-    scenarios.tiny_model(tok).save_pretrained(base)
-    examples = [dict(trainer.train_pairs[i]) for i in range(6)]
-    batch = collate_padded(examples, tok.pad_token_id)
-    with torch.no_grad():
-        want = sequence_forward(trainer.model.eval(), batch, with_stats=False)
-    sources = {
-        "dcp": [str(two_ranks / "lora" / "checkpoint-3")],
-        "adapter": [str(tmp_path / "one" / "checkpoint-3"), "--base_model", str(base)],
-    }
-    for name, (ckpt_dir, *extra) in sources.items():
-        assert main(["export", ckpt_dir, str(tmp_path / name), *extra]) == 0, name
-        exported = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)
-        assert not any("lora" in k for k in exported.state_dict()), name  # merged
+    for scenario in ("lora", "by_path_lora_tied"):  # the tied one: its head's adapter unties it
+        trainer = single(scenario, tmp_path / scenario)  # 3 steps: checkpoint-3 is its final state
+        tok = trainer.processing_class
+        base = tmp_path / "base"  # the scenario's base weights, as the 1-process adapter needs
+        scenarios.tiny_model(tok, tied=scenario in scenarios.TIED).save_pretrained(base)
+        examples = [dict(trainer.train_pairs[i]) for i in range(6)]
+        batch = collate_padded(examples, tok.pad_token_id)
         with torch.no_grad():
-            got = sequence_forward(exported.eval(), batch, with_stats=False)
-        torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got.rejected_logps, want.rejected_logps, rtol=1e-5, atol=1e-5)
-    # without a recorded base model, the adapter alone cannot be merged: said, exit 2
-    assert main(["export", sources["adapter"][0], str(tmp_path / "x")]) == 2
+            want = sequence_forward(trainer.model.eval(), batch, with_stats=False)
+        sources = {
+            "dcp": [str(two_ranks / scenario / "checkpoint-3")],
+            "adapter": [str(tmp_path / scenario / "checkpoint-3"), "--base_model", str(base)],
+        }
+        for name, (ckpt_dir, *extra) in sources.items():
+            out = tmp_path / f"{scenario}-{name}"
+            assert main(["export", ckpt_dir, str(out), *extra]) == 0, (scenario, name)
+            exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+            assert not any("lora" in k for k in exported.state_dict()), name  # merged
+            with torch.no_grad():
+                got = sequence_forward(exported.eval(), batch, with_stats=False)
+            for side in ("chosen_logps", "rejected_logps"):
+                torch.testing.assert_close(
+                    getattr(got, side), getattr(want, side), rtol=1e-5, atol=1e-5,
+                    msg=f"{scenario} {name} {side}",
+                )  # fmt: skip
+    # the in-memory model's adapter records no base model: it cannot be merged alone (exit 2)
+    assert main(["export", str(tmp_path / "lora" / "checkpoint-3"), str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_export_command_writes_the_same_model_from_a_sharded_checkpoint(two_ranks, tmp_path):

@@ -152,9 +152,10 @@ def test_bf16_within_tolerance_rule(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_stats_and_token_logps_match_the_head(impl):
+@pytest.mark.parametrize("head", [{"softcap": 3.0, "logit_scale": 0.8}, {"logit_scale": 0.8}],
+                         ids=["softcap", "plain"])  # fmt: skip
+def test_stats_and_token_logps_match_the_head(impl, head):
     case = make(4, 16, 53, torch.float32, seed=5, bias=True)
-    head = {"softcap": 3.0, "logit_scale": 0.8}
     out, _ = ours(case, {"loss_type": ("sigmoid",)}, head, impl, 9 * 53, return_stats=True)
     h64, w64, b64 = (case[k].detach().double() for k in ("hidden", "weight", "bias"))
     logps, st = fused_linear_logprob_ref(h64, w64, case["labels"], bias=b64, return_stats=True,
@@ -186,3 +187,72 @@ def test_chunks_keep_pairs_whole_within_budget():
         assert sum(tokens[a:b]) * 10 <= 100 or b - a == 1
     with pytest.raises(ValueError, match="loss_type"):
         lpl.PairHeadParams(loss_type="exo_pair")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_label_probability_below_fp32_range(impl):
+    # a label ~200 nats under its row's mass: exp underflows to 0 in fp32, the log-prob must not
+    case = make(3, 16, 37, torch.float32, seed=8)
+    with torch.no_grad():  # row 1 (row 0 is an ignored token) points against weight row 5
+        sign = torch.ones(16, device=DEVICE)
+        case["hidden"][1] = 4.0 * sign
+        case["weight"][5] -= 3.0 * sign
+    case["labels"][1] = 5
+    loss_kw = {"loss_type": ("sigmoid",), "beta": 0.3}
+    want, want_g, want_sums = reference(case, loss_kw, {})
+    out, got_g = ours(case, loss_kw, {}, impl, None)
+    h64, w64 = case["hidden"][1:2].detach().double(), case["weight"].detach().double()
+    logp1 = fused_linear_logprob_ref(h64, w64, case["labels"][1:2])
+    assert logp1.item() < -120  # the case is what it claims: e^-120 is 0 in fp32
+    torch.testing.assert_close(out.token_logps[1:2], logp1.float())
+    check("chosen", out.chosen_logps, None, want_sums[:3], torch.float32)
+    check("loss", out.loss, None, want, torch.float32)
+    for name, g, t in zip(("dh", "dw"), got_g, want_g, strict=False):
+        check(name, g, None, t, torch.float32)
+
+
+def test_one_backward_per_forward():
+    # the gradients are handed over (scaled in place) by the first backward: a second must fail
+    case = make(2, 8, 19, torch.float32, seed=9)
+    out = fused_linear_pair_loss(case["hidden"], case["weight"], case["labels"], case["offsets"],
+                                 case["ref_c"], case["ref_r"], impl="torch")  # fmt: skip
+    (2.0 * out.loss).backward(retain_graph=True)
+    first = case["weight"].grad.clone()
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        out.loss.backward()
+    assert torch.equal(case["weight"].grad, first)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_row_scaled_gradients_equal_the_explicit_tile(scale):
+    # the CPU path's dH, dW, db (row scale on the operands) == GEMMs of the explicit d tile
+    g = torch.Generator().manual_seed(10)
+    n, H, V = 7, 5, 23
+    z, h, w = torch.randn(n, V, generator=g), torch.randn(n, H, generator=g), torch.randn(V, H)
+    labels = torch.randint(0, V, (n,), generator=g)
+    grad = torch.randn(n, generator=g)
+    grad[2] = 0.0  # an ignored row
+    p = lpl.PairHeadParams(logit_scale=scale, temperature=0.8)
+    d = torch.zeros(n, V)
+    d[torch.arange(n), labels] = 1.0
+    d = grad[:, None] * scale / 0.8 * (d - torch.softmax(z * scale / 0.8, 1))  # the explicit d
+    tiles = [z.clone(), z.clone()]
+    norms = [lpl._tile_stats_torch(t, labels, p)[0] for t in tiles]
+    lpl._tile_grad_torch(tiles[0], labels, norms[0], grad, p)
+    torch.testing.assert_close(tiles[0], d)
+    dh, dw, db = torch.empty(n, H), torch.full((V, H), 7.0), torch.zeros(V)
+    lpl._head_grads_torch(tiles[1], h, w, labels, grad, norms[1], p, dh, dw, 0.0, db)
+    torch.testing.assert_close(dh, d @ w)
+    torch.testing.assert_close(dw, d.T @ h)  # beta=0: the 7s are ignored
+    torch.testing.assert_close(db, d.sum(0))
+
+
+def test_policy_equal_to_reference_scores_bit_equal_logps():
+    # step 0 of DPO: the reference head (chunked) and the fused head + loss must agree bit for
+    # bit, or rewards are rounding noise and rewards/accuracies a coin toss instead of 0
+    case = make(4, 16, 53, torch.float32, seed=11)
+    out = fused_linear_pair_loss(case["hidden"], case["weight"], case["labels"], case["offsets"],
+                                 case["ref_c"], case["ref_r"], impl="torch")  # fmt: skip
+    with torch.no_grad():
+        ref = fused_linear_logprob(case["hidden"], case["weight"], case["labels"], impl="chunked")
+    assert torch.equal(out.token_logps, ref)

@@ -123,46 +123,49 @@ def test_icr_ranks_each_later_round_with_the_previous_policy(tmp_path, assets):
         }
         config = write_config(tmp_path / reference / "loop.yaml", assets, **icr_loop)
         plan = {s["key"]: s for s in Loop(LoopConfig.from_yaml(config)).plan()}
-        assert plan["round-1/pairs"]["settings"]["options"] == icr  # round 1: the given ranker
+        assert "ranker" not in plan["round-1/pairs"]["inputs"]  # round 1: pair_options' models
         for r in (2, 3):
-            options = plan[f"round-{r}/pairs"]["settings"]["options"]
-            assert options["policy"].endswith(f"round-{r - 1}/train/final")
-            assert options["beta"] == 0.1
+            assert plan[f"round-{r}/pairs"]["settings"]["options"] == icr
+            ranker = plan[f"round-{r}/pairs"]["inputs"]["ranker"]
+            assert ranker["policy"].endswith(f"round-{r - 1}/train/final")
         # round 3's ranker reference: what round 2 trained against
-        ref3 = plan["round-3/pairs"]["settings"]["options"]["reference"]
+        ref3 = plan["round-3/pairs"]["inputs"]["ranker"]["reference"]
         assert ref3.endswith(want_ref) if want_ref else ref3 == assets["policy"]
-        assert plan["round-2/pairs"]["settings"]["options"]["reference"] == assets["policy"]
+        assert plan["round-2/pairs"]["inputs"]["ranker"]["reference"] == assets["policy"]
         # a retrained round 1 reaches round 2's pairs through the ranker
         changed = write_config(tmp_path / reference / "loop.yaml", assets, **icr_loop,
                                train_overrides={"beta": 0.3})  # fmt: skip
         again = {s["key"]: s for s in Loop(LoopConfig.from_yaml(changed)).plan()}
         assert again["round-1/pairs"]["fingerprint"] == plan["round-1/pairs"]["fingerprint"]
         assert again["round-2/pairs"]["fingerprint"] != plan["round-2/pairs"]["fingerprint"]
+    # the run folder moved elsewhere: the same fingerprints (models are named by their steps)
+    moved = write_config(tmp_path / "base" / "loop.yaml", assets, **icr_loop,
+                         root=str(tmp_path / "elsewhere"))  # fmt: skip
+    there = {s["key"]: s["fingerprint"] for s in Loop(LoopConfig.from_yaml(moved)).plan()}
+    assert there == {k: s["fingerprint"] for k, s in plan.items()}
 
 
-def test_engine_options_are_checked_and_not_fingerprinted(tmp_path, assets):
-    base = write_config(tmp_path / "loop.yaml", assets, engine="vllm",
-                        engine_options={"profile": "cpu", "max_model_len": 128})  # fmt: skip
-    plan = {s["key"]: s for s in Loop(LoopConfig.from_yaml(base)).plan()}
-    assert plan["round-1/sample"]["inputs"]["engine_options"]["max_model_len"] == 128
-    other = write_config(
-        tmp_path / "loop.yaml",
-        assets,
-        engine="vllm",
-        engine_options={"profile": "cpu", "env": {"VLLM_CPU_KVCACHE_SPACE": 2}},
-    )
-    again = {s["key"]: s for s in Loop(LoopConfig.from_yaml(other)).plan()}
-    assert {k: s["fingerprint"] for k, s in again.items()} == {
-        k: s["fingerprint"] for k, s in plan.items()
-    }  # how a stage runs does not redo it
+def test_engine_options_are_checked_and_fingerprinted_when_they_change_outputs(tmp_path, assets):
+    def plan(**options):
+        config = write_config(tmp_path / "loop.yaml", assets, engine="vllm", engine_options=options)
+        return {s["key"]: s for s in Loop(LoopConfig.from_yaml(config)).plan()}
+
+    base = plan(profile="cpu", max_model_len=128)
+    assert base["round-1/sample"]["inputs"]["engine_options"]["max_model_len"] == 128
+    prints = {k: s["fingerprint"] for k, s in base.items()}
+    # how a stage runs on this machine does not redo it ...
+    same = plan(profile="cuda", max_model_len=128, env={"VLLM_CPU_KVCACHE_SPACE": 2},
+                data_parallel="2")  # fmt: skip
+    assert {k: s["fingerprint"] for k, s in same.items()} == prints
+    # ... what the engine computes with does: sampling and everything after it
+    other = plan(profile="cpu", max_model_len=128, engine_arg={"kv_cache_dtype": "fp8"})
+    assert other["round-1/sample"]["fingerprint"] != prints["round-1/sample"]
+    assert other["round-2/eval"]["fingerprint"] != prints["round-2/eval"]
     hf = write_config(tmp_path / "loop.yaml", assets, engine="hf")
-    assert (
-        Loop(LoopConfig.from_yaml(hf)).plan()[0]["fingerprint"]
-        != plan["round-1/sample"]["fingerprint"]
-    )  # another engine draws other samples
-    with pytest.raises(ValueError, match=r"engine_options: unknown option\(s\) \['temperature'\]"):
+    assert Loop(LoopConfig.from_yaml(hf)).plan()[0]["fingerprint"] != prints["round-1/sample"]
+    with pytest.raises(ValueError, match=r"engine_options: unknown option\(s\) \['dtype'\]"):
         LoopConfig.from_yaml(write_config(tmp_path / "loop.yaml", assets,
-                                          engine_options={"temperature": 1.0}))  # fmt: skip
+                                          engine_options={"dtype": "bfloat16"}))  # fmt: skip
 
 
 def test_a_second_loop_on_the_same_run_folder_is_refused(tmp_path, assets, capsys):

@@ -58,7 +58,6 @@ def test_prompt_formats_and_stable_ids(tmp_path):
         {"messages": [{"role": "user", "content": "Q?"}]},
         {"prompt": "Hi there", "lang": "de", "id": 7, "group": 1},
         {"prompt": "Hi there", "lang": "en"},
-        {"prompt": "Bye", "lang": "da", "prompt_id": "3-da"},  # csd's own outputs' id column
     ]  # an exact repeat without id: dropped
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -67,7 +66,6 @@ def test_prompt_formats_and_stable_ids(tmp_path):
         stable_id("en", "Hi there", None),
         stable_id(None, "Q?", (("user", "Q?"),)),
         "7",
-        "3-da",
     ]
     assert got[1].messages == (("user", "Q?"),) and got[2].group == "1"
     import datasets
@@ -81,6 +79,20 @@ def test_prompt_formats_and_stable_ids(tmp_path):
         == [r.id for r in load_prompts(tmp_path / "saved")]
         == [stable_id("en", "A", None), stable_id("en", "B", None)]
     )
+
+
+def test_repeated_prompt_ids_are_not_ids(tmp_path):
+    """K samples of a prompt share its prompt_id: read back (e.g. to translate responses) each
+    row keeps a content id of its own, as before prompt_id counted as an id."""
+    rows = [{"prompt_id": "p1", "prompt": "Q?", "lang": "en", "response": f"A{k}"} for k in (0, 1)]
+    f = tmp_path / "samples.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_prompts(f, keep=("response",))
+    assert len({r.id for r in got}) == 2 and "p1" not in {r.id for r in got}
+    # unique per language (a csd output read back as prompts): they are the ids
+    rows = [{"prompt_id": "3", "prompt": "Q?", "lang": lang} for lang in ("en", "da")]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(r.id, r.lang) for r in load_prompts(f)] == [("3", "en"), ("3", "da")]
 
 
 def test_bad_rows_are_named(tmp_path):
