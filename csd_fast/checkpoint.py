@@ -52,6 +52,8 @@ class TrainProgress:
     total_tokens: int = 0
     train_loss_sum: float = 0.0  # sum of every step's loss since step 0 (train_loss after resume)
     log_history: list[dict] = field(default_factory=list)
+    grad_scaler: dict | None = None  # fp16: the GradScaler's state (scale, growth tracker)
+    stateful_callbacks: dict = field(default_factory=dict)  # transformers' ExportableState
 
 
 def rng_state() -> dict:

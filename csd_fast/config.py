@@ -63,6 +63,13 @@ def _f(default: Any = None, help: str = "", **meta: Any) -> Any:
 _UNSUPPORTED: list = []
 
 
+# what to use instead, for the refusals a TRL user meets first
+_UNSUPPORTED_HINTS = {
+    "deepspeed": ": csd-fast shards with its own FSDP2 under torchrun (fsdp_config, "
+    "`csd train --nproc N`)",
+}
+
+
 def _no(default: Any = None, help: str = "") -> Any:
     """An inherited field we accept only at its default (anything else: NotImplementedError)."""
     f = _f(default, f"{help} Not supported by csd-fast: only the default is accepted.".strip())
@@ -108,7 +115,10 @@ class DPOConfig:
     optim: str = _f("adamw_torch_fused", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
     # ---- precision, memory ---------------------------------------------------------------
     bf16: bool | None = _f(None, "bf16 mixed precision; None means True unless fp16 (TRL's rule).")
-    fp16: bool = _no(False, "fp16 mixed precision.")
+    fp16: bool = _f(
+        False,
+        "fp16 mixed precision with dynamic loss scaling on GPUs (none on the CPU, as accelerate).",
+    )
     tf32: bool | None = _f(None, "Allow TF32 matmuls on Ampere+ GPUs.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
     gradient_checkpointing_kwargs: dict | str | None = _f(None, "E.g. {'use_reentrant': False}.")
@@ -133,7 +143,11 @@ class DPOConfig:
     save_strategy: str = _f("steps", "When to checkpoint: 'no', 'steps', 'epoch' or 'best'.")
     save_steps: float = _f(500, "Checkpoint every N optimizer steps (a ratio if < 1).")
     save_total_limit: int | None = _f(None, "Keep at most N checkpoints (the best is kept too).")
-    save_only_model: bool = _no(False, "Save only the weights in checkpoints.")
+    save_only_model: bool = _f(
+        False,
+        "Checkpoints hold the weights, tokenizer and progress only (no optimizer, schedule or "
+        "RNG state): smaller, but a run cannot resume from them.",
+    )
     load_best_model_at_end: bool = _f(False, "Reload the best checkpoint when training ends.")
     metric_for_best_model: str | None = _f(None, "Metric that picks the best checkpoint ('loss').")
     greater_is_better: bool | None = _f(None, "Whether a larger metric is better.")
@@ -184,11 +198,19 @@ class DPOConfig:
     hub_always_push: bool = _f(False, "Accepted; no effect.")
     hub_revision: str | None = _f(None, "Hub branch to push to.")
     # ---- inherited, not supported (default only) -----------------------------------------
-    optim_args: str | None = _no(None, "Extra optimizer arguments.")
-    optim_target_modules: None | str | list[str] = _no(None, "GaLore/APOLLO target modules.")
-    label_smoothing_factor: float = _no(0.0, "HF label smoother (DPO has label_smoothing).")
-    bf16_full_eval: bool = _no(False, "Evaluate fully in bf16.")
-    fp16_full_eval: bool = _no(False, "Evaluate fully in fp16.")
+    optim_args: str | None = _f(
+        None, "Accepted; transformers reads it only for optimizers other than AdamW (a warning)."
+    )
+    optim_target_modules: None | str | list[str] = _f(
+        None, "Accepted; transformers reads it only for GaLore/APOLLO (a warning)."
+    )
+    label_smoothing_factor: float = _f(
+        0.0, "Accepted; no effect, as in TRL (its DPO loss never calls HF's label smoother)."
+    )
+    bf16_full_eval: bool = _f(
+        False, "evaluate()/predict() outside train() cast the policy to bf16 (as transformers)."
+    )
+    fp16_full_eval: bool = _f(False, "The same in fp16.")
     torch_compile: bool = _f(False, "torch.compile the policy (and a live reference model).")
     torch_compile_backend: str | None = _f(None, "torch.compile backend (default: inductor).")
     torch_compile_mode: str | None = _f(None, "torch.compile mode (e.g. 'max-autotune').")
@@ -196,16 +218,26 @@ class DPOConfig:
         False, "Liger's layer kernels (RMSNorm, RoPE, SwiGLU) on GPU; the LM head stays ours."
     )
     liger_kernel_config: dict | None = _f(None, "Liger kernel options (as TRL: no fused CE).")
-    neftune_noise_alpha: float | None = _no(None, "NEFTune embedding noise.")
-    auto_find_batch_size: bool = _no(False, "Search a batch size that fits.")
-    eval_delay: float = _no(0, "Steps/epochs before the first evaluation.")
-    eval_on_start: bool = _no(False, "Evaluate before training.")
-    enable_jit_checkpoint: bool = _no(False, "Checkpoint on SIGTERM.")
+    neftune_noise_alpha: float | None = _f(
+        None, "NEFTune: uniform noise on the input embeddings in training (e.g. 5)."
+    )
+    auto_find_batch_size: bool = _f(
+        False, "On out-of-memory, retry from the start with 0.9x the train batch size."
+    )
+    eval_delay: float = _f(0, "No evaluation before this many steps (or epochs, eval 'epoch').")
+    eval_on_start: bool = _f(False, "Evaluate once before the first training step.")
+    enable_jit_checkpoint: bool = _f(
+        False, "On SIGTERM: finish the step, write a checkpoint, stop (preemptible jobs)."
+    )
     push_to_hub: bool = _f(
         False, "Push the model to the Hub at the end (`trainer.push_to_hub()`; TRL's scripts)."
     )
-    ignore_data_skip: bool = _no(False, "Do not fast-forward data on resume.")
-    restore_callback_states_from_checkpoint: bool = _no(False, "Restore callback states.")
+    ignore_data_skip: bool = _f(
+        False, "On resume, start the saved epoch over instead of skipping its consumed batches."
+    )
+    restore_callback_states_from_checkpoint: bool = _f(
+        False, "On resume, restore stateful callbacks (e.g. EarlyStoppingCallback) as saved."
+    )
     full_determinism: bool = _f(
         False,
         "transformers' enable_full_determinism(seed): deterministic torch algorithms and cuBLAS "
@@ -213,14 +245,20 @@ class DPOConfig:
     )
     accelerator_config: dict | str | None = _no(None, "accelerate options.")
     parallelism_config: Any = _no(None, "accelerate ParallelismConfig.")
-    fsdp: str | None = _no(None, "FSDP via accelerate.")
+    fsdp: str | None = _f(
+        None,
+        "transformers' FSDP words, mapped onto csd-fast's FSDP2 under torchrun: full_shard, "
+        "shard_grad_op (no reshard after forward), offload (cpu_offload), auto_wrap (always).",
+    )
     fsdp_config: dict | str | None = _f(
         None,
         "FSDP2 options under torchrun: cpu_offload, reshard_after_forward, param_dtype, "
         "reduce_dtype, async_checkpoint (csd_fast.distributed.fsdp.FSDP_CONFIG_KEYS).",
     )
     deepspeed: dict | str | None = _no(None, "DeepSpeed config.")
-    debug: str | list[str] = _no("", "transformers debug options.")
+    debug: str | list[str] = _f(
+        "", "transformers' debug options: 'underflow_overflow' (abort on the first inf/nan)."
+    )
 
     # ---- TRL DPOConfig: model --------------------------------------------------------------
     model_init_kwargs: dict[str, Any] | str | None = _f(
@@ -262,7 +300,9 @@ class DPOConfig:
     beta: float = _f(0.1, "Strength of the tie to the reference model (tau for IPO).")
     use_weighting: bool = _f(False, "WPO weighting of pairs by length-normalized policy prob.")
     discopop_tau: float = _f(0.05, "DiscoPOP temperature.")
-    activation_offloading: bool = _no(False, "Offload activations to the CPU.")
+    activation_offloading: bool = _f(
+        False, "Keep the policy's saved activations in CPU memory between forward and backward."
+    )
     sync_ref_model: bool = _f(False, "TR-DPO: mix the policy into the reference periodically.")
     ref_model_mixup_alpha: float = _f(0.6, "TR-DPO alpha (needs sync_ref_model).")
     ref_model_sync_steps: int = _f(512, "TR-DPO period (needs sync_ref_model).")
@@ -316,6 +356,7 @@ class DPOConfig:
             if isinstance(value, str) and value.strip().startswith("{"):
                 setattr(self, name, json.loads(value))
         self._check_unsupported()
+        self._map_fsdp_words()
         if self.train_sampling_strategy not in ("random", "sequential"):
             raise NotImplementedError(
                 f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported yet "
@@ -336,6 +377,8 @@ class DPOConfig:
             self.output_dir = "trainer_output"  # transformers 5's default
         # TRL's rule: bf16 unless fp16 was asked for.
         self.bf16 = (not self.fp16) if self.bf16 is None else bool(self.bf16)
+        if self.bf16 and self.fp16:
+            raise ValueError("At most one of fp16 and bf16 can be True, but not both")
         # transformers 5 renamed gradient_checkpointing -> activation_checkpointing; the new
         # name wins when given, and both read the same afterwards.
         if self.activation_checkpointing is not None:
@@ -354,6 +397,14 @@ class DPOConfig:
             self.disable_tqdm = False
         if isinstance(self.debug, str):
             self.debug = self.debug.split()
+        self.debug = list(self.debug or [])  # HF's parser may hand over None
+        self.debug = [getattr(d, "value", d) for d in self.debug]
+        unknown = [d for d in self.debug if d not in ("underflow_overflow", "tpu_metrics_debug")]
+        if unknown:
+            raise ValueError(
+                f"debug={unknown} is not a valid DebugOption: use 'underflow_overflow' or "
+                "'tpu_metrics_debug'"
+            )
         self._check_choices()
         self._derive_logging_eval_save()
         self._normalise_report_to()
@@ -368,6 +419,16 @@ class DPOConfig:
                 FutureWarning,
                 stacklevel=3,
             )
+        for name in ("optim_args", "optim_target_modules"):
+            if getattr(self, name):
+                warnings.warn(
+                    f"{name}={getattr(self, name)!r} has no effect with optim={self.optim!r}: "
+                    "transformers reads it only for other optimizers (SGD, GaLore, APOLLO, ...), "
+                    "so it is ignored, as in TRL. AdamW's settings: adam_beta1/adam_beta2/"
+                    "adam_epsilon/weight_decay.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if self.truncation_mode == "keep_end":
             warnings.warn(
                 "truncation_mode='keep_end' is deprecated (removed in TRL 2.0); use 'keep_start'.",
@@ -383,10 +444,33 @@ class DPOConfig:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             value = getattr(self, f.name)
             if value != default and not (value in ("", [], None) and default in ("", [], None)):
+                hint = _UNSUPPORTED_HINTS.get(f.name, "")
                 raise NotImplementedError(
                     f"DPOConfig.{f.name}={value!r} is not supported by csd-fast yet "
-                    f"(only the default {default!r} is accepted)"
+                    f"(only the default {default!r} is accepted){hint}"
                 )
+
+    def _map_fsdp_words(self) -> None:
+        """transformers' `fsdp` option ("full_shard auto_wrap offload") as fsdp_config keys of
+        csd-fast's own FSDP2 (csd_fast.distributed.fsdp); keys given in fsdp_config win."""
+        words = self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp or [])
+        words = [str(getattr(w, "value", w)) for w in words]
+        if not words:
+            return
+        known = {"full_shard": {"reshard_after_forward": True},
+                 "shard_grad_op": {"reshard_after_forward": False},
+                 "offload": {"cpu_offload": True}, "auto_wrap": {}}  # fmt: skip
+        unknown = [w for w in words if w not in known]
+        if unknown:
+            raise NotImplementedError(
+                f"DPOConfig.fsdp={unknown} is not supported: csd-fast's FSDP2 shards each "
+                "decoder layer over all ranks (full_shard, shard_grad_op, offload, auto_wrap); "
+                "no hybrid sharding or no_shard"
+            )
+        mapped: dict = {}
+        for w in words:
+            mapped.update(known[w])
+        self.fsdp_config = {**mapped, **(self.fsdp_config or {})}
 
     def _check_choices(self) -> None:
         checks = {

@@ -66,6 +66,9 @@ class TrainingJob:
     train_tokens: Callable[[], int]  # training tokens so far over all ranks (a collective)
     run: dict = field(default_factory=dict)  # model names, data fingerprints (csd_fast.resume)
     loss_tokens: Any = None  # (n,) int64 per train pair: weight by loss tokens (SFT); None: pairs
+    scaler: Any = None  # fp16: a torch.amp.GradScaler (dynamic loss scaling), else None
+    callback_states: Callable[[], dict] | None = None  # stateful callbacks, for checkpoints
+    restore_callbacks: Callable[[dict], None] | None = None  # ... and back on resume
 
 
 def _due(step: int, every: float | int | None, total: int) -> bool:
@@ -165,6 +168,14 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
     opt, sched = job.optimizer, job.scheduler
     progress = job.progress
     resume_path = resolve_resume(args.output_dir, resume_from_checkpoint)
+    if resume_path is not None and resume.read_record(resume_path).get("training", {}).get(
+        "save_only_model"
+    ):
+        raise resume.CheckpointError(
+            f"{resume_path} was saved with save_only_model=True: it holds the weights but no "
+            "optimizer, schedule or RNG state, so training cannot resume from it exactly. Start "
+            f"a new run from its weights (model='{resume_path}')."
+        )
     if resume_path is not None:
         fresh = resume.hyperparameters(opt)  # this run's settings, before the saved ones load
         loaded = ckpt.load_checkpoint(
@@ -172,11 +183,17 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         )
         for f in fields(loaded):
             setattr(progress, f.name, getattr(loaded, f.name))
+        if args.ignore_data_skip:  # transformers: no fast-forward, the epoch starts over
+            progress.micro_in_epoch = 0
         if getattr(args, "resume_with_changes", False):  # changes accepted (and logged) up front
             resume.apply_new_hyperparameters(opt, sched, fresh)
         # TRL's cumulative count; each rank counts its own, so the saved total lives on rank 0
         # (the running total only: no window value, so the next log row is as if never stopped)
         job.metrics.total_train_tokens += progress.total_tokens if env.is_main else 0
+        if job.scaler is not None and progress.grad_scaler is not None:
+            job.scaler.load_state_dict(progress.grad_scaler)
+        if args.restore_callback_states_from_checkpoint and job.restore_callbacks is not None:
+            job.restore_callbacks(progress.stateful_callbacks)
         if env.is_main:
             job.writer.restore(progress.log_history)  # exactly what was written at that point
     tokens = _TokenCount(job)
@@ -191,6 +208,10 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
     state.epoch = progress.epoch + progress.micro_in_epoch / max(1, len(resumed_plan))
     progress_start, pairs_seen = state.global_step, 0
     job.fire("on_train_begin")
+    if args.eval_on_start:  # transformers: an evaluation before the first step, on resume too
+        if job.evaluate is None:
+            raise ValueError("eval_on_start=True needs an eval_dataset")
+        job.evaluate()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     by_tokens = bool(args.max_tokens_per_batch)
@@ -222,7 +243,8 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
                 if m:
                     job.fire("on_substep_end")  # HF's order: after each micro-batch but the last
                 loss = job.compute_loss(batch, "train", dummy=not is_real)
-                (loss * weight).backward()
+                scaled = loss * weight
+                (scaled if job.scaler is None else job.scaler.scale(scaled)).backward()
                 # fp64 on the device: the same sum a float() per micro-batch gave, without the sync
                 value = loss.detach().double()
                 if args.logging_nan_inf_filter:
@@ -234,12 +256,15 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
                     window.pairs += batch.num_pairs
                     pairs_seen += batch.num_pairs
             micro += len(group_plans[env.rank])
+            if job.scaler is not None:  # clip (and log) the true gradients
+                job.scaler.unscale_(opt)
             grad_norm = clip_grad_norm(params, args.max_grad_norm)
             lr_used = sched.get_last_lr()[0]  # TRL logs the rate of this update, not the next
             job.fire("on_pre_optimizer_step")  # after clipping, as in HF: gradients are final
-            opt.step()
+            stepped = _optimizer_step(opt, job.scaler)
             job.fire("on_optimizer_step")
-            sched.step()
+            if stepped:  # a step the GradScaler skipped leaves the schedule where it was
+                sched.step()
             opt.zero_grad(set_to_none=True)
             state.global_step += 1
             state.epoch = epoch + micro / len(plan)
@@ -262,7 +287,7 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
             progress.epoch, progress.micro_in_epoch = epoch, 0
         # also when stopped mid-epoch (max_steps, a callback), as transformers does
         control = job.control()
-        control.should_evaluate |= args.eval_strategy == "epoch"
+        control.should_evaluate |= args.eval_strategy == "epoch" and args.eval_delay <= state.epoch
         control.should_save |= args.save_strategy == "epoch"
         job.fire("on_epoch_end")
         _evaluate_and_save(job, tokens)
@@ -293,6 +318,18 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
     job.fire("on_train_end")
     job.close()
     return state
+
+
+def _optimizer_step(opt, scaler) -> bool:
+    """opt.step(), through the GradScaler under fp16; False when it skipped the step (inf/nan
+    gradients: the scale went down). As accelerate, a skipped step leaves the schedule alone."""
+    if scaler is None:
+        opt.step()
+        return True
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.get_scale() >= before
 
 
 def clip_grad_norm(params: list[Tensor], max_grad_norm: float | None) -> Tensor:
@@ -335,7 +372,11 @@ def _set_step_flags(job: TrainingJob, max_steps: int) -> None:
     ):
         control.should_log = True
     eval_every = args.eval_steps or args.logging_steps
-    if args.eval_strategy == "steps" and (_due(step, eval_every, max_steps) or step >= max_steps):
+    if (
+        args.eval_strategy == "steps"
+        and (_due(step, eval_every, max_steps) or step >= max_steps)
+        and args.eval_delay <= step
+    ):
         control.should_evaluate = True  # like HF, the last step is evaluated too
     if args.save_strategy == "steps" and (
         _due(step, args.save_steps, max_steps) or step >= max_steps
@@ -421,11 +462,15 @@ def _save(job: TrainingJob, tokens: _TokenCount, best: bool = False) -> Path:
     if env.distributed:
         tokens.sync()  # the saved count is the all-rank total
     job.progress.train_loss_sum = tokens.loss_sum()
+    job.progress.grad_scaler = None if job.scaler is None else job.scaler.state_dict()
+    if job.callback_states is not None:
+        job.progress.stateful_callbacks = job.callback_states()
     ckpt.save_checkpoint(
         path,
         model=job.model,
-        optimizer=job.optimizer,
-        scheduler=job.scheduler,
+        # save_only_model: weights, tokenizer and progress only (transformers' option)
+        optimizer=None if args.save_only_model else job.optimizer,
+        scheduler=None if args.save_only_model else job.scheduler,
         progress=job.progress,
         tokenizer=job.tokenizer,
         config=resume.run_record(args, job.run),

@@ -50,7 +50,9 @@ RUN_NEUTRAL = frozenset(
     eval_do_concat_batches eval_use_gather_object eval_accumulation_steps include_for_metrics
     batch_eval_metrics skip_memory_metrics local_rank ddp_timeout ddp_backend hub_token
     hub_private_repo hub_model_id hub_strategy hub_always_push hub_revision torch_empty_cache_steps
-    dataset_cache_dir ref_cache_dir dataset_num_proc use_cpu""".split()
+    dataset_cache_dir ref_cache_dir dataset_num_proc use_cpu eval_on_start eval_delay
+    save_only_model enable_jit_checkpoint bf16_full_eval fp16_full_eval activation_offloading
+    label_smoothing_factor ignore_data_skip restore_callback_states_from_checkpoint fsdp""".split()
 )
 
 

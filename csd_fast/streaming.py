@@ -63,7 +63,17 @@ class StreamPairs:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         self.rejects, self.skipped = [], {}
-        rows, start, index = iter(self.dataset), 0, 0
+        for index, pair in enumerate(self._read(record=True)):
+            self._buffer[index] = pair
+            yield index, pair
+
+    def __iter__(self):
+        """The tokenized pairs (prompt_ids, chosen_ids, rejected_ids, ...) of a fresh pass, as
+        iterating TRL's tokenized IterableDataset gives them; the training pass is untouched."""
+        return self._read(record=False)
+
+    def _read(self, record: bool):
+        rows, start = iter(self.dataset), 0
         while chunk := list(itertools.islice(rows, _CHUNK)):
             source = self._row_source(chunk, f"{self.name} (stream rows {start}-)")
             tokenized = self._tokenize(source)
@@ -72,13 +82,12 @@ class StreamPairs:
                     f"{self.name}: CLO columns (group/sft) in a stream: an example's pairs could "
                     "fall in different micro-batches. Load the set map-style."
                 )
-            self._record(tokenized, start)
+            if record:
+                self._record(tokenized, start)
             for k in range(len(tokenized)):
                 pair = tokenized[k]
                 pair["row"] += start  # the row number in the stream, for errors and rejects
-                self._buffer[index] = pair
-                yield index, pair
-                index += 1
+                yield pair
             start += len(chunk)
 
     def _record(self, tokenized, start: int) -> None:

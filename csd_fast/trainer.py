@@ -22,8 +22,6 @@ global batch, and writes sharded checkpoints; rank 0 logs and writes files.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import time
 from pathlib import Path
 
 import torch
@@ -42,7 +40,6 @@ from csd_fast.distributed.env import init_distributed
 from csd_fast.forward import (
     PairScorer,
     head_impl_for,
-    reference_logps,
     sequence_forward,
     unwrap_causal_lm,
 )
@@ -51,9 +48,11 @@ from csd_fast.plancache import cached_rank_plans
 from csd_fast.reporting import MetricsWriter, plot_curves
 from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
 from csd_fast.trainer_api import TrainerAPI
+from csd_fast.trainer_eval import EvalMixin
+from csd_fast.trainer_reference import ReferenceMixin
 
 
-class DPOTrainer(TrainerAPI):
+class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
     """Drop-in for `trl.DPOTrainer` (1.16): same arguments, same logged metrics."""
 
     def __init__(
@@ -85,16 +84,25 @@ class DPOTrainer(TrainerAPI):
         if args is None:
             name = model if isinstance(model, str) else type(model).__name__
             args = DPOConfig(output_dir=f"{Path(name).name}-DPO")
-        if data_collator is not None:
+        if data_collator is not None and (
+            args.padding_free or args.prefix_sharing or args.max_tokens_per_batch
+        ):
             raise NotImplementedError(
-                "a custom data_collator is not supported: layouts are built-in"
+                "a custom data_collator returns TRL's padded layout: it cannot be combined with "
+                "padding_free, prefix_sharing or max_tokens_per_batch (csd-fast's packed layouts)"
             )
+        self.data_collator = data_collator  # TRL-format output (csd_fast.trl_collate)
         if quantization_config is not None:
-            raise NotImplementedError("quantization_config is not supported yet")
+            raise NotImplementedError(
+                "quantization_config is not supported: bitsandbytes 4/8-bit weights (QLoRA) "
+                "need its CUDA kernels and csd-fast's fused head reads full-precision weights; "
+                "train LoRA on a bf16 model instead"
+            )
         check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
         _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
         self.compute_metrics = compute_metrics
+        self._in_train = False  # inside train() (evaluations there never cast: *_full_eval)
         if args.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         self.args = args
@@ -163,11 +171,15 @@ class DPOTrainer(TrainerAPI):
                     broadcast_from_rank0(scorer, source, self.dist)
                     del source
             self._sharded = True
+        from csd_fast.trl_compat import fp16_scaler
+
+        self.grad_scaler = fp16_scaler(args, self.device, self._sharded)
         self.loss_params = args.loss_params()
         self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
         self.optimizer, self.lr_scheduler = optimizers
+        self._own_optimizer, self._own_scheduler = optimizers[0] is None, optimizers[1] is None
         self.state = TrainerState()
         self.control = TrainerControl()
         self.progress = ckpt.TrainProgress()
@@ -349,7 +361,7 @@ class DPOTrainer(TrainerAPI):
     def _collate_fn(self, pairs, mode: str):
         """The layout's collate; with a reference table, each batch's token counts are checked
         against the table's (on the host, before the device copy: no sync)."""
-        collate = make_collate(self._batching(mode), self._pad_id)
+        collate = self._base_collate(mode)
         table = self._table_for(pairs)
         if table is None:
             return collate
@@ -360,6 +372,14 @@ class DPOTrainer(TrainerAPI):
             return batch
 
         return checked
+
+    def _base_collate(self, mode: str):
+        """examples -> PairBatch: the user's data_collator if given, else the layout's own."""
+        if self.data_collator is not None:
+            from csd_fast.trl_collate import custom_collate
+
+            return custom_collate(self.data_collator)
+        return make_collate(self._batching(mode), self._pad_id)
 
     def _collate(self, pairs, idx: list[int], mode: str):
         return self._collate_fn(pairs, mode)(self._examples(pairs)(idx)).to(self.device)
@@ -375,175 +395,14 @@ class DPOTrainer(TrainerAPI):
             prefetch_factor=a.dataloader_prefetch_factor,
         )
 
-    # ------------------------------------------------------------------------ reference
-    @contextlib.contextmanager
-    def _reference(self):
-        """The frozen reference: a separate model, or the policy with its LoRA adapters off."""
-        if self.ref_scorer is None and self._ref_model_path is not None:
-            from csd_fast.models import load_model, prepare_reference
-
-            ref = prepare_reference(load_model(self._ref_model_path, self.args), self.args)
-            self.ref_model = ref.to(self.device)
-            self.ref_scorer = PairScorer(self.ref_model)
-        if self.ref_scorer is not None:
-            yield self.ref_scorer
-        elif hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
-                yield self.scorer
-        elif self._policy_is_initial:
-            yield self.scorer
-        else:
-            raise RuntimeError(
-                "no reference model: pass ref_model or precompute reference log-probs"
-            )
-
-    def _ref_logps(self, batch):
-        """Cached table values when the batch carries them, else a live no-grad reference pass."""
-        if batch.ref_chosen_logps is not None:
-            return batch.ref_chosen_logps, batch.ref_rejected_logps
-        if self._sft_data:  # the sft loss does not read them; the reward metrics are dropped
-            zeros = torch.zeros(batch.num_pairs, device=batch.token_labels.device)
-            return zeros, zeros
-        with self._reference() as ref, self._autocast():
-            was_training = ref.training
-            ref.eval()  # the reference never sees dropout, even with disable_dropout=False
-            try:
-                return reference_logps(
-                    ref, batch, head_impl=self.head_impl, ld_alpha=self.args.ld_alpha
-                )
-            finally:
-                ref.train(was_training)
-
-    def _precompute(self, pairs, name: str):
-        """Reference table of a tokenized set: from the ref_cache_dir store, else scored."""
-        from csd_fast.refcache import describe, reference_table
-
-        a = self.args
-
-        def score(positions):
-            return self._score_reference(pairs, positions)
-
-        if self.dist.distributed and not a.ref_cache_dir:  # in memory: each rank scores a share
-            from csd_fast.distributed.sharded_table import compute_table_sharded
-
-            bs = a.precompute_ref_batch_size or self._batching("eval").batch_size
-            return compute_table_sharded(len(pairs), bs, score, self.dist, a.ld_alpha)
-        table, report = reference_table(
-            pairs,
-            split=name,
-            score=score,
-            root=a.ref_cache_dir,
-            components=lambda: self._ref_components(pairs),
-            labels={"model": self._ref_label(), "data": getattr(pairs, "source", "")},
-            shard_rows=a.ref_cache_shard_size,
-            strict=a.ref_cache_strict,
-            ld_alpha=a.ld_alpha,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            barrier=self.dist.barrier,
-        )
-        if self.dist.is_main:
-            print(f"[csd-fast] {describe(report, name, len(pairs))}")
-        return table
-
-    def _table_for(self, pairs):
-        """The reference table of `pairs`: computed at init, or a complete one in the store."""
-        owner, table = self._ref_tables.get(id(pairs), (None, None))
-        if owner is pairs:  # ids are unique only among live objects
-            return table
-        if not self.args.ref_cache_dir or self._ref_fingerprint is None:
-            return None
-        from csd_fast.refcache import reference_table
-        from csd_fast.refstore import StoreError
-
-        try:  # score=None: the policy has moved, only a stored table can serve
-            table, _ = reference_table(
-                pairs, split="eval", score=None, root=self.args.ref_cache_dir,
-                components=lambda: self._ref_components(pairs),
-                shard_rows=self.args.ref_cache_shard_size,
-            )  # fmt: skip
-        except StoreError:
-            if self._ref_model_path is None and self.ref_model is None:
-                return None  # the live path says why there is no reference
-            table = self._precompute(pairs, "eval")
-        self._ref_tables[id(pairs)] = (pairs, table)
-        return table
-
-    def _ref_label(self) -> str:
-        if self._ref_model_path:
-            return self._ref_model_path
-        lm = unwrap_causal_lm(self.ref_model if self.ref_model is not None else self.model)
-        return str(getattr(lm.config, "_name_or_path", "") or type(lm).__name__)
-
-    def _ref_components(self, pairs) -> dict:
-        from csd_fast.data.tokenize import tokenizer_fingerprint
-        from csd_fast.refcache import (
-            device_kind,
-            fingerprint_components,
-            model_fingerprint,
-            pairs_fingerprint,
-            path_fingerprint,
-        )
-
-        a = self.args
-        if self._ref_fingerprint is None:  # one full-weight hash per run, not per dataset
-            if self._ref_model_path is not None:
-                self._ref_fingerprint = path_fingerprint(self._ref_model_path)
-            else:
-                with self._reference() as ref:
-                    self._ref_fingerprint = model_fingerprint(getattr(ref, "model", ref))
-        lm = unwrap_causal_lm(self.model)
-        autocast = self._autocast()
-        return fingerprint_components(
-            model=self._ref_fingerprint,
-            tokenizer=tokenizer_fingerprint(self.processing_class),
-            data=pairs_fingerprint(pairs),
-            max_length=a.max_length,
-            truncation_mode=a.truncation_mode,
-            layout=self.layout,
-            head_impl=self.head_impl,
-            attention=getattr(lm.config, "_attn_implementation", None),
-            dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
-            autocast=str(getattr(autocast, "fast_dtype", "none")).removeprefix("torch."),
-            device=device_kind(self.device),
-        )
-
-    @torch.no_grad()
-    def _score_reference(self, pairs, positions: list[int]):
-        """The reference's table columns for `positions` of `pairs`, in precompute batches."""
-        from csd_fast.forward import token_logps_and_stats
-        from csd_fast.refcache import concat_columns, reference_columns
-
-        opts = self._batching("eval")
-        bs = self.args.precompute_ref_batch_size or opts.batch_size
-        collate = make_collate(opts, self._pad_id)
-        chunks = [positions[i : i + bs] for i in range(0, len(positions), bs)]
-        real = len(chunks)
-        if self._sharded and self.args.ref_cache_dir:
-            # FSDP: every rank runs as many forwards per store shard (a short last shard or an
-            # empty turn is padded with stand-in batches whose results are dropped)
-            chunks += [[0]] * (-(-self.args.ref_cache_shard_size // bs) - real)
-        parts = []
-        with self._reference() as ref, self._autocast():
-            was_training = ref.training
-            ref.eval()  # the reference never sees dropout, even with disable_dropout=False
-            try:
-                for k, chunk in enumerate(chunks):
-                    batch = collate([pairs[j] for j in chunk]).to(self.device)
-                    token_logps, _ = token_logps_and_stats(
-                        ref, batch, head_impl=self.head_impl, with_stats=False
-                    )
-                    if k < real:
-                        parts.append(reference_columns(token_logps, batch, self.args.ld_alpha))
-            finally:
-                ref.train(was_training)
-        return concat_columns(parts)
-
     # ----------------------------------------------------------------------------- step
     def _autocast(self):
-        if self.device.type == "cuda" and self.args.bf16 and not self._sharded:
+        if self.device.type == "cuda" and not self._sharded:
             # (sharded: FSDP's mixed-precision policy casts the gathered weights instead)
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.args.fp16:
+                return torch.autocast("cuda", dtype=torch.float16)
+            if self.args.bf16:
+                return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def compute_loss(self, batch, mode: str = "train", dummy: bool = False) -> torch.Tensor:
@@ -553,10 +412,11 @@ class DPOTrainer(TrainerAPI):
         gathers); `dummy` marks a zero-weight stand-in batch that only joins the collectives."""
         from csd_fast.losses import PairLogps, preference_loss
         from csd_fast.metrics import pair_metric_sums
+        from csd_fast.trl_compat import activation_offload
 
         ref_c, ref_r = self._ref_logps(batch)
         fused_loss = None
-        with self._autocast():
+        with self._autocast(), activation_offload(self.args, mode == "train", self.device):
             # head + loss in one (3 GEMMs, kernels/) where nothing else needs the head's
             # outputs: MoE router loss, WPO weights and SFT rows take the log-prob path
             fuse = (
@@ -666,14 +526,49 @@ class DPOTrainer(TrainerAPI):
             )
         # one writer per output_dir; a used one needs resume or overwrite_output_dir; the
         # checkpoint is verified and its configuration compared before anything loads
-        with guarded_training(self, resume_from_checkpoint) as checkpoint:
-            return run_training(self.training_job(), checkpoint)
+        from csd_fast.trl_compat import (
+            batch_size_search,
+            jit_checkpoint,
+            neftune,
+            resumed_batch_size,
+            watch_underflow_overflow,
+        )
+
+        watch_underflow_overflow(self)
+        resumed_batch_size(self, resume_from_checkpoint)  # auto_find_batch_size: the found one
+        self._in_train = True
+        try:
+            with (
+                guarded_training(self, resume_from_checkpoint) as checkpoint,
+                neftune(self),
+                jit_checkpoint(self),
+            ):
+                return batch_size_search(
+                    self, lambda: run_training(self.training_job(), checkpoint)
+                )
+        finally:
+            self._in_train = False
+
+    def restart_with_batch_size(self, batch_size: int) -> None:
+        """Forget a failed start (auto_find_batch_size): new train batch size, plans, schedule,
+        optimizer (unless the caller gave one), state and metrics."""
+        from csd_fast.metrics import MetricsLog
+
+        self.args.per_device_train_batch_size = batch_size
+        self._plans.pop("train", None)
+        if self._own_optimizer:
+            self.optimizer = None
+        if self._own_scheduler:
+            self.lr_scheduler = None
+        self.state, self.control = TrainerState(), TrainerControl()
+        self.progress, self._metrics = ckpt.TrainProgress(), MetricsLog()
 
     def training_job(self):
         """The explicit object `csd_fast.loop.run_training` drives (builds optimizer/schedule)."""
         from csd_fast.loop import TrainingJob, schedule_length
         from csd_fast.optim import build_optimizer, build_scheduler
         from csd_fast.resume import run_identity
+        from csd_fast.trl_compat import callback_states, restore_callback_states
 
         def plans(epoch: int):
             return self._rank_plans(self.train_pairs, "train", epoch)
@@ -706,6 +601,9 @@ class DPOTrainer(TrainerAPI):
             train_tokens=self.global_train_tokens,
             run=run_identity(self),
             loss_tokens=self._sft_loss_tokens(),
+            scaler=self.grad_scaler,
+            callback_states=lambda: callback_states(self),
+            restore_callbacks=lambda saved: restore_callback_states(self, saved),
         )
 
     def _sft_loss_tokens(self):
@@ -724,92 +622,14 @@ class DPOTrainer(TrainerAPI):
         # a completion that starts its row (no prompt kept) has no prediction for its first token
         return kept - (kept_prompt == 0)
 
-    def evaluate(
-        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
-    ) -> dict:
-        """Loss and TRL's metrics over the eval set(s), logged with the `eval_` prefix.
-
-        Named sets (a dict or DatasetDict, given here or at construction) are evaluated one by
-        one, each under `eval_<name>_`; a str names one of the sets given at construction.
-        """
-        from csd_fast.trl_compat import check_new_eval_reference
-
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            check_new_eval_reference(self)  # before tokenizing, as TRL: fail fast
-        sets = self._eval_sets(eval_dataset)
-        if not sets:
-            raise ValueError("evaluate() needs an eval_dataset")
-        source = self.eval_pairs if eval_dataset is None else eval_dataset
-        named = isinstance(eval_dataset, str) or isinstance(source, dict)
-        metrics: dict = {}
-        for name, pairs in sets.items():
-            prefix = f"{metric_key_prefix}_{name}" if named else metric_key_prefix
-            metrics.update(self._evaluate_set(pairs, name, prefix, log=True))
-        return metrics
-
-    def _evaluate_set(self, pairs, name: str, prefix: str, log: bool) -> dict:
-        from csd_fast.trl_compat import eval_predictions_metrics
-
-        a = self.args
-        if (a.precompute_ref_log_probs or a.ref_cache_dir) and isinstance(pairs, StreamPairs):
-            raise ValueError(
-                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please "
-                "use a map-style Dataset or set `precompute_ref_log_probs=False`."
-            )
-        if (a.precompute_ref_log_probs or a.ref_cache_dir) and id(pairs) not in self._ref_tables:
-            # a set first seen here: score it with the reference as __init__ does (before any
-            # training the untrained policy is the reference; check_new_eval_reference refused
-            # the case where no reference is left)
-            initial, self._policy_is_initial = self._policy_is_initial, self.state.global_step == 0
-            try:
-                self._ref_tables[id(pairs)] = (pairs, self._precompute(pairs, name))
-            finally:
-                self._policy_is_initial = initial
-        was_training = self.model.training
-        self.model.eval()
-        start = time.perf_counter()
-        plan = self._plan(pairs, "eval", 0)
-        if isinstance(pairs, StreamPairs):  # read once, batch by batch (one process)
-            batches = (self._collate(pairs, idx, "eval") for idx in plan)
-            real = itertools.repeat(True)
-        else:
-            real = [bool(idx) for idx in plan]
-            if not all(real):  # a rank without pairs here joins the collectives with a stand-in
-                everyone = self._rank_plans(pairs, "eval", 0)
-                stand_in = next(idx[:1] for p in everyone for idx in p if idx)
-                plan = [idx or stand_in for idx in plan]
-            batches = self.micro_batches(pairs, plan, "eval")
-        sums = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad():
-            for batch, is_real in zip(batches, real, strict=False):
-                loss = self.compute_loss(batch, "eval", dummy=not is_real)
-                if is_real:  # one read per batch on one process, as before
-                    sums += torch.tensor([float(loss) * batch.num_pairs, batch.num_pairs])
-        self.model.train(was_training)
-        total, n = self.dist.all_reduce_sum(sums).tolist()
-        metrics = {f"{prefix}_loss": total / max(n, 1)}
-        # MetricsLog names eval metrics eval_<key>; a named set or predict() has its own prefix
-        metrics.update({f"{prefix}_{k[5:]}": v for k, v in self._metrics.pop("eval").items()})
-        if self.compute_metrics is not None:
-            metrics.update(eval_predictions_metrics(self, pairs, prefix))
-        if self.dist.distributed:
-            metrics[f"{prefix}_num_tokens"] = float(self.global_train_tokens())
-        runtime = time.perf_counter() - start
-        metrics[f"{prefix}_runtime"] = runtime
-        metrics[f"{prefix}_samples_per_second"] = n / max(runtime, 1e-9)
-        if log:
-            self.log(metrics)
-            self._fire("on_evaluate", metrics=metrics)
-        return metrics
-
     # -------------------------------------------------------------------------- logging
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "train_runtime" in logs:
             # TRL's log() adds the metrics of the steps since the last logging step to whatever
             # is logged, so the end-of-training summary carries that window (aux_loss, ...)
             logs = {**logs, **self._metrics.pop("train")}
-        if self.state.epoch is not None:
-            logs = {**logs, "epoch": self.state.epoch}
+        if self.state.epoch is not None:  # in place, as transformers: evaluate()'s metrics
+            logs["epoch"] = self.state.epoch  # carry the epoch too
         entry = {**logs, "step": self.state.global_step}
         self.state.log_history.append(entry)
         if self.dist.is_main:  # every rank keeps the (all-rank) history; rank 0 writes it

@@ -1,16 +1,28 @@
-"""TRL 1.16 DPOTrainer behaviours at construction and evaluation that sit outside the core loop.
+"""TRL 1.16 / transformers Trainer behaviours that sit outside the core loop: init, eval, options.
 
     check_trl_arguments(args, model, ref_model, train_dataset, peft_config)   # TRL's init errors
     coef, enabled = model_setup(trainer, args)   # MoE aux, tags, pad id, TR-DPO, Liger, compile
     check_new_eval_reference(trainer)            # evaluate(new set) with precomputed references
+    with neftune(trainer): ...                   # NEFTune noise on the embeddings in train()
+    with jit_checkpoint(trainer): ...            # SIGTERM: checkpoint after this step, stop
+    watch_underflow_overflow(trainer)            # debug="underflow_overflow"
+    batch_size_search(trainer, attempt)          # auto_find_batch_size: retry smaller on OOM
+    with activation_offload(args, training, device): ...   # saved activations kept on the CPU
+    scaler = fp16_scaler(args, device, sharded)  # fp16: a GradScaler on GPUs (None on the CPU)
+    callback_states(trainer); restore_callback_states(trainer, saved)   # checkpointed callbacks
     eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
 
 Each function follows the named TRL 1.16 code path (trl/trainer/dpo_trainer.py) and raises the
-same exception type with TRL's message where TRL raises. Tests: tests/test_trl_compat.py.
+same exception type with TRL's message where TRL raises. Tests: tests/test_trl_compat.py,
+tests/test_trl_dropin.py, tests/test_trl_dropin_resume.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import signal
+import threading
 import warnings
 
 import torch
@@ -64,6 +76,21 @@ def check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval
                 "updates the reference every ref_model_sync_steps steps, so cached log-probs "
                 "would be those of a reference that no longer exists. Unset ref_cache_dir."
             )
+    adapter = peft_config or getattr(model, "active_peft_config", None)
+    if getattr(adapter, "is_prompt_learning", False):
+        raise ValueError(
+            f"peft_config is a prompt-learning method ({adapter.peft_type}): its virtual tokens "
+            "are prepended by PeftModel.forward, which csd-fast's forward does not call (it runs "
+            "the decoder and the LM head itself), so they would be silently left out. Use an "
+            "adapter on the weights (LoRA, DoRA, IA3, ...)."
+        )
+    packed = args.padding_free or args.prefix_sharing or args.max_tokens_per_batch
+    if args.neftune_noise_alpha is not None and packed:
+        raise NotImplementedError(
+            "neftune_noise_alpha with a packed layout (padding_free, prefix_sharing or "
+            "max_tokens_per_batch): NEFTune scales its noise by the padded sequence length, "
+            "which a packed row of several sequences does not have. Use the padded layout."
+        )
     liger = args.liger_kernel_config or {}
     if args.use_liger_kernel and liger.get("fused_linear_cross_entropy"):
         raise ValueError(
@@ -200,3 +227,207 @@ def eval_predictions_metrics(trainer, pairs, prefix: str) -> dict:
     logits, labels = trainer._eval_logits(pairs)
     out = trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels)) or {}
     return {k if k.startswith(f"{prefix}_") else f"{prefix}_{k}": v for k, v in out.items()}
+
+
+@contextlib.contextmanager
+def neftune(trainer):
+    """NEFTune (Jain et al. 2023, arXiv 2310.05914) for the length of `train()`, as transformers'
+    Trainer does it: its own forward hook on the policy's input embeddings adds uniform noise
+    of half-width alpha / sqrt(L * d) (L the padded length, d the width) in training forwards
+    only (the reference and evaluation run in eval mode: no noise); removed afterwards."""
+    alpha = trainer.args.neftune_noise_alpha
+    if alpha is None:
+        yield
+        return
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    handle = activate_neftune(trainer.model, alpha)
+    try:
+        yield
+    finally:
+        deactivate_neftune(trainer.model, handle)
+
+
+def activation_offload(args, training: bool, device):
+    """`activation_offloading`: the policy's saved activations go to (pinned) CPU memory in the
+    forward and come back in the backward (torch's saved-tensor hooks); training passes only."""
+    if not (args.activation_offloading and training):
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
+def fp16_scaler(args, device, sharded: bool):
+    """fp16 as accelerate does it: fp16 autocast (trainer._autocast) plus dynamic loss scaling
+    on an accelerator; on the CPU accelerate leaves fp16 off (plain fp32), and so do we."""
+    if not args.fp16 or device.type == "cpu":
+        return None
+    if sharded:
+        raise NotImplementedError(
+            "fp16 under FSDP2 (torchrun) needs a sharded gradient scaler, which csd-fast does not "
+            "have: use bf16=True"
+        )
+    if args.fused:
+        raise NotImplementedError(
+            "fp16 with fused=True: the fused kernels are built and tested for bf16 and fp32; use "
+            "bf16=True, or fused=False"
+        )
+    return torch.amp.GradScaler(device.type)
+
+
+class _JitCheckpointCallback:
+    """Asks the loop for a checkpoint and a stop at the first step end after SIGTERM."""
+
+    def __init__(self, trainer):
+        self.trainer, self.requested = trainer, False
+        self.stopping = False  # what every rank agreed on at the last step end
+
+    def _requested_anywhere(self) -> bool:
+        dist = self.trainer.dist
+        if not dist.distributed:  # every rank must stop at the same step: agree on the flag
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=dist.device)
+        return bool(dist.all_reduce_sum(flag).item() > 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stopping = self._requested_anywhere()
+        if self.stopping:
+            control.should_save = control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopping:  # the step end above saved this state already (on every rank)
+            control.should_save = False
+        return control
+
+
+@contextlib.contextmanager
+def jit_checkpoint(trainer):
+    """`enable_jit_checkpoint` (transformers 5): on SIGTERM (SLURM `--signal=TERM@<s>`, a
+    Kubernetes preemption) the running optimizer step finishes, a regular (atomic) checkpoint
+    is written and train() returns; `train(resume_from_checkpoint=True)` continues exactly.
+    transformers waits 3 s for a SIGKILL first; csd-fast's checkpoints are atomic, so a kill
+    during the save leaves the previous one intact and the flag is acted on at once."""
+    if not trainer.args.enable_jit_checkpoint or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        yield
+        return
+    callback = _JitCheckpointCallback(trainer)
+
+    def handler(signum, frame):
+        callback.requested = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    trainer.callbacks.append(callback)  # last: after the user's own step-end callbacks
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        trainer.callbacks.remove(callback)
+
+
+def _exportable(trainer) -> list:
+    from transformers.trainer_callback import ExportableState
+
+    return [cb for cb in [*trainer.callbacks, trainer.control] if isinstance(cb, ExportableState)]
+
+
+def callback_states(trainer) -> dict:
+    """transformers' `stateful_callbacks` of a checkpoint: class name -> `state()` (a list when
+    several callbacks share a class), for every ExportableState callback and the control."""
+    out: dict = {}
+    for cb in _exportable(trainer):
+        name = type(cb).__name__
+        if name in out:
+            out[name] = [*(out[name] if isinstance(out[name], list) else [out[name]]), cb.state()]
+        else:
+            out[name] = cb.state()
+    return out
+
+
+def restore_callback_states(trainer, saved: dict) -> None:
+    """`restore_callback_states_from_checkpoint`, as transformers: each saved state rebuilds the
+    callback of the same class (in order, for several), `type(cb)(**args)` then its attributes;
+    saved callbacks the run no longer has are named in a warning."""
+    missing = []
+    for name, states in saved.items():
+        states = states if isinstance(states, list) else [states]
+        current = [cb for cb in _exportable(trainer) if type(cb).__name__ == name]
+        if not current:
+            missing.append(name)
+        for cb, state in zip(current, states, strict=False):
+            new = type(cb)(**state.get("args", {}))
+            for attribute, value in state.get("attributes", {}).items():
+                setattr(new, attribute, value)
+            if cb is trainer.control:
+                trainer.control = new
+            else:
+                trainer.callbacks[trainer.callbacks.index(cb)] = new
+    if missing:
+        warnings.warn(
+            f"the checkpoint has callback states for {', '.join(missing)}, which this run does not "
+            "have: ignored",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def watch_underflow_overflow(trainer) -> None:
+    """`debug="underflow_overflow"`: transformers' own DebugUnderflowOverflow on the policy (its
+    forward hooks abort on the first inf/nan with a trace of the last frames), added once, at
+    train() as transformers does ('tpu_metrics_debug' needs a TPU: no effect here)."""
+    if "underflow_overflow" not in trainer.args.debug or getattr(trainer, "_debug_hooks", None):
+        return
+    from transformers.debug_utils import DebugUnderflowOverflow
+
+    trainer._debug_hooks = DebugUnderflowOverflow(trainer.model)
+
+
+def batch_size_search(trainer, attempt):
+    """`auto_find_batch_size`, as transformers (through accelerate) does it: when a training
+    start runs out of memory (accelerate's test of the error), retry from the start with
+    per_device_train_batch_size * 0.9 until one fits; gradient_accumulation_steps is kept."""
+    args = trainer.args
+    if not args.auto_find_batch_size:
+        return attempt()
+    if trainer.dist.distributed:
+        raise NotImplementedError(
+            "auto_find_batch_size under torchrun: an out-of-memory on one rank would leave the "
+            "others waiting in a collective; set per_device_train_batch_size"
+        )
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    while True:
+        try:
+            return attempt()
+        except Exception as e:
+            if not should_reduce_batch_size(e):
+                raise
+        smaller = int(args.per_device_train_batch_size * 0.9)
+        if smaller == 0:
+            raise RuntimeError("No executable batch size found, reached zero.")
+        warnings.warn(
+            f"out of memory with per_device_train_batch_size={args.per_device_train_batch_size}"
+            f": starting again with {smaller} (auto_find_batch_size)",
+            UserWarning,
+            stacklevel=3,
+        )
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        trainer.restart_with_batch_size(smaller)
+
+
+def resumed_batch_size(trainer, resume) -> None:
+    """On resume with auto_find_batch_size, the batch size the checkpoint's run found (as
+    transformers reads it back from the trainer state), so the resume check sees no change."""
+    if not (trainer.args.auto_find_batch_size and resume):
+        return
+    from csd_fast.resume import read_record, select_checkpoint
+
+    path = select_checkpoint(resume, trainer.args.output_dir, log=lambda *a, **k: None)
+    found = (
+        read_record(path).get("training", {}).get("per_device_train_batch_size") if path else None
+    )
+    if found:
+        trainer.args.per_device_train_batch_size = int(found)

@@ -159,10 +159,10 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
     "kwargs",
     [
         {"deepspeed": "ds.json"},
-        {"fsdp": "full_shard"},
-        {"fp16": True},
-        {"activation_offloading": True},
-        {"neftune_noise_alpha": 5.0},
+        {"fsdp": "hybrid_shard"},
+        {"parallelism_config": {"tp_size": 2}},
+        {"fsdp": "full_shard no_shard"},
+        {"accelerator_config": {"split_batches": True}},
         {"train_sampling_strategy": "group_by_length"},
         {"optim": "sgd"},
         {"lr_scheduler_type": "reduce_lr_on_plateau"},
@@ -172,6 +172,19 @@ def test_unsupported_non_defaults_raise(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(NotImplementedError, match=name):
         DPOConfig(output_dir="x", **kwargs)
+
+
+def test_transformers_fsdp_words_map_onto_fsdp_config():
+    from csd_fast.distributed.env import DistEnv
+    from csd_fast.distributed.fsdp import FsdpOptions
+
+    cfg = DPOConfig(output_dir="x", fsdp="shard_grad_op auto_wrap offload")
+    assert cfg.fsdp_config == {"reshard_after_forward": False, "cpu_offload": True}
+    opts = FsdpOptions.from_args(cfg, DistEnv())
+    assert (opts.reshard_after_forward, opts.cpu_offload) == (False, True)
+    # an explicit fsdp_config key wins over the word
+    cfg = DPOConfig(output_dir="x", fsdp=["full_shard", "offload"], fsdp_config={"cpu_offload": 0})
+    assert cfg.fsdp_config == {"reshard_after_forward": True, "cpu_offload": 0}
 
 
 def test_harmless_fields_accepted():

@@ -121,3 +121,30 @@ def test_training_on_a_stream_needs_max_steps(models, tmp_path):
     trainer = _trainer(models, tmp_path, _stream(rows("standard", 4)), max_steps=-1)
     with pytest.raises(ValueError, match="max_steps must be set"):
         trainer.train()
+
+
+def test_iterating_a_tokenized_stream_gives_trls_rows(models, tmp_path):
+    """`next(iter(trainer.eval_dataset))` (TRL's own tests do this) on a stream, or a dict of
+    streams, gives the tokenized row TRL's trainer gives, and does not disturb training."""
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import base_kwargs, save_tiny
+
+    data = rows("standard", 6)
+    path, _ = save_tiny("llama", models)
+    ref = trl.DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        args=trl.DPOConfig(**base_kwargs(tmp_path / "trl")),
+        train_dataset=datasets.Dataset.from_list(data), eval_dataset=_stream(data),
+        processing_class=AutoTokenizer.from_pretrained(path),
+    )  # fmt: skip
+    want = list(ref.eval_dataset)
+    for k, evals in enumerate((_stream(data), {"a": _stream(data), "b": _stream(data)})):
+        ours = _trainer(models, tmp_path / f"csd{k}", datasets.Dataset.from_list(data), evals)
+        sets = ours.eval_dataset if isinstance(evals, dict) else {"eval": ours.eval_dataset}
+        for got in sets.values():
+            got = list(got)
+            keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+            assert [{k: g[k] for k in keys} for g in got] == [{k: w[k] for k in keys} for w in want]
+        ours.train()  # the evaluation pass after reading the stream is complete
+        assert ours.evaluate()  # (a dict: eval_a_*, eval_b_*)

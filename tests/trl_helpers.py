@@ -132,6 +132,7 @@ def run(
     eval_dataset = kw.pop("eval_dataset", None)  # any eval object (a dict of sets, ...)
     trainer_kwargs = kw.pop("trainer_kwargs", {})  # e.g. compute_metrics
     train_dataset = kw.pop("train_dataset", None)  # in place of `data` (e.g. a stream of it)
+    resume = kw.pop("resume", None)  # train(resume_from_checkpoint=...)
     path, _ = save_tiny(arch, model_root)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tok = AutoTokenizer.from_pretrained(path)
@@ -143,9 +144,42 @@ def run(
         train_dataset=datasets.Dataset.from_list(data) if train_dataset is None else train_dataset,
         eval_dataset=eval_dataset, processing_class=tok, **trainer_kwargs,
     )  # fmt: skip
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     state = {k: v.detach().float().cpu().clone() for k, v in trainer.model.state_dict().items()}
     return list(trainer.state.log_history), state
+
+
+def both_runs(model_root, tmp_path, n: int = 8, **kw):
+    """(TRL's (logs, weights), ours) on the same `n` standard rows, in tmp_path/trl and /csd."""
+    data = rows("standard", n)
+    ref = run("trl", "llama", model_root, Path(tmp_path) / "trl", data, **kw)
+    ours = run("csd", "llama", model_root, Path(tmp_path) / "csd", data, **kw)
+    return ref, ours
+
+
+def max_weight_diff(ours: dict, ref: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert ours.keys() == ref.keys()
+    return max((ours[k] - ref[k]).abs().max().item() for k in ref)
+
+
+def csd_trainer(model_root, out, eval_rows=0, callbacks=None, **kw):
+    """A csd-fast DPOTrainer on the tiny Llama and 8 standard rows (the first eval_rows: eval)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_helpers import base_kwargs, save_tiny
+
+    from csd_fast import DPOConfig, DPOTrainer
+
+    path, _ = save_tiny("llama", model_root)
+    data = rows("standard", 8)
+    return DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        args=DPOConfig(**base_kwargs(out, **kw)),
+        train_dataset=datasets.Dataset.from_list(data),
+        eval_dataset=datasets.Dataset.from_list(data[:eval_rows]) if eval_rows else None,
+        processing_class=AutoTokenizer.from_pretrained(path), callbacks=callbacks,
+    )  # fmt: skip
 
 
 def step_logs(history: list[dict]) -> list[dict]:

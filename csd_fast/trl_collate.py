@@ -1,0 +1,71 @@
+"""A user's `data_collator` in the TRL face: its TRL-format batch read as a padded `PairBatch`.
+
+    collator = DataCollatorForPreference(pad_token_id=0, pad_to_multiple_of=8)   # TRL's, or yours
+    trainer = DPOTrainer(model, args=args, train_dataset=ds, data_collator=collator)
+
+TRL's DPOTrainer feeds its collator the tokenized examples (prompt_ids, chosen_ids,
+rejected_ids, and ref_*_logps when precomputed) and reads back TRL's padded layout:
+
+    input_ids, attention_mask, completion_mask: (2P, T), rows [prompt+chosen]*P, [prompt+rejected]*P
+
+Token t of row r is scored when completion_mask[r, t] == 1 and t >= 1 (TRL shifts the mask by
+one: position t - 1 predicts token t), which is exactly csd_fast.batch's padded layout, so
+`batch_from_collated` turns the collator's output into the PairBatch the engine runs on. Extra
+keys the collator adds are ignored (as TRL's loss ignores them). Tests: tests/test_trl_dropin.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from csd_fast.batch import PairBatch, _pair_fields
+
+
+def batch_from_collated(examples: list[dict], out: dict) -> PairBatch:
+    """The padded PairBatch of a TRL-format collator output `out` for `examples`."""
+    missing = [k for k in ("input_ids", "attention_mask", "completion_mask") if k not in out]
+    if missing:
+        raise ValueError(
+            f"data_collator returned {sorted(out)}: a DPO collator must return input_ids, "
+            f"attention_mask and completion_mask (TRL's DataCollatorForPreference); missing "
+            f"{missing}"
+        )
+    input_ids = torch.as_tensor(out["input_ids"], dtype=torch.long)
+    attention = torch.as_tensor(out["attention_mask"], dtype=torch.long)
+    completion = torch.as_tensor(out["completion_mask"], dtype=torch.long)
+    P = len(examples)
+    R, T = input_ids.shape
+    if R != 2 * P or attention.shape != (R, T) or completion.shape != (R, T):
+        raise ValueError(
+            f"data_collator returned input_ids {tuple(input_ids.shape)}, attention_mask "
+            f"{tuple(attention.shape)}, completion_mask {tuple(completion.shape)} for {P} "
+            f"pairs: expected three ({2 * P}, T) tensors, chosen rows then rejected rows"
+        )
+    scored = (completion * attention).bool()
+    scored[:, 0] = False  # nothing predicts a row's first token (TRL's shift drops it)
+    rows, cols = scored.nonzero(as_tuple=True)  # row-major: sequence by sequence, in order
+    counts = scored.sum(dim=1)
+    offsets = torch.zeros(R + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(counts, 0)
+    positions = torch.arange(T, dtype=torch.long).expand(R, T).contiguous()
+    tokens = int(attention.sum())
+    return PairBatch(
+        model_kwargs={
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "position_ids": positions,
+        },
+        token_index=rows * T + cols - 1,
+        token_labels=input_ids[rows, cols],
+        seq_offsets=offsets,
+        layout="padded",
+        **_pair_fields(examples),
+        num_tokens=tokens,
+        num_real_tokens=tokens,
+        capacity=R * T,
+    )
+
+
+def custom_collate(collator):
+    """examples -> PairBatch through the user's collator."""
+    return lambda examples: batch_from_collated(list(examples), collator(list(examples)))
