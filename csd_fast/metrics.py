@@ -64,7 +64,8 @@ def pair_metric_sums(
     # compare in the input dtype, as TRL does, so ties are decided identically
     correct = r_c > r_r
     r_c, r_r = r_c.to(f64), r_r.to(f64)
-    P = torch.tensor(float(num_pairs), dtype=f64, device=r_c.device)
+    # fills, not torch.tensor(host value, device=): no host-to-device copy per micro-batch
+    P = torch.full((), float(num_pairs), dtype=f64, device=r_c.device)
 
     def pair_mean(values: Tensor) -> Tensor:
         return torch.stack([values.to(f64).sum(), P])
@@ -86,9 +87,10 @@ def pair_metric_sums(
     def token_mean(values: Tensor, mask: Tensor | None) -> Tensor:
         values = values.detach().to(f64)
         if mask is None:
-            n = torch.tensor(float(values.numel()), dtype=f64, device=values.device)
+            n = torch.full((), float(values.numel()), dtype=f64, device=values.device)
             return torch.stack([values.sum(), n])
-        return torch.stack([values[mask].sum(), mask.sum().to(f64)])
+        # a where, not values[mask]: a boolean index reads the mask's count back to the host
+        return torch.stack([torch.where(mask, values, 0.0).sum(), mask.sum().to(f64)])
 
     if token_mean_logit is not None:
         out["logits/chosen"] = token_mean(token_mean_logit, is_chosen)

@@ -474,14 +474,16 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         if fwd.aux_loss is not None:  # MoE: TRL adds coef * aux and logs the raw aux_loss
             loss = loss + self.router_aux_loss_coef * fwd.aux_loss.to(loss.dtype)
             sums["aux_loss"] = torch.stack([fwd.aux_loss.detach().double(), torch.ones((), **f64)])
+
+        def host_pair(a, b) -> torch.Tensor:  # two fills: no host-to-device copy
+            return torch.stack([torch.full((), float(a), **f64), torch.full((), float(b), **f64)])
+
         if batch.capacity:
-            sums["padding_efficiency"] = torch.tensor(
-                [batch.num_real_tokens, batch.capacity], **f64
-            )
+            sums["padding_efficiency"] = host_pair(batch.num_real_tokens, batch.capacity)
         if self.layout == "prefix":
             # a sum over ranks: only rank 0 counts the denominator
             saved, one = batch.num_tokens - batch.num_real_tokens, float(self.dist.is_main)
-            sums["prefix_tokens_saved"] = torch.tensor([saved, one], **f64)
+            sums["prefix_tokens_saved"] = host_pair(saved, one)
         self._metrics.add(mode, self._reduce_metrics(sums, dummy))
         if mode == "train" and not dummy:
             self._metrics.add_tokens(mode, batch.num_tokens)
