@@ -475,15 +475,14 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             loss = loss + self.router_aux_loss_coef * fwd.aux_loss.to(loss.dtype)
             sums["aux_loss"] = torch.stack([fwd.aux_loss.detach().double(), torch.ones((), **f64)])
 
-        def host_pair(a, b) -> torch.Tensor:  # two fills: no host-to-device copy
-            return torch.stack([torch.full((), float(a), **f64), torch.full((), float(b), **f64)])
-
         if batch.capacity:
-            sums["padding_efficiency"] = host_pair(batch.num_real_tokens, batch.capacity)
+            sums["padding_efficiency"] = _sum_count(
+                batch.num_real_tokens, batch.capacity, loss.device
+            )
         if self.layout == "prefix":
             # a sum over ranks: only rank 0 counts the denominator
             saved, one = batch.num_tokens - batch.num_real_tokens, float(self.dist.is_main)
-            sums["prefix_tokens_saved"] = host_pair(saved, one)
+            sums["prefix_tokens_saved"] = _sum_count(saved, one, loss.device)
         self._metrics.add(mode, self._reduce_metrics(sums, dummy))
         if mode == "train" and not dummy:
             self._metrics.add_tokens(mode, batch.num_tokens)
@@ -715,6 +714,12 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
 
     def plot(self) -> Path | None:
         return plot_curves(self.args.output_dir)
+
+
+def _sum_count(total, count, device) -> torch.Tensor:
+    """A [sum, count] metric from host numbers, as two fills: no host-to-device copy."""
+    f64 = dict(dtype=torch.float64, device=device)
+    return torch.stack([torch.full((), float(total), **f64), torch.full((), float(count), **f64)])
 
 
 _SFT_METRICS = ("mean_token_accuracy", "entropy", "logps/chosen")

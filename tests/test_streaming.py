@@ -18,11 +18,6 @@ from trl_helpers import compare_logs, rows, run, step_logs
 pytest.importorskip("trl")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
-
-
 def _stream(data):
     return datasets.IterableDataset.from_generator(lambda: iter(data))
 

@@ -25,11 +25,6 @@ from trl_helpers import base_kwargs, rows, save_tiny
 trl = pytest.importorskip("trl")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
-
-
 class FakeHub:
     """Records create_repo / upload_folder calls and snapshots the folder being uploaded."""
 

@@ -16,16 +16,9 @@ import warnings
 import datasets
 import pytest
 import torch
-from trl_helpers import compare_logs, eval_logs, rows, run, save_tiny, step_logs
+from trl_helpers import WEIGHT_ATOL, compare_logs, eval_logs, rows, run, save_tiny, step_logs
 
 pytest.importorskip("trl")
-
-WEIGHT_ATOL = 2e-5  # as test_trl_parity: well under one Adam step of lr 1e-3
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
 
 
 def _both(models, tmp_path, arch="llama", data=None, **kw):

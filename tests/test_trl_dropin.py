@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from trl_helpers import (
+    WEIGHT_ATOL,
     both_runs,
     compare_logs,
     eval_logs,
@@ -25,13 +26,6 @@ from trl_helpers import (
 )
 
 pytest.importorskip("trl")
-
-WEIGHT_ATOL = 2e-5  # as tests/test_trl_parity.py: well under one Adam step at lr 1e-3
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
 
 
 def test_eval_on_start_matches_trl(models, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from trl_helpers import (
+    WEIGHT_ATOL,
     both_runs,
     compare_logs,
     csd_trainer,
@@ -26,13 +27,6 @@ from trl_helpers import (
 )
 
 pytest.importorskip("trl")
-
-WEIGHT_ATOL = 2e-5  # as tests/test_trl_parity.py: well under one Adam step at lr 1e-3
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
 
 
 def _checkpoint_files(out: Path) -> set[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trl_helpers import compare_logs, rows, run, step_logs
+from trl_helpers import WEIGHT_ATOL, compare_logs, rows, run, step_logs
 
 pytest.importorskip("trl")
 
@@ -23,12 +23,6 @@ LOSS_TYPES = [
 ]  # fmt: skip
 # Adam turns a gradient into ~lr-sized steps whatever its size, so weights are compared with an
 # absolute tolerance well under one step (lr = 1e-3): a real bug moves them by ~1e-3.
-WEIGHT_ATOL = 2e-5
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
 
 
 def _check(models, tmp_path, arch="llama", fmt="standard", n=12, **kw):

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from data_helpers import tiny_tokenizer  # noqa: E402
 
+WEIGHT_ATOL = 2e-5  # final weights vs TRL: well under one Adam step at lr 1e-3
 ARCHS = ("llama", "qwen2", "qwen3_moe", "gpt_oss", "glm4_moe")
 TOPICS = ["sky", "sun", "sea", "capital", "world", "color", "France", "Germany"]
 ANSWERS = ["blue", "green", "in the sky", "in the sea", "Paris", "Berlin", "fine", "red"]
