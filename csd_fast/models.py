@@ -75,7 +75,10 @@ def loads_on_meta(args) -> bool:
     if os.environ.get("CSD_FSDP_META_INIT", "1") == "0":  # every rank reads the weights
         return False
     kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
-    offload = bool((getattr(args, "fsdp_config", None) or {}).get("cpu_offload"))
+    fsdp = getattr(args, "fsdp_config", None) or {}
+    if not fsdp.get("meta_init", True):  # transformers' cpu_ram_efficient_loading=False
+        return False
+    offload = bool(fsdp.get("cpu_offload"))
     return set(kwargs) - {"dtype", "torch_dtype"} <= _META_KWARGS and not offload
 
 

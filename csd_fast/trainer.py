@@ -143,6 +143,9 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
         self.router_aux_loss_coef, self.aux_loss_enabled = model_setup(self, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
+        self._per_rank_batch_size(True)  # split_batches: refuse an uneven split up front
+        if eval_dataset is not None:
+            self._per_rank_batch_size(False)
         self.trainable = select_trainable(self.model, args.trainable_params)
         to_device(self.model, self.device)
         to_device(self.ref_model, self.device)
@@ -165,15 +168,17 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
                 if scorer is None:
                     continue
                 on_meta = any(self.dist.all_gather_objects(is_on_meta(scorer)))
-                source = rank0_source(scorer, self.dist) if on_meta else None
+                # sync_module_states: rank 0's weights everywhere, however each rank built them
+                send = on_meta or opts.sync_module_states
+                source = rank0_source(scorer, self.dist) if send else None
                 shard_model(scorer, self.dist, opts)
-                if on_meta:
+                if send:
                     broadcast_from_rank0(scorer, source, self.dist)
                     del source
             self._sharded = True
         from csd_fast.trl_compat import fp16_scaler
 
-        self.grad_scaler = fp16_scaler(args, self.device, self._sharded)
+        self.grad_scaler = fp16_scaler(args, self.device)
         self.loss_params = args.loss_params()
         self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
@@ -291,7 +296,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         train = mode == "train"
         strategy = getattr(a, "train_sampling_strategy", "random")
         return BatchingOptions(
-            batch_size=a.per_device_train_batch_size if train else a.per_device_eval_batch_size,
+            batch_size=self._per_rank_batch_size(train),
             max_tokens_per_batch=a.max_tokens_per_batch,
             layout=self.layout,
             shuffle=train and strategy != "sequential",
@@ -303,6 +308,22 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             if isinstance(a.pad_to_multiple_of, int)
             else None,
         )
+
+    def _per_rank_batch_size(self, train: bool) -> int:
+        """per_device_*_batch_size, or its share of the ranks with accelerate's split_batches
+        (where it names the global batch)."""
+        a = self.args
+        size = a.per_device_train_batch_size if train else a.per_device_eval_batch_size
+        if not (a.accelerator_config or {}).get("split_batches"):
+            return size
+        world = self.dist.world_size
+        if size % world:
+            kind = "train" if train else "eval"
+            raise ValueError(
+                f"accelerator_config.split_batches: per_device_{kind}_batch_size={size} does "
+                f"not split evenly over {world} ranks"
+            )
+        return size // world
 
     def _plan(self, pairs, mode: str, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of one epoch."""
