@@ -22,6 +22,7 @@ global batch, and writes sharded checkpoints; rank 0 logs and writes files.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from csd_fast.batching import (
     pair_costs,
 )
 from csd_fast.config import DPOConfig
+from csd_fast.data.vision import VisionPairs, is_vision_dataset, text_tokenizer
 from csd_fast.distributed.env import init_distributed
 from csd_fast.forward import (
     PairScorer,
@@ -101,6 +103,11 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
         _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
+        if args.padding_free and is_vision_dataset(train_dataset):  # TRL 1.16 falls back too
+            warnings.warn("the train dataset has images: padding_free is off (the padded "
+                          "layout, as TRL's vision collator)", UserWarning,
+                          stacklevel=2)  # fmt: skip
+            args.padding_free = False
         self.compute_metrics = compute_metrics
         self._in_train = False  # inside train() (evaluations there never cast: *_full_eval)
         if args.tf32 is not None and torch.cuda.is_available():
@@ -129,7 +136,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             print(f"[csd] rank {self.dist.rank}: {model_path} built on the meta device, its "
                   "weights sent by rank 0 once sharded", flush=True)  # fmt: skip
         self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
-        ensure_pad_token(self.processing_class, args)
+        ensure_pad_token(text_tokenizer(self.processing_class), args)
         # a reference given by path is loaded only if a table must be computed (or a live
         # reference is needed): with a complete ref_cache_dir store it never enters memory
         self._ref_model_path = None
@@ -224,11 +231,13 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         a = self.args
         out = Path(a.output_dir)
         rejects = out / f"rejected_rows_{name}.jsonl"
+        if is_vision_dataset(dataset):  # raw rows; each batch goes through the processor
+            return self._vision_set(dataset, name)
         if is_stream(dataset):  # tokenized chunk by chunk as the loop reads it
             return StreamPairs(dataset, self._stream_tokenizer(), name, rejects)
         pairs = tokenize_pairs(
             load_rows(dataset, split="train" if name == "train" else "test"),
-            self.processing_class,
+            text_tokenizer(self.processing_class),
             max_length=a.max_length,
             truncation_mode=a.truncation_mode,
             on_bad_row=a.on_bad_row,
@@ -248,8 +257,6 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             )
         dropped = pairs.skipped.get("prompt_too_long", 0)
         if dropped:
-            import warnings
-
             warnings.warn(
                 f"{name} dataset: dropped {dropped} example(s) whose prompt alone fills "
                 f"max_length={a.max_length} (keep_start truncation leaves no completion token, "
@@ -264,7 +271,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
 
         a = self.args
         return lambda rows: tokenize_pairs(
-            rows, self.processing_class, max_length=a.max_length,
+            rows, text_tokenizer(self.processing_class), max_length=a.max_length,
             truncation_mode=a.truncation_mode, on_bad_row=a.on_bad_row, cache_dir=None,
             drop_fully_truncated=a.on_fully_truncated != "error",
         )  # fmt: skip
@@ -362,7 +369,16 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
 
     @property
     def _pad_id(self) -> int:
-        return self.processing_class.pad_token_id
+        return text_tokenizer(self.processing_class).pad_token_id
+
+    def _vision_set(self, dataset, name: str):
+        """Vision rows (TRL's checks first); they train in the padded layout, as in TRL."""
+        from csd_fast.data.vision import prepare_vision_set
+
+        if is_stream(dataset):
+            raise NotImplementedError(f"{name} dataset: a stream of vision rows (load it "
+                                      "map-style)")  # fmt: skip
+        return prepare_vision_set(dataset, name, self.args, self.processing_class)
 
     def _examples(self, pairs):
         """idx -> the example dicts of a micro-batch, with cached reference values if any."""
@@ -382,6 +398,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
     def _collate_fn(self, pairs, mode: str):
         """The layout's collate; with a reference table, each batch's token counts are checked
         against the table's (on the host, before the device copy: no sync)."""
+        if isinstance(pairs, VisionPairs):
+            return self._vision_collate()
         collate = self._base_collate(mode)
         table = self._table_for(pairs)
         if table is None:
@@ -393,6 +411,15 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             return batch
 
         return checked
+
+    def _vision_collate(self):
+        from csd_fast.data.vision import VisionCollator
+
+        if self.data_collator is not None:  # TRL's vision collator or the user's own
+            from csd_fast.trl_collate import custom_collate
+
+            return custom_collate(self.data_collator, vision=True)
+        return VisionCollator(self.processing_class, self.args.max_length)
 
     def _base_collate(self, mode: str):
         """examples -> PairBatch: the user's data_collator if given, else the layout's own."""

@@ -106,7 +106,9 @@ def model_setup(trainer, args) -> tuple[float, bool]:
     model = trainer.model
     lm = unwrap_causal_lm(model)
     # the model and the tokenizer agree on the pad token from construction on (TRL does this)
-    pad = trainer.processing_class.pad_token_id
+    from csd_fast.data.vision import text_tokenizer
+
+    pad = text_tokenizer(trainer.processing_class).pad_token_id
     lm.config.get_text_config().pad_token_id = pad
     if getattr(lm, "generation_config", None) is not None:
         lm.generation_config.pad_token_id = pad
