@@ -381,16 +381,22 @@ def watch_underflow_overflow(trainer) -> None:
 def batch_size_search(trainer, attempt):
     """`auto_find_batch_size`, as transformers (through accelerate) does it: when a training
     start runs out of memory (accelerate's test of the error), retry from the start with
-    per_device_train_batch_size * 0.9 until one fits; gradient_accumulation_steps is kept."""
+    per_device_train_batch_size * 0.9 until one fits; gradient_accumulation_steps is kept.
+    Under torchrun the retry is a restart of the job (csd_fast/distributed/batch_size.py)."""
     args = trainer.args
     if not args.auto_find_batch_size:
         return attempt()
-    if trainer.dist.distributed:
-        raise NotImplementedError(
-            "auto_find_batch_size under torchrun: an out-of-memory on one rank would leave the "
-            "others waiting in a collective; set per_device_train_batch_size"
-        )
     from accelerate.utils.memory import should_reduce_batch_size
+
+    if trainer.dist.distributed:  # the job restarts with the smaller size (distributed/)
+        from csd_fast.distributed.batch_size import record_smaller_size
+
+        try:
+            return attempt()
+        except Exception as e:
+            if should_reduce_batch_size(e):
+                record_smaller_size(trainer, e)
+            raise
 
     while True:
         try:
