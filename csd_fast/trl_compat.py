@@ -77,13 +77,10 @@ def check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval
                 "would be those of a reference that no longer exists. Unset ref_cache_dir."
             )
     adapter = peft_config or getattr(model, "active_peft_config", None)
-    if getattr(adapter, "is_prompt_learning", False):
-        raise ValueError(
-            f"peft_config is a prompt-learning method ({adapter.peft_type}): its virtual tokens "
-            "are prepended by PeftModel.forward, which csd-fast's forward does not call (it runs "
-            "the decoder and the LM head itself), so they would be silently left out. Use an "
-            "adapter on the weights (LoRA, DoRA, IA3, ...)."
-        )
+    if getattr(adapter, "is_prompt_learning", False):  # virtual tokens: csd_fast/prompt_learning
+        from csd_fast.prompt_learning import check_prompt_learning
+
+        check_prompt_learning(adapter, args)
     packed = args.padding_free or args.prefix_sharing or args.max_tokens_per_batch
     if args.neftune_noise_alpha is not None and packed:
         raise NotImplementedError(
