@@ -254,7 +254,7 @@ def _train(argv: list[str] | None) -> int:
     with claim_output_dir(
         output_dir,
         resume=bool(script["resume"]),
-        overwrite=args.overwrite_output_dir,
+        overwrite=args.overwrite_output_dir or _restarted_smaller(args),
         command="csd train",
     ):
         checkpoint = select_checkpoint(script["resume"], output_dir)
@@ -353,6 +353,18 @@ def _run(DPOTrainer, script: dict, args, checkpoint, output_dir: Path) -> int:
     if png:
         print(f"[csd-train] curves: {png}")
     return 0
+
+
+def _restarted_smaller(args) -> bool:
+    """Whether this torchrun round restarts a run that ran out of memory (auto_find_batch_size):
+    it then replaces the failed attempt's logs, as the trainer does (distributed/batch_size)."""
+    if not args.auto_find_batch_size or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    from csd_fast.distributed.batch_size import fresh_record
+    from csd_fast.distributed.env import init_distributed
+
+    env = init_distributed(use_cpu=args.use_cpu)  # the round every rank agrees on
+    return fresh_record(args.output_dir, env, args.per_device_train_batch_size) is not None
 
 
 def _restarts(argv: list[str]) -> int:

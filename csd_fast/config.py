@@ -48,6 +48,7 @@ REMOVED_FIELDS = (
 _DICT_FIELDS = (
     "model_init_kwargs", "lr_scheduler_kwargs", "gradient_checkpointing_kwargs",
     "activation_checkpointing_kwargs", "fsdp_config", "accelerator_config", "deepspeed",
+    "parallelism_config",
 )  # fmt: skip
 
 
@@ -448,6 +449,8 @@ class DPOConfig:
         mapped.update(from_accelerate)
         # kept as its plain sizes: the config stays JSON-safe (to_dict, the resume record)
         self.parallelism_config = hf_options.parallelism_sizes(self.parallelism_config)
+        if isinstance(self.fsdp_config, str | Path):  # transformers takes a JSON file's path
+            self.fsdp_config = hf_options.read_json_option("fsdp_config", self.fsdp_config)
         given, checkpointing = hf_options.transformers_fsdp_config(
             dict(self.fsdp_config or {}), set(FSDP_CONFIG_KEYS)
         )
@@ -464,6 +467,11 @@ class DPOConfig:
                     "gradient_accumulation_kwargs.num_steps are both set: use one"
                 )
             self.gradient_accumulation_steps = int(steps)
+            # moved, not copied: the config saved and read back (to_yaml / replace) has one
+            ga = dict(self.accelerator_config["gradient_accumulation_kwargs"])
+            del ga["num_steps"]
+            self.accelerator_config = {**self.accelerator_config,
+                                       "gradient_accumulation_kwargs": ga or None}  # fmt: skip
         if mapped or given or self.fsdp_config is not None:
             self.fsdp_config = {**mapped, **given}
 

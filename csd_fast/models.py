@@ -79,9 +79,11 @@ def loads_on_meta(args) -> bool:
         return False
     kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
     fsdp = getattr(args, "fsdp_config", None) or {}
-    if not fsdp.get("meta_init", True):  # transformers' cpu_ram_efficient_loading=False
+    from csd_fast.distributed.hf_options import as_bool
+
+    if not as_bool(fsdp.get("meta_init", True), "meta_init"):  # cpu_ram_efficient_loading
         return False
-    offload = bool(fsdp.get("cpu_offload"))
+    offload = as_bool(fsdp.get("cpu_offload", False), "cpu_offload")
     return set(kwargs) - {"dtype", "torch_dtype"} <= _META_KWARGS and not offload
 
 

@@ -185,7 +185,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             self._sharded = True
         from csd_fast.trl_compat import fp16_scaler
 
-        self.grad_scaler = fp16_scaler(args, self.device)
+        self.grad_scaler = fp16_scaler(args, self.device, self._sharded)
         self.loss_params = args.loss_params()
         self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
@@ -378,7 +378,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         if is_stream(dataset):
             raise NotImplementedError(f"{name} dataset: a stream of vision rows (load it "
                                       "map-style)")  # fmt: skip
-        return prepare_vision_set(dataset, name, self.args, self.processing_class)
+        return prepare_vision_set(dataset, name, self.args, self.processing_class,
+                                  self.dist.world_size)  # fmt: skip
 
     def _examples(self, pairs):
         """idx -> the example dicts of a micro-batch, with cached reference values if any."""
@@ -590,8 +591,6 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
 
             # a torchrun restart after an out-of-memory: the smaller size, from step 0
             self.oom_restart = resume_after_restart(self)
-        if self.oom_restart:
-            resume_from_checkpoint = None
         resumed_batch_size(self, resume_from_checkpoint)  # auto_find_batch_size: the found one
         self._in_train = True
         try:
@@ -600,6 +599,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
                 neftune(self),
                 jit_checkpoint(self),
             ):
+                self.resumed_from = checkpoint  # the checkpoint loaded, if any
                 return batch_size_search(
                     self, lambda: run_training(self.training_job(), checkpoint)
                 )

@@ -8,7 +8,7 @@
     watch_underflow_overflow(trainer)            # debug="underflow_overflow"
     batch_size_search(trainer, attempt)          # auto_find_batch_size: retry smaller on OOM
     with activation_offload(args, training, device): ...   # saved activations kept on the CPU
-    scaler = fp16_scaler(args, device)  # fp16: a GradScaler on GPUs (None on the CPU)
+    scaler = fp16_scaler(args, device, sharded)  # fp16: a GradScaler on GPUs (None on the CPU)
     callback_states(trainer); restore_callback_states(trainer, saved)   # checkpointed callbacks
     eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
 
@@ -255,7 +255,7 @@ def activation_offload(args, training: bool, device):
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
-def fp16_scaler(args, device):
+def fp16_scaler(args, device, sharded: bool = False):
     """fp16 as accelerate does it: fp16 compute plus dynamic loss scaling on an accelerator; on
     the CPU accelerate leaves fp16 off (plain fp32), and so do we. One process: fp16 autocast
     (trainer._autocast). FSDP2: fp16 gathered parameters (FsdpOptions.param_dtype) over fp32
@@ -263,7 +263,14 @@ def fp16_scaler(args, device):
     reduces over the mesh, so every rank skips the same steps (tests/distributed)."""
     if not args.fp16 or device.type == "cpu":
         return None
-    return torch.amp.GradScaler(device.type)
+    if sharded and (args.fsdp_config or {}).get("cpu_offload"):
+        raise NotImplementedError(
+            "fp16 with FSDP2 CPU offload: the offloaded gradients live on the host, where the "
+            "scaler's inf/nan check would need a collective NCCL cannot run; use bf16=True"
+        )
+    from csd_fast.distributed.deepspeed_config import scaler_options
+
+    return torch.amp.GradScaler(device.type, **scaler_options(args))
 
 
 class _JitCheckpointCallback:
@@ -392,7 +399,7 @@ def batch_size_search(trainer, attempt):
             return attempt()
         except Exception as e:
             if should_reduce_batch_size(e):
-                record_smaller_size(trainer, e)
+                record_smaller_size(trainer, e, resumed=trainer.resumed_from is not None)
             raise
 
     while True:

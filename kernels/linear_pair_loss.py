@@ -418,8 +418,12 @@ class LinearPairLossFunction(torch.autograd.Function):
         if dw is not None and acc["dw"] == 0.0:  # no chunk wrote it (no pairs)
             dw.zero_()
         ctx.used = False
-        # handed back in the inputs' dtypes (dW rounded once, as an eager head's would be)
-        ctx.save_for_backward(*(None if t is None else t.to(x.dtype)
+        # handed back in the inputs' dtypes (dW rounded once, as an eager head's would be).
+        # fp16 ones stay fp32 until the backward has applied the loss scale: rounded before
+        # it, the small entries a GradScaler's scale exists to keep would flush to zero
+        ctx.out_dtypes = [None if x is None else x.dtype for x in (hidden, weight, bias)]
+        keep = lambda t, x: t if x.dtype == torch.float16 else t.to(x.dtype)  # noqa: E731
+        ctx.save_for_backward(*(None if t is None else keep(t, x)
                                 for t, x in ((dh, hidden), (dw, weight), (db, bias))))  # fmt: skip
         outs = [loss, chosen, rejected, token_logps] + (stats or [None, None, None])
         ctx.mark_non_differentiable(*[t for t in outs[1:] if t is not None])
@@ -433,28 +437,14 @@ class LinearPairLossFunction(torch.autograd.Function):
                 "computed in the forward and handed over once)"
             )
         ctx.used = True
-        dh, dw, db = ctx.saved_tensors
-        # in place: no second V x H buffer (the tensors were made for this hand-over)
-        scale = lambda t: None if t is None else _scale_in_place(t, grad_loss)
-        return (scale(dh), scale(dw), scale(db), *([None] * 8))
-
-
-_SCALE_ROWS_ELEMENTS = 1 << 22  # fp32 transient of the fp16 rescale: 16 MiB at most
-
-
-def _scale_in_place(t: Tensor, g: Tensor) -> Tensor:
-    """t *= g. An fp16 loss scale (a GradScaler starts at 2**16) does not fit in fp16, so
-    there the product is taken in fp32, a row block at a time, and rounded once, as the eager
-    head's fp32 gradient rounds when it enters the fp16 GEMM; bf16 has fp32's range."""
-    if t.dtype != torch.float16:
-        return t.mul_(g.to(t.dtype))
-    flat = t.view(t.shape[0], -1) if t.dim() else t.view(1)
-    step = max(1, _SCALE_ROWS_ELEMENTS // max(1, flat.shape[1]))
-    g = g.float()
-    for start in range(0, flat.shape[0], step):
-        block = flat[start : start + step]
-        block.copy_(block.float().mul_(g))
-    return t
+        grads = ctx.saved_tensors
+        # in place (no second V x H buffer: the tensors were made for this hand-over); an fp16
+        # input's fp32 gradient is scaled in fp32 (a GradScaler's 2**16 does not fit in fp16)
+        # and rounded once, after the scale, as the eager head's fp32 gradient rounds when it
+        # enters the fp16 GEMM
+        out = [None if t is None else t.mul_(grad_loss.to(t.dtype)).to(dtype)
+               for t, dtype in zip(grads, ctx.out_dtypes, strict=True)]  # fmt: skip
+        return (*out, *([None] * 8))
 
 
 def _logits(h: Tensor, w: Tensor, bias: Tensor | None, buf: Tensor | None = None) -> Tensor:

@@ -241,12 +241,42 @@ def test_transformers_fsdp_config_keys_map_onto_ours():
         DPOConfig(output_dir="x", fsdp_config={"fsdp_version": 1})
 
 
+def test_transformers_spellings_and_defaults_are_read_as_transformers_reads_them(tmp_path):
+    from accelerate import ParallelismConfig
+    from transformers import TrainingArguments
+
+    from csd_fast.distributed.hf_options import mesh_shape
+
+    texts = DPOConfig(output_dir="x", fsdp_config={"fsdp_offload_params": "false",
+                      "reshard_after_forward": "False", "sync_module_states": "true",
+                      "layer_classes": "A,B"})  # fmt: skip
+    want = {"cpu_offload": False, "reshard_after_forward": False, "sync_module_states": True,
+            "layer_classes": ["A", "B"]}  # fmt: skip
+    assert texts.fsdp_config == want
+    hybrid = DPOConfig(output_dir="x", fsdp_config={"reshard_after_forward": "HYBRID_SHARD"})
+    assert mesh_shape(hybrid.fsdp_config, world=8, local_world=4) == (2, 4)
+    assert DPOConfig(output_dir="x", fsdp=True).fsdp_config == {"reshard_after_forward": True}
+    # the fsdp_config transformers itself fills in: its defaults are not requests
+    theirs = TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard").fsdp_config
+    DPOConfig(output_dir="x", fsdp_config=dict(theirs))
+    path = tmp_path / "fsdp.json"
+    path.write_text(json.dumps({"fsdp_offload_params": True}))
+    assert DPOConfig(output_dir="x", fsdp_config=str(path)).fsdp_config == {"cpu_offload": True}
+    assert DPOConfig(output_dir="x", parallelism_config=ParallelismConfig()).fsdp_config is None
+    as_text = DPOConfig(output_dir="x", parallelism_config='{"dp_replicate_size": 2}')
+    assert as_text.fsdp_config == {"dp_replicate_size": 2}
+    with pytest.raises(ValueError, match="not a boolean"):
+        DPOConfig(output_dir="x", fsdp_config={"cpu_offload": "sometimes"})
+
+
 def test_accelerator_config_from_a_file_and_its_accumulation_steps(tmp_path):
     path = tmp_path / "accelerate.json"
     path.write_text(json.dumps({"split_batches": True, "even_batches": False,
                                 "gradient_accumulation_kwargs": {"num_steps": 4}}))  # fmt: skip
     cfg = DPOConfig(output_dir="x", accelerator_config=str(path))
     assert cfg.accelerator_config["split_batches"] and cfg.gradient_accumulation_steps == 4
+    again = DPOConfig(**cfg.to_dict())  # moved into gradient_accumulation_steps: reads back
+    assert again.gradient_accumulation_steps == 4
     with pytest.raises(ValueError, match="both set"):
         DPOConfig(output_dir="x", accelerator_config=str(path), gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match="unknown key"):

@@ -101,6 +101,7 @@ def test_every_image_reaches_the_model_in_both_rows(vlm_root):
     assert per_row.tolist() == [4, 4, 8] * 2
     assert batch.model_kwargs["pixel_values"].shape[0] == 2 * 4  # the 4 images, twice
     assert "position_ids" not in batch.model_kwargs  # the model derives them
+    assert all("images" not in t for t in pairs.texts)  # images are read per batch, not kept
     assert int(batch.seq_offsets[-1]) == batch.token_labels.numel()
 
 
@@ -128,6 +129,17 @@ def test_vision_rows_need_a_processor(vlm_root, tmp_path):
             train_dataset=datasets.Dataset.from_list(vision_rows(2)),
             processing_class=AutoProcessor.from_pretrained(path).tokenizer,
         )  # fmt: skip
+
+
+def test_rows_without_images_are_counted_without_decoding():
+    import datasets
+
+    from csd_fast.data.vision import rows_without_images
+
+    rows = vision_rows(4)
+    rows[1]["images"] = []
+    assert rows_without_images(datasets.Dataset.from_list(rows)) == 1
+    assert rows_without_images(rows) == 1
 
 
 def test_padding_free_falls_back_to_padded_rows_as_trl(vlm_root, tmp_path):

@@ -27,6 +27,7 @@ Tests: tests/test_vision_dpo.py (against TRL's DPOTrainer on tiny LLaVA and Qwen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,9 +71,11 @@ def text_tokenizer(processing_class):
 
 @dataclass
 class VisionPairs:
-    """Raw vision preference rows; pair i is row `rows[i]` of the source."""
+    """Vision preference rows, read lazily: pair i is row `rows[i]` of `dataset`, its images
+    decoded only when a batch needs them (a whole VLM set of decoded images does not fit)."""
 
-    examples: list[dict]  # prompt, chosen, rejected, images (+ tools / chat_template_kwargs)
+    dataset: Any  # a datasets.Dataset or a list of dicts
+    texts: list[dict]  # per pair: prompt, chosen, rejected (+ tools / chat_template_kwargs)
     rows: np.ndarray  # (n,) int64 source row of each pair
     source: str = "<Dataset>"
     format: str = "vision"
@@ -82,10 +85,17 @@ class VisionPairs:
     fingerprint: str = ""
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.texts)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.examples[i], "row": int(self.rows[i])}
+        row = int(self.rows[i])
+        record = self.dataset[row]
+        images = [record["image"]] if "image" in record else record.get("images")
+        if images is None:
+            images = []
+        if not isinstance(images, list | tuple):
+            raise PreferenceDataError(self.source, row, "images", "must be a list of images")
+        return {**self.texts[i], "images": list(images), "row": row}
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -102,30 +112,30 @@ class VisionPairs:
         return 0
 
 
+_TEXT_FIELDS = ("prompt", "chosen", "rejected", "tools", "chat_template_kwargs", "lang")
+
+
 def vision_pairs(dataset, source: str = "<Dataset>") -> VisionPairs:
-    """The rows of a map-style vision dataset, checked: prompt (explicit or implicit), chosen,
-    rejected, and `images` (a list) or `image` (one)."""
-    examples, langs = [], []
-    for i, row in enumerate(dataset):
-        row = dict(row)
-        if "image" in row:
-            row["images"] = [row.pop("image")]
-        images = row.get("images")
-        if images is None:
-            images = row["images"] = []
-        if not isinstance(images, list | tuple):
-            raise PreferenceDataError(source, i, "images", "must be a list of images")
+    """A map-style vision dataset's pairs, its text fields checked (prompt explicit or implicit,
+    chosen, rejected) without decoding a single image."""
+    names = getattr(dataset, "column_names", None)
+    text_rows = dataset
+    if names is not None:  # a datasets.Dataset: read the text columns only
+        text_rows = dataset.select_columns([c for c in names if c in _TEXT_FIELDS])
+    texts, langs = [], []
+    for i, row in enumerate(text_rows):
+        row = {k: v for k, v in dict(row).items() if k in _TEXT_FIELDS}
         missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
         if missing:
             raise PreferenceDataError(source, i, missing[0], "is missing (a vision preference "
                                       "row needs chosen and rejected)")  # fmt: skip
         if "prompt" not in row:
             row.update(extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]}))
-        keep = ("prompt", "chosen", "rejected", "images", "tools", "chat_template_kwargs")
-        examples.append({k: row[k] for k in keep if k in row})
-        langs.append(row.get("lang"))
+        langs.append(row.pop("lang", None))
+        texts.append(row)
     lang = np.array(langs, dtype=object) if any(x is not None for x in langs) else None
-    return VisionPairs(examples, np.arange(len(examples), dtype=np.int64), source, lang=lang)
+    rows = np.arange(len(texts), dtype=np.int64)
+    return VisionPairs(dataset, texts, rows, source, lang=lang)
 
 
 def with_image_placeholders(messages: list[dict], num_images: int) -> list[dict]:
@@ -239,7 +249,23 @@ class VisionCollator:
         return batch_from_collated(examples, out, model_inputs=extra)
 
 
-def prepare_vision_set(dataset, name: str, args, processing_class) -> VisionPairs:
+def rows_without_images(dataset) -> int:
+    """How many rows have no image, read from the arrow table (no image decoded)."""
+    table = getattr(dataset, "data", None)
+    names = getattr(dataset, "column_names", None) or []
+    if table is not None and ("images" in names or "image" in names):
+        import pyarrow.compute as pc
+
+        column = table.column("images" if "images" in names else "image")
+        if "images" in names:
+            lengths = pc.fill_null(pc.list_value_length(column), 0)
+            return int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
+        return int(column.null_count)
+    rows = [dict(r) for r in dataset]
+    return sum(1 for r in rows if not (r.get("images") or r.get("image") is not None))
+
+
+def prepare_vision_set(dataset, name: str, args, processing_class, world_size: int = 1):
     """A trainer's vision set, after TRL's checks (same errors) and csd-fast's own."""
     if not is_processor(processing_class):
         raise ValueError(
@@ -268,5 +294,11 @@ def prepare_vision_set(dataset, name: str, args, processing_class) -> VisionPair
         raise NotImplementedError(
             "Padding to a multiple of a value is not yet implemented for vision-language "
             "modeling and prompt-completion data."
+        )
+    if world_size > 1 and rows_without_images(dataset):
+        raise NotImplementedError(
+            f"{name} dataset: rows without images under torchrun: a batch with no image skips "
+            "the vision tower on its rank while other ranks run it, so FSDP's collectives "
+            "would not match; give every row an image, or train on one process"
         )
     return vision_pairs(dataset, source=f"<{name} dataset>")

@@ -21,9 +21,8 @@ partitioning) raises NotImplementedError naming the key.
 
 from __future__ import annotations
 
-import json
+import os
 import warnings
-from pathlib import Path
 
 # ZeRO stage -> csd-fast fsdp_config keys
 STAGES = {
@@ -45,7 +44,7 @@ ZERO_TUNING = {
     "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
     "stage3_max_live_parameters", "stage3_max_reuse_distance", "load_from_fp32_weights",
     "stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save",
-    "elastic_checkpoint", "ignore_unused_parameters", "legacy_stage1", "cpu_offload",
+    "elastic_checkpoint", "ignore_unused_parameters", "legacy_stage1",
     "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients",
     "mics_shard_size", "memory_efficient_linear",
 }  # fmt: skip
@@ -55,15 +54,11 @@ _SCHEDULES = {"WarmupDecayLR": "linear", "WarmupLR": "constant_with_warmup",
 
 def read_deepspeed(value) -> dict | None:
     """The config as a dict: a dict, a JSON string, or a JSON file's path (transformers' forms)."""
+    from csd_fast.distributed.hf_options import read_json_option
+
     if value is None or value == "" or isinstance(value, dict):
         return value or None
-    path = Path(str(value))
-    if not path.is_file():
-        raise ValueError(f"deepspeed: {value!r} is neither a dict nor a JSON file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"deepspeed: {path} is not valid JSON: {e}") from e
+    return read_json_option("deepspeed", value)
 
 
 def deepspeed_fsdp_config(args) -> dict:
@@ -83,11 +78,15 @@ def deepspeed_fsdp_config(args) -> dict:
             expect(key, value, args.gradient_accumulation_steps)
         elif key == "gradient_clipping":
             expect(key, value, args.max_grad_norm)
-        elif key == "train_batch_size":
-            pass  # per device x accumulation x world: checked by DeepSpeed at launch; the two above
+        elif key == "train_batch_size":  # per device x accumulation x ranks, as DeepSpeed checks
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            want = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+            expect(key, value, want)
         elif key in ("bf16", "fp16"):
-            enabled = (value or {}).get("enabled", "auto")
-            expect(f"{key}.enabled", enabled, bool(getattr(args, key)))
+            block = value or {}
+            expect(f"{key}.enabled", block.get("enabled", False), bool(getattr(args, key)))
+            if key == "fp16" and block.get("enabled") in (True, "auto") and args.fp16:
+                _fp16_scaler_keys(block)
         elif key == "optimizer":
             _optimizer(value or {}, args, expect)
         elif key == "scheduler":
@@ -123,7 +122,10 @@ def _zero(zero: dict) -> dict:
     for key, value in zero.items():
         if key == "stage" or key in ZERO_TUNING:
             continue
-        if key in ("offload_optimizer", "offload_param"):
+        if key == "cpu_offload":  # the old spelling of offload_optimizer {"device": "cpu"}
+            if value:
+                out["cpu_offload"] = True
+        elif key in ("offload_optimizer", "offload_param"):
             device = (value or {}).get("device", "none")
             if device == "cpu":
                 out["cpu_offload"] = True  # FSDP2 offloads parameters, grads and the AdamW step
@@ -174,6 +176,53 @@ def _optimizer(opt: dict, args, expect: _Expect) -> None:
             expect(f"optimizer.params.{key}", value, checks[key])
 
 
+# DeepSpeed's dynamic loss scaler, and what torch's GradScaler (which fp16 uses) can match
+_FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                  "hysteresis": 2, "min_loss_scale": 1}  # fmt: skip
+
+
+def _fp16_scaler_keys(block: dict) -> None:
+    if block.get("loss_scale", 0) not in (0, "auto"):
+        raise NotImplementedError(
+            f"deepspeed.fp16.loss_scale={block['loss_scale']}: a static loss scale is not "
+            "supported (0, dynamic scaling, is)"
+        )
+    unknown = set(block) - {"enabled", "auto_cast", *_FP16_DEFAULTS}
+    if unknown:
+        raise ValueError(f"deepspeed.fp16: unknown key(s) {sorted(unknown)}")
+
+
+def scaler_options(args) -> dict:
+    """GradScaler arguments from a DeepSpeed fp16 block: its initial scale and growth window
+    (DeepSpeed's defaults where the file is silent). Its hysteresis (how many overflows before
+    the scale drops) and minimum scale have no GradScaler counterpart: a warning says so."""
+    ds = read_deepspeed(getattr(args, "deepspeed", None)) or {}
+    block = ds.get("fp16") or {}
+    if not block:
+        return {}
+
+    def value(key):  # the file's value, or DeepSpeed's default where it is left out or "auto"
+        given = block.get(key, "auto")
+        return _FP16_DEFAULTS[key] if given == "auto" else given
+
+    if (value("hysteresis"), value("min_loss_scale")) != (1, 1):
+        warnings.warn(
+            f"deepspeed.fp16 hysteresis={value('hysteresis')}, min_loss_scale="
+            f"{value('min_loss_scale')}: torch's GradScaler halves the scale at every overflow "
+            "and has no floor (hysteresis 1, no minimum)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {"init_scale": 2.0 ** value("initial_scale_power"),
+            "growth_interval": int(value("loss_scale_window"))}  # fmt: skip
+
+
+# DeepSpeed's defaults for the schedule keys a file leaves out (deepspeed/runtime/lr_schedules)
+_SCHEDULE_DEFAULTS = {"warmup_min_lr": 0.0, "warmup_max_lr": 0.001, "warmup_num_steps": 1000,
+                      "warmup_type": "log", "warmup_min_ratio": 0.0,
+                      "cos_min_ratio": 0.0001}  # fmt: skip
+
+
 def _scheduler(sched: dict, args, expect: _Expect) -> None:
     kind = str(sched.get("type", ""))
     if kind not in _SCHEDULES:
@@ -183,12 +232,25 @@ def _scheduler(sched: dict, args, expect: _Expect) -> None:
         )
     expect("scheduler.type", _SCHEDULES[kind], args.lr_scheduler_type)
     params = dict(sched.get("params") or {})
+    # csd-fast's schedules: linear warmup from 0 to learning_rate, then flat / linear / cosine
+    # to 0; what DeepSpeed would do with a key the file leaves out is its default
     checks = {"warmup_max_lr": args.learning_rate, "warmup_min_lr": 0,
               "warmup_num_steps": args.warmup_steps,
               "total_num_steps": args.max_steps if args.max_steps > 0 else "auto",
-              "warmup_type": "linear"}  # fmt: skip
-    for key, value in params.items():
-        if key not in checks:
-            raise ValueError(f"deepspeed.scheduler.params: unknown key {key!r}")
+              "warmup_type": "linear", "warmup_min_ratio": 0, "cos_min_ratio": 0}  # fmt: skip
+    unknown = set(params) - set(checks)
+    if unknown:
+        raise ValueError(f"deepspeed.scheduler.params: unknown key(s) {sorted(unknown)}")
+    used = {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type"}
+    if kind == "WarmupDecayLR":
+        used.add("total_num_steps")
+    if kind == "WarmupCosineLR":
+        used = {"warmup_min_ratio", "warmup_num_steps", "warmup_type", "cos_min_ratio",
+                "total_num_steps"}  # fmt: skip
+    steps = params.get("warmup_num_steps", _SCHEDULE_DEFAULTS["warmup_num_steps"])
+    if (args.warmup_steps if steps == "auto" else steps) == 0:
+        used.discard("warmup_type")  # no warmup: its shape does not matter
+    for key in sorted(used):
+        value = params.get(key, _SCHEDULE_DEFAULTS.get(key, "auto"))
         if checks[key] != "auto":
             expect(f"scheduler.params.{key}", value, checks[key])

@@ -30,6 +30,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    round: int = 0  # torchrun restarts so far, as every rank counts them (see _join_round)
 
     @property
     def distributed(self) -> bool:
@@ -92,20 +93,30 @@ def init_distributed(use_cpu: bool = False) -> DistEnv:
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    global _ROUND
     if not dist.is_initialized():
         kwargs = {"device_id": device} if accel else {}
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if restart:
-            # torchrun's agent keeps its store across restarts: a restarted worker could read
-            # the previous round's peer addresses (gloo then connects to a dead rank), so each
-            # round gets keys of its own
-            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=_timeout()))
-            kwargs.update(store=dist.PrefixStore(f"csd_restart_{restart}", store), rank=rank,
-                          world_size=world)  # fmt: skip
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=_timeout()))
+        _ROUND = _join_round(store, world)
+        kwargs.update(store=dist.PrefixStore(f"csd_round_{_ROUND}", store), rank=rank,
+                      world_size=world)  # fmt: skip
         dist.init_process_group(backend=backend, timeout=_timeout(), **kwargs)
     if dist.get_world_size() != world:
         raise RuntimeError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()}")
-    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, backend=backend)
+    return DistEnv(rank, world, local, device, backend, _ROUND)
+
+
+_ROUND = 0
+
+
+def _join_round(store, world: int) -> int:
+    """Which start of the job this is (0, then one more per torchrun restart), the same on
+    every rank. torchrun's agent keeps its store across restarts, so without keys of its own a
+    restarted worker could read the dead round's peer addresses (gloo then connects to a dead
+    rank); and TORCHELASTIC_RESTART_COUNT cannot tell the round: an agent whose own workers
+    did not fail restarts them with its count unchanged. Every rank of a round adds one to a
+    counter in that store; rounds never overlap (torchrun stops them all first)."""
+    return (int(store.add("csd_fast/rank_arrivals", 1)) - 1) // world
 
 
 def current_env() -> DistEnv:
@@ -116,7 +127,7 @@ def current_env() -> DistEnv:
     device = torch.device("cpu")
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
-    return DistEnv(rank, world, local, device, dist.get_backend())
+    return DistEnv(rank, world, local, device, dist.get_backend(), _ROUND)
 
 
 def shutdown() -> None:

@@ -50,7 +50,7 @@ class FsdpOptions:
     def from_args(cls, args, env: DistEnv) -> FsdpOptions:
         import os
 
-        from csd_fast.distributed.hf_options import mesh_shape
+        from csd_fast.distributed.hf_options import as_bool, mesh_shape
 
         cfg = dict(getattr(args, "fsdp_config", None) or {})
         unknown = sorted(set(cfg) - set(FSDP_CONFIG_KEYS))
@@ -65,14 +65,17 @@ class FsdpOptions:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         replicas, _ = mesh_shape(cfg, env.world_size, local_world)
         classes = cfg.get("layer_classes")
+        if isinstance(classes, str):
+            classes = [c.strip() for c in classes.split(",") if c.strip()]
+        flag = lambda key, default: as_bool(cfg.get(key, default), key)  # noqa: E731
         return cls(
             param_dtype=_dtype(cfg.get("param_dtype"), default_param),
             reduce_dtype=_dtype(cfg.get("reduce_dtype"), torch.float32),
-            cpu_offload=bool(cfg.get("cpu_offload", False)),
-            reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
+            cpu_offload=flag("cpu_offload", False),
+            reshard_after_forward=flag("reshard_after_forward", True),
             replicas=replicas,
             layer_classes=tuple(classes) if classes else None,
-            sync_module_states=bool(cfg.get("sync_module_states", False)),
+            sync_module_states=flag("sync_module_states", False),
         )
 
 
@@ -180,7 +183,9 @@ def broadcast_from_rank0(scorer: nn.Module, source: dict | None, env: DistEnv) -
                 f"{first[0]}, rank {rank} {first[1]}); set CSD_FSDP_META_INIT=0 to load the "
                 "weights on every rank instead"
             )
-    if not env.is_main:
+    if not env.is_main and any(t.is_meta for _, t in _tensors(scorer)):
+        # storage for the meta-built shards; a model that has its own (sync_module_states, or
+        # one on the host for CPU offload) keeps it and is overwritten in place
         scorer.to_empty(device=env.device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     keys = list(scorer.state_dict())

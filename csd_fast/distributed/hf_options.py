@@ -59,9 +59,37 @@ _REFUSED = {
 }
 
 
+BOOL_KEYS = ("cpu_offload", "reshard_after_forward", "meta_init", "sync_module_states",
+             "async_checkpoint")  # fmt: skip
+# FSDP1's sharding strategies, as transformers and accelerate spell them, given where FSDP2 has
+# reshard_after_forward: what each means for csd-fast's mesh and resharding
+_STRATEGIES = {
+    "FULL_SHARD": {"reshard_after_forward": True},
+    "SHARD_GRAD_OP": {"reshard_after_forward": False},
+    "HYBRID_SHARD": {"reshard_after_forward": True, "dp_replicate_size": "node"},
+    "_HYBRID_SHARD_ZERO2": {"reshard_after_forward": False, "dp_replicate_size": "node"},
+    "HYBRID_SHARD_ZERO2": {"reshard_after_forward": False, "dp_replicate_size": "node"},
+    "NO_SHARD": {"dp_replicate_size": "all"},
+}
+
+
+def as_bool(value, key: str) -> bool:
+    """A config boolean, also as text ("false", "0", "no"...), as transformers' str_to_bool."""
+    if isinstance(value, bool | int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "on", "t"):
+        return True
+    if text in ("0", "false", "no", "n", "off", "f", "none", ""):
+        return False
+    raise ValueError(f"fsdp_config.{key}={value!r} is not a boolean")
+
+
 def fsdp_words_config(fsdp) -> dict:
     """transformers' `fsdp` words ("full_shard auto_wrap offload", or a list of them, or
-    FSDPOption members) as csd-fast fsdp_config keys."""
+    FSDPOption members; `True` is full_shard, as transformers 5 reads it) as csd-fast keys."""
+    if fsdp is True:
+        fsdp = "full_shard"
     words = fsdp.split() if isinstance(fsdp, str) else list(fsdp or [])
     words = [str(getattr(w, "value", w)) for w in words]
     unknown = [w for w in words if w not in FSDP_WORDS]
@@ -87,10 +115,17 @@ def transformers_fsdp_config(cfg: dict, known: set[str]) -> tuple[dict, bool]:
     checkpointing = False
     for key, value in cfg.items():
         name = key if key in known else key.removeprefix("fsdp_")
-        if name in known:
+        if name == "reshard_after_forward" and str(value).upper() in _STRATEGIES:
+            out.update(_STRATEGIES[str(value).upper()])  # an FSDP1 sharding strategy's name
+        elif name in BOOL_KEYS:
+            out[name] = as_bool(value, key)
+        elif name == "layer_classes":
+            out[name] = _layer_list(value)
+        elif name in known:
             out[name] = value
         elif name in _RENAMED:
-            out[_RENAMED[name]] = _layer_list(value) if name.endswith("to_wrap") else value
+            ours = _RENAMED[name]
+            out[ours] = _layer_list(value) if ours == "layer_classes" else as_bool(value, key)
         elif name in ("version", "fsdp_version"):
             if int(value) not in (1, 2):
                 raise ValueError(f"fsdp_config.{key}={value!r}: FSDP versions are 1 and 2")
@@ -98,7 +133,7 @@ def transformers_fsdp_config(cfg: dict, known: set[str]) -> tuple[dict, bool]:
                 warnings.warn("fsdp_config.version=1: csd-fast shards with FSDP2 (fully_shard); "
                               "the training is the same", UserWarning, stacklevel=4)  # fmt: skip
         elif name == "activation_checkpointing":
-            checkpointing = bool(value)
+            checkpointing = as_bool(value, key)
         elif name == "auto_wrap_policy":
             if str(value).upper() not in ("TRANSFORMER_BASED_WRAP", "NONE"):
                 raise NotImplementedError(
@@ -110,12 +145,12 @@ def transformers_fsdp_config(cfg: dict, known: set[str]) -> tuple[dict, bool]:
                 raise ValueError(f"fsdp_config.{key}={value!r}: unknown state dict type")
             # checkpoints are always DCP-sharded (resumable at any world size) and save_model
             # always writes one full HF model: what either type gives a user, with no choice
-        elif name == "sync_module_states":
-            out["sync_module_states"] = bool(value)
         elif name in FSDP1_ONLY:
             pass  # see FSDP1_ONLY: the same training whatever the value
-        elif name in _REFUSED:
-            raise NotImplementedError(f"fsdp_config.{key}: {_REFUSED[name]} is not supported")
+        elif name in _REFUSED or name == "xla_fsdp_v2":
+            if value not in (None, False, 0, {}, "", "false", "False"):  # transformers' defaults
+                why = _REFUSED.get(name, "XLA / TPU FSDP")
+                raise NotImplementedError(f"fsdp_config.{key}={value!r}: {why} is not supported")
         else:
             raise ValueError(
                 f"fsdp_config: unknown key {key!r}; csd-fast's keys: {', '.join(sorted(known))}"
@@ -125,7 +160,8 @@ def transformers_fsdp_config(cfg: dict, known: set[str]) -> tuple[dict, bool]:
 
 
 _TRANSFORMERS_KEYS = {*_RENAMED, *FSDP1_ONLY, "version", "activation_checkpointing",
-                      "auto_wrap_policy", "state_dict_type", "sync_module_states"}  # fmt: skip
+                      "auto_wrap_policy", "state_dict_type", "sync_module_states", *_REFUSED,
+                      "xla_fsdp_v2"}  # fmt: skip
 
 
 def _layer_list(value) -> list[str]:
@@ -140,6 +176,10 @@ def parallelism_config(pc) -> dict:
     if pc is None:
         return {}
     fields = pc if isinstance(pc, dict) else vars(pc)
+    if all((fields.get(n) or 1) == 1 for n in ("dp_replicate_size", "dp_shard_size")):
+        fields = {
+            k: v for k, v in fields.items() if k not in ("dp_replicate_size", "dp_shard_size")
+        }
     for name in ("tp_size", "cp_size", "sp_size"):
         if (fields.get(name) or 1) > 1:
             raise NotImplementedError(
@@ -202,23 +242,30 @@ ACCELERATOR_KEYS = {
 _GA_KEYS = {"num_steps", "adjust_scheduler", "sync_with_dataloader", "sync_each_batch"}
 
 
+def read_json_option(name: str, value) -> dict:
+    """A dict option given as a JSON file's path (transformers' form), read and checked."""
+    import json
+    from pathlib import Path
+
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{name}: {path} is not a JSON file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: {path} is not valid JSON: {e}") from e
+
+
 def accelerator_options(value) -> dict:
     """accelerator_config (a dict, accelerate's AcceleratorConfig, or a JSON file's path, as
     transformers takes it) as a plain dict of its set fields, checked."""
     import dataclasses
-    import json
     from pathlib import Path
 
     if value is None:
         return {}
     if isinstance(value, str | Path):
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"accelerator_config: {path} is not a JSON file")
-        try:
-            value = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"accelerator_config: {path} is not valid JSON: {e}") from e
+        value = read_json_option("accelerator_config", value)
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
     unknown = sorted(set(value) - set(ACCELERATOR_KEYS))

@@ -93,10 +93,47 @@ def test_bad_files_and_keys_name_the_problem(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="ds.json is not valid JSON"):
         DPOConfig(output_dir="x", deepspeed=str(bad))
-    with pytest.raises(ValueError, match="neither a dict nor a JSON file"):
+    with pytest.raises(ValueError, match="is not a JSON file"):
         DPOConfig(output_dir="x", deepspeed=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="unknown key 'zero_optimisation'"):
         DPOConfig(output_dir="x", deepspeed={"zero_optimisation": {"stage": 3}})
     with pytest.raises(ValueError, match="choose one"):
         DPOConfig(output_dir="x", deepspeed={"zero_optimization": {"stage": 3}},
                   fsdp="full_shard")  # fmt: skip
+
+
+def test_deepspeeds_own_defaults_and_the_batch_it_checks(monkeypatch):
+    """Where the file is silent DeepSpeed uses its defaults: a 1000-step logarithmic warmup
+    is not DPOConfig's schedule; train_batch_size is checked against the ranks."""
+    sched = {"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}
+    with pytest.raises(ValueError, match="warmup_num_steps=1000"):
+        DPOConfig(output_dir="x", deepspeed=sched)
+    linear = {"type": "WarmupLR", "params": {"warmup_num_steps": 10, "warmup_type": "linear",
+                                              "warmup_max_lr": "auto"}}  # fmt: skip
+    with pytest.warns(UserWarning):
+        DPOConfig(output_dir="x", warmup_steps=10, lr_scheduler_type="constant_with_warmup",
+                  deepspeed={**sched, "scheduler": linear})  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    batch = {"zero_optimization": {"stage": 3}, "train_batch_size": 16}
+    with pytest.warns(UserWarning):
+        DPOConfig(output_dir="x", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                  deepspeed=batch)  # fmt: skip
+    with pytest.raises(ValueError, match="train_batch_size=16"):
+        DPOConfig(output_dir="x", per_device_train_batch_size=2, deepspeed=batch)
+    legacy = {"zero_optimization": {"stage": 2, "cpu_offload": True}}
+    with pytest.warns(UserWarning):
+        assert DPOConfig(output_dir="x", deepspeed=legacy).fsdp_config["cpu_offload"] is True
+    with pytest.raises(NotImplementedError, match="static loss scale"):
+        DPOConfig(output_dir="x", fp16=True, deepspeed={"fp16": {"enabled": True,
+                                                                 "loss_scale": 128}})  # fmt: skip
+
+
+def test_fp16_block_sets_the_gradient_scaler(monkeypatch):
+    from csd_fast.distributed.deepspeed_config import scaler_options
+
+    ds = {"fp16": {"enabled": "auto", "initial_scale_power": 12, "loss_scale_window": 500,
+                   "hysteresis": 1, "min_loss_scale": 1}}  # fmt: skip
+    args = DPOConfig(output_dir="x", fp16=True, deepspeed=ds)
+    assert scaler_options(args) == {"init_scale": 2.0**12, "growth_interval": 500}
+    with pytest.warns(UserWarning, match="hysteresis=2"):  # DeepSpeed's default
+        scaler_options(DPOConfig(output_dir="x", fp16=True, deepspeed={"fp16": {"enabled": True}}))

@@ -276,3 +276,31 @@ def test_policy_equal_to_reference_scores_bit_equal_logps():
     with torch.no_grad():
         ref = fused_linear_logprob(case["hidden"], case["weight"], case["labels"], impl="chunked")
     assert torch.equal(out.token_logps, ref)
+
+
+def test_fp16_small_gradients_survive_the_loss_scale():
+    """A GradScaler multiplies the loss so that small fp16 gradients do not flush to zero: the
+    fused head must keep as many of them as the eager fp16 head under the same scale (its
+    gradients are rounded to fp16 only after the scale is applied)."""
+    scale = 2.0**16
+    case = make(48, 32, 3000, torch.float16, seed=6)
+    loss_kw = {"loss_type": ("sigmoid",), "beta": 0.1}
+    _, want_g, _ = reference(case, loss_kw, {})
+    leaves = [case[k].detach().clone().requires_grad_() for k in ("hidden", "weight")]
+    eager = fused_linear_logprob(leaves[0], leaves[1], case["labels"], impl="eager")
+    bounds = case["offsets"].tolist()
+    sums = torch.stack([eager[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    lengths = case["offsets"].diff()
+    P = case["ref_c"].numel()
+    pl = PairLogps(sums[:P], sums[P:], case["ref_c"], case["ref_r"], lengths[:P], lengths[P:])
+    base_g = torch.autograd.grad(1.7 * scale * preference_loss(LossParams(**loss_kw), pl), leaves)
+    out = fused_linear_pair_loss(
+        case["hidden"], case["weight"], case["labels"], case["offsets"], case["ref_c"],
+        case["ref_r"], impl="torch", loss_type="sigmoid", beta=0.1,
+    )  # fmt: skip
+    got_g = torch.autograd.grad(1.7 * scale * out.loss, [case["hidden"], case["weight"]])
+    for name, g, b, t in zip(("dh", "dw"), got_g, base_g, want_g, strict=True):
+        assert torch.isfinite(g).all(), name
+        live = t != 0
+        lost, eager_lost = ((g == 0) & live).sum().item(), ((b == 0) & live).sum().item()
+        assert lost <= eager_lost, (name, lost, eager_lost)
