@@ -393,7 +393,10 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
     config = AutoConfig.from_pretrained(
         script["model_name_or_path"], trust_remote_code=args.trust_remote_code
     )
-    tokens = args.max_tokens_per_batch or 2 * args.per_device_train_batch_size * (
+    pairs = args.per_device_train_batch_size
+    if (args.accelerator_config or {}).get("split_batches"):  # the global batch, split
+        pairs = max(1, pairs // world_size)
+    tokens = args.max_tokens_per_batch or 2 * pairs * (
         args.max_length or config.max_position_embeddings
     )
     offload = bool((args.fsdp_config or {}).get("cpu_offload"))
