@@ -215,6 +215,16 @@ def _checked_config(script: dict, kwargs: dict):
     except (ValueError, TypeError) as e:
         raise UserError(f"invalid option: {e}") from None
     check_training_args(args, has_train=True, has_eval=has_eval)
+    if isinstance(args.model_init_kwargs, dict) and args.model_init_kwargs.get(
+        "quantization_config"
+    ):
+        raise ConfigError(
+            "model_init_kwargs",
+            "quantization_config (QLoRA) trains through a LoRA adapter, and csd train has no "
+            "adapter options: use the Python API (DPOTrainer(..., quantization_config=..., "
+            "peft_config=LoraConfig(...))) or TRL's dpo script with csd_fast's DPOTrainer / "
+            "DPOConfig (--load_in_4bit --use_peft)",
+        )
     if script["resume"] and args.overwrite_output_dir:
         raise UserError("--resume and --overwrite_output_dir contradict each other: pick one")
     return args

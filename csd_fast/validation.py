@@ -125,10 +125,17 @@ def coerce_fields(cls, data: dict, *, source: str | None = None) -> dict:
 
 @functools.cache
 def _upstream_str_fields() -> frozenset[str]:
-    """TrainingArguments fields whose declared type admits a string (`str | bool`, ...)."""
+    """TrainingArguments fields whose declared type admits a string (`str | bool`, ...).
+
+    Read from the class annotations, not `dataclasses.fields(...).type`: HF's argument parser
+    rewrites those in place (`str | bool` becomes `bool` once a TrlParser has parsed TRL's own
+    DPOConfig in this process)."""
     from transformers import TrainingArguments
 
-    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if "str" in str(f.type))
+    annotations = {}
+    for cls in reversed(TrainingArguments.__mro__):
+        annotations.update(getattr(cls, "__annotations__", {}))
+    return frozenset(name for name, tp in annotations.items() if "str" in str(tp))
 
 
 def _check_types(args) -> None:
