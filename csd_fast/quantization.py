@@ -24,6 +24,7 @@ process. Tests: tests/test_qlora.py, tests/test_qlora_trl.py.
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from torch import nn
@@ -124,6 +125,21 @@ def check_quantized_policy(model: nn.Module, peft_config) -> None:
             "lm_head.weight as a full-precision matrix. Leave it unquantized: omit "
             "`llm_int8_skip_modules` (bitsandbytes then skips the output head) or list "
             '"lm_head" in it.'
+        )
+
+
+def check_trainable_patterns(model: nn.Module, patterns: list[str] | None) -> None:
+    """`trainable_params` may not name quantized weights: they have no gradient to train on."""
+    if not patterns or not is_quantized(model):
+        return
+    compiled = [re.compile(p) for p in patterns]
+    hits = [n for n, p in model.named_parameters()
+            if _is_quantized_tensor(p) and any(c.search(n) for c in compiled)]  # fmt: skip
+    if hits:
+        raise ValueError(
+            f"trainable_params {patterns} match {len(hits)} quantized weight(s) (e.g. {hits[0]}): "
+            "4-bit / 8-bit weights cannot be trained; match the adapter's parameters instead "
+            "(e.g. r'lora_')"
         )
 
 

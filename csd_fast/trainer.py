@@ -94,6 +94,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         self.data_collator = data_collator  # TRL-format output (csd_fast.trl_collate)
         from csd_fast.quantization import (
             check_single_process,
+            check_trainable_patterns,
             quantized_init_kwargs,
             requested_config,
         )
@@ -149,6 +150,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
         self.router_aux_loss_coef, self.aux_loss_enabled = model_setup(self, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
+        check_trainable_patterns(self.model, args.trainable_params)  # no 4-bit weight trains
         self.trainable = select_trainable(self.model, args.trainable_params)
         to_device(self.model, self.device)
         to_device(self.ref_model, self.device)

@@ -280,3 +280,11 @@ def test_a_pretrained_adapter_over_a_4bit_base_is_its_own_reference_at_step_0(mo
     first, second = step_logs(t.state.log_history)
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
     assert second["rewards/margins"] != 0.0  # the adapter trained away from its copy
+
+
+def test_trainable_params_naming_quantized_weights_is_refused(models, tmp_path):
+    with pytest.raises(ValueError, match=r"match 4 quantized weight\(s\).*cannot be trained"):
+        trainer(models, tmp_path, trainable_params=[r"\.self_attn\.(q|k)_proj"])
+    # the adapter's own parameters are fine: only they train
+    t = trainer(models, tmp_path / "ok", trainable_params=[r"lora_A"])
+    assert t.trainable and all("lora_A" in n for n in t.trainable)

@@ -46,7 +46,7 @@ def lora_config():
     return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
 
-def qlora_run(impl, models, out, quant="nf4", *, as_init_kwargs=False, **kw):
+def qlora_run(impl, models, out, quant="nf4", *, as_init_kwargs=False, eval_rows=0, **kw):
     """Train `impl` ('trl' or 'csd') on the 4-bit/8-bit tiny Llama with LoRA, the model given by
     path; `as_init_kwargs`: the config as a plain dict in model_init_kwargs (what a YAML recipe
     or `--model_init_kwargs` JSON holds) instead of the trainer argument."""
@@ -62,6 +62,7 @@ def qlora_run(impl, models, out, quant="nf4", *, as_init_kwargs=False, **kw):
     trainer = mod.DPOTrainer(
         model=path, args=mod.DPOConfig(**base_kwargs(out, **kw)),
         train_dataset=datasets.Dataset.from_list(rows("standard", 8)),
+        eval_dataset=datasets.Dataset.from_list(rows("standard", eval_rows)) if eval_rows else None,
         processing_class=AutoTokenizer.from_pretrained(path), peft_config=lora_config(), **extra,
     )  # fmt: skip
     trainer.train()
@@ -79,10 +80,14 @@ def assert_parity(ours, ref, **compare):
     assert max(v.abs().max().item() for k, v in ref_adapter.items() if "lora_B" in k) > 0
 
 
-@pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_qlora_matches_trl(models, tmp_path, quant):
-    ref = qlora_run("trl", models, tmp_path / "trl", quant)
-    ours = qlora_run("csd", models, tmp_path / "csd", quant)
+@pytest.mark.parametrize(
+    "quant, options",
+    [("nf4", {}), ("int8", {}), ("nf4", {"gradient_checkpointing": True})],
+    ids=["nf4", "int8", "nf4-gradient-checkpointing"],
+)
+def test_qlora_matches_trl(models, tmp_path, quant, options):
+    ref = qlora_run("trl", models, tmp_path / "trl", quant, **options)
+    ours = qlora_run("csd", models, tmp_path / "csd", quant, **options)
     import bitsandbytes as bnb
 
     layer = ours[0].model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
@@ -101,6 +106,23 @@ def test_qlora_packed_fused_from_init_kwargs_matches_trl_padded(models, tmp_path
         "csd", models, tmp_path / "csd", as_init_kwargs=True, padding_free=True, fused=True
     )
     assert_parity(ours, ref)
+
+
+def test_evaluation_between_steps_leaves_qlora_training_as_trl_trains(models, tmp_path):
+    """An evaluate() after every step (eval mode, no grad) must not change the training that
+    follows: the step logs and adapter equal TRL's run without evaluations. (TRL's own run with
+    them would not: bitsandbytes' CPU eval-mode repacking leaves it without gradients, see
+    the test below.) The step-0 evaluation scores the policy against itself: rewards 0."""
+    ref = qlora_run("trl", models, tmp_path / "trl")
+    ours = qlora_run(
+        "csd", models, tmp_path / "csd", eval_rows=4, eval_strategy="steps", eval_steps=1,
+        eval_on_start=True,
+    )  # fmt: skip
+    evals = [h for h in ours[1] if "eval_loss" in h]
+    assert len(evals) == 4 and evals[0]["eval_rewards/margins"] == 0.0
+    assert evals[-1]["eval_rewards/margins"] != 0.0
+    assert compare_logs(step_logs(ours[1]), step_logs(ref[1])) == []
+    assert max_weight_diff(ours[2], ref[2]) <= WEIGHT_ATOL
 
 
 def test_qlora_precomputed_reference_matches_trl(models, tmp_path):
