@@ -288,3 +288,18 @@ def test_trainable_params_naming_quantized_weights_is_refused(models, tmp_path):
     # the adapter's own parameters are fine: only they train
     t = trainer(models, tmp_path / "ok", trainable_params=[r"lora_A"])
     assert t.trainable and all("lora_A" in n for n in t.trainable)
+
+
+def test_resuming_over_another_quantization_is_refused(models, tmp_path):
+    """The checkpoint records its base's quantization: the adapter resumed over FP4 (or over the
+    full-precision base) would train another model, so resume names the change and refuses."""
+    from csd_fast.resume import ResumeMismatch
+
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    trainer(models, tmp_path, callbacks=[StopAt(1)], **kw).train()
+    for quant in (dict(NF4, bnb_4bit_quant_type="fp4"), None):
+        with pytest.raises(ResumeMismatch, match="quantization_config"):
+            trainer(models, tmp_path, quant=quant, **kw).train(resume_from_checkpoint=True)
+    resumed = trainer(models, tmp_path, **kw)  # the same quantization resumes
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 2
