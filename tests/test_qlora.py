@@ -244,21 +244,62 @@ def test_qlora_resume_is_exact_and_export_merges_into_the_full_precision_base(mo
     assert (b @ a).abs().max() > 0  # the adapter moved: the check above could fail
 
 
-def test_csd_train_refuses_quantization_without_adapter_options(models, tmp_path, capsys):
-    """`csd train` has no LoRA options: a quantization config there is a user error (exit 2,
-    one line naming the option and the two ways that do train QLoRA), before any model loads."""
+def test_csd_train_qlora_equals_the_python_api(models, tmp_path, capsys):
+    """`csd train --model_init_kwargs '{"quantization_config": ...}' --peft_config '{...}'`
+    trains the same adapter as DPOTrainer with the same options; without --peft_config the
+    quantization config is a user error (exit 2, naming the fix) before any model loads."""
+    from safetensors.torch import load_file
+    from transformers import BitsAndBytesConfig
+
     from csd_fast.cli import main
 
     path, _ = save_tiny("llama", models)
     data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows("standard", 4)))
-    init = json.dumps({"quantization_config": {"load_in_4bit": True}})
-    code = main(["--model_name_or_path", path, "--dataset_name", str(data),
-                 "--output_dir", str(tmp_path / "out"), "--model_init_kwargs", init])  # fmt: skip
+    data.write_text("\n".join(json.dumps(r) for r in rows("standard", 8)))
+    options = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, max_length=32,
+                   bf16=False, use_cpu=True, report_to="none", seed=0)  # fmt: skip
+    lora_kw = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0}
+    argv = ["--model_name_or_path", path, "--dataset_name", str(data),
+            "--model_init_kwargs", json.dumps({"quantization_config": NF4})]  # fmt: skip
+    for k, v in options.items():
+        argv += [f"--{k}", str(v)]
+    assert main([*argv, "--output_dir", str(tmp_path / "bare")]) == 2
     err = capsys.readouterr().err
-    assert code == 2
-    assert "--model_init_kwargs: quantization_config (QLoRA)" in err and "--use_peft" in err
-    assert not (tmp_path / "out" / "config.yaml").exists()
+    assert "--model_init_kwargs: quantization_config (QLoRA)" in err and "--peft_config" in err
+    assert not (tmp_path / "bare" / "config.yaml").exists()
+    with pytest.MonkeyPatch.context() as mp:  # csd train --nproc 2: every rank refuses
+        mp.setenv("WORLD_SIZE", "2")
+        lora_json = json.dumps(lora_kw)
+        assert (
+            main([*argv, "--output_dir", str(tmp_path / "ranks"), "--peft_config", lora_json]) == 2
+        )
+    assert "under torchrun" in capsys.readouterr().err
+
+    cli_out = tmp_path / "cli"
+    argv += ["--output_dir", str(cli_out), "--peft_config", json.dumps(lora_kw)]
+    assert main(argv) == 0
+    final = cli_out / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    api = DPOTrainer(
+        model=path, args=DPOConfig(output_dir=str(tmp_path / "api"), on_fully_truncated="error",
+                                   **options),
+        train_dataset=datasets.Dataset.from_list(rows("standard", 8)),
+        quantization_config=BitsAndBytesConfig(**NF4), peft_config=lora(**lora_kw),
+    )  # fmt: skip
+    api.train()
+    saved = load_file(final / "adapter_model.safetensors")
+    ours = {k.replace(".default", ""): v for k, v in adapter_of(api).items()}
+    assert saved.keys() == ours.keys()
+    assert max_weight_diff({k: v.float() for k, v in saved.items()}, ours) == 0.0
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
+    # --peft_config alone: LoRA on the full-precision base
+    plain = [a for a in argv if a != json.dumps({"quantization_config": NF4})]
+    plain.remove("--model_init_kwargs")
+    plain[plain.index(str(cli_out))] = str(tmp_path / "plain")
+    assert main(plain) == 0
+    plain_saved = load_file(tmp_path / "plain" / "final" / "adapter_model.safetensors")
+    assert plain_saved.keys() == saved.keys()
+    assert max_weight_diff({k: v.float() for k, v in plain_saved.items()}, ours) > 0
 
 
 def test_a_pretrained_adapter_over_a_4bit_base_is_its_own_reference_at_step_0(models, tmp_path):
