@@ -410,6 +410,7 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
     from transformers import AutoConfig
 
     from csd_fast.config import DPOConfig
+    from csd_fast.distributed.hf_options import mesh_shape
     from csd_fast.distributed.memory import device_memory_bytes, plan_memory
 
     script, kwargs = resolve(argv)
@@ -427,9 +428,12 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
         args.max_length or config.max_position_embeddings
     )
     offload = bool((args.fsdp_config or {}).get("cpu_offload"))
+    # the state is sharded over a shard group: all ranks, or a node's with hybrid_shard / HSDP
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    shard_ranks = mesh_shape(args.fsdp_config, world_size, min(local_world, world_size))[1]
     plan = plan_memory(
         config,
-        world_size=world_size,
+        world_size=shard_ranks,
         tokens_per_micro_batch=tokens,
         compute_bytes=2 if args.bf16 else 4,
         trainable_patterns=args.trainable_params,

@@ -8,11 +8,14 @@ inherits) is accepted with TRL's default, so a script written for TRL runs uncha
 subclass TrainingArguments: its `__post_init__` sets up accelerate and devices, which this
 engine does not want at config time (and the CLI's `--help` must stay cheap).
 
-Three kinds of inherited fields (see `_UNSUPPORTED`):
-  * used by the engine (learning_rate, warmup, batch sizes, logging/eval/save, ...);
-  * harmless: accepted at any value, no effect here (log_level, ddp_timeout, hub ids, ...);
-  * unsupported: accepted at the default; any other value raises NotImplementedError naming the
-    field (deepspeed, fsdp, torch_compile, push_to_hub, ...) -- never silently ignored.
+Two kinds of inherited fields:
+  * used by the engine (learning_rate, warmup, batch sizes, logging/eval/save, FSDP, ...);
+    transformers' and accelerate's distributed options (fsdp, fsdp_config, parallelism_config,
+    accelerator_config, deepspeed) are read as csd-fast's FSDP2 options
+    (csd_fast/distributed/hf_options.py, deepspeed_config.py);
+  * harmless: accepted at any value, no effect here (log_level, ddp_timeout, hub ids, ...).
+A value csd-fast cannot honour (an optimizer other than AdamW, tensor parallelism, ...) raises
+NotImplementedError naming the field -- never silently ignored.
 Fields TRL removed by 1.16 (`REMOVED_FIELDS`) are unknown keywords, hence TRL's own TypeError.
 
 Our extensions come last and are off by default, so the defaults reproduce TRL.
@@ -55,26 +58,6 @@ def _f(default: Any = None, help: str = "", **meta: Any) -> Any:
             default_factory=lambda: type(default)(default), metadata={"help": help, **meta}
         )
     return field(default=default, metadata={"help": help, **meta})
-
-
-# Fields made by `_no`; their names become UNSUPPORTED_FIELDS once the class exists. The marker
-# lives here, not in the field metadata: HfArgumentParser (TRL's TrlParser) passes every metadata
-# key to argparse's add_argument, which accepts only its own keywords (help, choices, ...).
-_UNSUPPORTED: list = []
-
-
-# what to use instead, for the refusals a TRL user meets first
-_UNSUPPORTED_HINTS = {
-    "deepspeed": ": csd-fast shards with its own FSDP2 under torchrun (fsdp_config, "
-    "`csd train --nproc N`)",
-}
-
-
-def _no(default: Any = None, help: str = "") -> Any:
-    """An inherited field we accept only at its default (anything else: NotImplementedError)."""
-    f = _f(default, f"{help} Not supported by csd-fast: only the default is accepted.".strip())
-    _UNSUPPORTED.append(f)
-    return f
 
 
 @dataclass
@@ -243,8 +226,16 @@ class DPOConfig:
         "transformers' enable_full_determinism(seed): deterministic torch algorithms and cuBLAS "
         "workspace, flash-attn's deterministic backward (csd_fast.attention). Slower on GPUs.",
     )
-    accelerator_config: dict | str | None = _no(None, "accelerate options.")
-    parallelism_config: Any = _no(None, "accelerate ParallelismConfig.")
+    accelerator_config: dict | str | None = _f(
+        None,
+        "accelerate's AcceleratorConfig options (a dict or JSON file): split_batches, "
+        "gradient_accumulation_kwargs.num_steps, ... (csd_fast.distributed.hf_options).",
+    )
+    parallelism_config: Any = _f(
+        None,
+        "accelerate's ParallelismConfig: dp_replicate_size x dp_shard_size (HSDP) under "
+        "torchrun; tensor / context parallelism are not supported.",
+    )
     fsdp: str | None = _f(
         None,
         "transformers' FSDP words, mapped onto csd-fast's FSDP2 under torchrun: full_shard, "
@@ -255,7 +246,12 @@ class DPOConfig:
         "FSDP2 options under torchrun: cpu_offload, reshard_after_forward, param_dtype, "
         "reduce_dtype, async_checkpoint (csd_fast.distributed.fsdp.FSDP_CONFIG_KEYS).",
     )
-    deepspeed: dict | str | None = _no(None, "DeepSpeed config.")
+    deepspeed: dict | str | None = _f(
+        None,
+        "A DeepSpeed ZeRO config (dict or JSON file), run as csd-fast's FSDP2 under torchrun "
+        "(csd_fast.distributed.deepspeed_config): stage 3 full_shard, 1-2 shard_grad_op, "
+        "CPU offload; DeepSpeed's engine is not used.",
+    )
     debug: str | list[str] = _f(
         "", "transformers' debug options: 'underflow_overflow' (abort on the first inf/nan)."
     )
@@ -355,8 +351,7 @@ class DPOConfig:
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().startswith("{"):
                 setattr(self, name, json.loads(value))
-        self._check_unsupported()
-        self._map_fsdp_words()
+        self._map_distributed_options()
         if self.train_sampling_strategy not in ("random", "sequential"):
             raise NotImplementedError(
                 f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported yet "
@@ -437,40 +432,40 @@ class DPOConfig:
             )
 
     # -- validation helpers ----------------------------------------------------------------
-    def _check_unsupported(self) -> None:
-        for f in dataclasses.fields(self):
-            if f.name not in UNSUPPORTED_FIELDS:
-                continue
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            value = getattr(self, f.name)
-            if value != default and not (value in ("", [], None) and default in ("", [], None)):
-                hint = _UNSUPPORTED_HINTS.get(f.name, "")
-                raise NotImplementedError(
-                    f"DPOConfig.{f.name}={value!r} is not supported by csd-fast yet "
-                    f"(only the default {default!r} is accepted){hint}"
-                )
+    def _map_distributed_options(self) -> None:
+        """transformers' `fsdp` words and fsdp_config keys, accelerate's parallelism_config and
+        a DeepSpeed ZeRO config, as fsdp_config keys of csd-fast's own FSDP2
+        (csd_fast.distributed.hf_options); keys given in csd-fast's names win."""
+        from csd_fast.distributed import hf_options
+        from csd_fast.distributed.deepspeed_config import deepspeed_fsdp_config
+        from csd_fast.distributed.fsdp import FSDP_CONFIG_KEYS
 
-    def _map_fsdp_words(self) -> None:
-        """transformers' `fsdp` option ("full_shard auto_wrap offload") as fsdp_config keys of
-        csd-fast's own FSDP2 (csd_fast.distributed.fsdp); keys given in fsdp_config win."""
-        words = self.fsdp.split() if isinstance(self.fsdp, str) else list(self.fsdp or [])
-        words = [str(getattr(w, "value", w)) for w in words]
-        if not words:
-            return
-        known = {"full_shard": {"reshard_after_forward": True},
-                 "shard_grad_op": {"reshard_after_forward": False},
-                 "offload": {"cpu_offload": True}, "auto_wrap": {}}  # fmt: skip
-        unknown = [w for w in words if w not in known]
-        if unknown:
-            raise NotImplementedError(
-                f"DPOConfig.fsdp={unknown} is not supported: csd-fast's FSDP2 shards each "
-                "decoder layer over all ranks (full_shard, shard_grad_op, offload, auto_wrap); "
-                "no hybrid sharding or no_shard"
-            )
-        mapped: dict = {}
-        for w in words:
-            mapped.update(known[w])
-        self.fsdp_config = {**mapped, **(self.fsdp_config or {})}
+        mapped = deepspeed_fsdp_config(self)
+        if mapped and self.fsdp:
+            raise ValueError("deepspeed and fsdp are both set: choose one")
+        mapped.update(hf_options.fsdp_words_config(self.fsdp))
+        from_accelerate = hf_options.parallelism_config(self.parallelism_config)
+        mapped.update(from_accelerate)
+        # kept as its plain sizes: the config stays JSON-safe (to_dict, the resume record)
+        self.parallelism_config = hf_options.parallelism_sizes(self.parallelism_config)
+        given, checkpointing = hf_options.transformers_fsdp_config(
+            dict(self.fsdp_config or {}), set(FSDP_CONFIG_KEYS)
+        )
+        if checkpointing:  # FSDP's activation checkpointing: the same recompute per layer
+            self.gradient_checkpointing = True
+        self.accelerator_config = hf_options.accelerator_options(self.accelerator_config) or None
+        steps = ((self.accelerator_config or {}).get("gradient_accumulation_kwargs") or {}).get(
+            "num_steps"
+        )
+        if steps is not None:  # transformers' rule: one of the two places, not both
+            if self.gradient_accumulation_steps > 1:
+                raise ValueError(
+                    "gradient_accumulation_steps and accelerator_config's "
+                    "gradient_accumulation_kwargs.num_steps are both set: use one"
+                )
+            self.gradient_accumulation_steps = int(steps)
+        if mapped or given or self.fsdp_config is not None:
+            self.fsdp_config = {**mapped, **given}
 
     def _check_choices(self) -> None:
         checks = {
@@ -618,6 +613,3 @@ class DPOConfig:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             out.append((f.name, f.type, default, f.metadata.get("help", "")))
         return out
-
-
-UNSUPPORTED_FIELDS = frozenset(f.name for f in _UNSUPPORTED)

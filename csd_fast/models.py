@@ -41,14 +41,17 @@ def load_model(path: str, args, *, on_meta: bool = False, extra_kwargs=None) -> 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
-    if not on_meta:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
+    auto = AutoModelForCausalLM
+    if is_vision_language(config):  # TRL builds the config's own architecture: the VLM class
+        from transformers import AutoModelForImageTextToText as auto
+    if not on_meta:
+        return auto.from_pretrained(path, dtype=dtype, **kwargs)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model = auto.from_config(config, dtype=dtype, **kwargs)
     _keep_in_fp32(model, dtype)
     model.config._name_or_path = str(path)  # what from_pretrained records, for names and cards
     return model
@@ -83,7 +86,10 @@ def loads_on_meta(args) -> bool:
     if os.environ.get("CSD_FSDP_META_INIT", "1") == "0":  # every rank reads the weights
         return False
     kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
-    offload = bool((getattr(args, "fsdp_config", None) or {}).get("cpu_offload"))
+    fsdp = getattr(args, "fsdp_config", None) or {}
+    if not fsdp.get("meta_init", True):  # transformers' cpu_ram_efficient_loading=False
+        return False
+    offload = bool(fsdp.get("cpu_offload"))
     return set(kwargs) - {"dtype", "torch_dtype"} <= _META_KWARGS and not offload
 
 
@@ -100,13 +106,28 @@ def to_device(module: nn.Module | None, device) -> None:
         module.to(device)
 
 
+def is_vision_language(config) -> bool:
+    """A vision-language model's config: it carries a vision tower's config."""
+    return getattr(config, "vision_config", None) is not None
+
+
 def load_tokenizer(model: nn.Module, path: str | None, args):
-    from transformers import AutoTokenizer
+    """The tokenizer saved with the model, or its processor for a vision-language model (as
+    TRL loads AutoProcessor)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     source = path or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not source:
         raise ValueError("processing_class is required when the model was not loaded from a path")
+    if is_vision_language(getattr(unwrap(model), "config", None)):
+        return AutoProcessor.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+
+
+def unwrap(model):
+    from csd_fast.forward import unwrap_causal_lm
+
+    return unwrap_causal_lm(model)
 
 
 def ensure_pad_token(tokenizer, args) -> None:

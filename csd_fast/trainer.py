@@ -22,6 +22,7 @@ global batch, and writes sharded checkpoints; rank 0 logs and writes files.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from csd_fast.batching import (
     pair_costs,
 )
 from csd_fast.config import DPOConfig
+from csd_fast.data.vision import VisionPairs, is_vision_dataset, text_tokenizer
 from csd_fast.distributed.env import init_distributed
 from csd_fast.forward import (
     PairScorer,
@@ -104,6 +106,11 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
         _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
+        if args.padding_free and is_vision_dataset(train_dataset):  # TRL 1.16 falls back too
+            warnings.warn("the train dataset has images: padding_free is off (the padded "
+                          "layout, as TRL's vision collator)", UserWarning,
+                          stacklevel=2)  # fmt: skip
+            args.padding_free = False
         self.compute_metrics = compute_metrics
         self._in_train = False  # inside train() (evaluations there never cast: *_full_eval)
         if args.tf32 is not None and torch.cuda.is_available():
@@ -135,7 +142,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             print(f"[csd] rank {self.dist.rank}: {model_path} built on the meta device, its "
                   "weights sent by rank 0 once sharded", flush=True)  # fmt: skip
         self.processing_class = processing_class or load_tokenizer(self.model, model_path, args)
-        ensure_pad_token(self.processing_class, args)
+        ensure_pad_token(text_tokenizer(self.processing_class), args)
         # a reference given by path is loaded only if a table must be computed (or a live
         # reference is needed): with a complete ref_cache_dir store it never enters memory
         self._ref_model_path = None
@@ -150,6 +157,9 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
         self.router_aux_loss_coef, self.aux_loss_enabled = model_setup(self, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
+        self._per_rank_batch_size(True)  # split_batches: refuse an uneven split up front
+        if eval_dataset is not None:
+            self._per_rank_batch_size(False)
         check_trainable_patterns(self.model, args.trainable_params)  # no 4-bit weight trains
         self.trainable = select_trainable(self.model, args.trainable_params)
         to_device(self.model, self.device)
@@ -173,15 +183,17 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
                 if scorer is None:
                     continue
                 on_meta = any(self.dist.all_gather_objects(is_on_meta(scorer)))
-                source = rank0_source(scorer, self.dist) if on_meta else None
+                # sync_module_states: rank 0's weights everywhere, however each rank built them
+                send = on_meta or opts.sync_module_states
+                source = rank0_source(scorer, self.dist) if send else None
                 shard_model(scorer, self.dist, opts)
-                if on_meta:
+                if send:
                     broadcast_from_rank0(scorer, source, self.dist)
                     del source
             self._sharded = True
         from csd_fast.trl_compat import fp16_scaler
 
-        self.grad_scaler = fp16_scaler(args, self.device, self._sharded)
+        self.grad_scaler = fp16_scaler(args, self.device)
         self.loss_params = args.loss_params()
         self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
@@ -227,11 +239,13 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         a = self.args
         out = Path(a.output_dir)
         rejects = out / f"rejected_rows_{name}.jsonl"
+        if is_vision_dataset(dataset):  # raw rows; each batch goes through the processor
+            return self._vision_set(dataset, name)
         if is_stream(dataset):  # tokenized chunk by chunk as the loop reads it
             return StreamPairs(dataset, self._stream_tokenizer(), name, rejects)
         pairs = tokenize_pairs(
             load_rows(dataset, split="train" if name == "train" else "test"),
-            self.processing_class,
+            text_tokenizer(self.processing_class),
             max_length=a.max_length,
             truncation_mode=a.truncation_mode,
             on_bad_row=a.on_bad_row,
@@ -251,8 +265,6 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             )
         dropped = pairs.skipped.get("prompt_too_long", 0)
         if dropped:
-            import warnings
-
             warnings.warn(
                 f"{name} dataset: dropped {dropped} example(s) whose prompt alone fills "
                 f"max_length={a.max_length} (keep_start truncation leaves no completion token, "
@@ -267,7 +279,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
 
         a = self.args
         return lambda rows: tokenize_pairs(
-            rows, self.processing_class, max_length=a.max_length,
+            rows, text_tokenizer(self.processing_class), max_length=a.max_length,
             truncation_mode=a.truncation_mode, on_bad_row=a.on_bad_row, cache_dir=None,
             drop_fully_truncated=a.on_fully_truncated != "error",
         )  # fmt: skip
@@ -299,7 +311,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         train = mode == "train"
         strategy = getattr(a, "train_sampling_strategy", "random")
         return BatchingOptions(
-            batch_size=a.per_device_train_batch_size if train else a.per_device_eval_batch_size,
+            batch_size=self._per_rank_batch_size(train),
             max_tokens_per_batch=a.max_tokens_per_batch,
             layout=self.layout,
             shuffle=train and strategy != "sequential",
@@ -311,6 +323,22 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             if isinstance(a.pad_to_multiple_of, int)
             else None,
         )
+
+    def _per_rank_batch_size(self, train: bool) -> int:
+        """per_device_*_batch_size, or its share of the ranks with accelerate's split_batches
+        (where it names the global batch)."""
+        a = self.args
+        size = a.per_device_train_batch_size if train else a.per_device_eval_batch_size
+        if not (a.accelerator_config or {}).get("split_batches"):
+            return size
+        world = self.dist.world_size
+        if size % world:
+            kind = "train" if train else "eval"
+            raise ValueError(
+                f"accelerator_config.split_batches: per_device_{kind}_batch_size={size} does "
+                f"not split evenly over {world} ranks"
+            )
+        return size // world
 
     def _plan(self, pairs, mode: str, epoch: int) -> list[list[int]]:
         """This rank's micro-batches of one epoch."""
@@ -349,7 +377,16 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
 
     @property
     def _pad_id(self) -> int:
-        return self.processing_class.pad_token_id
+        return text_tokenizer(self.processing_class).pad_token_id
+
+    def _vision_set(self, dataset, name: str):
+        """Vision rows (TRL's checks first); they train in the padded layout, as in TRL."""
+        from csd_fast.data.vision import prepare_vision_set
+
+        if is_stream(dataset):
+            raise NotImplementedError(f"{name} dataset: a stream of vision rows (load it "
+                                      "map-style)")  # fmt: skip
+        return prepare_vision_set(dataset, name, self.args, self.processing_class)
 
     def _examples(self, pairs):
         """idx -> the example dicts of a micro-batch, with cached reference values if any."""
@@ -369,6 +406,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
     def _collate_fn(self, pairs, mode: str):
         """The layout's collate; with a reference table, each batch's token counts are checked
         against the table's (on the host, before the device copy: no sync)."""
+        if isinstance(pairs, VisionPairs):
+            return self._vision_collate()
         collate = self._base_collate(mode)
         table = self._table_for(pairs)
         if table is None:
@@ -380,6 +419,15 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             return batch
 
         return checked
+
+    def _vision_collate(self):
+        from csd_fast.data.vision import VisionCollator
+
+        if self.data_collator is not None:  # TRL's vision collator or the user's own
+            from csd_fast.trl_collate import custom_collate
+
+            return custom_collate(self.data_collator, vision=True)
+        return VisionCollator(self.processing_class, self.args.max_length)
 
     def _base_collate(self, mode: str):
         """examples -> PairBatch: the user's data_collator if given, else the layout's own."""

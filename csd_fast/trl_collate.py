@@ -21,8 +21,11 @@ import torch
 from csd_fast.batch import PairBatch, _pair_fields
 
 
-def batch_from_collated(examples: list[dict], out: dict) -> PairBatch:
-    """The padded PairBatch of a TRL-format collator output `out` for `examples`."""
+def batch_from_collated(examples: list[dict], out: dict, model_inputs=None) -> PairBatch:
+    """The padded PairBatch of a TRL-format collator output `out` for `examples`.
+
+    `model_inputs` (a vision batch's pixel_values, image_grid_thw, ...) go to the model with the
+    rows and no position ids: the model derives them (multimodal rotary positions included)."""
     missing = [k for k in ("input_ids", "attention_mask", "completion_mask") if k not in out]
     if missing:
         raise ValueError(
@@ -49,12 +52,13 @@ def batch_from_collated(examples: list[dict], out: dict) -> PairBatch:
     offsets[1:] = torch.cumsum(counts, 0)
     positions = torch.arange(T, dtype=torch.long).expand(R, T).contiguous()
     tokens = int(attention.sum())
+    kwargs = {"input_ids": input_ids, "attention_mask": attention}
+    if model_inputs is None:
+        kwargs["position_ids"] = positions
+    else:
+        kwargs.update(model_inputs)
     return PairBatch(
-        model_kwargs={
-            "input_ids": input_ids,
-            "attention_mask": attention,
-            "position_ids": positions,
-        },
+        model_kwargs=kwargs,
         token_index=rows * T + cols - 1,
         token_labels=input_ids[rows, cols],
         seq_offsets=offsets,
@@ -66,6 +70,15 @@ def batch_from_collated(examples: list[dict], out: dict) -> PairBatch:
     )
 
 
-def custom_collate(collator):
-    """examples -> PairBatch through the user's collator."""
-    return lambda examples: batch_from_collated(list(examples), collator(list(examples)))
+def custom_collate(collator, vision: bool = False):
+    """examples -> PairBatch through the user's collator; a vision collator's other outputs
+    (pixel_values, ...) go to the model."""
+    text = ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps",
+            "ref_rejected_logps")  # fmt: skip
+
+    def collate(examples):
+        out = collator(list(examples))
+        extra = {k: v for k, v in out.items() if k not in text} if vision else None
+        return batch_from_collated(list(examples), out, model_inputs=extra)
+
+    return collate

@@ -8,7 +8,7 @@
     watch_underflow_overflow(trainer)            # debug="underflow_overflow"
     batch_size_search(trainer, attempt)          # auto_find_batch_size: retry smaller on OOM
     with activation_offload(args, training, device): ...   # saved activations kept on the CPU
-    scaler = fp16_scaler(args, device, sharded)  # fp16: a GradScaler on GPUs (None on the CPU)
+    scaler = fp16_scaler(args, device)  # fp16: a GradScaler on GPUs (None on the CPU)
     callback_states(trainer); restore_callback_states(trainer, saved)   # checkpointed callbacks
     eval_predictions_metrics(trainer, pairs, prefix)   # compute_metrics on TRL's EvalPrediction
 
@@ -106,7 +106,9 @@ def model_setup(trainer, args) -> tuple[float, bool]:
     model = trainer.model
     lm = unwrap_causal_lm(model)
     # the model and the tokenizer agree on the pad token from construction on (TRL does this)
-    pad = trainer.processing_class.pad_token_id
+    from csd_fast.data.vision import text_tokenizer
+
+    pad = text_tokenizer(trainer.processing_class).pad_token_id
     lm.config.get_text_config().pad_token_id = pad
     if getattr(lm, "generation_config", None) is not None:
         lm.generation_config.pad_token_id = pad
@@ -256,21 +258,14 @@ def activation_offload(args, training: bool, device):
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
-def fp16_scaler(args, device, sharded: bool):
-    """fp16 as accelerate does it: fp16 autocast (trainer._autocast) plus dynamic loss scaling
-    on an accelerator; on the CPU accelerate leaves fp16 off (plain fp32), and so do we."""
+def fp16_scaler(args, device):
+    """fp16 as accelerate does it: fp16 compute plus dynamic loss scaling on an accelerator; on
+    the CPU accelerate leaves fp16 off (plain fp32), and so do we. One process: fp16 autocast
+    (trainer._autocast). FSDP2: fp16 gathered parameters (FsdpOptions.param_dtype) over fp32
+    masters; torch's GradScaler then reads DTensor gradients, whose inf/nan check DTensor
+    reduces over the mesh, so every rank skips the same steps (tests/distributed)."""
     if not args.fp16 or device.type == "cpu":
         return None
-    if sharded:
-        raise NotImplementedError(
-            "fp16 under FSDP2 (torchrun) needs a sharded gradient scaler, which csd-fast does not "
-            "have: use bf16=True"
-        )
-    if args.fused:
-        raise NotImplementedError(
-            "fp16 with fused=True: the fused kernels are built and tested for bf16 and fp32; use "
-            "bf16=True, or fused=False"
-        )
     return torch.amp.GradScaler(device.type)
 
 

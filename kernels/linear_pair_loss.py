@@ -435,8 +435,26 @@ class LinearPairLossFunction(torch.autograd.Function):
         ctx.used = True
         dh, dw, db = ctx.saved_tensors
         # in place: no second V x H buffer (the tensors were made for this hand-over)
-        scale = lambda t: None if t is None else t.mul_(grad_loss.to(t.dtype))
+        scale = lambda t: None if t is None else _scale_in_place(t, grad_loss)
         return (scale(dh), scale(dw), scale(db), *([None] * 8))
+
+
+_SCALE_ROWS_ELEMENTS = 1 << 22  # fp32 transient of the fp16 rescale: 16 MiB at most
+
+
+def _scale_in_place(t: Tensor, g: Tensor) -> Tensor:
+    """t *= g. An fp16 loss scale (a GradScaler starts at 2**16) does not fit in fp16, so
+    there the product is taken in fp32, a row block at a time, and rounded once, as the eager
+    head's fp32 gradient rounds when it enters the fp16 GEMM; bf16 has fp32's range."""
+    if t.dtype != torch.float16:
+        return t.mul_(g.to(t.dtype))
+    flat = t.view(t.shape[0], -1) if t.dim() else t.view(1)
+    step = max(1, _SCALE_ROWS_ELEMENTS // max(1, flat.shape[1]))
+    g = g.float()
+    for start in range(0, flat.shape[0], step):
+        block = flat[start : start + step]
+        block.copy_(block.float().mul_(g))
+    return t
 
 
 def _logits(h: Tensor, w: Tensor, bias: Tensor | None, buf: Tensor | None = None) -> Tensor:

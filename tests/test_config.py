@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import warnings
 
 import pytest
+import torch
 
 from csd_fast.config import REMOVED_FIELDS, DPOConfig
 
@@ -158,11 +160,11 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"deepspeed": "ds.json"},
-        {"fsdp": "hybrid_shard"},
+        {"deepspeed": {"optimizer": {"type": "Lamb"}}},
         {"parallelism_config": {"tp_size": 2}},
-        {"fsdp": "full_shard no_shard"},
-        {"accelerator_config": {"split_batches": True}},
+        {"fsdp_config": {"min_num_params": 10**6}},
+        {"fsdp_config": {"fsdp_xla": True}},
+        {"accelerator_config": {"gradient_accumulation_kwargs": {"sync_with_dataloader": False}}},
         {"train_sampling_strategy": "group_by_length"},
         {"optim": "sgd"},
         {"lr_scheduler_type": "reduce_lr_on_plateau"},
@@ -185,6 +187,87 @@ def test_transformers_fsdp_words_map_onto_fsdp_config():
     # an explicit fsdp_config key wins over the word
     cfg = DPOConfig(output_dir="x", fsdp=["full_shard", "offload"], fsdp_config={"cpu_offload": 0})
     assert cfg.fsdp_config == {"reshard_after_forward": True, "cpu_offload": 0}
+
+
+def test_sharding_layouts_give_the_mesh():
+    """transformers' words and accelerate's sizes choose the FSDP2 mesh (replicas, shard)."""
+    from accelerate import ParallelismConfig
+
+    from csd_fast.distributed.hf_options import mesh_shape
+
+    layouts = {
+        "full_shard": (1, 8), "shard_grad_op": (1, 8), "hybrid_shard": (2, 4),
+        "hybrid_shard_zero2": (2, 4), "no_shard": (8, 1),
+    }  # fmt: skip
+    for words, want in layouts.items():
+        cfg = DPOConfig(output_dir="x", fsdp=f"{words} auto_wrap")
+        assert mesh_shape(cfg.fsdp_config, world=8, local_world=4) == want, words
+    assert DPOConfig(output_dir="x", fsdp="hybrid_shard_zero2").fsdp_config[
+        "reshard_after_forward"] is False  # fmt: skip
+    pc = ParallelismConfig(dp_replicate_size=4, dp_shard_size=2)
+    cfg = DPOConfig(output_dir="x", parallelism_config=pc)
+    assert mesh_shape(cfg.fsdp_config, world=8, local_world=8) == (4, 2)
+    assert cfg.parallelism_config == {"dp_replicate_size": 4, "dp_shard_size": 2, "tp_size": 1,
+                                      "cp_size": 1, "sp_size": 1}  # fmt: skip
+    json.dumps(cfg.to_dict())  # the object is kept as plain sizes: the config stays JSON-safe
+    with pytest.raises(ValueError, match="does not divide"):
+        mesh_shape({"dp_replicate_size": 3}, world=8, local_world=8)
+    with pytest.raises(ValueError, match="whole nodes"):
+        mesh_shape({"dp_replicate_size": "node"}, world=6, local_world=4)
+    with pytest.raises(ValueError, match="2 x 2 != 8"):
+        mesh_shape({"dp_replicate_size": 2, "dp_shard_size": 2}, world=8, local_world=8)
+    with pytest.raises(ValueError, match="one sharding strategy"):
+        DPOConfig(output_dir="x", fsdp="full_shard no_shard")
+
+
+def test_transformers_fsdp_config_keys_map_onto_ours():
+    from csd_fast.models import loads_on_meta
+
+    cfg = DPOConfig(
+        output_dir="x", gradient_checkpointing=False,
+        fsdp_config={"fsdp_offload_params": True, "transformer_layer_cls_to_wrap": "A, B",
+                     "activation_checkpointing": True, "version": 2, "forward_prefetch": True,
+                     "state_dict_type": "SHARDED_STATE_DICT", "fsdp_use_orig_params": False,
+                     "reduce_dtype": "fp32"},
+    )  # fmt: skip
+    assert cfg.fsdp_config == {"cpu_offload": True, "layer_classes": ["A", "B"],
+                               "reduce_dtype": "fp32"}  # fmt: skip
+    assert cfg.gradient_checkpointing  # FSDP's activation checkpointing: the same recompute
+    lazy = DPOConfig(output_dir="x", fsdp_config={"fsdp_cpu_ram_efficient_loading": False})
+    assert not loads_on_meta(lazy) and loads_on_meta(DPOConfig(output_dir="x"))
+    with pytest.raises(ValueError, match="unknown key 'fsdp_bogus'"):
+        DPOConfig(output_dir="x", fsdp_config={"fsdp_bogus": 1})
+    with pytest.warns(UserWarning, match="FSDP2"):
+        DPOConfig(output_dir="x", fsdp_config={"fsdp_version": 1})
+
+
+def test_accelerator_config_from_a_file_and_its_accumulation_steps(tmp_path):
+    path = tmp_path / "accelerate.json"
+    path.write_text(json.dumps({"split_batches": True, "even_batches": False,
+                                "gradient_accumulation_kwargs": {"num_steps": 4}}))  # fmt: skip
+    cfg = DPOConfig(output_dir="x", accelerator_config=str(path))
+    assert cfg.accelerator_config["split_batches"] and cfg.gradient_accumulation_steps == 4
+    with pytest.raises(ValueError, match="both set"):
+        DPOConfig(output_dir="x", accelerator_config=str(path), gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="unknown key"):
+        DPOConfig(output_dir="x", accelerator_config={"split_batch": True})
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    cfg = DPOConfig(output_dir="x", accelerator_config=AcceleratorConfig(split_batches=True))
+    assert cfg.accelerator_config["split_batches"] is True
+
+
+def test_fsdp_compute_dtype_follows_bf16_and_fp16_on_accelerators():
+    from csd_fast.distributed.env import DistEnv
+    from csd_fast.distributed.fsdp import FsdpOptions
+
+    gpu = DistEnv(rank=0, world_size=2, device=torch.device("cuda", 0))
+    cpu = DistEnv(rank=0, world_size=2)
+    half = {"fp16": (True, False), "bf16": (False, True)}
+    for want, (fp16, bf16) in zip((torch.float16, torch.bfloat16), half.values(), strict=True):
+        args = DPOConfig(output_dir="x", fp16=fp16, bf16=bf16)
+        assert FsdpOptions.from_args(args, gpu).param_dtype == want
+        assert FsdpOptions.from_args(args, cpu).param_dtype is None  # the CPU keeps fp32
 
 
 def test_harmless_fields_accepted():

@@ -28,6 +28,11 @@ FSDP_CONFIG_KEYS = {
     "param_dtype": "compute dtype of gathered parameters (default bfloat16 with bf16 on GPU)",
     "reduce_dtype": "gradient reduce-scatter dtype (default float32)",
     "async_checkpoint": "write DCP checkpoints in a background thread (published when done)",
+    "dp_replicate_size": "HSDP replica groups (an int, 'node': one per node, 'all': no_shard)",
+    "dp_shard_size": "ranks per shard group; checked against world / dp_replicate_size",
+    "layer_classes": "class names of the units to wrap (default: the model's _no_split_modules)",
+    "meta_init": "other ranks build a model given by path on meta, rank 0 sends it (default)",
+    "sync_module_states": "send rank 0's weights to every rank after sharding (any model)",
 }
 
 
@@ -37,21 +42,37 @@ class FsdpOptions:
     reduce_dtype: torch.dtype | None = torch.float32
     cpu_offload: bool = False
     reshard_after_forward: bool = True
+    replicas: int = 1  # > 1: HSDP, the mesh (replicas, world // replicas)
+    layer_classes: tuple[str, ...] | None = None  # None: the model's _no_split_modules
+    sync_module_states: bool = False
 
     @classmethod
     def from_args(cls, args, env: DistEnv) -> FsdpOptions:
+        import os
+
+        from csd_fast.distributed.hf_options import mesh_shape
+
         cfg = dict(getattr(args, "fsdp_config", None) or {})
         unknown = sorted(set(cfg) - set(FSDP_CONFIG_KEYS))
         if unknown:
             known = ", ".join(sorted(FSDP_CONFIG_KEYS))
             raise ValueError(f"fsdp_config: unknown key(s) {unknown}; known: {known}")
-        # bf16 compute on accelerators as autocast would give; CPU runs keep the weights' dtype
-        default_param = torch.bfloat16 if args.bf16 and env.device.type == "cuda" else None
+        # bf16 / fp16 compute on accelerators as autocast would give (fp16 with a GradScaler,
+        # trl_compat.fp16_scaler); CPU runs keep the weights' dtype, as accelerate does
+        default_param = None
+        if env.device.type == "cuda" and (args.bf16 or args.fp16):
+            default_param = torch.float16 if args.fp16 else torch.bfloat16
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        replicas, _ = mesh_shape(cfg, env.world_size, local_world)
+        classes = cfg.get("layer_classes")
         return cls(
             param_dtype=_dtype(cfg.get("param_dtype"), default_param),
             reduce_dtype=_dtype(cfg.get("reduce_dtype"), torch.float32),
             cpu_offload=bool(cfg.get("cpu_offload", False)),
             reshard_after_forward=bool(cfg.get("reshard_after_forward", True)),
+            replicas=replicas,
+            layer_classes=tuple(classes) if classes else None,
+            sync_module_states=bool(cfg.get("sync_module_states", False)),
         )
 
 
@@ -67,9 +88,16 @@ def _dtype(value, default: torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks, by the classes HF lists as never to be split across devices."""
-    names = set()
+def decoder_layers(model: nn.Module, classes: tuple[str, ...] | None = None) -> list[nn.Module]:
+    """The decoder blocks, by the classes HF lists as never to be split across devices (or
+    the class names given, transformers' transformer_layer_cls_to_wrap)."""
+    names = set(classes or ())
+    if classes:
+        layers = [m for m in model.modules() if type(m).__name__ in names]
+        if not layers:
+            raise ValueError(f"fsdp_config layer_classes {sorted(names)}: no such module in "
+                             f"{type(model).__name__}")  # fmt: skip
+        return layers
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
@@ -99,7 +127,11 @@ def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module
 
     from csd_fast.forward import install_logprob_head, unwrap_causal_lm
 
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    if opts.replicas == 1:
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+    else:  # HSDP: reduce-scatter within a shard group, all-reduce across the replicas
+        shape = (opts.replicas, env.world_size // opts.replicas)
+        mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard"))
     kwargs = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(
@@ -110,7 +142,7 @@ def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module
     model = scorer.model
     lm = unwrap_causal_lm(model)
     head = install_logprob_head(model)  # before fully_shard swaps the class once more
-    for layer in decoder_layers(lm):
+    for layer in decoder_layers(lm, opts.layer_classes):
         fully_shard(layer, reshard_after_forward=opts.reshard_after_forward, **kwargs)
     if not head_is_tied(lm):
         fully_shard(head, reshard_after_forward=opts.reshard_after_forward, **kwargs)

@@ -48,7 +48,8 @@ class MemoryPlan:
 
     def render(self, device_bytes: int | None) -> str:
         rows = [f"memory plan: {self.params / 1e9:.3f}B params ({self.trainable / 1e9:.3f}B "
-                f"trainable) over {self.world_size} device(s), per device in GiB"]  # fmt: skip
+                f"trainable) sharded over {self.world_size} device(s), per device in "
+                "GiB"]  # fmt: skip
         rows.append(f"  {'component':<12} {'no offload':>11} {'cpu offload':>12}")
         for k, v in self.bytes_per_component.items():
             off = 0 if k in self.offloaded else v

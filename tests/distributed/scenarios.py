@@ -6,6 +6,7 @@ the trainer of one side, with the per-device batch scaled so both sides see the 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,60 @@ SCENARIOS = {
     "by_path": dict(padding_free=True, max_steps=3),
     "by_path_lora_tied": dict(padding_free=True, max_steps=3, learning_rate=1e-2,
                               save_strategy="steps", save_steps=3),
+    # fp16's loss scaling (the CPU's GradScaler, see OverflowAtStep2): an inf in one rank's
+    # gradient shard must make every rank skip that step
+    "fp16_overflow": dict(padding_free=True, max_steps=3),
 }  # fmt: skip
+# run on 4 ranks as 2 nodes x 2 (tests/distributed/test_hsdp.py), each against 1 rank x 4b
+HSDP_SCENARIOS = {
+    # hybrid_shard: shard within a node, replicate across the 2 nodes (mesh 2 x 2)
+    "hybrid": dict(
+        padding_free=True,
+        max_steps=6,
+        fsdp="hybrid_shard auto_wrap",
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="steps",
+        save_steps=3,
+    ),
+    "no_shard": dict(max_steps=3, fsdp="no_shard"),  # mesh 4 x 1: whole copies, all-reduce
+    # accelerate's and transformers' spellings: a 2 x 2 mesh from ParallelismConfig, the
+    # global batch split over the ranks, transformers' fsdp_config keys; sync_module_states
+    # makes rank 0's weights everyone's (each rank builds its model with its own seed)
+    "accelerate": dict(
+        padding_free=True,
+        max_steps=3,
+        per_device_train_batch_size=GLOBAL_BATCH,
+        per_device_eval_batch_size=GLOBAL_BATCH,
+        accelerator_config={"split_batches": True},
+        fsdp_config={
+            "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+            "fsdp_activation_checkpointing": True,
+            "fsdp_sync_module_states": True,
+            "fsdp_backward_prefetch": "BACKWARD_PRE",
+        },
+    ),
+    # a DeepSpeed ZeRO-2 config in transformers' "auto" style: FSDP2 shard_grad_op
+    "deepspeed": dict(
+        padding_free=True,
+        max_steps=3,
+        deepspeed={
+            "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+            "bf16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+            },
+            "scheduler": {
+                "type": "WarmupDecayLR",
+                "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"},
+            },
+        },
+    ),
+}
 BY_PATH = {"by_path", "by_path_lora_tied"}
 # the packed run with checkpoints written in the background (run by the worker, not 1-rank)
 ASYNC = dict(SCENARIOS["packed"], fsdp_config={"async_checkpoint": True})
@@ -62,6 +116,27 @@ def tiny_model(tok, tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
         bos_token_id=tok.bos_token_id, tie_word_embeddings=tied,
     )  # fmt: skip
     return LlamaForCausalLM(config)
+
+
+class OverflowAtStep2(torch.amp.GradScaler):
+    """fp16 loss scaling on the CPU (fp16=True makes one on GPUs only) where step 2 overflows
+    in one place only: the first gradient element of the last rank's shards turns inf just
+    before the scaler checks them, as an fp16 overflow in that shard would."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__("cpu", init_scale=2.0**10)
+        self.poison, self.calls = rank == world - 1, 0
+
+    def unscale_(self, optimizer):
+        self.calls += 1
+        if self.calls == 2 and self.poison:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                    if local is not None and local.numel():
+                        local.view(-1)[0] = float("inf")
+                        return super().unscale_(optimizer)
+        return super().unscale_(optimizer)
 
 
 class StopAt(TrainerCallback):
@@ -84,7 +159,13 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
         save_strategy="no", bf16=False, report_to="none", disable_tqdm=True, seed=0,
         gradient_checkpointing=False, use_cpu=True,
     )  # fmt: skip
-    kw.update(ASYNC if name == "packed_async" else SCENARIOS[name])
+    kw.update(ASYNC if name == "packed_async" else {**SCENARIOS, **HSDP_SCENARIOS}[name])
+    if name == "accelerate":
+        from accelerate import ParallelismConfig
+
+        if world > 1:  # one process: no mesh to shape
+            kw["parallelism_config"] = ParallelismConfig(dp_replicate_size=2,
+                                                         dp_shard_size=world // 2)  # fmt: skip
     if name == "ref_store":
         kw["ref_cache_dir"] = str(Path(out) / "refstore")
     kw.update(overrides)
@@ -95,13 +176,17 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
     evalset = EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
     name = "packed" if name == "packed_async" else name
-    model, ref = tiny_model(tok, tied=name in TIED), None
+    seed = int(os.environ.get("RANK", "0")) if name == "accelerate" else 0
+    model, ref = tiny_model(tok, tied=name in TIED, seed=seed), None
     if name in BY_PATH:
         model, ref = by_path_models(Path(out).parent, name)
-    return DPOTrainer(
+    trainer = DPOTrainer(
         model, ref_model=ref, args=DPOConfig(**kw), train_dataset=ROWS, eval_dataset=evalset,
         processing_class=tok, peft_config=peft_config, callbacks=callbacks,
     )  # fmt: skip
+    if name == "fp16_overflow":
+        trainer.grad_scaler = OverflowAtStep2(trainer.dist.rank, world)
+    return trainer
 
 
 def by_path_models(root: Path, name: str) -> tuple[str, str | None]:

@@ -61,7 +61,7 @@ def test_attention_only_training_and_a_cached_reference_shrink_the_plan():
     assert attn.device_total(False) < full.device_total(False)
 
 
-def test_plan_flag_prints_the_table_and_fails_when_it_cannot_fit(tmp_path, capsys):
+def test_plan_flag_prints_the_table_and_fails_when_it_cannot_fit(tmp_path, capsys, monkeypatch):
     from csd_fast.cli import main
 
     LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": 2}).save_pretrained(tmp_path / "m")
@@ -69,9 +69,16 @@ def test_plan_flag_prints_the_table_and_fails_when_it_cannot_fit(tmp_path, capsy
             "--output_dir", str(tmp_path / "o"), "--nproc", "2"]  # fmt: skip
     assert main([*argv, "--device_memory_gb", "80"]) == 0
     out = capsys.readouterr().out
-    assert "over 2 device(s)" in out and "optimizer" in out and "cpu offload" in out
+    assert "sharded over 2 device(s)" in out and "optimizer" in out and "cpu offload" in out
     assert main([*argv, "--device_memory_gb", "1"]) == 1
     assert "WARNING" in capsys.readouterr().out
+    # no_shard keeps whole copies: the plan of one device; HSDP shards over a node's ranks
+    assert main([*argv, "--device_memory_gb", "80", "--fsdp", "no_shard"]) in (0, 1)
+    assert "sharded over 1 device(s)" in capsys.readouterr().out
+    four = [*argv[:-1], "4", "--device_memory_gb", "80", "--fsdp", "hybrid_shard"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert main(four) in (0, 1)
+    assert "sharded over 2 device(s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])

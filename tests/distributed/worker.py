@@ -6,7 +6,8 @@ MODE `parity`: every scenario of `scenarios.SCENARIOS` for its full length, plus
 stopped at step 3 and resumed on the same two ranks, the packed run resumed on two ranks from
 the single-process checkpoint OUT/one_rank/checkpoint-3 (written by the test), plus a
 consolidated export of the packed run and the packed run with async checkpoints; results
-(history, gathered weights) in OUT/<name>.pt. MODE `kill`: the packed run, where
+(history, gathered weights) in OUT/<name>.pt. MODE `hsdp` (4 ranks): the scenarios of
+`scenarios.HSDP_SCENARIOS`, each with its FSDP2 mesh. MODE `kill`: the packed run, where
 rank 1 kills itself with SIGKILL as the step-6 checkpoint starts writing.
 """
 
@@ -22,8 +23,9 @@ import scenarios  # noqa: E402
 import torch  # noqa: E402
 
 
-def save(out: Path, name: str, trainer) -> None:
+def save(out: Path, name: str, trainer, **extra) -> None:
     result = {"history": scenarios.history(trainer), "weights": scenarios.weights(trainer)}
+    result.update(extra)
     if trainer.dist.is_main:
         torch.save(result, out / f"{name}.pt")
 
@@ -61,6 +63,20 @@ def parity(out: Path) -> None:
     save(out, "ref_store_hit", hit)
 
 
+def hsdp(out: Path) -> None:
+    """The 4-rank scenarios (2 nodes x 2 ranks); each result also records the FSDP2 mesh."""
+    for name in scenarios.HSDP_SCENARIOS:
+        trainer = scenarios.build_trainer(name, trainer_world(), out / name)
+        weight = next(p for n, p in trainer.scorer.named_parameters() if "layers.0" in n)
+        mesh = (tuple(weight.device_mesh.shape), [type(p).__name__ for p in weight.placements])
+        trainer.train()
+        save(out, name, trainer, mesh=mesh)
+
+
+def trainer_world() -> int:
+    return int(os.environ["WORLD_SIZE"])
+
+
 def kill(out: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
@@ -79,7 +95,7 @@ def kill(out: Path) -> None:
 if __name__ == "__main__":
     target, mode = Path(sys.argv[1]), sys.argv[2]
     target.mkdir(parents=True, exist_ok=True)
-    {"parity": parity, "kill": kill}[mode](target)
+    {"parity": parity, "kill": kill, "hsdp": hsdp}[mode](target)
     from csd_fast.distributed.env import shutdown
 
     shutdown()

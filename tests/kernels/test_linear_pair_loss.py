@@ -19,7 +19,7 @@ from csd_fast.kernels.logprob import fused_linear_logprob, fused_linear_logprob_
 from csd_fast.losses import LossParams, PairLogps, preference_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ATOL = {torch.bfloat16: 2e-2}
+ATOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
 NO_TRITON = pytest.mark.skipif(lpl.triton is None, reason="no triton")
 IMPLS = ["torch", pytest.param("triton", marks=NO_TRITON)]
 HEADS = {"plain": {}, "gemma": {"softcap": 2.5, "temperature": 0.7},
@@ -138,17 +138,37 @@ def test_clo_with_groups_across_chunks(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bf16_within_tolerance_rule(impl):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_tolerance_rule(impl, dtype):
     opts = {"softcap": 2.5, "temperature": 0.7}
-    case = make(5, 32, 67, torch.bfloat16, seed=4)
+    case = make(5, 32, 67, dtype, seed=4)
     loss_kw = {"loss_type": ("sigmoid",), "beta": 0.3}
     want, want_g, _ = reference(case, loss_kw, opts)
-    base, base_g, _ = reference(case, loss_kw, opts, dtype=torch.bfloat16)
+    base, base_g, _ = reference(case, loss_kw, opts, dtype=dtype)
     out, got_g = ours(case, loss_kw, opts, impl, 20 * 67)
-    check("loss", out.loss, base, want, torch.bfloat16)
+    check("loss", out.loss, base, want, dtype)
     for name, g, b, t in zip(("dh", "dw"), got_g, base_g, want_g, strict=True):
-        assert g.dtype == torch.bfloat16
-        check(name, g, b, t, torch.bfloat16)
+        assert g.dtype == dtype
+        check(name, g, b, t, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp16_gradients_under_a_loss_scale(impl):
+    """fp16 training multiplies the loss by a GradScaler's scale (2**16 at the start) before
+    backward: the scaled fp16 gradients, unscaled, stay within the fp16 rule, not inf."""
+    scale = 2.0**16
+    case = make(5, 32, 67, torch.float16, seed=5)
+    loss_kw = {"loss_type": ("sigmoid",), "beta": 0.1}
+    want, want_g, _ = reference(case, loss_kw, {})
+    base, base_g, _ = reference(case, loss_kw, {}, dtype=torch.float16)
+    out = fused_linear_pair_loss(
+        case["hidden"], case["weight"], case["labels"], case["offsets"], case["ref_c"],
+        case["ref_r"], impl=impl, chunk_elements=20 * 67, loss_type="sigmoid", beta=0.1,
+    )  # fmt: skip
+    got_g = torch.autograd.grad(1.7 * scale * out.loss, [case["hidden"], case["weight"]])
+    for name, g, b, t in zip(("dh", "dw"), got_g, base_g, want_g, strict=True):
+        assert torch.isfinite(g).all(), name
+        check(name, g.double() / scale, b, t, torch.float16)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
