@@ -96,6 +96,25 @@ def test_trl_parser_builds_over_every_field():
     assert isinstance(args, DPOConfig) and args.loss_weights == [1.0, 0.5]
 
 
+def test_trl_parsers_leave_our_option_checks_alone():
+    """HfArgumentParser rewrites dataclass field types in place (`int | None` -> `int`,
+    `str | bool` -> `bool`); after TrlParser has parsed TRL's DPOConfig and ours, our checks
+    still read the declared types: max_length=None and include_num_input_tokens_seen="no" pass."""
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import TrlParser
+
+    from csd_fast import DPOConfig
+    from csd_fast.validation import check_training_args
+
+    for cls in (TrlDPOConfig, DPOConfig):
+        TrlParser((cls,)).parse_args_into_dataclasses(["--output_dir", "o", "--use_cpu"])
+    args = DPOConfig(output_dir="o", use_cpu=True, max_length=None)
+    assert args.include_num_input_tokens_seen == "no"
+    check_training_args(args)
+    with pytest.raises(ValueError, match="max_length"):  # the check still runs
+        check_training_args(DPOConfig(output_dir="o", use_cpu=True, max_length="long"))
+
+
 def _trainers(models, tmp_path, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
