@@ -36,6 +36,7 @@ import yaml
 
 from csd_fast.errors import ConfigError, UserError, run_cli
 from csd_fast.validation import base_type as _base_type
+from csd_fast.validation import declared_type
 
 # Options of the script itself (not training hyperparameters), like TRL's ScriptArguments.
 SCRIPT_OPTIONS = {
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(DPOConfig):
         if not f.init or f.name.startswith("_"):
             continue
-        tp, is_list = _base_type(f.type)
+        tp, is_list = _base_type(declared_type(DPOConfig, f))
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
         if tp is bool and not is_list:
@@ -290,7 +291,7 @@ def _train(argv: list[str] | None) -> int:
     if plan:
         nproc, argv = pop_option(argv, ("--nproc", "--nproc_per_node", "--nproc-per-node"))
         return print_memory_plan(argv, int(nproc or os.environ.get("WORLD_SIZE", 1)), device_gb)
-    code, argv = launch_if_asked(argv)  # --nproc N: the same command under torchrun
+    code, argv = launch_if_asked(argv, _restarts)  # --nproc N: the command under torchrun
     if code is not None:
         return code
     if any(a == "--sweep" or a.startswith("--sweep=") for a in argv):
@@ -403,6 +404,13 @@ def _run(DPOTrainer, script: dict, args, checkpoint, output_dir: Path) -> int:
     if png:
         print(f"[csd-train] curves: {png}")
     return 0
+
+
+def _restarts(argv: list[str]) -> int:
+    """torchrun restarts for `csd train --nproc N`: auto_find_batch_size retries by restarting."""
+    from csd_fast.distributed.launch import AUTO_BATCH_RESTARTS
+
+    return AUTO_BATCH_RESTARTS if resolve(argv)[1].get("auto_find_batch_size") else 0
 
 
 def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -> int:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from csd_fast.batch import PairBatch, segment_sum
+from csd_fast.prompt_learning import active_prompt_learning, shifted_index, with_virtual_tokens
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,12 @@ def _score_tokens(
     `pair_loss` (the pair-loss options) makes the head return the loss with its gradients
     computed in the forward (csd_fast.kernels.linear_pair_loss) instead of the log-probs."""
     kwargs = dict(batch.model_kwargs)
+    index, shift = batch.token_index, 0
+    prompt_learning = active_prompt_learning(model)
+    if prompt_learning is not None:  # PEFT's virtual tokens, added as PeftModel.forward would
+        width = kwargs["input_ids"].shape[1]
+        kwargs, shift = with_virtual_tokens(model, prompt_learning, kwargs)
+        index = shifted_index(index, width, shift)
     want_aux = extras is not None and "aux_loss" in extras
     if want_aux:
         kwargs["output_router_logits"] = True
@@ -224,7 +231,7 @@ def _score_tokens(
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if want_aux:
         extras["aux_loss"] = router_aux_loss(model, out.router_logits, batch)
-    hidden = hidden.flatten(0, 1).index_select(0, batch.token_index)  # (N, H)
+    hidden = hidden.flatten(0, 1).index_select(0, index)  # (N, H)
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         # the residual stream leaves the final norm in fp32; the head runs in the autocast dtype,

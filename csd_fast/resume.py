@@ -243,7 +243,8 @@ def guarded_training(trainer, resume):
             check_output_dir(
                 args.output_dir,
                 resume=False,
-                overwrite=args.overwrite_output_dir,
+                # an out-of-memory restart replaces its own failed attempt's results
+                overwrite=args.overwrite_output_dir or getattr(trainer, "oom_restart", False),
                 flags=("resume_from_checkpoint=True", "overwrite_output_dir=True"),
             )
         path = select_checkpoint(resume, args.output_dir)

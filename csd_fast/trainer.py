@@ -592,6 +592,14 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         )
 
         watch_underflow_overflow(self)
+        self.oom_restart = False
+        if self.args.auto_find_batch_size and self.dist.distributed:
+            from csd_fast.distributed.batch_size import resume_after_restart
+
+            # a torchrun restart after an out-of-memory: the smaller size, from step 0
+            self.oom_restart = resume_after_restart(self)
+        if self.oom_restart:
+            resume_from_checkpoint = None
         resumed_batch_size(self, resume_from_checkpoint)  # auto_find_batch_size: the found one
         self._in_train = True
         try:

@@ -77,13 +77,10 @@ def check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval
                 "would be those of a reference that no longer exists. Unset ref_cache_dir."
             )
     adapter = peft_config or getattr(model, "active_peft_config", None)
-    if getattr(adapter, "is_prompt_learning", False):
-        raise ValueError(
-            f"peft_config is a prompt-learning method ({adapter.peft_type}): its virtual tokens "
-            "are prepended by PeftModel.forward, which csd-fast's forward does not call (it runs "
-            "the decoder and the LM head itself), so they would be silently left out. Use an "
-            "adapter on the weights (LoRA, DoRA, IA3, ...)."
-        )
+    if getattr(adapter, "is_prompt_learning", False):  # virtual tokens: csd_fast/prompt_learning
+        from csd_fast.prompt_learning import check_prompt_learning
+
+        check_prompt_learning(adapter, args)
     packed = args.padding_free or args.prefix_sharing or args.max_tokens_per_batch
     if args.neftune_noise_alpha is not None and packed:
         raise NotImplementedError(
@@ -381,16 +378,22 @@ def watch_underflow_overflow(trainer) -> None:
 def batch_size_search(trainer, attempt):
     """`auto_find_batch_size`, as transformers (through accelerate) does it: when a training
     start runs out of memory (accelerate's test of the error), retry from the start with
-    per_device_train_batch_size * 0.9 until one fits; gradient_accumulation_steps is kept."""
+    per_device_train_batch_size * 0.9 until one fits; gradient_accumulation_steps is kept.
+    Under torchrun the retry is a restart of the job (csd_fast/distributed/batch_size.py)."""
     args = trainer.args
     if not args.auto_find_batch_size:
         return attempt()
-    if trainer.dist.distributed:
-        raise NotImplementedError(
-            "auto_find_batch_size under torchrun: an out-of-memory on one rank would leave the "
-            "others waiting in a collective; set per_device_train_batch_size"
-        )
     from accelerate.utils.memory import should_reduce_batch_size
+
+    if trainer.dist.distributed:  # the job restarts with the smaller size (distributed/)
+        from csd_fast.distributed.batch_size import record_smaller_size
+
+        try:
+            return attempt()
+        except Exception as e:
+            if should_reduce_batch_size(e):
+                record_smaller_size(trainer, e)
+            raise
 
     while True:
         try:

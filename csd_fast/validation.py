@@ -96,6 +96,17 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+def declared_type(cls, f: dataclasses.Field):
+    """A field's annotation as the class declares it. HF's argument parser (TRL's TrlParser)
+    rewrites `Field.type` in place (`int | None` becomes `int`) for every later use of the
+    class in the process; the class's own `__annotations__` stay as written."""
+    for klass in cls.__mro__:
+        annotations = klass.__dict__.get("__annotations__", {})
+        if f.name in annotations:
+            return annotations[f.name]
+    return f.type
+
+
 def _is_optional(tp) -> bool:
     if isinstance(tp, str):
         return "None" in tp
@@ -111,7 +122,7 @@ def coerce_fields(cls, data: dict, *, source: str | None = None) -> dict:
         if f is None:
             out[key] = value
             continue
-        tp, is_list = base_type(f.type)
+        tp, is_list = base_type(declared_type(cls, f))
         try:
             if is_list and isinstance(value, (list, tuple)):
                 value = [_coerce(v, tp) for v in value]
@@ -125,30 +136,25 @@ def coerce_fields(cls, data: dict, *, source: str | None = None) -> dict:
 
 @functools.cache
 def _upstream_str_fields() -> frozenset[str]:
-    """TrainingArguments fields whose declared type admits a string (`str | bool`, ...).
-
-    Read from the class annotations, not `dataclasses.fields(...).type`: HF's argument parser
-    rewrites those in place (`str | bool` becomes `bool` once a TrlParser has parsed TRL's own
-    DPOConfig in this process)."""
+    """TrainingArguments fields whose declared type admits a string (`str | bool`, ...); the
+    declared type, since a TrlParser run rewrites `str | bool` to `bool` (`declared_type`)."""
     from transformers import TrainingArguments
 
-    annotations = {}
-    for cls in reversed(TrainingArguments.__mro__):
-        annotations.update(getattr(cls, "__annotations__", {}))
-    return frozenset(name for name, tp in annotations.items() if "str" in str(tp))
+    fields = dataclasses.fields(TrainingArguments)
+    return frozenset(f.name for f in fields if "str" in str(declared_type(TrainingArguments, f)))
 
 
 def _check_types(args) -> None:
     """Every int/float/bool field holds a value of its type (None where the field allows it)."""
     for f in dataclasses.fields(args):
-        tp, is_list = base_type(f.type)
+        declared = declared_type(type(args), f)
+        tp, is_list = base_type(declared)
         if tp not in (int, float, bool) or is_list:
             continue
         value = getattr(args, f.name)
         if isinstance(value, str) and f.name in _upstream_str_fields():
             continue  # transformers takes a string here too (include_num_input_tokens_seen="no")
-        # (the default too: HF's argument parser rewrites `int | None` field types to `int`)
-        if value is None and (_is_optional(f.type) or f.default is None):
+        if value is None and (_is_optional(declared) or f.default is None):
             continue
         number = isinstance(value, numbers.Real) and not isinstance(value, bool)
         if tp is bool:

@@ -270,6 +270,20 @@ def test_fsdp_compute_dtype_follows_bf16_and_fp16_on_accelerators():
         assert FsdpOptions.from_args(args, cpu).param_dtype is None  # the CPU keeps fp32
 
 
+def test_hf_argument_parser_leaves_optional_fields_optional():
+    """HfArgumentParser (TRL's TrlParser) rewrites `int | None` field types to `int` in place,
+    for the rest of the process: a later DPOConfig(max_length=None) must still be valid."""
+    from transformers import HfArgumentParser
+
+    HfArgumentParser(DPOConfig)
+    assert dataclasses.fields(DPOConfig)[0].type is not None
+    max_length = next(f for f in dataclasses.fields(DPOConfig) if f.name == "max_length")
+    assert "None" not in str(max_length.type)  # the parser's rewrite, which we must survive
+    from csd_fast.validation import check_training_args
+
+    check_training_args(DPOConfig(output_dir="x", max_length=None))
+
+
 def test_harmless_fields_accepted():
     cfg = DPOConfig(
         output_dir="x", log_level="info", ddp_timeout=60, dataloader_num_workers=2,

@@ -26,6 +26,7 @@ def _logps(c, r, rc, rr) -> PairLogps:
 def test_per_language_values_by_hand():
     # beta 1: margins are (c - rc) - (r - rr) = 2, -1, 0.5, 3 ; languages en, da, en, da
     logps = _logps([1.0, 0.0, 2.0, 3.0], [-1.0, 1.0, 1.5, 0.0], [0.0] * 4, [0.0] * 4)
+
     def metrics(langs):
         no_tokens = torch.zeros(0, dtype=torch.long)
         return pair_metrics(

@@ -5,9 +5,8 @@ Run: `python -m pytest tests/test_trl_dropin.py -q` (about 1.5 minutes on 2 core
 eval_on_start, eval_delay, label_smoothing_factor, neftune_noise_alpha, activation_offloading,
 a custom data_collator, fp16 (on the CPU), bf16_full_eval and optim_args train or evaluate the
 same tiny model on the same rows with TRL's DPOTrainer and ours (tests/trl_helpers.py) and
-compare every logged value and the final weights; a prompt-learning adapter (which our forward
-cannot honour) must be refused, not silently ignored. Checkpoint and resume options:
-tests/test_trl_dropin_resume.py.
+compare every logged value and the final weights (prompt-learning adapters:
+tests/test_prompt_learning.py). Checkpoint and resume options: tests/test_trl_dropin_resume.py.
 """
 
 from __future__ import annotations
@@ -139,14 +138,6 @@ def test_activation_offloading_matches_trl(models, tmp_path, monkeypatch):
     problems = compare_logs(our_logs, ref_logs)
     assert not problems, "\n".join(problems)
     assert max_weight_diff(our_w, ref_w) <= WEIGHT_ATOL
-
-
-def test_prompt_learning_adapter_is_refused(models, tmp_path):
-    peft = pytest.importorskip("peft")
-    config = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4)
-    with pytest.raises(ValueError, match="prompt-learning"):
-        run("csd", "llama", models, tmp_path, rows("standard", 8),
-            trainer_kwargs={"peft_config": config})  # fmt: skip
 
 
 @pytest.mark.parametrize("precompute", [False, True])

@@ -94,6 +94,14 @@ def init_distributed(use_cpu: bool = False) -> DistEnv:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": device} if accel else {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart:
+            # torchrun's agent keeps its store across restarts: a restarted worker could read
+            # the previous round's peer addresses (gloo then connects to a dead rank), so each
+            # round gets keys of its own
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=_timeout()))
+            kwargs.update(store=dist.PrefixStore(f"csd_restart_{restart}", store), rank=rank,
+                          world_size=world)  # fmt: skip
         dist.init_process_group(backend=backend, timeout=_timeout(), **kwargs)
     if dist.get_world_size() != world:
         raise RuntimeError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()}")

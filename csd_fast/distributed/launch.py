@@ -37,15 +37,22 @@ def pop_option(argv: list[str], names: tuple[str, ...]) -> tuple[str | None, lis
     return value, rest
 
 
-def torchrun_command(nproc: int, train_argv: list[str]) -> list[str]:
+# auto_find_batch_size under torchrun retries by restarting the job (distributed/batch_size.py):
+# each restart takes 0.9x the size, so 8 reach 0.43x of the requested batch
+AUTO_BATCH_RESTARTS = 8
+
+
+def torchrun_command(nproc: int, train_argv: list[str], restarts: int = 0) -> list[str]:
+    extra = ["--max-restarts", str(restarts)] if restarts else []
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", *extra,
         "--nproc_per_node", str(nproc), "-m", "csd_fast", "train", *train_argv,
     ]  # fmt: skip
 
 
-def launch_if_asked(argv: list[str]) -> tuple[int | None, list[str]]:
+def launch_if_asked(argv: list[str], restarts_for=None) -> tuple[int | None, list[str]]:
     """`--nproc N` outside torchrun: run the same command under torchrun, return its exit code.
+    `restarts_for(argv)`: how many restarts torchrun may make (auto_find_batch_size's).
 
     Returns (None, argv without --nproc) when there is nothing to launch (no option, N == 1,
     or already inside torchrun, where the option is a no-op)."""
@@ -57,7 +64,8 @@ def launch_if_asked(argv: list[str]) -> tuple[int | None, list[str]]:
         raise SystemExit(f"--nproc must be >= 1, got {nproc}")
     if nproc == 1 or "LOCAL_RANK" in os.environ:
         return None, rest
-    return subprocess.call(torchrun_command(nproc, rest)), rest
+    restarts = restarts_for(rest) if restarts_for else 0
+    return subprocess.call(torchrun_command(nproc, rest, restarts)), rest
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,8 @@ SCENARIOS = {
     "by_path": dict(padding_free=True, max_steps=3),
     "by_path_lora_tied": dict(padding_free=True, max_steps=3, learning_rate=1e-2,
                               save_strategy="steps", save_steps=3),
+    # a vision-language model (tiny LLaVA) on image rows: padded batches through its processor
+    "vision": dict(max_steps=3),
     # fp16's loss scaling (the CPU's GradScaler, see OverflowAtStep2): an inf in one rank's
     # gradient shard must make every rank skip that step
     "fp16_overflow": dict(padding_free=True, max_steps=3),
@@ -139,6 +141,17 @@ class OverflowAtStep2(torch.amp.GradScaler):
         return super().unscale_(optimizer)
 
 
+class OutOfMemoryOnLastRank(TrainerCallback):
+    """The last rank runs out of memory (simulated: the error CUDA raises) at the first step
+    while its batch has more than one pair: auto_find_batch_size's case."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if int(os.environ.get("RANK", "0")) == world - 1 and args.per_device_train_batch_size > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+        return control
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
@@ -175,6 +188,8 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
     evalset = EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
+    if name == "vision":
+        return _vision_trainer(DPOConfig(**kw), callbacks)
     name = "packed" if name == "packed_async" else name
     seed = int(os.environ.get("RANK", "0")) if name == "accelerate" else 0
     model, ref = tiny_model(tok, tied=name in TIED, seed=seed), None
@@ -187,6 +202,18 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
     if name == "fp16_overflow":
         trainer.grad_scaler = OverflowAtStep2(trainer.dist.rank, world)
     return trainer
+
+
+def _vision_trainer(args, callbacks):
+    import datasets
+    from vision_helpers import tiny_vlm, vision_rows
+
+    from csd_fast import DPOTrainer
+
+    model, processor = tiny_vlm("llava")
+    rows = datasets.Dataset.from_list(vision_rows(len(ROWS)))
+    return DPOTrainer(model, args=args, train_dataset=rows, processing_class=processor,
+                      callbacks=callbacks)  # fmt: skip
 
 
 def by_path_models(root: Path, name: str) -> tuple[str, str | None]:

@@ -59,6 +59,11 @@ def single(name: str, out: Path, **kw):
     return trainer
 
 
+# attention key biases get no gradient in exact arithmetic (a softmax is unchanged by a shift
+# common to all keys), so AdamW turns round-off in them into whole steps of lr: looser there
+LOOSE_WEIGHTS = {"self_attn.k_proj.bias": 1e-5}
+
+
 def assert_same_run(got: dict, want_history, want_weights, skip=frozenset(), rtol=1e-5):
     hist = got["history"]
     assert len(hist) == len(want_history)
@@ -72,13 +77,15 @@ def assert_same_run(got: dict, want_history, want_weights, skip=frozenset(), rto
                 assert a[k] == b[k], (step, k)
     assert got["weights"].keys() == want_weights.keys()
     for k, w in want_weights.items():
-        torch.testing.assert_close(got["weights"][k], w, rtol=1e-5, atol=1e-6, msg=k)
+        atol = next((a for part, a in LOOSE_WEIGHTS.items() if part in k), 1e-6)
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-5, atol=atol, msg=k)
 
 
 @pytest.mark.parametrize("name", sorted(set(scenarios.SCENARIOS)))
 def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name):
     trainer = single(name, tmp_path)
-    skip = PADDING_KEYS if name in ("padded", "prefix_fused") else PADDING_KEYS - {"num_tokens"}
+    padded = ("padded", "prefix_fused", "vision")
+    skip = PADDING_KEYS if name in padded else PADDING_KEYS - {"num_tokens"}
     got = torch.load(two_ranks / f"{name}.pt", weights_only=False)
     assert len(got["history"]) >= 4  # >= 3 steps plus the summary
     assert_same_run(got, scenarios.history(trainer), scenarios.weights(trainer), skip)

@@ -7,8 +7,9 @@ stopped at step 3 and resumed on the same two ranks, the packed run resumed on t
 the single-process checkpoint OUT/one_rank/checkpoint-3 (written by the test), plus a
 consolidated export of the packed run and the packed run with async checkpoints; results
 (history, gathered weights) in OUT/<name>.pt. MODE `hsdp` (4 ranks): the scenarios of
-`scenarios.HSDP_SCENARIOS`, each with its FSDP2 mesh. MODE `kill`: the packed run, where
-rank 1 kills itself with SIGKILL as the step-6 checkpoint starts writing.
+`scenarios.HSDP_SCENARIOS`, each with its FSDP2 mesh. MODE `oom`: auto_find_batch_size after
+a simulated out-of-memory on rank 1 (run under torchrun --max-restarts). MODE `kill`: the
+packed run, where rank 1 kills itself with SIGKILL as the step-6 checkpoint starts writing.
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ def hsdp(out: Path) -> None:
         save(out, name, trainer, mesh=mesh)
 
 
+def oom(out: Path) -> None:
+    """auto_find_batch_size on 2 ranks: rank 1 runs out of memory at batch 2 (torchrun restarts
+    the job, which then trains with batch 1 from step 0)."""
+    trainer = scenarios.build_trainer("padded", 2, out / "oom", auto_find_batch_size=True,
+                                      callbacks=[scenarios.OutOfMemoryOnLastRank()])  # fmt: skip
+    trainer.train()
+    save(out, "oom", trainer)
+
+
 def trainer_world() -> int:
     return int(os.environ["WORLD_SIZE"])
 
@@ -95,7 +105,7 @@ def kill(out: Path) -> None:
 if __name__ == "__main__":
     target, mode = Path(sys.argv[1]), sys.argv[2]
     target.mkdir(parents=True, exist_ok=True)
-    {"parity": parity, "kill": kill, "hsdp": hsdp}[mode](target)
+    {"parity": parity, "kill": kill, "hsdp": hsdp, "oom": oom}[mode](target)
     from csd_fast.distributed.env import shutdown
 
     shutdown()
