@@ -6,6 +6,9 @@
     csd-train --output_dir out --resume                # continue from the latest checkpoint
     csd-train --nproc 8 ...                            # FSDP2 over 8 local devices (torchrun)
     csd-train --plan --nproc 8 ...                     # per-device memory estimate, then exit
+    csd-train ... --peft_config '{"r": 16, "target_modules": "all-linear"}'   # a LoRA adapter
+    csd-train ... --peft_config '{...}' --model_init_kwargs '{"quantization_config":
+              {"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}}'     # QLoRA (one process)
 
 Every `DPOConfig` field is a flag named as the field (`--max_steps`, also `--max-steps`), as in
 `trl dpo`. The options that differ from the defaults are printed; the whole resolved
@@ -57,6 +60,13 @@ SCRIPT_OPTIONS = {
         False,
         "tokenize and precompute the reference store, then exit (a sweep's prepare job)",
     ),
+    "peft_config": (
+        dict,
+        None,
+        "train a LoRA adapter: peft.LoraConfig's arguments as a JSON object (a mapping in "
+        """--config), e.g. '{"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}'; """
+        "with a quantization_config in --model_init_kwargs this is QLoRA",
+    ),
 }
 
 ALIASES = {
@@ -81,6 +91,30 @@ def _converter(tp):
     if tp in (int, float, str):
         return tp
     return lambda v: _auto(v)
+
+
+def _json_object(v: str) -> dict:
+    try:
+        value = json.loads(v)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {v!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {v!r}")
+    return value
+
+
+def lora_config(options):
+    """`--peft_config` (a mapping of peft.LoraConfig's arguments) -> a LoraConfig, checked."""
+    if not isinstance(options, dict):
+        raise ConfigError("peft_config", f"expected a mapping of LoraConfig arguments: {options!r}")
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise UserError("--peft_config needs peft: pip install 'csd-fast[peft]'") from None
+    try:
+        return LoraConfig(**{"task_type": "CAUSAL_LM", **options})
+    except (TypeError, ValueError) as e:
+        raise ConfigError("peft_config", f"not valid LoraConfig arguments: {e}") from None
 
 
 def _auto(v: str):
@@ -119,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif tp is bool:
             script.add_argument(*flags, dest=name, action="store_true", help=help_)
         else:
-            script.add_argument(*flags, dest=name, type=tp, default=default, help=help_)
+            kind = _json_object if tp is dict else tp
+            script.add_argument(*flags, dest=name, type=kind, default=default, help=help_)
     train = parser.add_argument_group("training (DPOConfig)")
     for f in dataclasses.fields(DPOConfig):
         if not f.init or f.name.startswith("_"):
@@ -216,6 +251,21 @@ def _checked_config(script: dict, kwargs: dict):
     except (ValueError, TypeError) as e:
         raise UserError(f"invalid option: {e}") from None
     check_training_args(args, has_train=True, has_eval=has_eval)
+    if script["peft_config"] is not None:
+        lora_config(script["peft_config"])  # a bad key is a user error before any model loads
+    init = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
+    if init.get("quantization_config") and script["peft_config"] is None:
+        raise ConfigError(
+            "model_init_kwargs",
+            "quantization_config (QLoRA) trains through a LoRA adapter: add --peft_config, e.g. "
+            """'{"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}'""",
+        )
+    if init.get("quantization_config") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "model_init_kwargs",
+            "quantization_config under torchrun: FSDP2 cannot shard bitsandbytes' quantized "
+            "weights; run QLoRA as one process, or LoRA on a bf16 base with --nproc",
+        )
     if script["resume"] and args.overwrite_output_dir:
         raise UserError("--resume and --overwrite_output_dir contradict each other: pick one")
     return args
@@ -321,6 +371,7 @@ def _run(DPOTrainer, script: dict, args, checkpoint, output_dir: Path) -> int:
         args=args,
         train_dataset=train,
         eval_dataset=evalset,
+        peft_config=lora_config(script["peft_config"]) if script["peft_config"] else None,
     )
     for name, pairs in (("train", trainer.train_pairs), ("eval", trainer.eval_pairs)):
         if pairs is not None and pairs.num_skipped:

@@ -21,13 +21,21 @@ from torch import nn
 _META_KWARGS = {"trust_remote_code", "attn_implementation"}
 
 
-def load_model(path: str, args, *, on_meta: bool = False) -> nn.Module:
+def load_model(path: str, args, *, on_meta: bool = False, extra_kwargs=None) -> nn.Module:
     """`path` as a causal LM in TRL's dtype; `on_meta`: only its structure, on the meta device
     (no weights read: an FSDP rank other than 0, whose shards come from rank 0 after sharding,
-    `csd_fast.distributed.fsdp.broadcast_from_rank0`). See `loads_on_meta`."""
+    `csd_fast.distributed.fsdp.broadcast_from_rank0`). See `loads_on_meta`. `extra_kwargs`: the
+    trainer's own additions (a `quantization_config` argument: csd_fast.quantization)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(args.model_init_kwargs or {}) if isinstance(args.model_init_kwargs, dict) else {}
+    kwargs.update(extra_kwargs or {})
+    if kwargs.get("quantization_config") is not None:
+        from csd_fast.quantization import bnb_config, default_device_map
+
+        kwargs["quantization_config"] = bnb_config(kwargs["quantization_config"])
+        if "device_map" not in kwargs:
+            kwargs["device_map"] = default_device_map(args)
     # TRL loads float32 unless told otherwise: bf16 master weights would round away small updates
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "float32"))
     if isinstance(dtype, str) and dtype != "auto":
@@ -92,8 +100,11 @@ def is_on_meta(module: nn.Module | None) -> bool:
 
 
 def to_device(module: nn.Module | None, device) -> None:
-    """Move to `device`, except a model on meta: it gets storage when it is sharded."""
-    if module is not None and not is_on_meta(module):
+    """Move to `device`, except a model on meta (it gets storage when it is sharded) and a
+    bitsandbytes-quantized one (placed by its load's device_map; bnb weights are not moved)."""
+    from csd_fast.quantization import is_quantized
+
+    if module is not None and not is_on_meta(module) and not is_quantized(module):
         module.to(device)
 
 
@@ -155,25 +166,52 @@ def reference_dtype(model: nn.Module, args) -> torch.dtype:
     return torch.bfloat16 if on_accelerator and args.bf16 and dtype.is_floating_point else dtype
 
 
-def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def frozen_copy(
+    model: nn.Module, dtype: torch.dtype | None, share_frozen: bool = False
+) -> nn.Module:
     """A deep copy whose parameters are made directly in `dtype` (no full-precision second copy
-    exists at any point: peak memory is the policy plus the reference in its own dtype)."""
+    exists at any point: peak memory is the policy plus the reference in its own dtype).
+    `share_frozen`: parameters that never train are shared, not copied (a quantized PEFT model:
+    its reference is the same 4-bit base under a frozen copy of the initial adapter); `dtype`
+    None keeps each copied parameter's own dtype."""
     memo = {}
     for p in model.parameters():  # a tied parameter appears once: one copy, still tied
-        memo[id(p)] = nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+        if share_frozen and not p.requires_grad:
+            memo[id(p)] = p
+        else:
+            value = p.detach().to(dtype or p.dtype, copy=True)
+            memo[id(p)] = nn.Parameter(value, requires_grad=False)
     return copy.deepcopy(model, memo)
 
 
 def prepare_models(model: nn.Module, ref_model: nn.Module | None, peft_config, args):
     """Return (policy, reference or None) ready for training; see the module docstring."""
+    from csd_fast.quantization import (
+        adapters_to_bf16,
+        check_quantized_policy,
+        is_quantized,
+        pin_train_mode,
+    )
+
+    check_quantized_policy(model, peft_config)  # QLoRA: an adapter, a full-precision head
     if peft_config is not None:
         try:
             from peft import get_peft_model
         except ImportError as e:
             raise ImportError("peft_config needs `pip install peft`") from e
         model = get_peft_model(model, peft_config)
+    quantized = is_quantized(model)
+    if quantized:  # TRL's QLoRA adapter dtype, also for a PeftModel passed in
+        adapters_to_bf16(model)
+        pin_train_mode(model)
+    pin_train_mode(ref_model if is_quantized(ref_model) else None)
+    if peft_config is not None:
+        pass  # the reference is the policy with its adapters disabled
     elif ref_model is None and not (args.precompute_ref_log_probs or args.ref_cache_dir):
-        ref_model = frozen_copy(model, reference_dtype(model, args))
+        # a PeftModel passed in: the reference is its initial adapter (TRL copies it into a
+        # "ref" adapter); over a quantized base that base is shared, never copied
+        dtype = None if quantized else reference_dtype(model, args)
+        ref_model = frozen_copy(model, dtype, share_frozen=quantized)
     # with precomputed reference log-probs the untrained policy scores the data once: no copy
     if ref_model is not None:
         freeze(ref_model)

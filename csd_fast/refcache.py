@@ -109,9 +109,14 @@ def fingerprint_components(
     dtype: str,
     autocast: str,
     device: str,
+    quantization: str | None = None,
 ) -> dict[str, str]:
-    """Everything that decides a reference table, by name (the names a mismatch reports)."""
+    """Everything that decides a reference table, by name (the names a mismatch reports).
+    `quantization`: a bitsandbytes reference's config (csd_fast.quantization.quantization_key);
+    absent for a full-precision one, so the ids of existing stores stay as they were."""
+    extra = {} if quantization is None else {"quantization": quantization}
     return {
+        **extra,
         "model": model,
         "tokenizer": tokenizer,
         "data": data,

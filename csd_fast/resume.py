@@ -122,12 +122,17 @@ def pairs_fingerprint(pairs) -> str | None:
 
 def run_identity(trainer) -> dict:
     """What identifies a trainer's run besides its options: model names, data fingerprints."""
+    from csd_fast.quantization import quantization_key
+
     names = getattr(trainer, "source_names", {}) or {}
     dist = getattr(trainer, "dist", None)
+    # QLoRA: an adapter resumed over another quantization of its base trains another model
+    quantization = quantization_key(getattr(trainer, "model", None)) or "none"
     return {
         "world_size": getattr(dist, "world_size", 1),
         "model": names.get("model"),
         "ref_model": names.get("ref_model"),
+        "quantization": quantization,
         "train_data": pairs_fingerprint(trainer.train_pairs),
         "eval_data": pairs_fingerprint(trainer.eval_pairs),
     }
@@ -194,6 +199,7 @@ def diff_records(saved: dict, new: dict) -> list[tuple[str, object, object]]:
         "eval_data": "eval data",
         "model": "model",
         "ref_model": "reference model",
+        "quantization": "quantization_config",
     }
     for key, label in labels.items():
         a, b = old_r.get(key), new_r.get(key)

@@ -94,12 +94,15 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
                 "padding_free, prefix_sharing or max_tokens_per_batch (csd-fast's packed layouts)"
             )
         self.data_collator = data_collator  # TRL-format output (csd_fast.trl_collate)
-        if quantization_config is not None:
-            raise NotImplementedError(
-                "quantization_config is not supported: bitsandbytes 4/8-bit weights (QLoRA) "
-                "need its CUDA kernels and csd-fast's fused head reads full-precision weights; "
-                "train LoRA on a bf16 model instead"
-            )
+        from csd_fast.quantization import (
+            check_single_process,
+            check_trainable_patterns,
+            quantized_init_kwargs,
+            requested_config,
+        )
+
+        # QLoRA (csd_fast.quantization): the trainer argument or model_init_kwargs', as TRL
+        init_kwargs = quantized_init_kwargs(model, args, quantization_config)
         check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
         _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
@@ -122,6 +125,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             enable_full_determinism(args.seed)
             set_deterministic(True)
         self.dist = init_distributed(use_cpu=getattr(args, "use_cpu", False))
+        check_single_process(model, requested_config(args, quantization_config), self.dist)
         self.device = self.dist.device
         model_path = model if isinstance(model, str) else None
         self.source_names = {
@@ -131,7 +135,9 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # FSDP: only rank 0 reads weights given by path; the others build the structure on
         # meta and get their shards from rank 0 once sharded (no full copy per rank in memory)
         meta = self.dist.distributed and not self.dist.is_main and loads_on_meta(args)
-        self.model = load_model(model, args, on_meta=meta) if model_path else model
+        self.model = (
+            load_model(model, args, on_meta=meta, extra_kwargs=init_kwargs) if model_path else model
+        )
         if meta and model_path:
             print(f"[csd] rank {self.dist.rank}: {model_path} built on the meta device, its "
                   "weights sent by rank 0 once sharded", flush=True)  # fmt: skip
@@ -140,11 +146,12 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # a reference given by path is loaded only if a table must be computed (or a live
         # reference is needed): with a complete ref_cache_dir store it never enters memory
         self._ref_model_path = None
+        self._init_kwargs = init_kwargs  # a reference loaded lazily by path is quantized alike
         if isinstance(ref_model, str):
             if args.ref_cache_dir and Path(ref_model).is_dir() and not self.dist.distributed:
                 self._ref_model_path, ref_model = ref_model, None
             else:
-                ref_model = load_model(ref_model, args, on_meta=meta)
+                ref_model = load_model(ref_model, args, on_meta=meta, extra_kwargs=init_kwargs)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
         self.callbacks = list(callbacks or [])
         # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
@@ -153,6 +160,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         self._per_rank_batch_size(True)  # split_batches: refuse an uneven split up front
         if eval_dataset is not None:
             self._per_rank_batch_size(False)
+        check_trainable_patterns(self.model, args.trainable_params)  # no 4-bit weight trains
         self.trainable = select_trainable(self.model, args.trainable_params)
         to_device(self.model, self.device)
         to_device(self.ref_model, self.device)

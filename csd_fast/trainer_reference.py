@@ -25,10 +25,12 @@ class ReferenceMixin:
     def _reference(self):
         """The frozen reference: a separate model, or the policy with its LoRA adapters off."""
         if self.ref_scorer is None and self._ref_model_path is not None:
-            from csd_fast.models import load_model, prepare_reference
+            from csd_fast.models import load_model, prepare_reference, to_device
 
-            ref = prepare_reference(load_model(self._ref_model_path, self.args), self.args)
-            self.ref_model = ref.to(self.device)
+            path, extra = self._ref_model_path, self._init_kwargs
+            ref = prepare_reference(load_model(path, self.args, extra_kwargs=extra), self.args)
+            to_device(ref, self.device)
+            self.ref_model = ref
             self.ref_scorer = PairScorer(self.ref_model)
         if self.ref_scorer is not None:
             yield self.ref_scorer
@@ -122,6 +124,7 @@ class ReferenceMixin:
 
     def _ref_components(self, pairs) -> dict:
         from csd_fast.data.tokenize import tokenizer_fingerprint
+        from csd_fast.quantization import quantization_key, requested_config
         from csd_fast.refcache import (
             device_kind,
             fingerprint_components,
@@ -137,9 +140,16 @@ class ReferenceMixin:
             else:
                 with self._reference() as ref:
                     self._ref_fingerprint = model_fingerprint(getattr(ref, "model", ref))
+        if self._ref_model_path is not None:  # loaded with the trainer's model_init_kwargs
+            config = requested_config(a, self._init_kwargs.get("quantization_config"))
+            quantization = quantization_key(None, config)
+        else:
+            ref = self.ref_model if self.ref_model is not None else self.model
+            quantization = quantization_key(ref)
         lm = unwrap_causal_lm(self.model)
         autocast = self._autocast()
         return fingerprint_components(
+            quantization=quantization,
             model=self._ref_fingerprint,
             tokenizer=tokenizer_fingerprint(self.processing_class),
             data=pairs_fingerprint(pairs),

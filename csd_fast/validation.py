@@ -136,10 +136,12 @@ def coerce_fields(cls, data: dict, *, source: str | None = None) -> dict:
 
 @functools.cache
 def _upstream_str_fields() -> frozenset[str]:
-    """TrainingArguments fields whose declared type admits a string (`str | bool`, ...)."""
+    """TrainingArguments fields whose declared type admits a string (`str | bool`, ...); the
+    declared type, since a TrlParser run rewrites `str | bool` to `bool` (`declared_type`)."""
     from transformers import TrainingArguments
 
-    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if "str" in str(f.type))
+    fields = dataclasses.fields(TrainingArguments)
+    return frozenset(f.name for f in fields if "str" in str(declared_type(TrainingArguments, f)))
 
 
 def _check_types(args) -> None:

@@ -199,7 +199,9 @@ def test_complete_store_never_instantiates_a_reference(tmp_path, monkeypatch):
     tiny_model(tok, seed=3).save_pretrained(ref_dir)
     loads, copies = [], []
     real_load, real_copy = models.load_model, copy.deepcopy
-    monkeypatch.setattr(models, "load_model", lambda p, a: loads.append(p) or real_load(p, a))
+    monkeypatch.setattr(
+        models, "load_model", lambda p, a, **k: loads.append(p) or real_load(p, a, **k)
+    )
 
     def counting_copy(obj, *a, **k):
         if isinstance(obj, torch.nn.Module):

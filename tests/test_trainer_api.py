@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from trl_helpers import base_kwargs, rows, save_tiny
+from trl_helpers import base_kwargs, rows, save_tiny, swapped_trl_script
 
 trl = pytest.importorskip("trl")
 
@@ -48,23 +48,6 @@ class FakeHub:
         monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
 
 
-def _swapped_trl_script(tmp_path: Path) -> Path:
-    """The installed TRL's dpo.py with its two imports of DPOTrainer / DPOConfig swapped."""
-    source = (Path(trl.__file__).parent / "scripts" / "dpo.py").read_text()
-    swaps = {
-        "from trl import DPOTrainer, get_dataset,": "from csd_fast import DPOTrainer\n"
-        "    from trl import get_dataset,",
-        "from trl import DatasetMixtureConfig, DPOConfig, ModelConfig,": "from csd_fast import "
-        "DPOConfig\n    from trl import DatasetMixtureConfig, ModelConfig,",
-    }
-    for old, new in swaps.items():
-        assert source.count(old) == 1, f"TRL's script changed: {old!r}"
-        source = source.replace(old, new)
-    path = tmp_path / "dpo.py"
-    path.write_text(source)
-    return path
-
-
 def test_trl_dpo_script_runs_to_the_end_with_only_the_imports_swapped(
     models, tmp_path, monkeypatch, capsys
 ):
@@ -86,7 +69,7 @@ def test_trl_dpo_script_runs_to_the_end_with_only_the_imports_swapped(
     ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    runpy.run_path(str(_swapped_trl_script(tmp_path)), run_name="__main__")
+    runpy.run_path(str(swapped_trl_script(tmp_path)), run_name="__main__")
     printed = capsys.readouterr().out
     assert "Training completed" in printed
     assert "Model pushed to the Hub in https://huggingface.co/me/tiny-dpo" in printed
@@ -111,6 +94,25 @@ def test_trl_parser_builds_over_every_field():
         ["--output_dir", "o", "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5"]
     )
     assert isinstance(args, DPOConfig) and args.loss_weights == [1.0, 0.5]
+
+
+def test_trl_parsers_leave_our_option_checks_alone():
+    """HfArgumentParser rewrites dataclass field types in place (`int | None` -> `int`,
+    `str | bool` -> `bool`); after TrlParser has parsed TRL's DPOConfig and ours, our checks
+    still read the declared types: max_length=None and include_num_input_tokens_seen="no" pass."""
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import TrlParser
+
+    from csd_fast import DPOConfig
+    from csd_fast.validation import check_training_args
+
+    for cls in (TrlDPOConfig, DPOConfig):
+        TrlParser((cls,)).parse_args_into_dataclasses(["--output_dir", "o", "--use_cpu"])
+    args = DPOConfig(output_dir="o", use_cpu=True, max_length=None)
+    assert args.include_num_input_tokens_seen == "no"
+    check_training_args(args)
+    with pytest.raises(ValueError, match="max_length"):  # the check still runs
+        check_training_args(DPOConfig(output_dir="o", use_cpu=True, max_length="long"))
 
 
 def _trainers(models, tmp_path, **kw):

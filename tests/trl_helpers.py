@@ -224,6 +224,26 @@ def compare_logs(ours: list[dict], ref: list[dict], rtol=1e-4, atol=1e-6, skip=(
     return problems
 
 
+def swapped_trl_script(tmp_path: Path) -> Path:
+    """The installed TRL's dpo.py (`trl dpo`) with its two imports of DPOTrainer / DPOConfig
+    swapped for csd_fast's, written to `tmp_path/dpo.py`."""
+    import trl
+
+    source = (Path(trl.__file__).parent / "scripts" / "dpo.py").read_text()
+    swaps = {
+        "from trl import DPOTrainer, get_dataset,": "from csd_fast import DPOTrainer\n"
+        "    from trl import get_dataset,",
+        "from trl import DatasetMixtureConfig, DPOConfig, ModelConfig,": "from csd_fast import "
+        "DPOConfig\n    from trl import DatasetMixtureConfig, ModelConfig,",
+    }
+    for old, new in swaps.items():
+        assert source.count(old) == 1, f"TRL's script changed: {old!r}"
+        source = source.replace(old, new)
+    path = tmp_path / "dpo.py"
+    path.write_text(source)
+    return path
+
+
 if __name__ == "__main__":
     import tempfile
 
