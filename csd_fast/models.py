@@ -171,12 +171,16 @@ def frozen_copy(
 ) -> nn.Module:
     """A deep copy whose parameters are made directly in `dtype` (no full-precision second copy
     exists at any point: peak memory is the policy plus the reference in its own dtype).
-    `share_frozen`: parameters that never train are shared, not copied (a quantized PEFT model:
-    its reference is the same 4-bit base under a frozen copy of the initial adapter); `dtype`
+    `share_frozen`: quantized weights (which never train) are shared, not copied (a quantized
+    PEFT model: its reference is the same 4-bit base under a frozen copy of the adapter); `dtype`
     None keeps each copied parameter's own dtype."""
+    from csd_fast.quantization import is_quantized_tensor
+
     memo = {}
     for p in model.parameters():  # a tied parameter appears once: one copy, still tied
-        if share_frozen and not p.requires_grad:
+        # only quantized weights are shared: a full-precision frozen one (a norm, the head)
+        # may still be switched on by trainable_params, and the reference must not move
+        if share_frozen and is_quantized_tensor(p):
             memo[id(p)] = p
         else:
             value = p.detach().to(dtype or p.dtype, copy=True)
@@ -241,7 +245,11 @@ def prepare_models(model: nn.Module, ref_model: nn.Module | None, peft_config, a
 
 def prepare_reference(ref_model: nn.Module, args) -> nn.Module:
     """A reference loaded later (lazily, by path) made ready as `prepare_models` would."""
+    from csd_fast.quantization import is_quantized, pin_train_mode
+
     freeze(ref_model)
+    if is_quantized(ref_model):  # bitsandbytes' eval path differs on CPU: as the eager one
+        pin_train_mode(ref_model)
     if args.disable_dropout:
         disable_dropout(ref_model)
     if args.padding_free or args.prefix_sharing or args.max_tokens_per_batch:

@@ -32,12 +32,32 @@ from torch import nn
 INSTALL_HINT = "pip install 'csd-fast[qlora]' (or bitsandbytes>=0.46)"
 
 
-def requested_config(args, quantization_config=None):
-    """The quantization config asked for (the trainer argument, else model_init_kwargs')."""
+def requested_config(args, quantization_config=None, model=None):
+    """The quantization config asked for: the trainer argument, else model_init_kwargs' (read,
+    as TRL reads them, only for a model given by path), else the one a checkpoint given by path
+    was saved with (a pre-quantized `*-bnb-4bit` model)."""
     if quantization_config is not None:
         return quantization_config
+    if model is not None and not isinstance(model, str):
+        return None
     kwargs = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
-    return kwargs.get("quantization_config")
+    if kwargs.get("quantization_config") is not None or model is None:
+        return kwargs.get("quantization_config")
+    return saved_config(model, args)
+
+
+def saved_config(path: str, args):
+    """The quantization_config in a local checkpoint's config.json, if any (no weights read)."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():  # a Hub id: transformers reads it when it loads
+        return None
+    try:
+        return json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError):
+        return None
 
 
 def quantized_init_kwargs(model, args, quantization_config) -> dict:
@@ -72,13 +92,16 @@ def bnb_config(config):
         raise ImportError(f"quantization_config needs bitsandbytes: {INSTALL_HINT}") from e
     from transformers import BitsAndBytesConfig
 
+    given = config.get("quant_method") if isinstance(config, dict) else (
+        getattr(config, "quant_method", "bitsandbytes"))  # fmt: skip
+    method = str(getattr(given, "value", given) or "bitsandbytes")
+    method = method.removeprefix("QuantizationMethod.").lower()
+    if method not in ("bitsandbytes", "bits_and_bytes"):  # GPTQ, AWQ, torchao, HQQ, ...
+        raise NotImplementedError(
+            f"quantization_config quant_method {given!r}: csd-fast trains bitsandbytes 4-bit / "
+            "8-bit bases (QLoRA) only"
+        )
     if isinstance(config, dict):
-        method = str(config.get("quant_method", "bitsandbytes")).removeprefix("QuantizationMethod.")
-        if method.lower() not in ("bitsandbytes", "bits_and_bytes"):
-            raise NotImplementedError(
-                f"quantization_config quant_method {config['quant_method']!r}: csd-fast trains "
-                "bitsandbytes 4-bit / 8-bit bases (QLoRA) only"
-            )
         return BitsAndBytesConfig.from_dict(dict(config))
     return config
 
@@ -100,7 +123,7 @@ def is_quantized(model: nn.Module | None) -> bool:
     )
 
 
-def _is_quantized_tensor(t) -> bool:
+def is_quantized_tensor(t) -> bool:
     return type(t).__name__ in ("Params4bit", "Int8Params") or not t.dtype.is_floating_point
 
 
@@ -119,7 +142,7 @@ def check_quantized_policy(model: nn.Module, peft_config) -> None:
     head = unwrap_causal_lm(model).get_output_embeddings()
     head = getattr(head, "base_layer", head)
     weight = getattr(head, "weight", None)
-    if weight is not None and _is_quantized_tensor(weight):
+    if weight is not None and is_quantized_tensor(weight):
         raise ValueError(
             f"the LM head ({type(head).__name__}) is quantized: csd-fast's log-prob head reads "
             "lm_head.weight as a full-precision matrix. Leave it unquantized: omit "
@@ -134,7 +157,7 @@ def check_trainable_patterns(model: nn.Module, patterns: list[str] | None) -> No
         return
     compiled = [re.compile(p) for p in patterns]
     hits = [n for n, p in model.named_parameters()
-            if _is_quantized_tensor(p) and any(c.search(n) for c in compiled)]  # fmt: skip
+            if is_quantized_tensor(p) and any(c.search(n) for c in compiled)]  # fmt: skip
     if hits:
         raise ValueError(
             f"trainable_params {patterns} match {len(hits)} quantized weight(s) (e.g. {hits[0]}): "

@@ -125,7 +125,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             enable_full_determinism(args.seed)
             set_deterministic(True)
         self.dist = init_distributed(use_cpu=getattr(args, "use_cpu", False))
-        check_single_process(model, requested_config(args, quantization_config), self.dist)
+        for m in (model, ref_model):  # a quantized reference is refused under torchrun too
+            check_single_process(m, requested_config(args, quantization_config, m), self.dist)
         self.device = self.dist.device
         model_path = model if isinstance(model, str) else None
         self.source_names = {
@@ -162,6 +163,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             self._per_rank_batch_size(False)
         check_trainable_patterns(self.model, args.trainable_params)  # no 4-bit weight trains
         self.trainable = select_trainable(self.model, args.trainable_params)
+        check_adapter_reference(self.model, self.ref_model, self.trainable, args)
         to_device(self.model, self.device)
         to_device(self.ref_model, self.device)
         # backbone + head as one module each: what FSDP2 shards (the models stay HF modules)
@@ -806,6 +808,24 @@ def _fused_loss_type(args, params) -> str | None:
         and (params.loss_weights is None or params.loss_weights == (1.0,))
     )
     return params.loss_type[0] if plain and params.loss_type[0] in PAIR_LOSS_TYPES else None
+
+
+def check_adapter_reference(model, ref_model, trainable: list[str], args) -> None:
+    """A PEFT policy whose live reference is itself with the adapters disabled may train only
+    adapter weights: a base weight switched on by trainable_params would move the reference."""
+    adapters = getattr(model, "peft_config", None)
+    if not (args.trainable_params and adapters) or ref_model is not None:
+        return
+    if args.precompute_ref_log_probs or args.ref_cache_dir:  # a table from before training
+        return
+    base = [n for n in trainable if not any(f".{a}." in n or n.endswith(f".{a}") for a in adapters)]
+    if base:
+        raise ValueError(
+            f"trainable_params {args.trainable_params} train {len(base)} base weight(s) of a "
+            f"PEFT model (e.g. {base[0]}); its reference is the same model with the adapters "
+            "disabled, which would move with them. Match only adapter weights, or give a "
+            "ref_model, or precompute_ref_log_probs=True."
+        )
 
 
 def _check_inputs(args, model, ref_model, train_dataset, eval_dataset) -> None:

@@ -344,3 +344,67 @@ def test_resuming_over_another_quantization_is_refused(models, tmp_path):
     resumed = trainer(models, tmp_path, **kw)  # the same quantization resumes
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 2
+
+
+def test_a_peftmodel_reference_keeps_its_full_precision_weights_when_they_train(models, tmp_path):
+    """The reference of a PeftModel over a 4-bit base shares only the quantized weights: a norm
+    that trainable_params switches on trains in the policy and stays put in the reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path, _ = save_tiny("llama", models)
+    base = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(**NF4)
+    )
+    norm = "model.norm.weight"
+    args = DPOConfig(**base_kwargs(tmp_path, max_steps=2, trainable_params=["lora_", "norm"]))
+    t = DPOTrainer(
+        model=peft.get_peft_model(base, lora()), args=args,
+        processing_class=AutoTokenizer.from_pretrained(path),
+        train_dataset=datasets.Dataset.from_list(rows("standard", 8)),
+    )  # fmt: skip
+    ref_norm = dict(t.ref_model.named_parameters())[f"base_model.model.{norm}"]
+    before = ref_norm.detach().clone()
+    t.train()
+    policy_norm = dict(t.model.named_parameters())[f"base_model.model.{norm}"]
+    assert not torch.equal(policy_norm.detach().float(), before.float())  # it trained
+    torch.testing.assert_close(ref_norm.detach(), before, rtol=0, atol=0)  # the reference did not
+
+
+def test_base_weights_trained_under_an_adapters_off_reference_are_refused(models, tmp_path):
+    with pytest.raises(ValueError, match="adapters disabled, which would move"):
+        trainer(models, tmp_path, quant=None, trainable_params=["lora_", r"\.norm\."])
+    trainer(models, tmp_path / "ok", quant=None, trainable_params=["lora_", r"\.norm\."],
+            precompute_ref_log_probs=True)  # a table from before training: allowed  # fmt: skip
+
+
+def test_other_quantization_methods_and_saved_quantized_checkpoints(models, tmp_path):
+    from types import SimpleNamespace
+
+    from csd_fast.quantization import bnb_config, requested_config
+
+    with pytest.raises(NotImplementedError, match="gptq"):
+        bnb_config(SimpleNamespace(quant_method="gptq"))
+    with pytest.raises(NotImplementedError, match="awq"):
+        bnb_config({"quant_method": "awq"})
+    saved = tmp_path / "bnb-4bit"
+    saved.mkdir()
+    (saved / "config.json").write_text(json.dumps({"quantization_config": {"load_in_4bit": True}}))
+    args = DPOConfig(output_dir=str(tmp_path / "o"))
+    assert requested_config(args, None, str(saved)) == {"load_in_4bit": True}  # torchrun refuses
+    args.model_init_kwargs = {"quantization_config": {"load_in_8bit": True}}
+    assert requested_config(args, None, torch.nn.Linear(2, 2)) is None  # TRL ignores them here
+
+
+def test_a_reference_loaded_lazily_by_path_is_pinned_to_training_mode(models):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from csd_fast.models import prepare_reference
+
+    path, _ = save_tiny("llama", models)
+    ref = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    )
+    prepare_reference(ref, DPOConfig(output_dir="x")).eval()
+    layers = [m for m in ref.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert layers and all(m.training for m in layers)  # still on their training path
