@@ -133,9 +133,37 @@ def run_identity(trainer) -> dict:
         "model": names.get("model"),
         "ref_model": names.get("ref_model"),
         "quantization": quantization,
+        # a checkpoint's adapter loads non-strictly: resumed under another alpha or target
+        # set (`csd train --peft_config`) it would train another model without a word
+        "adapter": adapter_key(getattr(trainer, "model", None)) or "none",
         "train_data": pairs_fingerprint(trainer.train_pairs),
         "eval_data": pairs_fingerprint(trainer.eval_pairs),
     }
+
+
+# PeftConfig fields that say where or how an adapter is used, not what it is
+_ADAPTER_RUNTIME = ("base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                    "runtime_config")  # fmt: skip
+
+
+def adapter_key(model) -> str | None:
+    """The PEFT adapters' configurations, canonical (None: no adapter)."""
+    import json
+
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+
+    def plain(v):
+        if isinstance(v, set | frozenset):
+            return sorted(map(str, v))
+        return getattr(v, "value", v)
+
+    out = {}
+    for name in sorted(configs):
+        fields = configs[name].to_dict()
+        out[name] = {k: plain(v) for k, v in sorted(fields.items()) if k not in _ADAPTER_RUNTIME}
+    return json.dumps(out, sort_keys=True, default=str)
 
 
 def run_record(args, run: dict) -> dict:
@@ -200,6 +228,7 @@ def diff_records(saved: dict, new: dict) -> list[tuple[str, object, object]]:
         "model": "model",
         "ref_model": "reference model",
         "quantization": "quantization_config",
+        "adapter": "peft_config",
     }
     for key, label in labels.items():
         a, b = old_r.get(key), new_r.get(key)

@@ -408,3 +408,16 @@ def test_a_reference_loaded_lazily_by_path_is_pinned_to_training_mode(models):
     prepare_reference(ref, DPOConfig(output_dir="x")).eval()
     layers = [m for m in ref.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert layers and all(m.training for m in layers)  # still on their training path
+
+
+def test_resuming_under_another_adapter_configuration_is_refused(models, tmp_path):
+    """A checkpoint's adapter loads non-strictly, so another lora_alpha or target set would
+    train another model: resume names peft_config and refuses; the same adapter resumes."""
+    from csd_fast.resume import ResumeMismatch
+
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=1, quant=None)
+    trainer(models, tmp_path, callbacks=[StopAt(1)], **kw).train()
+    for other in (lora(lora_alpha=16), lora(target_modules=["q_proj", "k_proj"])):
+        with pytest.raises(ResumeMismatch, match="peft_config"):
+            trainer(models, tmp_path, peft_config=other, **kw).train(resume_from_checkpoint=True)
+    trainer(models, tmp_path, **kw).train(resume_from_checkpoint=True)
