@@ -445,8 +445,7 @@ class DPOConfig:
         if mapped and self.fsdp:
             raise ValueError("deepspeed and fsdp are both set: choose one")
         mapped.update(hf_options.fsdp_words_config(self.fsdp))
-        from_accelerate = hf_options.parallelism_config(self.parallelism_config)
-        mapped.update(from_accelerate)
+        mapped.update(hf_options.parallelism_config(self.parallelism_config))
         # kept as its plain sizes: the config stays JSON-safe (to_dict, the resume record)
         self.parallelism_config = hf_options.parallelism_sizes(self.parallelism_config)
         if isinstance(self.fsdp_config, str | Path):  # transformers takes a JSON file's path

@@ -70,15 +70,23 @@ def batch_from_collated(examples: list[dict], out: dict, model_inputs=None) -> P
     )
 
 
+# what a TRL-format batch holds besides the model's other inputs (a vision batch's pixels, ...)
+_TRL_KEYS = ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps",
+             "ref_rejected_logps")  # fmt: skip
+
+
+def extra_model_inputs(out: dict) -> dict:
+    """The collated outputs that go to the model besides the rows (pixel_values, ...)."""
+    return {k: v for k, v in out.items() if k not in _TRL_KEYS}
+
+
 def custom_collate(collator, vision: bool = False):
     """examples -> PairBatch through the user's collator; a vision collator's other outputs
     (pixel_values, ...) go to the model."""
-    text = ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps",
-            "ref_rejected_logps")  # fmt: skip
 
     def collate(examples):
         out = collator(list(examples))
-        extra = {k: v for k, v in out.items() if k not in text} if vision else None
+        extra = extra_model_inputs(out) if vision else None
         return batch_from_collated(list(examples), out, model_inputs=extra)
 
     return collate

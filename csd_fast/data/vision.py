@@ -242,11 +242,10 @@ class VisionCollator:
         return ex["prompt"], ex["chosen"], ex["rejected"]
 
     def __call__(self, examples: list[dict]):
-        from csd_fast.trl_collate import batch_from_collated
+        from csd_fast.trl_collate import batch_from_collated, extra_model_inputs
 
         out = self.encode(examples)
-        extra = {k: v for k, v in out.items() if k not in (*_TEXT_KEYS, "completion_mask")}
-        return batch_from_collated(examples, out, model_inputs=extra)
+        return batch_from_collated(examples, out, model_inputs=extra_model_inputs(out))
 
 
 def rows_without_images(dataset) -> int:

@@ -50,7 +50,7 @@ class FsdpOptions:
     def from_args(cls, args, env: DistEnv) -> FsdpOptions:
         import os
 
-        from csd_fast.distributed.hf_options import as_bool, mesh_shape
+        from csd_fast.distributed.hf_options import as_bool, layer_list, mesh_shape
 
         cfg = dict(getattr(args, "fsdp_config", None) or {})
         unknown = sorted(set(cfg) - set(FSDP_CONFIG_KEYS))
@@ -64,9 +64,7 @@ class FsdpOptions:
             default_param = torch.float16 if args.fp16 else torch.bfloat16
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
         replicas, _ = mesh_shape(cfg, env.world_size, local_world)
-        classes = cfg.get("layer_classes")
-        if isinstance(classes, str):
-            classes = [c.strip() for c in classes.split(",") if c.strip()]
+        classes = layer_list(cfg["layer_classes"]) if cfg.get("layer_classes") else None
         flag = lambda key, default: as_bool(cfg.get(key, default), key)  # noqa: E731
         return cls(
             param_dtype=_dtype(cfg.get("param_dtype"), default_param),

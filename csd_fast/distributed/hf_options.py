@@ -35,6 +35,7 @@ FSDP_WORDS = {
     "offload": {"cpu_offload": True},
     "auto_wrap": {},  # csd-fast always wraps each decoder layer
 }
+LAYOUT_WORDS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard")
 # FSDP1 knobs whose behaviour FSDP2 always has, so any value gives the same training
 FSDP1_ONLY = {
     "backward_prefetch": "FSDP2 prefetches the next unit's all-gather in backward",
@@ -61,16 +62,10 @@ _REFUSED = {
 
 BOOL_KEYS = ("cpu_offload", "reshard_after_forward", "meta_init", "sync_module_states",
              "async_checkpoint")  # fmt: skip
-# FSDP1's sharding strategies, as transformers and accelerate spell them, given where FSDP2 has
-# reshard_after_forward: what each means for csd-fast's mesh and resharding
-_STRATEGIES = {
-    "FULL_SHARD": {"reshard_after_forward": True},
-    "SHARD_GRAD_OP": {"reshard_after_forward": False},
-    "HYBRID_SHARD": {"reshard_after_forward": True, "dp_replicate_size": "node"},
-    "_HYBRID_SHARD_ZERO2": {"reshard_after_forward": False, "dp_replicate_size": "node"},
-    "HYBRID_SHARD_ZERO2": {"reshard_after_forward": False, "dp_replicate_size": "node"},
-    "NO_SHARD": {"dp_replicate_size": "all"},
-}
+# FSDP1's sharding strategies (FULL_SHARD, ..., and torch's _HYBRID_SHARD_ZERO2), given where
+# FSDP2 has reshard_after_forward: the same layouts as transformers' words
+_STRATEGIES = {w.upper(): FSDP_WORDS[w] for w in LAYOUT_WORDS}
+_STRATEGIES["_HYBRID_SHARD_ZERO2"] = FSDP_WORDS["hybrid_shard_zero2"]
 
 
 def as_bool(value, key: str) -> bool:
@@ -98,8 +93,7 @@ def fsdp_words_config(fsdp) -> dict:
             f"DPOConfig.fsdp={unknown} is not supported: csd-fast's FSDP2 knows "
             f"{', '.join(FSDP_WORDS)}"
         )
-    layouts = [w for w in words if w in ("full_shard", "shard_grad_op", "hybrid_shard",
-                                         "hybrid_shard_zero2", "no_shard")]  # fmt: skip
+    layouts = [w for w in words if w in LAYOUT_WORDS]
     if len(layouts) > 1:
         raise ValueError(f"DPOConfig.fsdp: choose one sharding strategy, got {layouts}")
     mapped: dict = {}
@@ -115,17 +109,15 @@ def transformers_fsdp_config(cfg: dict, known: set[str]) -> tuple[dict, bool]:
     checkpointing = False
     for key, value in cfg.items():
         name = key if key in known else key.removeprefix("fsdp_")
+        name = _RENAMED.get(name, name)  # transformers' name of one of csd-fast's keys
         if name == "reshard_after_forward" and str(value).upper() in _STRATEGIES:
             out.update(_STRATEGIES[str(value).upper()])  # an FSDP1 sharding strategy's name
         elif name in BOOL_KEYS:
             out[name] = as_bool(value, key)
         elif name == "layer_classes":
-            out[name] = _layer_list(value)
+            out[name] = layer_list(value)
         elif name in known:
             out[name] = value
-        elif name in _RENAMED:
-            ours = _RENAMED[name]
-            out[ours] = _layer_list(value) if ours == "layer_classes" else as_bool(value, key)
         elif name in ("version", "fsdp_version"):
             if int(value) not in (1, 2):
                 raise ValueError(f"fsdp_config.{key}={value!r}: FSDP versions are 1 and 2")
@@ -164,7 +156,8 @@ _TRANSFORMERS_KEYS = {*_RENAMED, *FSDP1_ONLY, "version", "activation_checkpointi
                       "xla_fsdp_v2"}  # fmt: skip
 
 
-def _layer_list(value) -> list[str]:
+def layer_list(value) -> list[str]:
+    """Class names as a list ("A, B" as transformers writes them, or a list)."""
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return [str(v) for v in value]
