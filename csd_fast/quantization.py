@@ -4,7 +4,8 @@
     check_quantized_policy(model, peft_config)   # an adapter to train, a full-precision lm_head
     model = get_peft_model(...); adapters_to_bf16(model)   # TRL's QLoRA adapter dtype
     pin_train_mode(model)                        # bnb layers: one numeric path
-    check_single_process(model, config, dist)    # no FSDP2 over bnb weights
+    check_distributed(model, config, dist, args) # torchrun: what FSDP2 + bnb cannot do
+    quantized_params(model)                      # FSDP2's ignored_params (the bnb weights)
     quantization_key(model)                      # the reference-cache component (None: none)
 
 The rules follow trl/trainer/dpo_trainer.py (1.16): `quantization_config` is a trainer argument
@@ -17,8 +18,9 @@ asked for, so csd-fast imports and trains without it.
 
 The LM head must stay full precision: every head implementation (eager and fused) reads
 `lm_head.weight` as a matrix, which bnb keeps unquantized unless `llm_int8_skip_modules` is set
-without it. FSDP2 cannot shard bnb's `Params4bit` / `Int8Params` here, so QLoRA runs on one
-process. Tests: tests/test_qlora.py, tests/test_qlora_trl.py.
+without it. Under torchrun (FSDP2) the quantized weights are kept out of the sharding, whole on
+every rank, and everything else shards as in LoRA (csd_fast/distributed/fsdp.py). Tests:
+tests/test_qlora.py, tests/test_qlora_trl.py, tests/distributed/test_qlora_fsdp.py.
 """
 
 from __future__ import annotations
@@ -207,15 +209,43 @@ def _stay_training(self, mode: bool = True):
     return self
 
 
-def check_single_process(model: nn.Module | None, config, dist) -> None:
-    """QLoRA under torchrun is refused: FSDP2 does not shard bnb's quantized parameters."""
-    if dist.distributed and (config is not None or is_quantized(model)):
+def check_distributed(model: nn.Module | None, config, dist, args) -> None:
+    """QLoRA under torchrun: what the FSDP2 layout (`quantized_params`) cannot do is refused.
+
+    The quantized base is kept out of the sharding (each rank holds it whole: 0.5 byte per
+    parameter in 4-bit, 1 in 8-bit) and only the trainable and full-precision weights are
+    sharded. CPU offload would move those (the small part) and leave the base on the device,
+    where bitsandbytes placed it at load: refused rather than promised."""
+    if not dist.distributed or (config is None and not is_quantized(model)):
+        return
+    from csd_fast.distributed.hf_options import as_bool
+
+    fsdp = getattr(args, "fsdp_config", None) or {}
+    if as_bool(fsdp.get("cpu_offload", False), "cpu_offload"):
         raise NotImplementedError(
-            f"quantization_config under torchrun ({dist.world_size} processes): FSDP2 cannot "
-            "shard bitsandbytes' quantized Params4bit / Int8Params weights, so QLoRA runs on one "
-            "process (a 4-bit 8B base with LoRA fits one GPU). For data parallel training, use "
-            "LoRA (peft_config) on a bf16 base under torchrun instead."
+            "fsdp_config cpu_offload with quantization_config (QLoRA under torchrun): the "
+            "4-bit / 8-bit base is not sharded by FSDP2 and stays where bitsandbytes loaded it, "
+            "so offloading would move only the adapters' shards; drop cpu_offload (a 4-bit 8B "
+            "base takes about 4.5 GB per device)"
         )
+
+
+def quantized_params(module: nn.Module) -> set[nn.Parameter]:
+    """The bitsandbytes weights (Params4bit / Int8Params) FSDP2 leaves alone (`ignored_params`):
+    frozen, whole on every rank, never all-gathered or reduced. Their packed storage and
+    quant_state (absmax blocks, the code table) stay bitsandbytes' own objects, which sharding
+    the packed bytes would have to rebuild after every all-gather."""
+    return {p for p in module.parameters() if is_quantized_tensor(p)}
+
+
+def quantized_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the quantized base: the packed weights and their quant_state entries
+    (`weight.absmax`, `weight.quant_map`, ..., 8-bit's `SCB` / `weight_format`). A checkpoint
+    leaves them out: the base is reloaded (and quantized again, deterministically) from its
+    path, as the single-process QLoRA checkpoint (an adapter directory) also expects."""
+    kept = {n for n, p in model.named_parameters() if not is_quantized_tensor(p)}
+    kept |= {n for n, b in model.named_buffers()}
+    return {k for k in model.state_dict() if k not in kept}
 
 
 def quantization_key(model: nn.Module | None, config=None) -> str | None:

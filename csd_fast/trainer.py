@@ -95,7 +95,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             )
         self.data_collator = data_collator  # TRL-format output (csd_fast.trl_collate)
         from csd_fast.quantization import (
-            check_single_process,
+            check_distributed,
             check_trainable_patterns,
             quantized_init_kwargs,
             requested_config,
@@ -125,8 +125,11 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             enable_full_determinism(args.seed)
             set_deterministic(True)
         self.dist = init_distributed(use_cpu=getattr(args, "use_cpu", False))
-        for m in (model, ref_model):  # a quantized reference is refused under torchrun too
-            check_single_process(m, requested_config(args, quantization_config, m), self.dist)
+        quantized = False  # QLoRA: every rank loads (and quantizes) the base itself
+        for m in (model, ref_model):
+            config = requested_config(args, quantization_config, m)
+            check_distributed(m, config, self.dist, args)
+            quantized = quantized or config is not None
         self.device = self.dist.device
         model_path = model if isinstance(model, str) else None
         self.source_names = {
@@ -136,6 +139,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # FSDP: only rank 0 reads weights given by path; the others build the structure on
         # meta and get their shards from rank 0 once sharded (no full copy per rank in memory)
         meta = self.dist.distributed and not self.dist.is_main and loads_on_meta(args)
+        meta = meta and not quantized  # bnb quantizes weights as it reads them: never on meta
         self.model = (
             load_model(model, args, on_meta=meta, extra_kwargs=init_kwargs) if model_path else model
         )

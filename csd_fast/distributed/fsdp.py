@@ -10,7 +10,9 @@ Units, innermost first (what torchtitan and torchtune do for decoder LMs):
 Mixed precision is bf16 parameters and compute with fp32 gradient reduce-scatter by default
 (`fsdp_config={"param_dtype": ..., "reduce_dtype": ...}`), CPU offload with
 `fsdp_config={"cpu_offload": true}`. Frozen parameters (LoRA, attention-only training, the
-reference) shard like the rest; FSDP2 keeps them out of the gradient reduce.
+reference) shard like the rest; FSDP2 keeps them out of the gradient reduce. A bitsandbytes
+4-bit / 8-bit base (QLoRA) is the exception: its packed weights are FSDP2's `ignored_params`,
+whole on every rank, while the adapters and every full-precision weight shard and reduce.
 """
 
 from __future__ import annotations
@@ -133,8 +135,12 @@ def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module
     else:  # HSDP: reduce-scatter within a shard group, all-reduce across the replicas
         shape = (opts.replicas, env.world_size // opts.replicas)
         mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard"))
+    from csd_fast.quantization import quantized_params
+
     kwargs = {
         "mesh": mesh,
+        # a bitsandbytes base stays whole on every rank (csd_fast.quantization.quantized_params)
+        "ignored_params": quantized_params(scorer),
         "mp_policy": MixedPrecisionPolicy(
             param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype
         ),

@@ -1,0 +1,157 @@
+"""QLoRA scenarios under FSDP2: a torchrun worker (2 ranks x b) and the 1-process builder (1 x 2b).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/qlora_worker.py OUT
+
+The test (tests/distributed/test_qlora_fsdp.py) saves the tiny Llama to OUT/models/llama first,
+so no two ranks write it. Every rank then loads and quantizes that same base itself; each
+scenario trains on two ranks and rank 0 saves OUT/<name>.pt: the log history, the gathered
+trainable weights and each rank's parameter bytes (sharded / whole). The test builds the same
+scenario on one process with the global batch and compares. Also run here: the `nf4` run cut
+after its step-2 checkpoint and resumed on the same two ranks (`resume2`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+GLOBAL_BATCH = 4
+NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="float32")
+FP4 = dict(NF4, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True)
+INT8 = dict(load_in_8bit=True)
+# fp32_adapters: the adapters stay fp32 (TRL's QLoRA casts them to bf16, csd-fast too): the
+# run then has fp32 numbers only, so 2 ranks must equal 1 process to fp32 round-off
+SCENARIOS = {
+    # 4 steps over two epochs, eval at step 2 and 4, checkpoints at steps 2 and 4
+    "nf4": dict(quant=NF4, fp32_adapters=True, padding_free=True, max_steps=4,
+                eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2),
+    "int8": dict(quant=INT8, fp32_adapters=True, max_steps=3),  # padded batches
+    # TRL's bf16 adapters over double-quantized FP4, checkpointed activations, a reference
+    # table from before training
+    "fp4_bf16_ckpt_precompute": dict(quant=FP4, padding_free=True, max_steps=3,
+                                     gradient_checkpointing=True, precompute_ref_log_probs=True,
+                                     learning_rate=1e-2),
+}  # fmt: skip
+
+
+def model_path(root: Path) -> str:
+    from trl_helpers import save_tiny
+
+    return save_tiny("llama", Path(root) / "models")[0]
+
+
+def build_trainer(name: str, world: int, out: Path, root: Path, callbacks=None):
+    """The scenario's trainer on `world` ranks (per-device batch GLOBAL_BATCH // world); the
+    base model is root/models/llama, loaded by path with the scenario's quantization."""
+    from unittest import mock
+
+    spec = dict(SCENARIOS[name])
+    quant = spec.pop("quant")
+    keep = mock.patch("csd_fast.quantization.adapters_to_bf16", lambda model: None)
+    with keep if spec.pop("fp32_adapters", False) else contextlib.nullcontext():
+        return _trainer(spec, quant, world, out, root, callbacks)
+
+
+def _trainer(spec, quant, world, out, root, callbacks):
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig
+    from trl_helpers import base_kwargs, rows
+
+    from csd_fast import DPOConfig, DPOTrainer
+
+    batch = GLOBAL_BATCH // world
+    kw = base_kwargs(out, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
+                     **spec)  # fmt: skip
+    path = model_path(root)
+    data = rows("standard", 8)
+    return DPOTrainer(
+        model=path, args=DPOConfig(**kw), train_dataset=datasets.Dataset.from_list(data),
+        eval_dataset=datasets.Dataset.from_list(data[:5]) if "eval_steps" in spec else None,
+        processing_class=AutoTokenizer.from_pretrained(path), callbacks=callbacks,
+        quantization_config=BitsAndBytesConfig(**quant),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                               target_modules=["q_proj", "v_proj", "down_proj"]),
+    )  # fmt: skip
+
+
+def history(trainer) -> list[dict]:
+    """The logged values (no wall-clock rates): equal on every world size."""
+    timing = ("second", "runtime")
+    return [{k: v for k, v in h.items() if not any(t in k for t in timing)}
+            for h in trainer.state.log_history]  # fmt: skip
+
+
+def trainable_weights(trainer) -> dict[str, torch.Tensor]:
+    """Every trainable weight, whole (a collective under FSDP: all ranks call it)."""
+    from csd_fast.distributed.fsdp import full_tensor
+
+    return {n: full_tensor(p.detach()).float().cpu()
+            for n, p in trainer.model.named_parameters() if p.requires_grad}  # fmt: skip
+
+
+def parameter_bytes(model) -> dict[str, int]:
+    """This rank's parameter memory: `sharded` (its shards of FSDP2's DTensors, else every
+    full-precision weight), `quantized` (the bnb weights with their quant_state tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    from csd_fast.quantization import is_quantized_tensor
+
+    out = {"sharded": 0, "quantized": 0, "full_precision_whole": 0}
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        nbytes = local.numel() * local.element_size()
+        if is_quantized_tensor(p):
+            state = getattr(p, "quant_state", None)
+            extras = [getattr(p, "SCB", None)]
+            if state is not None:
+                extras += [state.absmax, state.code]
+                if state.nested:
+                    extras += [state.state2.absmax, state.state2.code]
+            nbytes += sum(t.numel() * t.element_size() for t in extras if t is not None)
+            out["quantized"] += nbytes
+        else:
+            out["sharded"] += nbytes
+            out["full_precision_whole"] += p.numel() * p.element_size()  # global shape
+    return out
+
+
+def result(trainer) -> dict:
+    return {"history": history(trainer), "weights": trainable_weights(trainer),
+            "bytes": parameter_bytes(trainer.model)}  # fmt: skip
+
+
+def main(root: Path) -> None:
+    from scenarios import StopAt
+
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for name in SCENARIOS:
+        trainer = build_trainer(name, world, root / name, root)
+        trainer.train()
+        res = result(trainer)
+        res["bytes"] = trainer.dist.all_gather_objects(res["bytes"])  # every rank's
+        results[name] = res
+    cut = build_trainer("nf4", world, root / "resume2", root, callbacks=[StopAt(2)])
+    cut.train()
+    resumed = build_trainer("nf4", world, root / "resume2", root)
+    resumed.train(resume_from_checkpoint=True)
+    results["resume2"] = result(resumed)
+    if resumed.dist.is_main:
+        for name, res in results.items():
+            torch.save(res, root / f"{name}.pt")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
