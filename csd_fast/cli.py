@@ -8,7 +8,7 @@
     csd-train --plan --nproc 8 ...                     # per-device memory estimate, then exit
     csd-train ... --peft_config '{"r": 16, "target_modules": "all-linear"}'   # a LoRA adapter
     csd-train ... --peft_config '{...}' --model_init_kwargs '{"quantization_config":
-              {"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}}'     # QLoRA (one process)
+              {"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}}'     # QLoRA (also --nproc)
 
 Every `DPOConfig` field is a flag named as the field (`--max_steps`, also `--max-steps`), as in
 `trl dpo`. The options that differ from the defaults are printed; the whole resolved
@@ -259,12 +259,6 @@ def _checked_config(script: dict, kwargs: dict):
             "model_init_kwargs",
             "quantization_config (QLoRA) trains through a LoRA adapter: add --peft_config, e.g. "
             """'{"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}'""",
-        )
-    if init.get("quantization_config") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "model_init_kwargs",
-            "quantization_config under torchrun: FSDP2 cannot shard bitsandbytes' quantized "
-            "weights; run QLoRA as one process, or LoRA on a bf16 base with --nproc",
         )
     if script["resume"] and args.overwrite_output_dir:
         raise UserError("--resume and --overwrite_output_dir contradict each other: pick one")

@@ -42,31 +42,32 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 def _state(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = {"model": model_state(model, get_model_state_dict(model))}
+    state = {"model": model_state(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     return state
 
 
-def model_state(model, state: dict) -> dict:
-    """The model's state as a checkpoint holds it: a bitsandbytes base's packed weights and
-    quant_state entries left out (QLoRA: the base is reloaded and quantized again from its
-    path, as a single-process QLoRA checkpoint also needs; csd_fast.quantization)."""
+def model_state(model) -> dict:
+    """The model's state as a checkpoint holds it (FSDP2: this rank's shards, by name). A
+    bitsandbytes base's packed weights and quant_state entries are left out (QLoRA: the base is
+    reloaded and quantized again from its path, as a single-process QLoRA checkpoint also
+    needs; csd_fast.quantization); the module's own state_dict is read there, since DCP's
+    `get_model_state_dict` cannot name bnb's extra keys (8-bit's `SCB` is no attribute)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     from csd_fast.quantization import is_quantized, quantized_state_keys
 
     if not is_quantized(model):
-        return state
+        return get_model_state_dict(model)
     drop = quantized_state_keys(model)
-    return {k: v for k, v in state.items() if k not in drop}
+    return {k: v for k, v in model.state_dict().items() if k not in drop}
 
 
 def _load_model_state(model, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     from csd_fast.quantization import is_quantized, quantized_state_keys
 
@@ -74,12 +75,12 @@ def _load_model_state(model, state: dict) -> None:
         set_model_state_dict(model, state)
         return
     # a QLoRA checkpoint lacks the quantized base by design (model_state): those keys only
-    result = set_model_state_dict(model, state, options=StateDictOptions(strict=False))
-    missing = set(result.missing_keys) - quantized_state_keys(model)
-    if missing or result.unexpected_keys:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - quantized_state_keys(model)
+    if missing or unexpected:
         raise RuntimeError(
             f"checkpoint does not fit {type(model).__name__}: missing {sorted(missing)[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"unexpected {unexpected[:5]}"
         )
 
 
@@ -204,10 +205,9 @@ def load_sharded_weights(path: Path, model, partial: bool = False) -> None:
     and each adapter weight of `model` must be among them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     check_dcp_metadata(Path(path) / DCP_DIR / ".metadata")
-    state = {"model": model_state(model, get_model_state_dict(model))}
+    state = {"model": model_state(model)}
     if partial:
         saved = FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata().state_dict_metadata
         have = {k.removeprefix("model.") for k in saved if k.startswith("model.")}

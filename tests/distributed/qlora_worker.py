@@ -7,7 +7,8 @@ so no two ranks write it. Every rank then loads and quantizes that same base its
 scenario trains on two ranks and rank 0 saves OUT/<name>.pt: the log history, the gathered
 trainable weights and each rank's parameter bytes (sharded / whole). The test builds the same
 scenario on one process with the global batch and compares. Also run here: the `nf4` run cut
-after its step-2 checkpoint and resumed on the same two ranks (`resume2`).
+after its step-2 checkpoint and resumed on the same two ranks (`resume2`), and the NF4 run with the
+adapters kept out of FSDP2 like the base (`unreduced`: no gradient reduced, a planted bug).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ SCENARIOS = {
     # 4 steps over two epochs, eval at step 2 and 4, checkpoints at steps 2 and 4
     "nf4": dict(quant=NF4, fp32_adapters=True, padding_free=True, max_steps=4,
                 eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2),
-    "int8": dict(quant=INT8, fp32_adapters=True, max_steps=3),  # padded batches
+    "int8": dict(quant=INT8, fp32_adapters=True, max_steps=3, save_strategy="steps",
+                 save_steps=2),  # padded batches
     # TRL's bf16 adapters over double-quantized FP4, checkpointed activations, a reference
     # table from before training
     "fp4_bf16_ckpt_precompute": dict(quant=FP4, padding_free=True, max_steps=3,
@@ -125,8 +127,9 @@ def parameter_bytes(model) -> dict[str, int]:
 
 
 def result(trainer) -> dict:
+    dtypes = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
     return {"history": history(trainer), "weights": trainable_weights(trainer),
-            "bytes": parameter_bytes(trainer.model)}  # fmt: skip
+            "bytes": parameter_bytes(trainer.model), "dtypes": dtypes}  # fmt: skip
 
 
 def main(root: Path) -> None:
@@ -140,6 +143,15 @@ def main(root: Path) -> None:
         res = result(trainer)
         res["bytes"] = trainer.dist.all_gather_objects(res["bytes"])  # every rank's
         results[name] = res
+    # a bug the parity tests must catch: the adapters left out of FSDP2 with the base, so
+    # each rank trains its own copy on its half of the batch (no gradient is reduced)
+    from unittest import mock
+
+    every = mock.patch("csd_fast.quantization.quantized_params", lambda m: set(m.parameters()))
+    with every:
+        unreduced = build_trainer("nf4", world, root / "unreduced", root)
+    unreduced.train()
+    results["unreduced"] = result(unreduced)
     cut = build_trainer("nf4", world, root / "resume2", root, callbacks=[StopAt(2)])
     cut.train()
     resumed = build_trainer("nf4", world, root / "resume2", root)
