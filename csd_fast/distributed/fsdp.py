@@ -149,13 +149,57 @@ def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module
     model = scorer.model
     lm = unwrap_causal_lm(model)
     head = install_logprob_head(model)  # before fully_shard swaps the class once more
+
+    def shard(unit: nn.Module, reshard: bool) -> None:
+        for odd in odd_dtype_modules(unit):  # their own units first: one dtype per unit
+            fully_shard(odd, reshard_after_forward=reshard, **kwargs)
+        fully_shard(unit, reshard_after_forward=reshard, **kwargs)
+
     for layer in decoder_layers(lm, opts.layer_classes):
-        fully_shard(layer, reshard_after_forward=opts.reshard_after_forward, **kwargs)
+        shard(layer, opts.reshard_after_forward)
     if not head_is_tied(lm):
-        fully_shard(head, reshard_after_forward=opts.reshard_after_forward, **kwargs)
+        shard(head, opts.reshard_after_forward)
     # the root's weights are needed again right away in backward: keep them gathered
-    fully_shard(scorer, reshard_after_forward=False, **kwargs)
+    shard(scorer, False)
     return scorer
+
+
+def odd_dtype_modules(unit: nn.Module) -> list[nn.Module]:
+    """Modules of `unit` holding trainable weights of another dtype than most of its trainable
+    weights: FSDP2 requires one dtype across a unit's trainable parameters (it reduces their
+    gradients in one buffer), and QLoRA mixes them (TRL's bf16 LoRA A/B beside DoRA's fp32
+    magnitude vectors, or an fp32 norm switched on by trainable_params). Each such module
+    becomes its own unit; it must be one whose forward runs (FSDP2 gathers on that call)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    owners: dict[int, tuple[nn.Module, str, torch.dtype]] = {}
+    sizes: dict[torch.dtype, int] = {}
+    stack = [("", unit)]
+    while stack:  # the modules of this unit, not of units sharded before it
+        prefix, module = stack.pop()
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                owners[id(p)] = (module, prefix + name, p.dtype)
+                sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        stack += [(f"{prefix}{n}.", c) for n, c in module.named_children()
+                  if not isinstance(c, FSDPModule)]  # fmt: skip
+    if len(sizes) <= 1:
+        return []
+    main = max(sizes, key=sizes.get)
+    odd = []
+    for module, name, dtype in owners.values():
+        if dtype == main or any(module is m for m in odd):
+            continue
+        mixed = {p.dtype for p in module.parameters() if p.requires_grad}
+        if type(module).forward is nn.Module.forward or len(mixed) > 1:
+            raise ValueError(
+                f"{type(unit).__name__}: trainable weights in {sorted(map(str, sizes))} "
+                f"(e.g. {name}, {dtype}) where FSDP2 needs one dtype per unit, and "
+                f"{type(module).__name__} cannot be a unit of its own; give the trainable "
+                "weights one dtype"
+            )
+        odd.append(module)
+    return odd
 
 
 def rank0_source(scorer: nn.Module, env: DistEnv) -> dict | None:

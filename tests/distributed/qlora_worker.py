@@ -41,6 +41,11 @@ SCENARIOS = {
     "fp4_bf16_ckpt_precompute": dict(quant=FP4, padding_free=True, max_steps=3,
                                      gradient_checkpointing=True, precompute_ref_log_probs=True,
                                      learning_rate=1e-2),
+    # a PeftModel passed in (DoRA, a nonzero adapter): its reference is a frozen copy of the
+    # adapter over the same, shared 4-bit base, sharded as a second model; bf16 A/B with the
+    # fp32 DoRA magnitudes in the same FSDP2 units
+    "peftmodel_dora": dict(quant=NF4, peft_model=True, padding_free=True, max_steps=3,
+                           learning_rate=1e-2),
 }  # fmt: skip
 
 
@@ -70,19 +75,34 @@ def _trainer(spec, quant, world, out, root, callbacks):
 
     from csd_fast import DPOConfig, DPOTrainer
 
+    peft_model = spec.pop("peft_model", False)
     batch = GLOBAL_BATCH // world
     kw = base_kwargs(out, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
                      **spec)  # fmt: skip
     path = model_path(root)
     data = rows("standard", 8)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                      target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
+    model, extra = path, {"quantization_config": BitsAndBytesConfig(**quant), "peft_config": lora}
+    if peft_model:  # the same on every rank: the seed is fixed before the adapter is made
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra_q(quant))
+        torch.manual_seed(0)
+        lora.use_dora, lora.init_lora_weights = True, False
+        model, extra = get_peft_model(base, lora), {}
     return DPOTrainer(
-        model=path, args=DPOConfig(**kw), train_dataset=datasets.Dataset.from_list(data),
+        model=model, args=DPOConfig(**kw), train_dataset=datasets.Dataset.from_list(data),
         eval_dataset=datasets.Dataset.from_list(data[:5]) if "eval_steps" in spec else None,
-        processing_class=AutoTokenizer.from_pretrained(path), callbacks=callbacks,
-        quantization_config=BitsAndBytesConfig(**quant),
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                               target_modules=["q_proj", "v_proj", "down_proj"]),
+        processing_class=AutoTokenizer.from_pretrained(path), callbacks=callbacks, **extra,
     )  # fmt: skip
+
+
+def extra_q(quant: dict) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(**quant)}
 
 
 def history(trainer) -> list[dict]:
