@@ -448,9 +448,17 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
     # the state is sharded over a shard group: all ranks, or a node's with hybrid_shard / HSDP
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     shard_ranks = mesh_shape(args.fsdp_config, world_size, min(local_world, world_size))[1]
+    init = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
+    quant = init.get("quantization_config") or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    bits = 4 if quant.get("load_in_4bit") else 8 if quant.get("load_in_8bit") else None
+    peft = script["peft_config"]
     plan = plan_memory(
         config,
         world_size=shard_ranks,
+        lora_rank=int(peft.get("r", 8)) if isinstance(peft, dict) else None,  # peft's default r
+        quantized_bits=bits,
+        double_quant=bool(quant.get("bnb_4bit_use_double_quant")),
         tokens_per_micro_batch=tokens,
         compute_bytes=2 if args.bf16 else 4,
         trainable_patterns=args.trainable_params,

@@ -87,3 +87,29 @@ def test_nproc_must_be_positive(value):
 
     with pytest.raises(SystemExit):
         launch_if_asked(["--nproc", value])
+
+
+def test_qlora_plan_counts_the_quantized_base_whole_on_every_rank(tmp_path, capsys):
+    """Llama-3-8B, LoRA r=16, 8 ranks. The blocks' linear weights Q = 32 * 218,103,808 =
+    6,979,321,856 are quantized and replicated: NF4 Q/2 + 4Q/64 = 3,925,868,544 bytes,
+    double-quantized Q/2 + Q/64 + 4Q/16384 = 3,600,416,768, int8 Q + 4 * 32 * 43,008 rows =
+    6,984,826,880; the rest, P - Q = 1,050,939,392, is sharded in fp32: 525,469,696 per rank."""
+    from csd_fast.cli import main
+
+    cfg = LlamaConfig(**LLAMA3_8B)
+    want = {(4, False): 3_925_868_544, (4, True): 3_600_416_768, (8, False): 6_984_826_880}
+    for (bits, double), quantized in want.items():
+        plan = plan_memory(cfg, world_size=8, tokens_per_micro_batch=16384, lora_rank=16,
+                           quantized_bits=bits, double_quant=double)  # fmt: skip
+        assert plan.bytes_per_component["quantized"] == quantized, (bits, double)
+        assert plan.bytes_per_component["params"] == 525_469_696
+        assert plan.bytes_per_component["gathered"] == 2_101_346_304  # the head, unquantized
+        assert plan.bytes_per_component["reference"] == 0  # adapters off
+    LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": 2}).save_pretrained(tmp_path / "m")
+    argv = ["--plan", "--model_name_or_path", str(tmp_path / "m"), "--dataset_name", "x.jsonl",
+            "--output_dir", str(tmp_path / "o"), "--nproc", "2", "--device_memory_gb", "80",
+            "--peft_config", '{"r": 16}',
+            "--model_init_kwargs", '{"quantization_config": {"load_in_4bit": true}}']  # fmt: skip
+    assert main(argv) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "quantized" in line)
+    assert f"{2 * 218_103_808 * 0.5625 / GIB:.2f}" in row  # 2 layers, whole on each device
