@@ -97,3 +97,14 @@ def test_non_torch_optimizers_are_refused_on_sharded_parameters(tmp_path):
         assert type(build_optimizer(model, args)).__name__ == "SGD"
     finally:
         dist.destroy_process_group()
+
+
+def test_resume_under_another_optimizer_is_refused(models, tmp_path):
+    """Even with resume_with_changes: AdamW's saved moments cannot be SGD's momentum."""
+    from csd_fast.resume import ResumeMismatch
+
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=2)
+    csd_trainer(models, tmp_path / "run", **kw).train()
+    resumed = csd_trainer(models, tmp_path / "run", optim="sgd", resume_with_changes=True, **kw)
+    with pytest.raises(ResumeMismatch, match="optim='adamw_torch_fused'"):
+        resumed.train(resume_from_checkpoint=True)
