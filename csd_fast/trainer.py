@@ -204,6 +204,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
+        self._length_normalised = bool({"ipo", "sigmoid_norm"} & set(self.loss_params.loss_type))
         self.optimizer, self.lr_scheduler = optimizers
         self._own_optimizer, self._own_scheduler = optimizers[0] is None, optimizers[1] is None
         self.state = TrainerState()
@@ -487,6 +488,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
                 and not self.aux_loss_enabled
                 and not self.args.use_weighting
                 and not self._sft_data
+                # the kernels normalise by the scored count: TRL's differs for these batches
+                and not (batch.unscored_first is not None and self._length_normalised)
             )
             if fuse:
                 from csd_fast.forward import fused_sequence_loss
@@ -515,6 +518,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             group_ids=batch.group_ids,
             nll_chosen_logps=fwd.plain_chosen_logps,
             weights=wpo_weights(fwd, batch, lengths) if self.args.use_weighting else None,
+            norm_lengths=None if batch.unscored_first is None else batch.completion_lengths(),
         )
         if fused_loss is not None:
             loss = fused_loss
