@@ -185,14 +185,18 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             if optimizers[0] is not None:
                 raise ValueError("optimizers=(...) under FSDP: build it after sharding (omit it)")
             opts = FsdpOptions.from_args(args, self.dist)
+            # a frozen reference copy over the policy's quantized base shares those weights:
+            # the policy shards them, the reference keeps its references whole
+            policy_params = set(self.scorer.parameters())
             for scorer in (self.scorer, self.ref_scorer):
                 if scorer is None:
                     continue
+                shared = policy_params if scorer is self.ref_scorer else frozenset()
                 on_meta = any(self.dist.all_gather_objects(is_on_meta(scorer)))
                 # sync_module_states: rank 0's weights everywhere, however each rank built them
                 send = on_meta or opts.sync_module_states
                 source = rank0_source(scorer, self.dist) if send else None
-                shard_model(scorer, self.dist, opts)
+                shard_model(scorer, self.dist, opts, keep_whole=shared)
                 if send:
                     broadcast_from_rank0(scorer, source, self.dist)
                     del source

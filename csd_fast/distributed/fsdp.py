@@ -11,8 +11,8 @@ Mixed precision is bf16 parameters and compute with fp32 gradient reduce-scatter
 (`fsdp_config={"param_dtype": ..., "reduce_dtype": ...}`), CPU offload with
 `fsdp_config={"cpu_offload": true}`. Frozen parameters (LoRA, attention-only training, the
 reference) shard like the rest; FSDP2 keeps them out of the gradient reduce. A bitsandbytes
-4-bit / 8-bit base (QLoRA) is the exception: its packed weights are FSDP2's `ignored_params`,
-whole on every rank, while the adapters and every full-precision weight shard and reduce.
+4-bit base (QLoRA) shards its packed bytes too; 8-bit weights (and 4-bit ones whose storage
+dtype is not the compute dtype) are FSDP2's `ignored_params`, whole on every rank.
 """
 
 from __future__ import annotations
@@ -118,8 +118,12 @@ def head_is_tied(lm: nn.Module) -> bool:
     return weight is not None and weight is getattr(embed, "weight", None)
 
 
-def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module:
-    """fully_shard the layers, the untied head and the scorer root, in place; returns the root."""
+def shard_model(
+    scorer: nn.Module, env: DistEnv, opts: FsdpOptions, keep_whole=frozenset()
+) -> nn.Module:
+    """fully_shard the layers, the untied head and the scorer root, in place; returns the root.
+    `keep_whole`: parameters left unsharded (a reference's quantized weights that the policy,
+    sharded first, shares)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -137,10 +141,23 @@ def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module
         mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard"))
     from csd_fast.quantization import quantized_params
 
+    whole = quantized_params(scorer, opts.param_dtype, keep_whole)
+    unsharded_4bit = [p for p in whole if type(p).__name__ == "Params4bit" and p not in keep_whole]
+    if unsharded_4bit and env.is_main:
+        import warnings
+
+        warnings.warn(
+            f"QLoRA under torchrun: the 4-bit base stays whole on every rank, its packed "
+            f"{unsharded_4bit[0].dtype} storage not being FSDP2's {opts.param_dtype} compute "
+            f"dtype; set bnb_4bit_quant_storage='{str(opts.param_dtype).removeprefix('torch.')}' "
+            "in quantization_config to shard it",
+            UserWarning,
+            stacklevel=2,
+        )
     kwargs = {
         "mesh": mesh,
-        # a bitsandbytes base stays whole on every rank (csd_fast.quantization.quantized_params)
-        "ignored_params": quantized_params(scorer),
+        # bitsandbytes weights FSDP2 cannot gather (csd_fast.quantization.quantized_params)
+        "ignored_params": whole,
         "mp_policy": MixedPrecisionPolicy(
             param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype
         ),

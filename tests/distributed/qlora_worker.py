@@ -5,10 +5,10 @@
 The test (tests/distributed/test_qlora_fsdp.py) saves the tiny Llama to OUT/models/llama first,
 so no two ranks write it. Every rank then loads and quantizes that same base itself; each
 scenario trains on two ranks and rank 0 saves OUT/<name>.pt: the log history, the gathered
-trainable weights and each rank's parameter bytes (sharded / whole). The test builds the same
+trainable weights and each rank's parameter bytes (`parameter_bytes`). The test builds the same
 scenario on one process with the global batch and compares. Also run here: the `nf4` run cut
 after its step-2 checkpoint and resumed on the same two ranks (`resume2`), and the NF4 run with the
-adapters kept out of FSDP2 like the base (`unreduced`: no gradient reduced, a planted bug).
+weights all kept out of FSDP2 (`unreduced`: no gradient reduced, a planted bug).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ SCENARIOS = {
                 eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2),
     "int8": dict(quant=INT8, fp32_adapters=True, max_steps=3, save_strategy="steps",
                  save_steps=2),  # padded batches
-    # TRL's bf16 adapters over double-quantized FP4, checkpointed activations, a reference
-    # table from before training
-    "fp4_bf16_ckpt_precompute": dict(quant=FP4, padding_free=True, max_steps=3,
+    # TRL's bf16 adapters over double-quantized FP4 packed in fp32 storage, checkpointed
+    # activations, a reference table from before training
+    "fp4_bf16_ckpt_precompute": dict(quant=dict(FP4, bnb_4bit_quant_storage="float32"),
+                                     padding_free=True, max_steps=3,
                                      gradient_checkpointing=True, precompute_ref_log_probs=True,
                                      learning_rate=1e-2),
     # a PeftModel passed in (DoRA, a nonzero adapter): its reference is a frozen copy of the
@@ -121,28 +122,37 @@ def trainable_weights(trainer) -> dict[str, torch.Tensor]:
 
 
 def parameter_bytes(model) -> dict[str, int]:
-    """This rank's parameter memory: `sharded` (its shards of FSDP2's DTensors, else every
-    full-precision weight), `quantized` (the bnb weights with their quant_state tensors)."""
+    """This rank's parameter memory: `packed` (bnb's quantized weights: its shards of the
+    sharded ones, whole ones whole), `quant_state` (their absmax blocks, code tables and row
+    scales, always whole), `full_precision` (its shards of everything else) and
+    `full_precision_whole` (the same at full size)."""
     from torch.distributed.tensor import DTensor
 
-    from csd_fast.quantization import is_quantized_tensor
+    from csd_fast.quantization import bnb_layers
 
-    out = {"sharded": 0, "quantized": 0, "full_precision_whole": 0}
+    def nbytes(t) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    out = dict.fromkeys(("packed", "quant_state", "full_precision", "full_precision_whole"), 0)
+    packed = set()
+    for _, layer in bnb_layers(model):
+        packed.add(id(layer.weight))
+        out["packed"] += nbytes(layer.weight)
+        state = getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
+        scale = getattr(layer.weight, "SCB", None)  # 8-bit row scales, or where bnb moved them
+        extras = [
+            scale if scale is not None else getattr(getattr(layer, "state", None), "SCB", None)
+        ]
+        if state is not None:
+            extras += [state.absmax, state.code]
+            if state.nested:
+                extras += [state.state2.absmax, state.state2.code]
+        out["quant_state"] += sum(nbytes(t) for t in extras if t is not None)
     for p in model.parameters():
-        local = p.to_local() if isinstance(p, DTensor) else p
-        nbytes = local.numel() * local.element_size()
-        if is_quantized_tensor(p):
-            state = getattr(p, "quant_state", None)
-            extras = [getattr(p, "SCB", None)]
-            if state is not None:
-                extras += [state.absmax, state.code]
-                if state.nested:
-                    extras += [state.state2.absmax, state.state2.code]
-            nbytes += sum(t.numel() * t.element_size() for t in extras if t is not None)
-            out["quantized"] += nbytes
-        else:
-            out["sharded"] += nbytes
-            out["full_precision_whole"] += p.numel() * p.element_size()  # global shape
+        if id(p) not in packed:
+            out["full_precision"] += nbytes(p)
+            out["full_precision_whole"] += p.numel() * p.element_size()  # the global shape
     return out
 
 
@@ -163,11 +173,12 @@ def main(root: Path) -> None:
         res = result(trainer)
         res["bytes"] = trainer.dist.all_gather_objects(res["bytes"])  # every rank's
         results[name] = res
-    # a bug the parity tests must catch: the adapters left out of FSDP2 with the base, so
+    # a bug the parity tests must catch: every weight left out of FSDP2 (ignored_params), so
     # each rank trains its own copy on its half of the batch (no gradient is reduced)
     from unittest import mock
 
-    every = mock.patch("csd_fast.quantization.quantized_params", lambda m: set(m.parameters()))
+    every = mock.patch("csd_fast.quantization.quantized_params",
+                       lambda module, *_: set(module.parameters()))  # fmt: skip
     with every:
         unreduced = build_trainer("nf4", world, root / "unreduced", root)
     unreduced.train()

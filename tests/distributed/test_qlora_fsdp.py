@@ -148,24 +148,57 @@ def test_parity_checks_can_fail(two_ranks, one_process):
 
 
 def test_per_rank_parameter_memory(two_ranks, one_process):
-    """Each rank holds half the full-precision weights (FSDP2 shards) and the whole 4-bit base:
-    the same bytes as one process, about 0.5 byte per weight plus quant_state."""
+    """Each rank holds half the full-precision weights and half the packed 4-bit base (FSDP2
+    shards both; the absmax blocks stay whole), and the whole 8-bit base: measured, not
+    assumed, against one process's bytes."""
     for name in qw.SCENARIOS:
         ranks, one = load(two_ranks, name)["bytes"], one_process[name]["bytes"]
         assert len(ranks) == 2
-        assert sum(r["sharded"] for r in ranks) == one["sharded"]  # FSDP2's shards, no copy
+        for key in ("full_precision", "packed"):
+            if key == "packed" and name == "int8":  # 8-bit: whole on every rank
+                assert [r["packed"] for r in ranks] == [one["packed"]] * 2
+                continue
+            assert sum(r[key] for r in ranks) == one[key], (name, key)  # shards, no copy
+            assert all(0.4 < r[key] / one[key] < 0.6 for r in ranks), (name, key)
         for r in ranks:
-            assert 0.4 < r["sharded"] / one["sharded"] < 0.6, name  # about half each
-            assert r["full_precision_whole"] == one["sharded"]
-            assert r["quantized"] == one["quantized"]  # the base: whole on every rank
-    four_bit, eight_bit = one_process["nf4"]["bytes"], one_process["int8"]["bytes"]
+            assert r["full_precision_whole"] == one["full_precision"]
+            assert r["quant_state"] == one["quant_state"] > 0  # whole on every rank
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(qw.model_path(two_ranks))
     linear = sum(m.weight.numel() for n, m in base.named_modules()
                  if isinstance(m, torch.nn.Linear) and "lm_head" not in n)  # fmt: skip
-    assert 0.5 * linear < four_bit["quantized"] < 0.6 * linear  # packed nibbles + absmax
-    assert linear <= eight_bit["quantized"] < 1.1 * linear  # int8 + a row scale
+    four_bit, eight_bit = one_process["nf4"]["bytes"], one_process["int8"]["bytes"]
+    assert four_bit["packed"] == linear // 2  # two weights a byte
+    assert 0.5 < (four_bit["packed"] + four_bit["quant_state"]) / linear < 0.6  # + absmax
+    assert eight_bit["packed"] == linear
+
+
+def test_4bit_weights_shard_only_where_fsdp2_would_not_cast_their_bytes(two_ranks):
+    """FSDP2 casts gathered parameters to its param_dtype: packed 4-bit storage of another
+    dtype would be converted as numbers, so those weights stay whole (ignored), as 8-bit ones
+    always do; uint8 storage shards without a cast (CPU), fp32 storage under fp32 compute."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from csd_fast.quantization import bnb_layers, quantized_params
+
+    def load_quantized(**quant):
+        config = BitsAndBytesConfig(**quant)
+        return AutoModelForCausalLM.from_pretrained(qw.model_path(two_ranks),
+                                                    quantization_config=config)  # fmt: skip
+
+    nf4 = load_quantized(**qw.NF4)
+    weights = {layer.weight for _, layer in bnb_layers(nf4)}
+    assert len(weights) == 14 and quantized_params(nf4, None) == set()
+    assert quantized_params(nf4, torch.bfloat16) == weights  # uint8 bytes would be cast
+    assert quantized_params(nf4, None, keep_whole=weights) == weights  # a reference's share
+    fp32_storage = load_quantized(**qw.NF4, bnb_4bit_quant_storage="float32")
+    assert quantized_params(fp32_storage, torch.float32) == set()
+    assert len(quantized_params(fp32_storage, torch.bfloat16)) == 14
+    int8 = load_quantized(**qw.INT8)
+    assert len(quantized_params(int8, None)) == 14
+    assert quantized_params(AutoModelForCausalLM.from_pretrained(qw.model_path(two_ranks)),
+                            torch.bfloat16) == set()  # fmt: skip
 
 
 def test_resume_on_two_ranks_continues_the_run(two_ranks, one_process):
@@ -215,7 +248,7 @@ def test_export_merges_the_adapter_into_the_full_precision_base(two_ranks, tmp_p
         assert (b @ a).abs().max() > 1e-4  # the adapter moved: the check above could fail
 
 
-def test_cpu_offload_is_refused_naming_the_field():
+def test_cpu_offload_and_sync_module_states_are_refused_naming_the_field():
     from types import SimpleNamespace
 
     from csd_fast.quantization import check_distributed
@@ -224,6 +257,9 @@ def test_cpu_offload_is_refused_naming_the_field():
     ranks = SimpleNamespace(distributed=True)
     with pytest.raises(NotImplementedError, match="fsdp_config cpu_offload with quantization"):
         check_distributed(None, qw.NF4, ranks, args)
+    sync = SimpleNamespace(fsdp_config={"sync_module_states": True})
+    with pytest.raises(NotImplementedError, match="sync_module_states with quantization"):
+        check_distributed(None, qw.NF4, ranks, sync)
     check_distributed(None, qw.NF4, ranks, SimpleNamespace(fsdp_config={}))  # no offload: fine
     check_distributed(None, None, ranks, args)  # no quantization: offload is FSDP's business
 
