@@ -459,6 +459,9 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
         lora_rank=int(peft.get("r", 8)) if isinstance(peft, dict) else None,  # peft's default r
         quantized_bits=bits,
         double_quant=bool(quant.get("bnb_4bit_use_double_quant")),
+        # FSDP2 gathers packed 4-bit bytes uncast only in the compute dtype's storage
+        quantized_sharded=str(quant.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
+        == ("bfloat16" if args.bf16 else "float32"),
         tokens_per_micro_batch=tokens,
         compute_bytes=2 if args.bf16 else 4,
         trainable_patterns=args.trainable_params,

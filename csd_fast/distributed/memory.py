@@ -20,10 +20,11 @@ with W ranks, P parameters, P_t trainable, B = bytes of the compute dtype (2 for
                  otherwise     T*(6H + 3I)*B*L
                  + the head: fused 0 (chunked), eager T*V*4*3 (logits, softmax, grad)
 QLoRA (`quantized_bits` 4 or 8, bitsandbytes quantizing every linear layer of the blocks, Q of
-the P parameters): those are replicated on every rank, not sharded, and never gathered:
+the P parameters). 4-bit packed bytes shard when their storage dtype is the compute dtype
+(`quantized_sharded`), their absmax blocks and 8-bit weights are whole on every rank:
 
-    quantized    Q/2 + 4Q/64 (4-bit; Q/2 + Q/64 + 4Q/16384 double-quantized) or Q + 4R (8-bit,
-                 R output rows)
+    quantized    Q/2/W (or Q/2 whole) + 4Q/64 (Q/64 + 4Q/16384 double-quantized) in 4-bit,
+                 Q + 4R in 8-bit (R output rows)
     params       (P - Q) * 4 / W           the full-precision rest, sharded
     gathered     2 * U' * B                U' the largest unit's full-precision part
 With offload, params, grads and optimizer state live in CPU memory (the gathered units and the
@@ -153,6 +154,7 @@ def plan_memory(
     fused_head: bool = True,
     quantized_bits: int | None = None,
     double_quant: bool = False,
+    quantized_sharded: bool = True,
     optimizer_bytes: int = 8,
 ) -> MemoryPlan:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -166,7 +168,7 @@ def plan_memory(
             absmax = (
                 quantized // 64 + 4 * quantized // 16384 if double_quant else 4 * quantized // 64
             )
-            quantized_bytes = quantized // 2 + absmax
+            quantized_bytes = quantized // 2 // (world_size if quantized_sharded else 1) + absmax
     W, T, B = world_size, tokens_per_micro_batch, compute_bytes
     H, inter, L = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     per_layer = T * (6 * H + 3 * inter) * B
