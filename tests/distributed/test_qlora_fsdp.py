@@ -3,9 +3,10 @@
     python -m pytest tests/distributed/test_qlora_fsdp.py -q     (two torchrun launches, ~1 min)
 
 One launch (`qlora_worker.py`) trains every scenario of `qlora_worker.SCENARIOS` on two ranks
-(NF4 packed with eval and checkpoints, int8 padded, double-quantized FP4 with TRL's bf16
-adapters, gradient checkpointing and a precomputed reference) and resumes the NF4 run from its
-step-2 checkpoint on the same two ranks; each test builds the scenario on one process with the
+(NF4 packed with eval and checkpoints, int8 padded, double-quantized FP4 in fp32 storage with
+TRL's bf16 adapters, gradient checkpointing and a precomputed reference, a DoRA PeftModel with
+its own reference copy; the 4-bit bases sharded, the 8-bit one whole) and resumes the NF4 run
+from its step-2 checkpoint on the same two ranks; each test builds the scenario on one process with the
 global batch and compares the whole log history and every trained weight. The second launch is
 `csd train --nproc 2` with a quantization config, against `csd train` on one process.
 
