@@ -104,7 +104,6 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # QLoRA (csd_fast.quantization): the trainer argument or model_init_kwargs', as TRL
         init_kwargs = quantized_init_kwargs(model, args, quantization_config)
         check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
-        _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
         if args.padding_free and is_vision_dataset(train_dataset):  # TRL 1.16 falls back too
             warnings.warn("the train dataset has images: padding_free is off (the padded "
@@ -856,9 +855,3 @@ def wpo_weights(fwd, batch, lengths: torch.Tensor) -> torch.Tensor:
         w = torch.exp(segment_sum(aligned, batch.seq_offsets) / lengths.clamp(min=1))
         P = batch.num_pairs
         return w[:P] * w[P:]
-
-
-def _check_supported(args) -> None:
-    """Options the config accepts (TRL's surface) that this trainer cannot honour yet: say so."""
-    if args.logging_strategy not in ("steps", "no"):
-        raise NotImplementedError(f"logging_strategy={args.logging_strategy!r}: use 'steps'")
