@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from csd_fast.losses import LOSS_TYPES
-from csd_fast.optim import SCHEDULES
+from csd_fast.optim import METRIC_SCHEDULES, SCHEDULES
 
 STRATEGIES = ("no", "steps", "epoch")
 # DPOConfig fields of older TRL releases that 1.16 no longer has. Passing one gives the plain
@@ -499,8 +499,9 @@ class DPOConfig:
             value = getattr(value, "value", value)  # a transformers enum member
             setattr(self, name, value)
             if value not in allowed:
-                err = NotImplementedError if name == "lr_scheduler_type" else ValueError
-                raise err(f"DPOConfig.{name}={value!r} is not supported; expected one of {allowed}")
+                raise ValueError(
+                    f"DPOConfig.{name}={value!r} is not supported; expected one of {allowed}"
+                )
 
     def _derive_logging_eval_save(self) -> None:
         # transformers' rules: integer step counts above 1, eval_steps falls back to
@@ -519,7 +520,12 @@ class DPOConfig:
             if not self.logging_steps:
                 raise ValueError("eval_strategy='steps' requires eval_steps or logging_steps")
             self.eval_steps = self.logging_steps
-        if self.load_best_model_at_end and self.metric_for_best_model is None:
+        metric_schedule = self.lr_scheduler_type in METRIC_SCHEDULES
+        if metric_schedule and self.eval_strategy == "no":
+            raise ValueError(
+                f"lr_scheduler_type {self.lr_scheduler_type} requires an eval strategy"
+            )
+        if (self.load_best_model_at_end or metric_schedule) and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.greater_is_better is None and self.metric_for_best_model is not None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")

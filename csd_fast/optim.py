@@ -21,13 +21,19 @@ SCHEDULES = (
     "linear",
     "cosine",
     "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
     "constant",
     "constant_with_warmup",
     "cosine_with_restarts",
     "polynomial",
     "inverse_sqrt",
     "warmup_stable_decay",
+    "reduce_lr_on_plateau",
+    "greedy",  # transformers' GreedyLR (in 5.19)
 )
+# schedules stepped with the evaluation metric (metric_for_best_model) after each evaluation,
+# not after each optimizer step: they need an eval strategy
+METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
 
 
 def select_trainable(model: nn.Module, patterns: list[str] | None) -> list[str]:
@@ -159,11 +165,15 @@ def build_scheduler(optimizer, args, num_training_steps: int):
     if min_lr is not None:
         if name == "cosine":
             name = "cosine_with_min_lr"
-        if name != "cosine_with_min_lr":
+        if name not in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
             raise ValueError(f"min_lr needs a cosine schedule, got lr_scheduler_type={name!r}")
         kwargs.setdefault("min_lr", min_lr)
     if name not in SCHEDULES:
         raise ValueError(f"lr_scheduler_type {name!r} is not one of {SCHEDULES}")
+    if name == "greedy" and not hasattr(__import__("transformers"), "GreedyLR"):
+        raise NotImplementedError(
+            "lr_scheduler_type='greedy' needs a transformers with GreedyLR (5.19 has it)"
+        )
     return get_scheduler(
         name,
         optimizer,
@@ -171,3 +181,22 @@ def build_scheduler(optimizer, args, num_training_steps: int):
         num_training_steps=num_training_steps,
         scheduler_specific_kwargs=kwargs or None,
     )
+
+
+def steps_on_metric(scheduler) -> bool:
+    """A schedule stepped with an evaluation metric (ReduceLROnPlateau, transformers' GreedyLR)."""
+    return type(scheduler).__name__ in ("ReduceLROnPlateau", "GreedyLR")
+
+
+def step_on_metric(scheduler, args, metrics: dict) -> None:
+    """transformers' rule after an evaluation: step on metrics['eval_' + metric_for_best_model]."""
+    if not steps_on_metric(scheduler):
+        return
+    key = args.metric_for_best_model or "loss"
+    key = key if key.startswith("eval_") else f"eval_{key}"
+    if key not in metrics:
+        raise KeyError(
+            f"metric_for_best_model={args.metric_for_best_model!r}: {key!r} is not among the "
+            f"evaluation metrics {sorted(metrics)}; {args.lr_scheduler_type} steps on it"
+        )
+    scheduler.step(metrics[key])

@@ -104,7 +104,6 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # QLoRA (csd_fast.quantization): the trainer argument or model_init_kwargs', as TRL
         init_kwargs = quantized_init_kwargs(model, args, quantization_config)
         check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
-        _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
         if args.padding_free and is_vision_dataset(train_dataset):  # TRL 1.16 falls back too
             warnings.warn("the train dataset has images: padding_free is off (the padded "
@@ -253,6 +252,14 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         if is_vision_dataset(dataset):  # raw rows; each batch goes through the processor
             return self._vision_set(dataset, name)
         if is_stream(dataset):  # tokenized chunk by chunk as the loop reads it
+            if getattr(dataset, "_distributed", None) is not None and self.dist.distributed:
+                raise ValueError(
+                    f"{name} dataset: a stream split with split_dataset_by_node; csd-fast "
+                    "deals each global batch over the ranks itself, so every rank needs the "
+                    "whole stream: pass it unsplit"
+                )
+            # every rank reads the whole stream: one of them writes its rejects
+            rejects = rejects if self.dist.is_main else None
             return StreamPairs(dataset, self._stream_tokenizer(), name, rejects)
         pairs = tokenize_pairs(
             load_rows(dataset, split="train" if name == "train" else "test"),
@@ -366,12 +373,14 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             # for it several times), an evaluation pass is new each time
             a = self.args
             nominal = a.max_steps * a.gradient_accumulation_steps if mode == "train" else None
-            if self.dist.world_size > 1:
-                raise NotImplementedError("streams are read by one process: load it map-style")
-            plan = StreamPlan(pairs, epoch, self._batching(mode), nominal, a.stream_buffer_size)
+            world = self.dist.world_size
+            plan = StreamPlan(
+                pairs, epoch, self._batching(mode), nominal, a.stream_buffer_size, world
+            )
+            views = [plan.view(rank) for rank in range(world)]
             if mode == "train":
-                self._plans[mode] = (pairs, epoch, [plan])
-            return [plan]
+                self._plans[mode] = (pairs, epoch, views)
+            return views
         if cached is None or cached[0] is not pairs or cached[1] != epoch:
             opts = self._batching(mode)
             costs = None
@@ -864,9 +873,3 @@ def wpo_weights(fwd, batch, lengths: torch.Tensor) -> torch.Tensor:
         w = torch.exp(segment_sum(aligned, batch.seq_offsets) / lengths.clamp(min=1))
         P = batch.num_pairs
         return w[:P] * w[P:]
-
-
-def _check_supported(args) -> None:
-    """Options the config accepts (TRL's surface) that this trainer cannot honour yet: say so."""
-    if args.logging_strategy not in ("steps", "no"):
-        raise NotImplementedError(f"logging_strategy={args.logging_strategy!r}: use 'steps'")

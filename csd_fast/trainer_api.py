@@ -83,8 +83,9 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         from csd_fast.streaming import StreamPlan
 
         t = self.trainer
-        plan = StreamPlan(self.pairs, 0, t._batching(self.mode), None, t.args.stream_buffer_size)
-        for idx in plan:
+        plan = StreamPlan(self.pairs, 0, t._batching(self.mode), None, t.args.stream_buffer_size,
+                          t.dist.world_size)  # fmt: skip
+        for idx in plan.view(t.dist.rank):
             yield t._collate(self.pairs, idx, self.mode)
 
 

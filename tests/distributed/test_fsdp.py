@@ -101,6 +101,10 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name
         )
 
 
+def test_a_stream_split_by_node_is_refused(two_ranks):
+    assert "split_dataset_by_node" in (two_ranks / "split_stream.txt").read_text()
+
+
 def test_resume_on_two_ranks_continues_the_run(two_ranks):
     want = torch.load(two_ranks / "packed.pt", weights_only=False)
     got = torch.load(two_ranks / "resume2.pt", weights_only=False)
