@@ -6,9 +6,9 @@ One launch (`qlora_worker.py`) trains every scenario of `qlora_worker.SCENARIOS`
 (NF4 packed with eval and checkpoints, int8 padded, double-quantized FP4 in fp32 storage with
 TRL's bf16 adapters, gradient checkpointing and a precomputed reference, a DoRA PeftModel with
 its own reference copy; the 4-bit bases sharded, the 8-bit one whole) and resumes the NF4 run
-from its step-2 checkpoint on the same two ranks; each test builds the scenario on one process with the
-global batch and compares the whole log history and every trained weight. The second launch is
-`csd train --nproc 2` with a quantization config, against `csd train` on one process.
+from its step-2 checkpoint on the same two ranks; each test builds the scenario on one process
+with the global batch and compares the whole log history and every trained weight. The second
+launch is `csd train --nproc 2` with a quantization config, against `csd train` on one process.
 
 Tolerances. With fp32 adapters (`fp32_adapters`) every number is fp32 and the two sides differ
 only in summation order (two half-batch gradients reduced vs one), so fp32 round-off bounds
