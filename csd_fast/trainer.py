@@ -47,7 +47,7 @@ from csd_fast.forward import (
 )
 from csd_fast.optim import select_trainable
 from csd_fast.plancache import cached_rank_plans
-from csd_fast.reporting import MetricsWriter, plot_curves
+from csd_fast.reporting import MetricsWriter, integration_callbacks, plot_curves
 from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
 from csd_fast.trainer_api import TrainerAPI
 from csd_fast.trainer_eval import EvalMixin
@@ -153,7 +153,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             else:
                 ref_model = load_model(ref_model, args, on_meta=meta, extra_kwargs=init_kwargs)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
-        self.callbacks = list(callbacks or [])
+        # transformers' order: its reporting integrations, then the user's callbacks
+        self.callbacks = integration_callbacks(args.report_to) + list(callbacks or [])
         # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
         self.router_aux_loss_coef, self.aux_loss_enabled = model_setup(self, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
@@ -202,7 +203,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         self._length_normalised = bool({"ipo", "sigmoid_norm"} & set(self.loss_params.loss_type))
         self.optimizer, self.lr_scheduler = optimizers
         self._own_optimizer, self._own_scheduler = optimizers[0] is None, optimizers[1] is None
-        self.state = TrainerState()
+        self.state = self._new_state()
         self.control = TrainerControl()
         self.progress = ckpt.TrainProgress()
         from csd_fast.metrics import MetricsLog
@@ -640,7 +641,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             self.optimizer = None
         if self._own_scheduler:
             self.lr_scheduler = None
-        self.state, self.control = TrainerState(), TrainerControl()
+        self.state, self.control = self._new_state(), TrainerControl()
         self.progress, self._metrics = ckpt.TrainProgress(), MetricsLog()
 
     def training_job(self):
@@ -737,6 +738,13 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             self._metrics_writer = None
 
     # ------------------------------------------------------------------------ callbacks
+    def _new_state(self) -> TrainerState:
+        """transformers' TrainerState, knowing which process this is (callbacks that report or
+        write only once, the reporting integrations among them, read it)."""
+        return TrainerState(
+            is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main
+        )
+
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
 

@@ -101,6 +101,10 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name
         )
 
 
+def test_trainer_state_knows_process_zero(two_ranks):
+    assert torch.load(two_ranks / "process_zero.pt") == [(True, True), (False, False)]
+
+
 def test_a_stream_split_by_node_is_refused(two_ranks):
     assert "split_dataset_by_node" in (two_ranks / "split_stream.txt").read_text()
 
