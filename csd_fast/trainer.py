@@ -559,9 +559,23 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         self._metrics.add(mode, self._reduce_metrics(sums, dummy))
         if mode == "train" and not dummy:
             self._metrics.add_tokens(mode, batch.num_tokens)
+            self._metrics.total_flos += self._flos_per_input_id() * batch.padded_numel()
             if not self.dist.distributed:  # (distributed: the loop saves the all-rank total)
                 self.progress.total_tokens += batch.num_tokens
         return loss
+
+    def _flos_per_input_id(self) -> int:
+        """transformers' `floating_point_ops`: 6 x non-embedding parameters per input_ids entry
+        of TRL's padded rows (0 for a model without `num_parameters`, as there)."""
+        if getattr(self, "_flos_factor", None) is None:
+            count = getattr(self.model, "num_parameters", None)
+            self._flos_factor = 6 * count(exclude_embeddings=True) if count else 0
+        return self._flos_factor
+
+    def global_train_flos(self) -> float:
+        """`total_flos` over all ranks (each rank counts its own batches)."""
+        local = torch.tensor([self._metrics.total_flos], dtype=torch.float64)
+        return float(self.dist.all_reduce_sum(local).item())
 
     def global_train_tokens(self) -> int:
         """TRL's `num_tokens` over all ranks (each rank counts its own batches)."""
@@ -680,6 +694,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             evaluate=self.evaluate if self.eval_pairs is not None else None,
             close=self.close_writer,
             train_tokens=self.global_train_tokens,
+            train_flos=self.global_train_flos,
             run=run_identity(self),
             loss_tokens=self._sft_loss_tokens(),
             scaler=self.grad_scaler,
