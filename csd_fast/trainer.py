@@ -51,10 +51,11 @@ from csd_fast.reporting import MetricsWriter, integration_callbacks, plot_curves
 from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
 from csd_fast.trainer_api import TrainerAPI
 from csd_fast.trainer_eval import EvalMixin
+from csd_fast.trainer_hooks import TrainerHooks
 from csd_fast.trainer_reference import ReferenceMixin
 
 
-class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
+class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
     """Drop-in for `trl.DPOTrainer` (1.16): same arguments, same logged metrics."""
 
     def __init__(
@@ -661,18 +662,17 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
     def training_job(self):
         """The explicit object `csd_fast.loop.run_training` drives (builds optimizer/schedule)."""
         from csd_fast.loop import TrainingJob, schedule_length
-        from csd_fast.optim import build_optimizer, build_scheduler
         from csd_fast.resume import run_identity
         from csd_fast.trl_compat import callback_states, restore_callback_states
 
         def plans(epoch: int):
             return self._rank_plans(self.train_pairs, "train", epoch)
 
-        if self.optimizer is None:
-            self.optimizer = build_optimizer(self.model, self.args)
+        # transformers' hooks, so a subclass's create_optimizer / create_scheduler are used
+        self.create_optimizer()
         if self.lr_scheduler is None:
             max_steps, _ = schedule_length(plans, self.args)
-            self.lr_scheduler = build_scheduler(self.optimizer, self.args, max_steps)
+            self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
         self._policy_is_initial = False
         return TrainingJob(
             args=self.args,
