@@ -11,24 +11,9 @@ state, the summary log and checkpoints (a resumed run ends with the whole run's 
 from __future__ import annotations
 
 import pytest
-from trl_helpers import csd_trainer, rows
+from trl_helpers import csd_trainer, make_trainer
 
 pytest.importorskip("trl")
-
-
-def _trl(models, out, **kw):
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-    from trl_helpers import base_kwargs, save_tiny
-
-    path, _ = save_tiny("llama", models)
-    return DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
-        args=DPOConfig(**base_kwargs(out, **kw)),
-        train_dataset=datasets.Dataset.from_list(rows("standard", 8)),
-        processing_class=AutoTokenizer.from_pretrained(path),
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -37,7 +22,7 @@ def _trl(models, out, **kw):
 )  # fmt: skip
 def test_train_output_and_total_flos_match_trl(models, tmp_path, ours):
     common = {"pad_to_multiple_of": ours.get("pad_to_multiple_of")}
-    trl = _trl(models, tmp_path / "trl", **common)
+    trl = make_trainer("trl", models, tmp_path / "trl", **common)
     want = trl.train()
     mine = csd_trainer(models, tmp_path / "csd", **ours)
     got = mine.train()

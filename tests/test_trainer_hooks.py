@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from trl_helpers import WEIGHT_ATOL, base_kwargs, compare_logs, max_weight_diff, rows, save_tiny
+from trl_helpers import WEIGHT_ATOL, compare_logs, make_trainer, max_weight_diff
 
 pytest.importorskip("trl")
 
@@ -44,39 +44,21 @@ def _head_lr_subclass(base):
     return HeadLearnsFaster
 
 
-def _trainer(impl, models, out, subclass=None, **kw):
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if impl == "trl":
-        from trl import DPOConfig, DPOTrainer
-    else:
-        from csd_fast import DPOConfig, DPOTrainer
-    cls = subclass(DPOTrainer) if subclass else DPOTrainer
-    path, _ = save_tiny("llama", models)
-    return cls(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
-        args=DPOConfig(**base_kwargs(out, **kw)),
-        train_dataset=datasets.Dataset.from_list(rows("standard", 8)),
-        processing_class=AutoTokenizer.from_pretrained(path),
-    )  # fmt: skip
-
-
 def _weights(trainer):
     return {k: v.detach().float().clone() for k, v in trainer.model.state_dict().items()}
 
 
 def test_overridden_optimizer_and_scheduler_train_as_in_trl(models, tmp_path):
-    trl = _trainer("trl", models, tmp_path / "trl", _head_lr_subclass)
+    trl = make_trainer("trl", models, tmp_path / "trl", _head_lr_subclass)
     trl.train()
-    ours = _trainer("csd", models, tmp_path / "csd", _head_lr_subclass)
+    ours = make_trainer("csd", models, tmp_path / "csd", _head_lr_subclass)
     ours.train()
     problems = compare_logs(ours.state.log_history, trl.state.log_history)
     assert not problems, "\n".join(problems)
     assert max_weight_diff(_weights(ours), _weights(trl)) <= WEIGHT_ATOL
     assert ours.get_learning_rates() == trl.get_learning_rates() == [1e-3, 1e-2]
     # the override really changed the run: the plain trainer ends elsewhere
-    plain = _trainer("csd", models, tmp_path / "plain")
+    plain = make_trainer("csd", models, tmp_path / "plain")
     plain.train()
     assert max_weight_diff(_weights(plain), _weights(ours)) > 10 * WEIGHT_ATOL
 
@@ -84,7 +66,7 @@ def test_overridden_optimizer_and_scheduler_train_as_in_trl(models, tmp_path):
 def test_log_and_save_metrics_write_transformers_files(models, tmp_path, capsys):
     runs = {}
     for impl in ("trl", "csd"):
-        trainer = _trainer(impl, models, tmp_path / impl)
+        trainer = make_trainer(impl, models, tmp_path / impl)
         metrics = trainer.train().metrics
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
@@ -101,8 +83,8 @@ def test_log_and_save_metrics_write_transformers_files(models, tmp_path, capsys)
 
 def test_getters_answer_as_transformers(models, tmp_path):
     kw = dict(gradient_accumulation_steps=2, weight_decay=0.1)
-    trl = _trainer("trl", models, tmp_path / "trl", **kw)
-    ours = _trainer("csd", models, tmp_path / "csd", **kw)
+    trl = make_trainer("trl", models, tmp_path / "trl", **kw)
+    ours = make_trainer("csd", models, tmp_path / "csd", **kw)
     assert ours.get_num_trainable_parameters() == trl.get_num_trainable_parameters()
     assert sorted(ours.get_decay_parameter_names(ours.model)) == sorted(
         trl.get_decay_parameter_names(trl.model)
