@@ -99,3 +99,12 @@ def test_getters_answer_as_transformers(models, tmp_path):
     assert ours.get_optimizer_group(head)["weight_decay"] == 0.1
     cls, kwargs = type(ours).get_optimizer_cls_and_kwargs(ours.args, ours.model)
     assert cls is torch.optim.AdamW and kwargs["lr"] == 1e-3
+
+
+def test_test_dataloader_batches_the_set_as_predict(models, tmp_path):
+    import datasets
+    from trl_helpers import rows
+
+    ours = make_trainer("csd", models, tmp_path / "csd", per_device_eval_batch_size=3)
+    loader = ours.get_test_dataloader(datasets.Dataset.from_list(rows("standard", 7)))
+    assert [batch.num_pairs for batch in loader] == [3, 3, 1]
