@@ -129,6 +129,12 @@ class TrainerAPI:
             raise ValueError("get_eval_dataloader takes one set; name one of the named eval sets")
         return self._loader(next(iter(pairs.values())), "eval")
 
+    def get_test_dataloader(self, test_dataset) -> torch.utils.data.DataLoader:
+        """The micro-batches `predict(test_dataset)` runs on (evaluation batching)."""
+        if test_dataset is None:
+            raise ValueError("get_test_dataloader needs a test_dataset")
+        return self.get_eval_dataloader(test_dataset)
+
     def _loader(self, pairs, mode: str) -> torch.utils.data.DataLoader:
         from csd_fast.streaming import StreamPairs
 

@@ -38,8 +38,11 @@ def parity(out: Path) -> None:
         trainer = scenarios.build_trainer(name, 2, out / name)
         if name == "padded":  # the reference hash of a sharded model, from every rank
             prints = trainer.dist.all_gather_objects(model_fingerprint(trainer.model))
+            zero = (trainer.state.is_world_process_zero, trainer.state.is_local_process_zero)
+            flags = trainer.dist.all_gather_objects(zero)  # what reporting callbacks read
             if trainer.dist.is_main:
                 torch.save(prints, out / "fingerprints.pt")
+                torch.save(flags, out / "process_zero.pt")
         trainer.train()
         save(out, name, trainer)
         if name == "packed":
