@@ -255,6 +255,14 @@ def _score_tokens(
     return result, None
 
 
+def _reshard_after_no_grad(model: nn.Module) -> None:
+    # an FSDP root keeps its weights gathered for the backward; none follows a no-grad pass, and
+    # weights left gathered would miss the next step's gradient reduction (and skip the next
+    # forward's all-gather on this rank only: the ranks' collectives would no longer match)
+    if not torch.is_grad_enabled() and hasattr(model, "reshard"):
+        model.reshard()
+
+
 def token_logps_and_stats(
     model: nn.Module,
     batch: PairBatch,
@@ -270,10 +278,7 @@ def token_logps_and_stats(
     `LogprobHead` forward on first use). `extras`: see `_score_tokens`."""
     if isinstance(model, PairScorer):
         out = model(batch, head_impl, with_stats, temperature, extras)
-        if not torch.is_grad_enabled() and hasattr(model, "reshard"):
-            # an FSDP root keeps its weights gathered for the backward; none follows a no-grad
-            # pass, and weights left gathered would miss the next step's gradient reduction
-            model.reshard()
+        _reshard_after_no_grad(model)
         return out
     install_logprob_head(model)
     return _score_tokens(model, batch, head_impl, with_stats, temperature, extras)
@@ -401,6 +406,8 @@ def fused_sequence_loss(
     )  # fmt: skip
     if isinstance(model, PairScorer):
         out = model(batch, "auto", with_stats, temperature, pair_loss=pair_loss)
+        # (eval) the same as the log-prob path: a batch may take either path on either rank
+        _reshard_after_no_grad(model)
     else:
         install_logprob_head(model)
         out = _score_tokens(model, batch, "auto", with_stats, temperature, pair_loss=pair_loss)

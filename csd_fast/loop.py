@@ -380,8 +380,8 @@ class _Window:
 def _set_step_flags(job: TrainingJob, max_steps: int) -> None:
     """transformers' DefaultFlowCallback.on_step_end: when to log, evaluate and save."""
     args, step, control = job.args, job.state.global_step, job.control()
-    if args.logging_strategy == "steps" and (
-        _due(step, args.logging_steps, max_steps) or (args.logging_first_step and step == 1)
+    if (args.logging_strategy == "steps" and _due(step, args.logging_steps, max_steps)) or (
+        args.logging_first_step and step == 1  # whatever the strategy, as transformers
     ):
         control.should_log = True
     eval_every = args.eval_steps or args.logging_steps
@@ -415,6 +415,7 @@ def _act_on_flags(job: TrainingJob, window: _Window, tokens, grad_norm, lr_used,
         logs.update(job.metrics.pop("train"))
         if env.distributed:
             logs["num_tokens"] = float(job.train_tokens())
+        job.state.total_flos = job.train_flos()  # transformers stores it at every log
         logs["tokens_per_second"] = float(counts[0]) / elapsed
         logs["pairs_per_second"] = float(counts[1]) / elapsed
         job.log(logs)
@@ -477,7 +478,7 @@ def _save(job: TrainingJob, tokens: _TokenCount, best: bool = False) -> Path:
     if env.distributed:
         tokens.sync()  # the saved count is the all-rank total
     job.progress.train_loss_sum = tokens.loss_sum()
-    job.progress.total_flos = job.train_flos()
+    job.progress.total_flos = state.total_flos = job.train_flos()
     job.progress.grad_scaler = None if job.scaler is None else job.scaler.state_dict()
     if job.callback_states is not None:
         job.progress.stateful_callbacks = job.callback_states()

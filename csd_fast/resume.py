@@ -248,7 +248,9 @@ def check_resume(
     """Refuse run-changing differences (each named) unless allowed; returns them as text."""
     diffs = diff_records(saved, new)
     changes = [f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, a, b in diffs]
-    other = [(a, b) for k, a, b in diffs if k == "optim"]
+    # AdamW fused or not keeps the same state: only another optimizer cannot carry it on
+    adamw = {"adamw_torch", "adamw_torch_fused"}
+    other = [(a, b) for k, a, b in diffs if k == "optim" and not {a, b} <= adamw]
     if other:  # the saved state is another optimizer's (AdamW's moments are no SGD momentum)
         raise ResumeMismatch(
             f"{where or 'the checkpoint'} holds the state of optim={other[0][0]!r}, not "

@@ -30,6 +30,28 @@ import numpy as np
 _CHUNK = 256  # rows read and tokenized per call: batched tokenization without a big buffer
 
 
+def check_same_rows_on_every_rank(dataset, dist, name: str, rows: int = 64) -> None:
+    """Under torchrun every rank reads the whole stream and keeps its share of each global
+    batch, which is right only if every rank reads the same rows in the same order: compare a
+    digest of the first `rows` (an unseeded `shuffle()` draws a different order per process)."""
+    import hashlib
+    import json
+
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(0)  # as the first training pass reads it
+    digest = hashlib.sha256()
+    for row in itertools.islice(iter(dataset), rows):
+        digest.update(json.dumps(row, sort_keys=True, default=repr).encode())
+    digests = dist.all_gather_objects(digest.hexdigest())
+    if len(set(digests)) > 1:
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise ValueError(
+            f"{name} dataset: the stream gives ranks {differ} other rows than rank 0 (its first "
+            f"{rows} rows differ). Every rank must read the same stream in the same order: give "
+            "IterableDataset.shuffle() a seed, and do not split it per rank"
+        )
+
+
 def is_stream(dataset) -> bool:
     import datasets
 

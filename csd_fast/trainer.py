@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import TrainerControl, TrainerState
+from transformers import TrainerControl
 
 from csd_fast import checkpoint as ckpt
 from csd_fast.batching import (
@@ -48,7 +48,7 @@ from csd_fast.forward import (
 from csd_fast.optim import select_trainable
 from csd_fast.plancache import cached_rank_plans
 from csd_fast.reporting import MetricsWriter, integration_callbacks, plot_curves
-from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
+from csd_fast.streaming import StreamPairs, StreamPlan, check_same_rows_on_every_rank, is_stream
 from csd_fast.trainer_api import TrainerAPI
 from csd_fast.trainer_eval import EvalMixin
 from csd_fast.trainer_hooks import TrainerHooks
@@ -260,6 +260,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
                     "deals each global batch over the ranks itself, so every rank needs the "
                     "whole stream: pass it unsplit"
                 )
+            if self.dist.distributed:
+                check_same_rows_on_every_rank(dataset, self.dist, name)
             # every rank reads the whole stream: one of them writes its rejects
             rejects = rejects if self.dist.is_main else None
             return StreamPairs(dataset, self._stream_tokenizer(), name, rejects)
@@ -573,19 +575,6 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
                 self.progress.total_tokens += batch.num_tokens
         return loss
 
-    def _flos_per_input_id(self) -> int:
-        """transformers' `floating_point_ops`: 6 x non-embedding parameters per input_ids entry
-        of TRL's padded rows (0 for a model without `num_parameters`, as there)."""
-        if getattr(self, "_flos_factor", None) is None:
-            count = getattr(self.model, "num_parameters", None)
-            self._flos_factor = 6 * count(exclude_embeddings=True) if count else 0
-        return self._flos_factor
-
-    def global_train_flos(self) -> float:
-        """`total_flos` over all ranks (each rank counts its own batches)."""
-        local = torch.tensor([self._metrics.total_flos], dtype=torch.float64)
-        return float(self.dist.all_reduce_sum(local).item())
-
     def global_train_tokens(self) -> int:
         """TRL's `num_tokens` over all ranks (each rank counts its own batches)."""
         local = torch.tensor([self._metrics.total_train_tokens], dtype=torch.int64)
@@ -761,13 +750,6 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
             self._metrics_writer = None
 
     # ------------------------------------------------------------------------ callbacks
-    def _new_state(self) -> TrainerState:
-        """transformers' TrainerState, knowing which process this is (callbacks that report or
-        write only once, the reporting integrations among them, read it)."""
-        return TrainerState(
-            is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main
-        )
-
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
 

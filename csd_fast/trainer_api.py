@@ -86,7 +86,8 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         plan = StreamPlan(self.pairs, 0, t._batching(self.mode), None, t.args.stream_buffer_size,
                           t.dist.world_size)  # fmt: skip
         for idx in plan.view(t.dist.rank):
-            yield t._collate(self.pairs, idx, self.mode)
+            if idx:  # (a rank may have no pairs in a stream's last global batch)
+                yield t._collate(self.pairs, idx, self.mode)
 
 
 class TrainerAPI:
@@ -213,18 +214,31 @@ class TrainerAPI:
 
         opts = dataclasses.replace(self._batching("eval"), layout="padded")
         collate = make_collate(opts, self._pad_id)
-        logits, labels = [], []
         was_training = self.model.training
         self.model.eval()
+        everyone = self._rank_plans(pairs, "eval", 0)
+        mine: list[tuple[np.ndarray, np.ndarray] | None] = []  # per batch; None: a stand-in
+        if self._sharded:  # the scorer root holds the embeddings and final norm: gather them
+            self.scorer.unshard()
         with torch.no_grad():
-            for idx in self._plan(pairs, "eval", 0):
-                batch = collate([dict(pairs[i]) for i in idx]).to(self.device)
-                kwargs = {k: batch.model_kwargs[k] for k in ("input_ids", "attention_mask")}
+            for k, idx in enumerate(everyone[self.dist.rank]):
+                # a rank without pairs in this batch runs a stand-in (FSDP's forward is
+                # collective) and keeps nothing of it
+                run = idx or next(p[k][:1] for p in everyone if p[k])
+                batch = collate([dict(pairs[i]) for i in run]).to(self.device)
+                inputs = {n: batch.model_kwargs[n] for n in ("input_ids", "attention_mask")}
                 with self._autocast():
-                    out = self.model(**kwargs, use_cache=False)
-                logits.append(out.logits.float().cpu().numpy())
-                labels.append(kwargs["input_ids"].cpu().numpy())
+                    out = self.model(**inputs, use_cache=False)
+                kept = (out.logits.float().cpu().numpy(), inputs["input_ids"].cpu().numpy())
+                mine.append(kept if idx else None)
+        if self._sharded:
+            self.scorer.reshard()
         self.model.train(was_training)
+        # every rank's rows, batch by batch in rank order (as accelerate's gather): each rank
+        # then computes the same metrics (for a plateau schedule, the best checkpoint)
+        shares = self.dist.all_gather_objects(mine) if self.dist.distributed else [mine]
+        pieces = [rank[k] for k in range(len(mine)) for rank in shares if rank[k] is not None]
+        logits, labels = [p[0] for p in pieces], [p[1] for p in pieces]
         return _concat_padded(logits), _concat_padded(labels)
 
     # ------------------------------------------------------------------------ saving

@@ -15,7 +15,7 @@ Tests: tests/test_trainer_hooks.py.
 from __future__ import annotations
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 from transformers.trainer_pt_utils import log_metrics, metrics_format, save_metrics
 
 
@@ -88,6 +88,26 @@ class TrainerHooks:
             return len(dataloader.dataset)
         except (AttributeError, TypeError):  # a stream's loader: estimated as transformers does
             return len(dataloader) * self.args.per_device_train_batch_size
+
+    def _flos_per_input_id(self) -> int:
+        """transformers' `floating_point_ops`: 6 x non-embedding parameters per input_ids entry
+        of TRL's padded rows (0 for a model without `num_parameters`, as there)."""
+        if getattr(self, "_flos_factor", None) is None:
+            count = getattr(self.model, "num_parameters", None)
+            self._flos_factor = 6 * count(exclude_embeddings=True) if count else 0
+        return self._flos_factor
+
+    def global_train_flos(self) -> float:
+        """`total_flos` over all ranks (each rank counts its own batches)."""
+        local = torch.tensor([self._metrics.total_flos], dtype=torch.float64)
+        return float(self.dist.all_reduce_sum(local).item())
+
+    def _new_state(self) -> TrainerState:
+        """transformers' TrainerState, knowing which process this is (callbacks that report or
+        write only once, the reporting integrations among them, read it)."""
+        return TrainerState(
+            is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main
+        )
 
     def _need_optimizer(self):
         if self.optimizer is None:

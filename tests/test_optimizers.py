@@ -108,3 +108,14 @@ def test_resume_under_another_optimizer_is_refused(models, tmp_path):
     resumed = csd_trainer(models, tmp_path / "run", optim="sgd", resume_with_changes=True, **kw)
     with pytest.raises(ResumeMismatch, match="optim='adamw_torch_fused'"):
         resumed.train(resume_from_checkpoint=True)
+
+
+def test_resume_between_fused_and_plain_adamw_is_a_change(models, tmp_path):
+    """adamw_torch and adamw_torch_fused keep the same state: a logged change, not a refusal."""
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    csd_trainer(models, tmp_path / "run", optim="adamw_torch_fused", **kw).train()
+    resumed = csd_trainer(models, tmp_path / "run", optim="adamw_torch", resume_with_changes=True,
+                          **kw)  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    assert any(c.startswith("optim:") for c in resumed.resume_changes)

@@ -73,3 +73,11 @@ def test_plateau_resumes_exactly(models, tmp_path):
     assert resumed.optimizer.param_groups[0]["lr"] == whole.optimizer.param_groups[0]["lr"]
     ours, ref = resumed.model.state_dict(), whole.model.state_dict()
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_logging_first_step_whatever_the_strategy(models, tmp_path):
+    """transformers logs step 1 with logging_first_step under every logging strategy."""
+    trainer = csd_trainer(models, tmp_path / "run", logging_strategy="epoch",
+                          logging_first_step=True, max_steps=4)  # fmt: skip
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 4]

@@ -59,7 +59,30 @@ SCENARIOS = {
     # keeps its share; 5 steps cross the end of the stream (its last global batch of 1 pair is
     # 1 + a stand-in), and the eval stream's last batch too
     "stream": dict(padding_free=True, max_steps=5, eval_strategy="steps", eval_steps=2),
+    # ipo on the fused kernel with keep_end cutting one eval prompt away whole (FUSED_EVAL_ROWS):
+    # that batch takes the torch loss on rank 0 only, the other rank the kernel; both must
+    # reshard after the no-grad pass or the next forward's collectives differ
+    "fused_ipo_eval": dict(fused=True, loss_type="ipo", truncation_mode="keep_end",
+                           max_length=20, max_steps=3, eval_strategy="steps", eval_steps=1),
+    # compute_metrics on the logits of every rank's rows (gathered), a plateau schedule on it
+    "compute_metrics": dict(max_steps=3, eval_strategy="steps", eval_steps=1,
+                            lr_scheduler_type="reduce_lr_on_plateau", metric_for_best_model="rows",
+                            lr_scheduler_kwargs={"patience": 0, "factor": 0.5}),
 }  # fmt: skip
+
+
+def eval_row_metrics(prediction) -> dict:
+    """How many rows compute_metrics saw, and an order-free mean over them (position 0 is a
+    real token in every row)."""
+    logits = prediction.predictions
+    return {"rows": float(logits.shape[0]), "first_logit": float(logits[:, 0, :].mean())}
+
+
+# pair 0's chosen fills max_length=20 by itself; the eval deal puts it on rank 0 (rows 0 and 2)
+FUSED_EVAL_ROWS = [
+    {**ROWS[0], "chosen": " the dog runs now the cat sat on the mat the dog runs now."},
+    *ROWS[1:4],
+]
 # run on 4 ranks as 2 nodes x 2 (tests/distributed/test_hsdp.py), each against 1 rank x 4b
 HSDP_SCENARIOS = {
     # hybrid_shard: shard within a node, replicate across the 2 nodes (mesh 2 x 2)
@@ -197,10 +220,15 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
     evalset = EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
+    if name == "fused_ipo_eval":
+        evalset = FUSED_EVAL_ROWS
     if name == "stream" and train is ROWS:
         import datasets
 
-        train = datasets.Dataset.from_list(ROWS).to_iterable_dataset()
+        # a seeded shuffle: every process draws the same order (an unseeded one is refused)
+        train = (
+            datasets.Dataset.from_list(ROWS).to_iterable_dataset().shuffle(seed=3, buffer_size=8)
+        )
         evalset = datasets.Dataset.from_list(EVAL_ROWS).to_iterable_dataset()
     if name == "vision":
         return _vision_trainer(DPOConfig(**kw), callbacks)
@@ -212,6 +240,7 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
     trainer = DPOTrainer(
         model, ref_model=ref, args=DPOConfig(**kw), train_dataset=train, eval_dataset=evalset,
         processing_class=tok, peft_config=peft_config, callbacks=callbacks,
+        compute_metrics=eval_row_metrics if name == "compute_metrics" else None,
     )  # fmt: skip
     if name == "fp16_overflow":
         trainer.grad_scaler = OverflowAtStep2(trainer.dist.rank, world)

@@ -69,6 +69,7 @@ LOOSE_WEIGHTS = {"self_attn.k_proj.bias": 1e-5}
 def assert_same_run(got: dict, want_history, want_weights, skip=frozenset(), rtol=1e-5):
     hist = got["history"]
     assert len(hist) == len(want_history)
+    skip = set(skip) | {f"eval_{k}" for k in skip}  # an evaluation's padding differs alike
     for step, (a, b) in enumerate(zip(hist, want_history, strict=True)):
         keys = set(b) - skip
         assert set(a) - skip == keys, (step, set(a) ^ set(b))
@@ -86,7 +87,7 @@ def assert_same_run(got: dict, want_history, want_weights, skip=frozenset(), rto
 @pytest.mark.parametrize("name", sorted(set(scenarios.SCENARIOS)))
 def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name):
     trainer = single(name, tmp_path)
-    padded = ("padded", "prefix_fused", "vision")
+    padded = ("padded", "prefix_fused", "vision", "fused_ipo_eval", "compute_metrics")
     skip = PADDING_KEYS if name in padded else PADDING_KEYS - {"num_tokens"}
     got = torch.load(two_ranks / f"{name}.pt", weights_only=False)
     assert len(got["history"]) >= 4  # >= 3 steps plus the summary
@@ -109,6 +110,12 @@ def test_trainer_state_knows_process_zero(two_ranks):
 
 def test_a_stream_split_by_node_is_refused(two_ranks):
     assert "split_dataset_by_node" in (two_ranks / "split_stream.txt").read_text()
+
+
+def test_a_stream_each_rank_reads_in_its_own_order_is_refused(two_ranks):
+    assert (
+        "give IterableDataset.shuffle() a seed" in (two_ranks / "unseeded_stream.txt").read_text()
+    )
 
 
 def test_resume_on_two_ranks_continues_the_run(two_ranks):

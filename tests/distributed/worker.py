@@ -72,6 +72,13 @@ def parity(out: Path) -> None:
     except ValueError as e:
         if rank == 0:
             (out / "split_stream.txt").write_text(str(e))
+    # a stream shuffled without a seed: each process draws its own order, refused
+    try:
+        scenarios.build_trainer("stream", 2, out / "unseeded",
+                                train_dataset=stream.shuffle(buffer_size=16))  # fmt: skip
+    except ValueError as e:
+        if rank == 0:
+            (out / "unseeded_stream.txt").write_text(str(e))
     # the reference store the ref_store run wrote, read back by a second two-rank run
     store = str(out / "ref_store" / "refstore")
     hit = scenarios.build_trainer("ref_store", 2, out / "ref_store_hit", ref_cache_dir=store)
