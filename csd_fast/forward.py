@@ -113,12 +113,27 @@ class LogprobHead:
     softcap: float | None = None
 
     def forward(self, hidden, labels=None, pair_loss: dict | None = None, **kernel_kwargs):
+        from csd_fast.distributed.tensor_parallel import is_vocab_sharded
+
+        sharded = is_vocab_sharded(self.weight)  # tensor parallelism: this rank's vocab rows
         if labels is None:
+            if sharded:
+                from csd_fast.distributed.tensor_parallel import sharded_logits
+
+                return sharded_logits(hidden, self.weight, getattr(self, "bias", None))
             return super().forward(hidden)
         from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
 
         extras = kernel_kwargs.pop("extras", None)  # see _score_tokens
         hidden, weight, bias = self.operands(hidden)
+        if sharded:  # no extras (refused: use_weighting) and no fused pair loss under TP
+            from csd_fast.distributed.tensor_parallel import sharded_head_logprob
+
+            if pair_loss is not None or extras:
+                raise NotImplementedError("the fused pair loss / WPO weights under tp_size > 1")
+            return sharded_head_logprob(hidden, weight, bias, labels,
+                                        logit_scale=self.logit_scale, softcap=self.softcap,
+                                        **kernel_kwargs)  # fmt: skip
         if extras is not None and "log_sum_sq_probs" in extras:
             # here, inside the head's forward, the weight is whole even when FSDP shards it
             extras["log_sum_sq_probs"] = log_sum_sq_probs(

@@ -1,0 +1,237 @@
+"""Tensor parallelism on CPU with gloo under torchrun: tp=2 on 2 ranks == 1 process, same batch.
+
+    python -m pytest tests/distributed/test_tensor_parallel.py -q    (one 2-rank launch, ~40 s)
+
+One torchrun launch (this file as the worker, mode `tp2`) trains a tiny Qwen2 (q/k/v biases,
+grouped-query attention: 4 heads, 2 key-value heads) with `ParallelismConfig(tp_size=2)`: the
+layers by the model's own tp_plan, the head sharded over the vocabulary, FSDP2 over a dp mesh
+of 1. Each scenario's whole logged history (loss, rewards/*, logps/*, logits/*, grad_norm, eval
+metrics) and final weights are compared with one process given the same global batch (tensor
+ranks see the same pairs). Tolerance: sharded matmuls and the all-reduced row sums (o_proj,
+down_proj, dH) add the same terms in another order, so fp32 results differ in the last bits:
+the history to rtol 1e-5; AdamW divides by sqrt(v) + eps, so in an element whose gradient is
+within round-off of zero those bits become a fraction of the learning rate (1e-3) per step:
+weights to atol 2e-5 (2% of one step; seen: 5e-6). A lost or doubled shard gives errors of
+order 1 in the losses. Also: the step-3 checkpoint (DCP of 2-D DTensors) resumes on the same
+2 ranks and on one process exactly; `save_model` and `csd export` of it give the full model.
+Refusals (config fields, model shapes, plans) are checked in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import pytest  # noqa: E402
+import scenarios  # noqa: E402
+import torch  # noqa: E402
+
+TP = dict(parallelism_config={"tp_size": 2})
+TP_SCENARIOS = {
+    # packed rows (padding_free: the packed attention path on each rank's local heads), eval,
+    # checkpoints at 3 and 6
+    "tp_packed": dict(padding_free=True, max_steps=6, eval_strategy="steps", eval_steps=3,
+                      save_strategy="steps", save_steps=3),
+    # padded rows, fused=True (the sharded head's path for every impl), grad accumulation
+    "tp_padded_fused": dict(fused=True, max_steps=3, gradient_accumulation_steps=2),
+    # a head tied to the embeddings: the lookup is vocab-parallel too; a reference model of
+    # its own (sharded alike), its log-probs precomputed (with the policy's own initial weights
+    # step 0's margins would be round-off, and rewards/accuracies a coin toss on it)
+    "tp_tied_precompute": dict(padding_free=True, max_steps=3, precompute_ref_log_probs=True),
+}  # fmt: skip
+
+
+def tiny_qwen2(tok, tied: bool = False, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config)
+
+
+def build(name: str, out, tensor_parallel: bool, callbacks=None, **overrides):
+    from csd_fast import DPOConfig, DPOTrainer
+
+    tok = scenarios.tiny_tokenizer()
+    kw = dict(
+        output_dir=str(out), per_device_train_batch_size=scenarios.GLOBAL_BATCH,
+        per_device_eval_batch_size=scenarios.GLOBAL_BATCH, learning_rate=1e-3, logging_steps=1,
+        save_strategy="no", bf16=False, report_to="none", disable_tqdm=True, seed=0,
+        gradient_checkpointing=False, use_cpu=True,
+    )  # fmt: skip
+    kw.update(TP_SCENARIOS[name], **(TP if tensor_parallel else {}), **overrides)
+    evalset = scenarios.EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
+    tied = "tied" in name
+    ref = tiny_qwen2(tok, tied, seed=1) if kw.get("precompute_ref_log_probs") else None
+    return DPOTrainer(
+        tiny_qwen2(tok, tied), ref_model=ref, args=DPOConfig(**kw), train_dataset=scenarios.ROWS,
+        eval_dataset=evalset, processing_class=tok, callbacks=callbacks,
+    )  # fmt: skip
+
+
+def save(out: Path, name: str, trainer) -> None:
+    result = {"history": scenarios.history(trainer), "weights": scenarios.weights(trainer)}
+    if trainer.dist.is_main:
+        torch.save(result, out / f"{name}.pt")
+
+
+def worker(out: Path) -> None:
+    for name in TP_SCENARIOS:
+        trainer = build(name, out / name, True)
+        weight = trainer.model.model.layers[0].self_attn.q_proj.weight
+        trainer.train()
+        save(out, name, trainer)
+        if trainer.dist.is_main:  # what a rank holds: half the q_proj rows, on a (1, 2) mesh
+            layout = (tuple(weight.device_mesh.shape), tuple(weight.to_local().shape))
+            torch.save(layout, out / f"{name}_layout.pt")
+        if name == "tp_packed":
+            trainer.save_model(str(out / "export"))
+    first = build("tp_packed", out / "resume", True, [scenarios.StopAt(3)])
+    first.train()
+    resumed = build("tp_packed", out / "resume", True)
+    resumed.train(resume_from_checkpoint=True)
+    save(out, "resume", resumed)
+
+
+def torchrun(out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CSD_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, str(out)]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2")
+    proc = torchrun(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out
+
+
+def assert_same(got: dict, want_history, want_weights, skip=frozenset()) -> None:
+    from test_fsdp import assert_same_run
+
+    assert_same_run({"history": got["history"], "weights": {}}, want_history, {}, skip)
+    assert got["weights"].keys() == want_weights.keys()
+    for k, w in want_weights.items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-5, atol=2e-5,
+                                   msg=lambda m, k=k: f"{k}: {m}")  # fmt: skip
+
+
+def single(name: str, out: Path):
+    trainer = build(name, out, False)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("name", sorted(TP_SCENARIOS))
+def test_two_tensor_ranks_match_one_process(two_ranks, tmp_path, name):
+    trainer = single(name, tmp_path)
+    got = torch.load(two_ranks / f"{name}.pt", weights_only=False)
+    assert torch.load(two_ranks / f"{name}_layout.pt") == ((1, 2), (32, 64))  # sharded: 64 / 2
+    assert len(got["history"]) >= 4
+    assert_same(got, scenarios.history(trainer), scenarios.weights(trainer))
+    if name == "tp_packed":
+        assert any("eval_loss" in h for h in got["history"])
+
+
+def test_tensor_parallel_checkpoint_resumes_on_two_ranks_and_on_one(two_ranks, tmp_path):
+    from test_fsdp import RESUMED_SKIP
+
+    want = torch.load(two_ranks / "tp_packed.pt", weights_only=False)
+    got = torch.load(two_ranks / "resume.pt", weights_only=False)
+    assert_same(got, want["history"], want["weights"], RESUMED_SKIP)
+    one = build("tp_packed", tmp_path, False)
+    one.train(resume_from_checkpoint=str(two_ranks / "tp_packed" / "checkpoint-3"))
+    got = {"history": scenarios.history(one), "weights": scenarios.weights(one)}
+    assert_same(got, want["history"], want["weights"], RESUMED_SKIP)
+
+
+def test_export_of_a_tensor_parallel_checkpoint_is_the_full_model(two_ranks, tmp_path):
+    from safetensors.torch import load_file
+
+    from csd_fast.__main__ import main
+
+    want = torch.load(two_ranks / "tp_packed.pt", weights_only=False)["weights"]
+    assert main(["export", str(two_ranks / "tp_packed" / "checkpoint-6"), str(tmp_path)]) == 0
+    for source in (tmp_path, two_ranks / "export"):  # csd export, and save_model under TP
+        got = load_file(source / "model.safetensors")
+        assert got.keys() == {k for k in want if k != "lm_head.weight"} | {"lm_head.weight"}
+        for k in want:
+            assert torch.equal(got[k], want[k]), (source, k)
+        assert got["lm_head.weight"].shape == (len(scenarios.tiny_tokenizer()), 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(fsdp_config={"cpu_offload": True}), "cpu_offload"),
+        (dict(fsdp="hybrid_shard"), "dp_replicate_size"),
+        (dict(use_weighting=True), "use_weighting"),
+        (dict(ref_cache_dir="refs"), "ref_cache_dir"),
+        (dict(parallelism_config={"tp_size": 2, "cp_size": 2}), "cp_size"),
+    ],
+)  # fmt: skip
+def test_what_does_not_combine_with_tensor_parallelism_is_refused(kwargs, field):
+    from csd_fast import DPOConfig
+
+    kwargs.setdefault("parallelism_config", TP["parallelism_config"])
+    with pytest.raises(NotImplementedError, match=field):
+        DPOConfig(output_dir="x", **kwargs)
+
+
+def test_models_tensor_parallelism_cannot_split_are_refused_by_name():
+    from peft import LoraConfig, get_peft_model
+
+    from csd_fast.distributed.tensor_parallel import apply_tensor_parallel, check_divisible
+
+    tok = scenarios.tiny_tokenizer()
+    model = tiny_qwen2(tok)
+    check_divisible(model, 2)  # 4 heads, 2 kv heads, 128 MLP columns, 394 tokens
+    with pytest.raises(ValueError, match="num_key_value_heads=2"):
+        check_divisible(model, 4)
+    odd = tiny_qwen2(tok)
+    odd.resize_token_embeddings(395)
+    with pytest.raises(ValueError, match="vocab_size=395"):
+        check_divisible(odd, 2)
+    model.config.base_model_tp_plan = None
+    with pytest.raises(NotImplementedError, match="base_model_tp_plan"):
+        apply_tensor_parallel(model, _FakeMesh())
+    model.config.base_model_tp_plan = {"layers.*.mlp.gate_proj": "packed_colwise"}
+    with pytest.raises(NotImplementedError, match="packed_colwise"):
+        apply_tensor_parallel(model, _FakeMesh())
+    lora = get_peft_model(tiny_qwen2(tok), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="peft_config"):
+        apply_tensor_parallel(lora, _FakeMesh())
+
+
+class _FakeMesh:
+    """A 2-rank mesh's size, for the checks that run before any sharding."""
+
+    def size(self) -> int:
+        return 2
+
+
+def test_one_process_with_tp_size_2_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tp_size=2 does not divide the 1 processes"):
+        build("tp_padded_fused", tmp_path, True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parents[1]))
+    target = Path(sys.argv[1])
+    target.mkdir(parents=True, exist_ok=True)
+    worker(target)
+    from csd_fast.distributed.env import shutdown
+
+    shutdown()
