@@ -1,6 +1,6 @@
 """Tensor parallelism on CPU with gloo under torchrun: tp=2 on 2 ranks == 1 process, same batch.
 
-    python -m pytest tests/distributed/test_tensor_parallel.py -q    (one 2-rank launch, ~40 s)
+    python -m pytest tests/distributed/test_tensor_parallel.py -q    (a 2- and a 4-rank launch)
 
 One torchrun launch (this file as the worker, mode `tp2`) trains a tiny Qwen2 (q/k/v biases,
 grouped-query attention: 4 heads, 2 key-value heads) with `ParallelismConfig(tp_size=2)`: the
@@ -14,6 +14,7 @@ within round-off of zero those bits become a fraction of the learning rate (1e-3
 weights to atol 2e-5 (2% of one step; seen: 5e-6). A lost or doubled shard gives errors of
 order 1 in the losses. Also: the step-3 checkpoint (DCP of 2-D DTensors) resumes on the same
 2 ranks and on one process exactly; `save_model` and `csd export` of it give the full model.
+A 4-rank launch (`dp2tp2`, slow) runs the packed scenario on dp_shard_size=2 x tp_size=2.
 Refusals (config fields, model shapes, plans) are checked in-process.
 """
 
@@ -59,17 +60,24 @@ def tiny_qwen2(tok, tied: bool = False, seed: int = 0):
     return Qwen2ForCausalLM(config)
 
 
-def build(name: str, out, tensor_parallel: bool, callbacks=None, **overrides):
+def build(name: str, out, tensor_parallel: bool, callbacks=None, dp: int = 1, **overrides):
+    """The scenario's trainer: tensor_parallel with tp_size 2 (and `dp` data ranks, each
+    given 1/dp of the global batch), else one process."""
     from csd_fast import DPOConfig, DPOTrainer
 
     tok = scenarios.tiny_tokenizer()
+    batch = scenarios.GLOBAL_BATCH // dp
     kw = dict(
-        output_dir=str(out), per_device_train_batch_size=scenarios.GLOBAL_BATCH,
-        per_device_eval_batch_size=scenarios.GLOBAL_BATCH, learning_rate=1e-3, logging_steps=1,
+        output_dir=str(out), per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
+        learning_rate=1e-3, logging_steps=1,
         save_strategy="no", bf16=False, report_to="none", disable_tqdm=True, seed=0,
         gradient_checkpointing=False, use_cpu=True,
     )  # fmt: skip
-    kw.update(TP_SCENARIOS[name], **(TP if tensor_parallel else {}), **overrides)
+    kw.update(TP_SCENARIOS[name], **overrides)
+    if tensor_parallel:  # accelerate's own object, as a TRL script passes it
+        from accelerate import ParallelismConfig
+
+        kw["parallelism_config"] = ParallelismConfig(dp_shard_size=dp, tp_size=2)
     evalset = scenarios.EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
     tied = "tied" in name
     ref = tiny_qwen2(tok, tied, seed=1) if kw.get("precompute_ref_log_probs") else None
@@ -85,7 +93,16 @@ def save(out: Path, name: str, trainer) -> None:
         torch.save(result, out / f"{name}.pt")
 
 
-def worker(out: Path) -> None:
+def worker(out: Path, mode: str) -> None:
+    if mode == "dp2tp2":  # 4 ranks: FSDP2 over 2 data ranks x 2 tensor ranks
+        trainer = build("tp_packed", out / "dp2tp2", True, dp=2)
+        weight = trainer.model.model.layers[0].self_attn.q_proj.weight
+        trainer.train()
+        save(out, "dp2tp2", trainer)
+        if trainer.dist.is_main:  # FSDP2 splits each tensor rank's 32 rows again: 16
+            layout = (tuple(weight.device_mesh.shape), tuple(weight.to_local().shape))
+            torch.save(layout, out / "dp2tp2_layout.pt")
+        return
     for name in TP_SCENARIOS:
         trainer = build(name, out / name, True)
         weight = trainer.model.model.layers[0].self_attn.q_proj.weight
@@ -103,18 +120,18 @@ def worker(out: Path) -> None:
     save(out, "resume", resumed)
 
 
-def torchrun(out: Path) -> subprocess.CompletedProcess:
+def torchrun(out: Path, mode: str, ranks: int) -> None:
     env = {**os.environ, "CSD_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__, str(out)]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(ranks), __file__, str(out), mode]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
-    proc = torchrun(out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    torchrun(out, "tp2", 2)
     return out
 
 
@@ -145,6 +162,16 @@ def test_two_tensor_ranks_match_one_process(two_ranks, tmp_path, name):
         assert any("eval_loss" in h for h in got["history"])
 
 
+@pytest.mark.slow
+def test_two_data_ranks_of_two_tensor_ranks_match_one_process(tmp_path):
+    """dp_shard_size=2 x tp_size=2 on 4 ranks (a 2-D mesh: FSDP2 over dp, TP inside)."""
+    torchrun(tmp_path, "dp2tp2", 4)
+    got = torch.load(tmp_path / "dp2tp2.pt", weights_only=False)
+    assert torch.load(tmp_path / "dp2tp2_layout.pt") == ((2, 2), (16, 64))
+    trainer = single("tp_packed", tmp_path / "one")
+    assert_same(got, scenarios.history(trainer), scenarios.weights(trainer))
+
+
 def test_tensor_parallel_checkpoint_resumes_on_two_ranks_and_on_one(two_ranks, tmp_path):
     from test_fsdp import RESUMED_SKIP
 
@@ -166,7 +193,7 @@ def test_export_of_a_tensor_parallel_checkpoint_is_the_full_model(two_ranks, tmp
     assert main(["export", str(two_ranks / "tp_packed" / "checkpoint-6"), str(tmp_path)]) == 0
     for source in (tmp_path, two_ranks / "export"):  # csd export, and save_model under TP
         got = load_file(source / "model.safetensors")
-        assert got.keys() == {k for k in want if k != "lm_head.weight"} | {"lm_head.weight"}
+        assert got.keys() == want.keys()
         for k in want:
             assert torch.equal(got[k], want[k]), (source, k)
         assert got["lm_head.weight"].shape == (len(scenarios.tiny_tokenizer()), 64)
@@ -231,7 +258,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parents[1]))
     target = Path(sys.argv[1])
     target.mkdir(parents=True, exist_ok=True)
-    worker(target)
+    worker(target, sys.argv[2])
     from csd_fast.distributed.env import shutdown
 
     shutdown()
