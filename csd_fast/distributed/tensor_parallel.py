@@ -20,7 +20,7 @@ view (`rank`, `world_size`, collectives over the dp group); `process_rank` is th
 Refused, naming the option: a model without a tp_plan or with a plan style other than
 colwise / rowwise, tp_size not dividing the attention heads, key-value heads, MLP width or
 vocabulary, cpu_offload, dp_replicate_size > 1 (HSDP x TP), PEFT adapters, quantization,
-context / sequence parallelism. Tests: tests/distributed/test_tensor_parallel.py.
+ref_cache_dir, context / sequence parallelism. Tests: tests/distributed/test_tensor_parallel.py.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ def check_tensor_parallel_args(args) -> None:
     refused = {
         "fsdp_config.cpu_offload": cfg.get("cpu_offload"),
         "fsdp_config.dp_replicate_size (HSDP)": cfg.get("dp_replicate_size") not in (None, 1),
-        "use_weighting (WPO's full-vocabulary weights)": getattr(args, "use_weighting", False),
         "ref_cache_dir (the reference store's writers are data ranks)": getattr(
             args, "ref_cache_dir", None
         ),
@@ -194,7 +193,7 @@ class VocabParallelEmbedding:
         local = self.weight.to_local()  # (V / tp, H)
         mesh = self.weight.device_mesh
         rank = mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_local_rank("tp")
-        group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
+        group = _tp_group(mesh)
         start, rows_here = rank * local.shape[0], local.shape[0]
         shifted = input_ids - start
         inside = (shifted >= 0) & (shifted < rows_here)
@@ -223,12 +222,28 @@ def sharded_head_logprob(hidden, weight, bias, labels, *, logit_scale=1.0, softc
     local = weight.to_local()  # (V / tp, H); its gradient returns as the same DTensor shard
     b = bias.to_local() if bias is not None and hasattr(bias, "to_local") else bias
     rank = mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_local_rank("tp")
-    group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
+    group = _tp_group(mesh)
     return vocab_parallel_logprob(
         hidden, local, labels, vocab_start=rank * local.shape[0], vocab_size=weight.shape[0],
         group=group, bias=b, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
         return_stats=return_stats,
     )  # fmt: skip
+
+
+def sharded_log_sum_sq_probs(hidden, weight, bias, logit_scale=1.0, softcap=None,
+                             temperature=1.0):  # fmt: skip
+    """WPO's per-token log sum p^2 with a vocabulary-sharded head weight (no grad)."""
+    from csd_fast.distributed.vocab_parallel import vocab_parallel_log_sum_sq_probs
+
+    b = bias.to_local() if bias is not None and hasattr(bias, "to_local") else bias
+    return vocab_parallel_log_sum_sq_probs(
+        hidden, weight.to_local(), group=_tp_group(weight.device_mesh), bias=b,
+        logit_scale=logit_scale, softcap=softcap, temperature=temperature,
+    )  # fmt: skip
+
+
+def _tp_group(mesh):
+    return mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
 
 
 def sharded_logits(hidden, weight, bias):

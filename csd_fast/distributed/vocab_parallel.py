@@ -84,6 +84,27 @@ def _combine(parts: list[Tensor], labels: Tensor, vocab_size: int, p: LogprobPar
     return logps, lse, stats
 
 
+@torch.no_grad()
+def vocab_parallel_log_sum_sq_probs(
+    hidden: Tensor, weight: Tensor, *, group, bias: Tensor | None = None,
+    logit_scale: float = 1.0, softcap: float | None = None, temperature: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """(N,) log sum_v softmax(z)_v^2 (WPO's weights, csd_fast.forward.log_sum_sq_probs) from
+    this rank's weight rows: log sum_r exp(logsumexp(2 z_r)) - 2 lse, a collective, no grad."""
+    p = LogprobParams(logit_scale, softcap, temperature)
+    mine = torch.empty((2, hidden.shape[0]), dtype=torch.float32, device=hidden.device)
+    w, b = weight.float(), bias.float() if bias is not None else None
+    for n0 in range(0, hidden.shape[0], ROWS_PER_CHUNK):
+        z = torch.nn.functional.linear(hidden[n0 : n0 + ROWS_PER_CHUNK].float(), w, b)
+        z = _transform(z, p)
+        mine[0, n0 : n0 + len(z)] = torch.logsumexp(z, 1)
+        mine[1, n0 : n0 + len(z)] = torch.logsumexp(2 * z, 1)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    lse, sq = torch.stack(parts).unbind(1)  # (tp, N) each, combined in rank order
+    return torch.logsumexp(sq, 0) - 2 * torch.logsumexp(lse, 0)
+
+
 class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, vocab_start, vocab_size, group, p):

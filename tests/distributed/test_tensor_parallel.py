@@ -38,12 +38,16 @@ TP_SCENARIOS = {
     # checkpoints at 3 and 6
     "tp_packed": dict(padding_free=True, max_steps=6, eval_strategy="steps", eval_steps=3,
                       save_strategy="steps", save_steps=3),
-    # padded rows, fused=True (the sharded head's path for every impl), grad accumulation
-    "tp_padded_fused": dict(fused=True, max_steps=3, gradient_accumulation_steps=2),
+    # padded rows, fused=True (the sharded head's path for every impl), grad accumulation,
+    # WPO's weights (use_weighting: log sum p^2 over the sharded vocabulary)
+    "tp_padded_fused": dict(fused=True, max_steps=3, gradient_accumulation_steps=2,
+                            use_weighting=True),
     # a head tied to the embeddings: the lookup is vocab-parallel too; a reference model of
     # its own (sharded alike), its log-probs precomputed (with the policy's own initial weights
     # step 0's margins would be round-off, and rewards/accuracies a coin toss on it)
     "tp_tied_precompute": dict(padding_free=True, max_steps=3, precompute_ref_log_probs=True),
+    # the policy given by path (read by every rank: no meta init under TP)
+    "tp_by_path": dict(max_steps=3),
 }  # fmt: skip
 
 
@@ -81,10 +85,21 @@ def build(name: str, out, tensor_parallel: bool, callbacks=None, dp: int = 1, **
     evalset = scenarios.EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
     tied = "tied" in name
     ref = tiny_qwen2(tok, tied, seed=1) if kw.get("precompute_ref_log_probs") else None
+    model = model_path(Path(out).parent) if name == "tp_by_path" else tiny_qwen2(tok, tied)
     return DPOTrainer(
-        tiny_qwen2(tok, tied), ref_model=ref, args=DPOConfig(**kw), train_dataset=scenarios.ROWS,
+        model, ref_model=ref, args=DPOConfig(**kw), train_dataset=scenarios.ROWS,
         eval_dataset=evalset, processing_class=tok, callbacks=callbacks,
     )  # fmt: skip
+
+
+def model_path(root: Path) -> str:
+    """The tiny Qwen2 saved once under root (by the test, before torchrun starts)."""
+    path = root / "models" / "qwen2"
+    if not path.exists():
+        tok = scenarios.tiny_tokenizer()
+        tiny_qwen2(tok).save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path)
 
 
 def save(out: Path, name: str, trainer) -> None:
@@ -131,6 +146,7 @@ def torchrun(out: Path, mode: str, ranks: int) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2")
+    model_path(out)
     torchrun(out, "tp2", 2)
     return out
 
@@ -146,7 +162,7 @@ def assert_same(got: dict, want_history, want_weights, skip=frozenset()) -> None
 
 
 def single(name: str, out: Path):
-    trainer = build(name, out, False)
+    trainer = build(name, out / name, False)
     trainer.train()
     return trainer
 
@@ -204,7 +220,6 @@ def test_export_of_a_tensor_parallel_checkpoint_is_the_full_model(two_ranks, tmp
     [
         (dict(fsdp_config={"cpu_offload": True}), "cpu_offload"),
         (dict(fsdp="hybrid_shard"), "dp_replicate_size"),
-        (dict(use_weighting=True), "use_weighting"),
         (dict(ref_cache_dir="refs"), "ref_cache_dir"),
         (dict(parallelism_config={"tp_size": 2, "cp_size": 2}), "cp_size"),
     ],

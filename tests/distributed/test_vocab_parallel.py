@@ -5,8 +5,9 @@
 The launch (this file run under torchrun) shards a random head over the vocabulary, evenly and
 unevenly, with ignored labels, labels on both shards, a bias and logit_scale / softcap /
 temperature, plus rows whose logits all tie (is_top1 must pick the first index, as argmax
-does); each rank saves its log-probs, stats and gradients (its own weight rows), and the test
-compares them, and the concatenated weight gradient, with `fused_linear_logprob_ref` in fp64.
+does); each rank saves its log-probs, stats, WPO's log sum p^2 and gradients (its own weight
+rows); the test compares them, and the concatenated weight gradient, with the fp64 reference
+(`fused_linear_logprob_ref`).
 Tolerance (STYLE.md): err(sharded fp32) <= 2 * err(plain torch fp32 eager) + 1e-6 * scale.
 """
 
@@ -43,7 +44,10 @@ def inputs(case: str):
 def worker(out: Path) -> None:
     import torch.distributed as dist
 
-    from csd_fast.distributed.vocab_parallel import vocab_parallel_logprob
+    from csd_fast.distributed.vocab_parallel import (
+        vocab_parallel_log_sum_sq_probs,
+        vocab_parallel_logprob,
+    )
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -58,7 +62,8 @@ def worker(out: Path) -> None:
             return_stats=True, **kw,
         )  # fmt: skip
         (logps * upstream).sum().backward()
-        result = {"logps": logps.detach(), "stats": [s.detach() for s in stats],
+        sq = vocab_parallel_log_sum_sq_probs(hidden, w.detach(), group=None, bias=b, **kw)
+        result = {"logps": logps.detach(), "stats": [s.detach() for s in stats], "sq": sq,
                   "dh": h.grad, "dw": w.grad, "db": b.grad if b is not None else None}  # fmt: skip
         torch.save(result, out / f"{case}_{rank}.pt")
     dist.destroy_process_group()
@@ -86,6 +91,8 @@ def _check(got, truth, fp32, name):
 def test_sharded_head_matches_the_full_vocabulary_reference(two_ranks, case):
     from csd_fast.kernels.logprob import fused_linear_logprob_ref
 
+    from csd_fast.forward import log_sum_sq_probs
+
     hidden, weight, bias, labels, upstream, split, kw = inputs(case)
     ranks = [torch.load(two_ranks / f"{case}_{r}.pt") for r in (0, 1)]
 
@@ -99,12 +106,19 @@ def test_sharded_head_matches_the_full_vocabulary_reference(two_ranks, case):
         return logps.detach(), stats, h.grad, w.grad, b.grad if b is not None else None
 
     truth, fp32 = reference(torch.float64), reference(torch.float32)
+    z = torch.nn.functional.linear(hidden.double(), weight.double(),
+                                   bias.double() if bias is not None else None)  # fmt: skip
+    z = z * kw.get("logit_scale", 1.0)
+    if kw.get("softcap"):
+        z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+    sq_truth = torch.logsumexp(2 * (z / kw.get("temperature", 1.0)).log_softmax(-1), -1)
     for r in ranks:  # both ranks hold the same log-probs, stats and dH
         _check(r["logps"], truth[0], fp32[0], "logps")
         _check(r["stats"][0], truth[1].entropy, fp32[1].entropy, "entropy")
         _check(r["stats"][1], truth[1].mean_logit, fp32[1].mean_logit, "mean_logit")
         assert torch.equal(r["stats"][2], truth[1].is_top1), "is_top1"
         _check(r["dh"], truth[2], fp32[2], "dh")
+        _check(r["sq"], sq_truth, log_sum_sq_probs(hidden, weight, bias, **kw), "log_sum_sq")
     if bias is None:  # the tied rows: only vocabulary id 0 is the first argmax
         assert truth[1].is_top1[-3:].tolist() == [True, False, False]
     _check(torch.cat([r["dw"] for r in ranks]), truth[3], fp32[3], "dw")
