@@ -269,6 +269,32 @@ def test_one_process_with_tp_size_2_is_refused(tmp_path):
         build("tp_padded_fused", tmp_path, True)
 
 
+def test_memory_plan_counts_the_state_over_data_and_tensor_ranks(tmp_path, capsys):
+    from test_memory import LLAMA3_8B
+    from transformers import LlamaConfig
+
+    from csd_fast.cli import main
+
+    LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": 2}).save_pretrained(tmp_path / "m")
+    argv = [
+        "--plan",
+        "--model_name_or_path",
+        str(tmp_path / "m"),
+        "--dataset_name",
+        "x.jsonl",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--nproc",
+        "4",
+        "--device_memory_gb",
+        "80",
+    ]
+    assert main([*argv, "--fsdp_config", '{"tp_size": 2}']) in (0, 1)  # fmt: skip
+    assert "sharded over 4 device(s)" in capsys.readouterr().out  # 2 data x 2 tensor ranks
+    with pytest.raises(ValueError, match=r"1 x 3 != 2 ranks \(of 4 / tp_size 2\)"):
+        main([*argv, "--fsdp_config", '{"tp_size": 2, "dp_shard_size": 3}'])
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parents[1]))
     target = Path(sys.argv[1])
