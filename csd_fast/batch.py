@@ -61,6 +61,10 @@ class PairBatch:
     # seq_offsets as the collator computed them on the host: `to(device)` leaves this tuple
     # where it is, so the fused head plans its chunks without reading the device copy back
     host_seq_offsets: tuple[int, ...] | None = None
+    # (2P,) long, 1 where a completion starts its row or segment (keep_end cut the whole prompt):
+    # nothing predicts its first token, yet TRL counts that token in ipo's and sigmoid_norm's
+    # |c| (its unshifted completion mask). None when no sequence is so, the usual case.
+    unscored_first: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -77,6 +81,12 @@ class PairBatch:
     def sequence_lengths(self) -> Tensor:
         """(2P,) number of scored tokens of each sequence."""
         return self.seq_offsets[1:] - self.seq_offsets[:-1]
+
+    def completion_lengths(self) -> Tensor:
+        """(2P,) completion tokens of each sequence as TRL counts them for length normalisation:
+        the scored ones plus an unscored first token (see `unscored_first`)."""
+        lengths = self.sequence_lengths()
+        return lengths if self.unscored_first is None else lengths + self.unscored_first
 
     def sequence_ids(self) -> Tensor:
         """(N,) sequence id of each scored token (0..P-1 chosen, P..2P-1 rejected)."""
@@ -187,6 +197,8 @@ def collate_padded(
     scored = j >= (p + skip)[row]
     counts = np.zeros(2 * P, dtype=np.int64)  # the empty rejected sequences of SFT rows stay 0
     counts[:R] = c - skip
+    unscored = np.zeros(2 * P, dtype=np.int64)
+    unscored[:R] = skip
     offsets = np.concatenate([[0], np.cumsum(counts)])
     position_ids = torch.arange(T, dtype=torch.long).expand(R, T).contiguous()
     return PairBatch(
@@ -204,7 +216,14 @@ def collate_padded(
         num_real_tokens=int(n.sum()),
         capacity=R * T,
         host_seq_offsets=tuple(offsets.tolist()),
+        unscored_first=unscored_first_tensor(unscored),
     )
+
+
+def unscored_first_tensor(flags) -> Tensor | None:
+    """`PairBatch.unscored_first` from (2P,) 0/1 flags: None when none is set (no work later)."""
+    flags = np.asarray(flags, dtype=np.int64)
+    return torch.from_numpy(flags) if flags.any() else None
 
 
 def _pair_fields(examples: list[dict]) -> dict:

@@ -431,7 +431,7 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
 
     from csd_fast.config import DPOConfig
     from csd_fast.distributed.hf_options import mesh_shape
-    from csd_fast.distributed.memory import device_memory_bytes, plan_memory
+    from csd_fast.distributed.memory import device_memory_bytes, optimizer_state_bytes, plan_memory
 
     script, kwargs = resolve(argv)
     if script["demo"]:
@@ -466,6 +466,7 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
         live_reference=not (args.precompute_ref_log_probs or args.ref_cache_dir),
         gradient_checkpointing=args.gradient_checkpointing,
         fused_head=args.fused,
+        optimizer_bytes=optimizer_state_bytes(str(args.optim), args.optim_args),
     )
     device = float(device_gb) * 1024**3 if device_gb else device_memory_bytes()
     print(plan.render(device))

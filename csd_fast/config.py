@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from csd_fast.losses import LOSS_TYPES
-from csd_fast.optim import SCHEDULES
+from csd_fast.optim import METRIC_SCHEDULES, SCHEDULES
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 STRATEGIES = ("no", "steps", "epoch")
 # DPOConfig fields of older TRL releases that 1.16 no longer has. Passing one gives the plain
 # dataclass TypeError, the same TRL 1.16 gives (checked against trl in tests/test_config.py).
@@ -59,6 +58,13 @@ def _f(default: Any = None, help: str = "", **meta: Any) -> Any:
             default_factory=lambda: type(default)(default), metadata={"help": help, **meta}
         )
     return field(default=default, metadata={"help": help, **meta})
+
+
+def _optimizer_names() -> tuple[str, ...]:
+    """Every `optim` transformers knows (csd_fast.optim builds the non-AdamW ones with it)."""
+    from transformers.training_args import OptimizerNames
+
+    return tuple(o.value for o in OptimizerNames)
 
 
 @dataclass
@@ -96,7 +102,10 @@ class DPOConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    optim: str = _f("adamw_torch_fused", f"Optimizer: one of {', '.join(OPTIMIZERS)}.")
+    optim: str = _f(
+        "adamw_torch_fused",
+        "Optimizer: transformers' names (adamw_torch(_fused), sgd, adafactor, paged_adamw_8bit).",
+    )
     # ---- precision, memory ---------------------------------------------------------------
     bf16: bool | None = _f(None, "bf16 mixed precision; None means True unless fp16 (TRL's rule).")
     fp16: bool = _f(
@@ -183,7 +192,7 @@ class DPOConfig:
     hub_revision: str | None = _f(None, "Hub branch to push to.")
     # ---- inherited, not supported (default only) -----------------------------------------
     optim_args: str | None = _f(
-        None, "Accepted; transformers reads it only for optimizers other than AdamW (a warning)."
+        None, "Extra optimizer settings 'k=v,...' (transformers' rule; not read by AdamW)."
     )
     optim_target_modules: None | str | list[str] = _f(
         None, "Accepted; transformers reads it only for GaLore/APOLLO (a warning)."
@@ -417,7 +426,7 @@ class DPOConfig:
                 stacklevel=3,
             )
         for name in ("optim_args", "optim_target_modules"):
-            if getattr(self, name):
+            if getattr(self, name) and self.optim in ("adamw_torch", "adamw_torch_fused"):
                 warnings.warn(
                     f"{name}={getattr(self, name)!r} has no effect with optim={self.optim!r}: "
                     "transformers reads it only for other optimizers (SGD, GaLore, APOLLO, ...), "
@@ -481,7 +490,7 @@ class DPOConfig:
     def _check_choices(self) -> None:
         checks = {
             "lr_scheduler_type": SCHEDULES,
-            "optim": OPTIMIZERS,
+            "optim": _optimizer_names(),
             "logging_strategy": STRATEGIES,
             "eval_strategy": STRATEGIES,
             "save_strategy": (*STRATEGIES, "best"),
@@ -494,8 +503,9 @@ class DPOConfig:
             value = getattr(value, "value", value)  # a transformers enum member
             setattr(self, name, value)
             if value not in allowed:
-                err = NotImplementedError if name in ("lr_scheduler_type", "optim") else ValueError
-                raise err(f"DPOConfig.{name}={value!r} is not supported; expected one of {allowed}")
+                raise ValueError(
+                    f"DPOConfig.{name}={value!r} is not supported; expected one of {allowed}"
+                )
 
     def _derive_logging_eval_save(self) -> None:
         # transformers' rules: integer step counts above 1, eval_steps falls back to
@@ -514,7 +524,12 @@ class DPOConfig:
             if not self.logging_steps:
                 raise ValueError("eval_strategy='steps' requires eval_steps or logging_steps")
             self.eval_steps = self.logging_steps
-        if self.load_best_model_at_end and self.metric_for_best_model is None:
+        metric_schedule = self.lr_scheduler_type in METRIC_SCHEDULES
+        if metric_schedule and self.eval_strategy == "no":
+            raise ValueError(
+                f"lr_scheduler_type {self.lr_scheduler_type} requires an eval strategy"
+            )
+        if (self.load_best_model_at_end or metric_schedule) and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.greater_is_better is None and self.metric_for_best_model is not None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")

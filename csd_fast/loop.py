@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from csd_fast import checkpoint as ckpt
 from csd_fast import resume
 from csd_fast.distributed.env import DistEnv
+from csd_fast.optim import step_on_metric, steps_on_metric
 
 
 @dataclass
@@ -223,7 +224,8 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         desc="train",
     )
     window = _Window(job.env)
-    grad_norm = None
+    grad_norm = lr_used = None
+    on_metric = steps_on_metric(sched)
     epoch = progress.epoch
     while (num_epochs is None or epoch < num_epochs) and state.global_step < max_steps:
         plans = job.plans(epoch)
@@ -259,11 +261,14 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
             if job.scaler is not None:  # clip (and log) the true gradients
                 job.scaler.unscale_(opt)
             grad_norm = clip_grad_norm(params, args.max_grad_norm)
-            lr_used = sched.get_last_lr()[0]  # TRL logs the rate of this update, not the next
+            # TRL logs the rate of this update, not the next
+            lr_used = opt.param_groups[0]["lr"] if on_metric else sched.get_last_lr()[0]
             job.fire("on_pre_optimizer_step")  # after clipping, as in HF: gradients are final
             stepped = _optimizer_step(opt, job.scaler)
             job.fire("on_optimizer_step")
-            if stepped:  # a step the GradScaler skipped leaves the schedule where it was
+            # a step the GradScaler skipped leaves the schedule where it was; a metric
+            # schedule steps after evaluations instead (_evaluate_and_save)
+            if stepped and not on_metric:
                 sched.step()
             opt.zero_grad(set_to_none=True)
             state.global_step += 1
@@ -289,8 +294,9 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         control = job.control()
         control.should_evaluate |= args.eval_strategy == "epoch" and args.eval_delay <= state.epoch
         control.should_save |= args.save_strategy == "epoch"
+        control.should_log |= args.logging_strategy == "epoch"
         job.fire("on_epoch_end")
-        _evaluate_and_save(job, tokens)
+        _act_on_flags(job, window, tokens, grad_norm, lr_used, bar)
         if job.control().should_training_stop:
             break
     bar.close()
@@ -439,7 +445,9 @@ def _evaluate_and_save(job: TrainingJob, tokens: _TokenCount) -> None:
     if control.should_evaluate:
         control.should_evaluate = False
         if job.evaluate is not None:
-            improved = _track_best(job, job.evaluate())
+            metrics = job.evaluate()
+            step_on_metric(job.scheduler, args, metrics)  # ReduceLROnPlateau, GreedyLR
+            improved = _track_best(job, metrics)
     control = job.control()
     if control.should_save or (args.save_strategy == "best" and improved):
         control.should_save = False

@@ -136,7 +136,7 @@ class PairLogps:
     rejected_logps: Tensor  # (P,)
     ref_chosen_logps: Tensor  # (P,)
     ref_rejected_logps: Tensor  # (P,)
-    chosen_lengths: Tensor  # (P,) completion token counts
+    chosen_lengths: Tensor  # (P,) scored completion tokens (the NLL's and WPO's counts)
     rejected_lengths: Tensor  # (P,)
     sft_mask: Tensor | None = None  # (P,) bool: pairs whose chosen feeds sft/NLL (None: all)
     group_ids: Tensor | None = None  # (P,) CLO example of each pair
@@ -144,6 +144,9 @@ class PairLogps:
     # (P,) unweighted chosen sums when chosen_logps carry LD-DPO weights (ld_alpha): the NLL
     # terms (sft, clo) are plain token means in TRL, whatever the length weighting
     nll_chosen_logps: Tensor | None = None
+    # (2P,) chosen then rejected |c| of ipo and sigmoid_norm when it differs from the scored
+    # count: TRL counts a completion's unscored first token there (`PairBatch.unscored_first`)
+    norm_lengths: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -284,8 +287,10 @@ def per_pair_losses(params: LossParams, logps: PairLogps) -> dict[str, Tensor]:
     s_c, s_r = _scores(params, rho_c), _scores(params, rho_r)
     x = beta * (s_c - s_r)  # βΔ
     dtype = logps.chosen_logps.dtype
-    len_c = logps.chosen_lengths.to(dtype).clamp(min=1)
-    len_r = logps.rejected_lengths.to(dtype).clamp(min=1)
+    len_c, len_r = logps.chosen_lengths, logps.rejected_lengths
+    if logps.norm_lengths is not None:
+        len_c, len_r = logps.norm_lengths[:P], logps.norm_lengths[P:]
+    len_c, len_r = len_c.to(dtype).clamp(min=1), len_r.to(dtype).clamp(min=1)
 
     out: dict[str, Tensor] = {}
     for loss_type in params.loss_type:

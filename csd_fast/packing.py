@@ -63,7 +63,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from csd_fast.batch import PairBatch, _pair_fields, truncate_pair
+from csd_fast.batch import PairBatch, _pair_fields, truncate_pair, unscored_first_tensor
 
 BRANCH_PROMPT, BRANCH_CHOSEN, BRANCH_REJECTED = 0, 1, 2
 ATTN_BACKENDS = ("auto", "sdpa", "flash")
@@ -144,10 +144,12 @@ def collate_packed(
     P = len(examples)
     segs = _Segments()
     num_tokens = 0
+    unscored = np.zeros(2 * P, dtype=np.int64)  # completions with no prompt before them
     for i, ex in enumerate(examples):  # per pair: truncation and the shared-or-not choice
         (pc, c), (pr, r) = truncate_pair(
             ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length, truncation_mode
         )
+        unscored[i], unscored[P + i] = not pc and bool(c), not pr and bool(r)
         num_tokens += len(pc) + len(c) + (len(pr) + len(r) if ex["rejected_ids"] else 0)
         if prefix_sharing and pc == pr:
             segs.add(pc, c, r, BRANCH_CHOSEN, i, P + i)
@@ -214,6 +216,7 @@ def collate_packed(
         num_real_tokens=int(lengths.sum()),
         capacity=R * T,
         host_seq_offsets=tuple(offsets.tolist()),
+        unscored_first=unscored_first_tensor(unscored),
     )
 
 

@@ -248,7 +248,15 @@ def check_resume(
     flag: str = "--resume_with_changes",
 ) -> list[str]:
     """Refuse run-changing differences (each named) unless allowed; returns them as text."""
-    changes = [f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, a, b in diff_records(saved, new)]
+    diffs = diff_records(saved, new)
+    changes = [f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, a, b in diffs]
+    other = [(a, b) for k, a, b in diffs if k == "optim"]
+    if other:  # the saved state is another optimizer's (AdamW's moments are no SGD momentum)
+        raise ResumeMismatch(
+            f"{where or 'the checkpoint'} holds the state of optim={other[0][0]!r}, not "
+            f"{other[0][1]!r}: an optimizer's state cannot become another's, even with {flag}. "
+            "Resume with the saved optim, or start a new run from the checkpoint's weights"
+        )
     if changes and not allow_changes:
         raise ResumeMismatch(
             f"{where or 'the checkpoint'} was written by a run with a different configuration; "

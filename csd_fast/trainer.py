@@ -105,7 +105,6 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         # QLoRA (csd_fast.quantization): the trainer argument or model_init_kwargs', as TRL
         init_kwargs = quantized_init_kwargs(model, args, quantization_config)
         check_trl_arguments(args, model, ref_model, train_dataset, peft_config, eval_dataset)
-        _check_supported(args)
         _check_inputs(args, model, ref_model, train_dataset, eval_dataset)  # before any loading
         if args.padding_free and is_vision_dataset(train_dataset):  # TRL 1.16 falls back too
             warnings.warn("the train dataset has images: padding_free is off (the padded "
@@ -203,6 +202,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         self._sft_only = self.loss_params.loss_type == ("sft",)  # what SFT rows train with
         self.head_impl = head_impl_for(args.fused)
         self._fused_loss_type = _fused_loss_type(args, self.loss_params)
+        self._length_normalised = bool({"ipo", "sigmoid_norm"} & set(self.loss_params.loss_type))
         self.optimizer, self.lr_scheduler = optimizers
         self._own_optimizer, self._own_scheduler = optimizers[0] is None, optimizers[1] is None
         self.state = TrainerState()
@@ -486,6 +486,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
                 and not self.aux_loss_enabled
                 and not self.args.use_weighting
                 and not self._sft_data
+                # the kernels normalise by the scored count: TRL's differs for these batches
+                and not (batch.unscored_first is not None and self._length_normalised)
             )
             if fuse:
                 from csd_fast.forward import fused_sequence_loss
@@ -514,6 +516,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             group_ids=batch.group_ids,
             nll_chosen_logps=fwd.plain_chosen_logps,
             weights=wpo_weights(fwd, batch, lengths) if self.args.use_weighting else None,
+            norm_lengths=None if batch.unscored_first is None else batch.completion_lengths(),
         )
         if fused_loss is not None:
             loss = fused_loss
@@ -855,9 +858,3 @@ def wpo_weights(fwd, batch, lengths: torch.Tensor) -> torch.Tensor:
         w = torch.exp(segment_sum(aligned, batch.seq_offsets) / lengths.clamp(min=1))
         P = batch.num_pairs
         return w[:P] * w[P:]
-
-
-def _check_supported(args) -> None:
-    """Options the config accepts (TRL's surface) that this trainer cannot honour yet: say so."""
-    if args.logging_strategy not in ("steps", "no"):
-        raise NotImplementedError(f"logging_strategy={args.logging_strategy!r}: use 'steps'")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from csd_fast.batch import PairBatch, _pair_fields
+from csd_fast.batch import PairBatch, _pair_fields, unscored_first_tensor
 
 
 def batch_from_collated(examples: list[dict], out: dict, model_inputs=None) -> PairBatch:
@@ -67,6 +67,7 @@ def batch_from_collated(examples: list[dict], out: dict, model_inputs=None) -> P
         num_tokens=tokens,
         num_real_tokens=tokens,
         capacity=R * T,
+        unscored_first=unscored_first_tensor((completion * attention)[:, 0].numpy()),
     )
 
 

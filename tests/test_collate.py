@@ -113,3 +113,32 @@ def test_keep_end_pairs_with_two_prompts_are_not_shared():
     assert batch.model_kwargs["csd_segment_ids"].unique().tolist() == [0, 1]  # two segments
     assert_same(batch, collate_packed_reference([ex], 0, max_length=8, truncation_mode="keep_end",
                                                 prefix_sharing=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix", "trl_collator"])
+@pytest.mark.parametrize(("max_length", "trunc"), [(None, "keep_start"), (6, "keep_end")])
+def test_completion_lengths_are_trls_counts(layout, max_length, trunc):
+    """ipo / sigmoid_norm divide by TRL's completion_mask.sum(1) (unshifted): a completion that
+    starts its row (empty prompt, or keep_end cut it all) counts its unscored first token."""
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    from csd_fast.trl_collate import batch_from_collated
+
+    trl_collator = trl_dpo.DataCollatorForPreference(0, max_length, trunc)
+    seen = 0  # batches with such a completion: the case under test must occur
+    for seed in range(4):
+        examples = ragged_examples(3 + 4 * seed, 40 + seed)
+        out = trl_collator(examples)
+        trl_counts = out["completion_mask"].sum(1)
+        if layout == "padded":
+            batch = collate_padded(examples, 0, max_length=max_length, truncation_mode=trunc)
+        elif layout == "trl_collator":
+            batch = batch_from_collated(examples, out)
+        else:
+            batch = collate_packed(examples, 0, max_length=max_length, truncation_mode=trunc,
+                                   prefix_sharing=layout == "prefix")  # fmt: skip
+        assert batch.completion_lengths().tolist() == trl_counts.tolist()
+        assert batch.sequence_lengths().tolist() == out["completion_mask"][:, 1:].sum(1).tolist()
+        starts = (out["completion_mask"][:, 0] == 1).any().item()
+        assert (batch.unscored_first is not None) == starts
+        seen += starts
+    assert seen

@@ -167,8 +167,6 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
         {"fsdp_config": {"fsdp_xla": True}},
         {"accelerator_config": {"gradient_accumulation_kwargs": {"sync_with_dataloader": False}}},
         {"train_sampling_strategy": "group_by_length"},
-        {"optim": "sgd"},
-        {"lr_scheduler_type": "reduce_lr_on_plateau"},
     ],
 )
 def test_unsupported_non_defaults_raise(kwargs):

@@ -128,6 +128,30 @@ def test_extensions_keep_trl_numbers(models, tmp_path, ext):
         assert worst <= WEIGHT_ATOL, f"final weights differ by up to {worst:.3g}"
 
 
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+@pytest.mark.parametrize(
+    "ext", [{}, {"fused": True}, {"padding_free": True}], ids=["padded", "fused", "padding_free"]
+)
+def test_keep_end_cutting_whole_prompts(models, tmp_path, loss_type, ext):
+    """keep_end at 5 tokens keeps no prompt before most chosen answers: nothing predicts their
+    first token, yet TRL's |c| for ipo / sigmoid_norm counts it (the fused kernels, which count
+    scored tokens, must hand such batches to the torch loss). The rejected keep some prompt."""
+    from data_helpers import tiny_tokenizer
+
+    data, tok = rows("standard", 8), tiny_tokenizer()
+    length = {k: [len(tok(r[k], add_special_tokens=False)["input_ids"]) for r in data]
+              for k in ("chosen", "rejected")}  # fmt: skip
+    assert sum(n >= 5 for n in length["chosen"]) >= 4 and max(length["rejected"]) < 5
+    kw = dict(loss_type=loss_type, truncation_mode="keep_end", max_length=5)
+    with pytest.warns(FutureWarning, match="keep_end"):
+        ref_logs, ref_w = run("trl", "llama", models, tmp_path / "trl", data, **kw)
+        our_logs, our_w = run("csd", "llama", models, tmp_path / "csd", data, **kw, **ext)
+    problems = compare_logs(our_logs, ref_logs)
+    assert not problems, "\n".join(problems)
+    worst = max((our_w[k] - ref_w[k]).abs().max().item() for k in ref_w)
+    assert worst <= WEIGHT_ATOL, f"final weights differ by up to {worst:.3g}"
+
+
 def test_harness_detects_a_difference(models, tmp_path):
     """The comparison is not vacuous: a different beta changes TRL's logged rewards."""
     data = rows("standard", 8)

@@ -1,4 +1,4 @@
-"""Vision-language DPO against TRL 1.16's DPOTrainer, on a tiny LLaVA built locally.
+"""Vision-language DPO against TRL 1.16's DPOTrainer, on a tiny LLaVA and Qwen2-VL built locally.
 
     python -m pytest tests/test_vision_dpo.py -q
 
@@ -85,6 +85,39 @@ def test_eval_and_lora_match_trl(vlm_root, tmp_path):
     assert not problems, "\n".join(problems)
     assert eval_logs(ours[0]) and len(eval_logs(ours[0])) == len(eval_logs(ref[0]))
     assert max_weight_diff(ours[1], ref[1]) < WEIGHT_ATOL
+
+
+@pytest.mark.parametrize("kw", [{}, {"fused": True}], ids=["plain", "fused"])
+def test_qwen2_vl_training_matches_trl(tmp_path, kw):
+    """Qwen2-VL: variable-size images in 2x2-merged patches and multimodal rotary positions the
+    model derives from image_grid_thw; same logs and weights as TRL."""
+    from transformers import Qwen2VLForConditionalGeneration
+    from vision_helpers import image_only_qwen2_vl_processor, tiny_vlm
+
+    model, (tok, images) = tiny_vlm("qwen2_vl")
+    model.save_pretrained(tmp_path / "qwen2_vl")  # TRL reloads its reference from the path
+    data, logs, weights = vision_rows(8), [], []
+    for impl in ("trl", "csd"):
+        if impl == "trl":
+            from trl import DPOConfig, DPOTrainer
+        else:
+            from csd_fast import DPOConfig, DPOTrainer
+        import datasets
+
+        args = DPOConfig(**base_kwargs(tmp_path / impl, max_length=None,
+                                       **(kw if impl == "csd" else {})))  # fmt: skip
+        trainer = DPOTrainer(
+            model=Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "qwen2_vl",
+                                                                  dtype="float32"),
+            args=args, train_dataset=datasets.Dataset.from_list(data),
+            processing_class=image_only_qwen2_vl_processor(tok, images),
+        )  # fmt: skip
+        trainer.train()
+        logs.append(trainer.state.log_history)
+        weights.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    problems = compare_logs(logs[1], logs[0])
+    assert not problems, "\n".join(problems)
+    assert max_weight_diff(weights[1], weights[0]) < WEIGHT_ATOL
 
 
 def test_every_image_reaches_the_model_in_both_rows(vlm_root):

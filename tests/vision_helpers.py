@@ -96,6 +96,23 @@ def tiny_vlm(arch: str, seed: int = 0):
     raise ValueError(f"unknown VLM {arch!r}; expected one of {VLMS}")
 
 
+def image_only_qwen2_vl_processor(tok, images):
+    """Qwen2VLProcessor without its video processor (which needs torchvision, absent here):
+    the same image placeholder expansion and chat template, built from the pieces we have."""
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # Qwen2VLProcessor.__init__ minus the video processor it would type-check
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyQwen2VLProcessor(images, tok, chat_template=tok.chat_template)
+
+
 def save_tiny_vlm(arch: str, root: str | Path) -> str:
     """Model and processor under root/arch (LLaVA: Qwen2-VL has no processor here)."""
     path = Path(root) / arch

@@ -10,7 +10,9 @@ with W ranks, P parameters, P_t trainable, B = bytes of the compute dtype (2 for
     gathered     2 * U * B                 the largest FSDP unit (a decoder layer or the head)
                                            gathered, plus one prefetched
     grads        P_t * 4 / W               fp32 gradients, sharded
-    optimizer    P_t * 8 / W               AdamW exp_avg + exp_avg_sq
+    optimizer    P_t * S / W               S = state bytes per parameter: AdamW 8 (exp_avg +
+                                           exp_avg_sq), sgd 0 / 4 with momentum, adagrad 4,
+                                           rmsprop 4 (+4 momentum, +4 centered)
     reference    P * B / W                 live reference in the compute dtype (0 when
                                            precomputed / cached, or with LoRA: adapters off)
     activations  per micro-batch of T tokens, L layers, hidden H, intermediate I:
@@ -119,6 +121,7 @@ def plan_memory(
     live_reference: bool = True,
     gradient_checkpointing: bool = True,
     fused_head: bool = True,
+    optimizer_bytes: int = 8,
 ) -> MemoryPlan:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     total, trainable, unit = count_params(config, trainable_patterns, lora_rank)
@@ -133,11 +136,24 @@ def plan_memory(
         "params": total * 4 // W,
         "gathered": 2 * unit * B,
         "grads": trainable * 4 // W,
-        "optimizer": trainable * 8 // W,
+        "optimizer": trainable * optimizer_bytes // W,
         "reference": reference,
         "activations": acts,
     }
     return MemoryPlan(W, total, trainable, unit, components)
+
+
+def optimizer_state_bytes(optim: str, optim_args: str | None) -> int:
+    """fp32 state bytes per trainable parameter of the torch optimizers FSDP2 runs with."""
+    options = dict(kv.split("=", 1) for kv in (optim_args or "").replace(" ", "").split(",") if kv)
+    nonzero = lambda key: float(options.get(key, 0) or 0) != 0  # noqa: E731
+    if optim == "sgd":
+        return 4 if nonzero("momentum") else 0
+    if optim == "adagrad":
+        return 4
+    if optim == "rmsprop":
+        return 4 + 4 * nonzero("momentum") + 4 * (options.get("centered", "").lower() == "true")
+    return 8  # AdamW (and an upper guess for anything else)
 
 
 def device_memory_bytes() -> int | None:

@@ -52,6 +52,9 @@ SCENARIOS = {
     # fp16's loss scaling (the CPU's GradScaler, see OverflowAtStep2): an inf in one rank's
     # gradient shard must make every rank skip that step
     "fp16_overflow": dict(padding_free=True, max_steps=3),
+    # an optimizer transformers builds (torch's SGD with optim_args) stepping DTensor shards
+    "sgd_momentum": dict(padding_free=True, max_steps=3, optim="sgd", learning_rate=0.1,
+                         optim_args="momentum=0.9"),
 }  # fmt: skip
 # run on 4 ranks as 2 nodes x 2 (tests/distributed/test_hsdp.py), each against 1 rank x 4b
 HSDP_SCENARIOS = {

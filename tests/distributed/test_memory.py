@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
-from csd_fast.distributed.memory import GIB, plan_memory
+from csd_fast.distributed.memory import GIB, optimizer_state_bytes, plan_memory
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -59,6 +59,33 @@ def test_attention_only_training_and_a_cached_reference_shrink_the_plan():
     assert attn.bytes_per_component["optimizer"] == 1_342_177_280
     assert attn.bytes_per_component["reference"] == 0
     assert attn.device_total(False) < full.device_total(False)
+
+
+@pytest.mark.parametrize(
+    ("optim", "optim_args"),
+    [("adamw_torch_fused", None), ("sgd", None), ("sgd", "momentum=0.9"), ("adagrad", None),
+     ("rmsprop", "momentum=0.9, centered=True")],
+)  # fmt: skip
+def test_optimizer_state_follows_optim(tmp_path, optim, optim_args):
+    """The planner's state bytes per parameter are what the optimizer csd-fast builds keeps
+    after one step (its per-parameter tensors; the scalar step counter aside)."""
+    import torch
+
+    from csd_fast import DPOConfig
+    from csd_fast.optim import build_optimizer
+
+    model = torch.nn.Linear(64, 32, bias=False)
+    args = DPOConfig(output_dir=str(tmp_path), optim=optim, optim_args=optim_args)
+    optimizer = build_optimizer(model, args)
+    model(torch.randn(4, 64)).sum().backward()
+    optimizer.step()
+    kept = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.numel() > 1)  # fmt: skip
+    per_param = optimizer_state_bytes(optim, optim_args)
+    assert per_param == kept // model.weight.numel()
+    plan = plan_memory(LlamaConfig(**LLAMA3_8B), world_size=8, tokens_per_micro_batch=16384,
+                       optimizer_bytes=per_param)  # fmt: skip
+    assert plan.bytes_per_component["optimizer"] == 8_030_261_248 * per_param // 8
 
 
 def test_plan_flag_prints_the_table_and_fails_when_it_cannot_fit(tmp_path, capsys, monkeypatch):
