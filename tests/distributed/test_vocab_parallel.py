@@ -66,6 +66,15 @@ def worker(out: Path) -> None:
         result = {"logps": logps.detach(), "stats": [s.detach() for s in stats], "sq": sq,
                   "dh": h.grad, "dw": w.grad, "db": b.grad if b is not None else None}  # fmt: skip
         torch.save(result, out / f"{case}_{rank}.pt")
+    # a plain `lm_head(hidden)` (no labels) of a sharded head: the whole logits, gathered
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from csd_fast.distributed.tensor_parallel import sharded_logits
+
+    hidden, weight, *_ = inputs("even")
+    sharded = distribute_tensor(weight, init_device_mesh("cpu", (2,)), [Shard(0)])
+    torch.save(sharded_logits(hidden, sharded, None), out / f"logits_{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -124,6 +133,13 @@ def test_sharded_head_matches_the_full_vocabulary_reference(two_ranks, case):
     _check(torch.cat([r["dw"] for r in ranks]), truth[3], fp32[3], "dw")
     if bias is not None:
         _check(torch.cat([r["db"] for r in ranks]), truth[4], fp32[4], "db")
+
+
+def test_plain_head_call_of_a_sharded_head_gathers_the_logits(two_ranks):
+    hidden, weight, *_ = inputs("even")
+    for rank in (0, 1):
+        got = torch.load(two_ranks / f"logits_{rank}.pt")
+        torch.testing.assert_close(got, hidden @ weight.T)
 
 
 if __name__ == "__main__":
