@@ -19,8 +19,9 @@ view (`rank`, `world_size`, collectives over the dp group); `process_rank` is th
 
 Refused, naming the option: a model without a tp_plan or with a plan style other than
 colwise / rowwise, tp_size not dividing the attention heads, key-value heads, MLP width or
-vocabulary, cpu_offload, dp_replicate_size > 1 (HSDP x TP), PEFT adapters, quantization,
-ref_cache_dir, context / sequence parallelism. Tests: tests/distributed/test_tensor_parallel.py.
+vocabulary, cpu_offload, dp_replicate_size > 1 (HSDP x TP), a LoRA adapter on lm_head (LoRA
+on the layers works) and DoRA, quantization, ref_cache_dir, context / sequence parallelism.
+Tests: tests/distributed/test_tensor_parallel.py.
 """
 
 from __future__ import annotations
@@ -121,19 +122,18 @@ def check_divisible(lm: nn.Module, tp: int) -> None:
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Shard the decoder layers by the model's plan and the head over the vocabulary, in place
     (before fully_shard)."""
-    from torch.distributed.tensor.parallel import parallelize_module
-
     from csd_fast.distributed.fsdp import head_is_tied
     from csd_fast.forward import backbone, unwrap_causal_lm
 
     lm = unwrap_causal_lm(model)
     if getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False):
         raise NotImplementedError("quantization_config with parallelism_config.tp_size")
-    if hasattr(model, "peft_config"):
-        raise NotImplementedError("peft_config (adapters) with parallelism_config.tp_size")
+    if hasattr(lm.get_output_embeddings(), "base_layer"):
+        raise NotImplementedError("a LoRA adapter on lm_head (peft_config target_modules) with "
+                                  "parallelism_config.tp_size")  # fmt: skip
     tp = tp_mesh.size()
     check_divisible(lm, tp)
-    styles, base = _layer_styles(), backbone(model)
+    base = backbone(model)
     tied = head_is_tied(lm)  # before the plan re-registers the embedding's weight
     for pattern, style in layer_plan(lm).items():
         regex = re.compile(re.escape(pattern).replace(r"\*", r"\d+"))
@@ -141,7 +141,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
             if regex.fullmatch(name) and style == "embedding_rowwise":
                 _shard_embedding(module, tp_mesh)
             elif regex.fullmatch(name):
-                parallelize_module(module, tp_mesh, styles[style]())
+                _parallelize_projection(module, tp_mesh, style)
     head = lm.get_output_embeddings()
     if tied:  # one (V, H) table for both: the lookup becomes vocab-parallel too
         embed = lm.get_input_embeddings()
@@ -152,6 +152,37 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         head.weight = _vocab_sharded(head.weight, tp_mesh)
     if getattr(head, "bias", None) is not None:
         head.bias = _vocab_sharded(head.bias, tp_mesh)
+
+
+def _parallelize_projection(module: nn.Module, tp_mesh, style: str) -> None:
+    """A colwise / rowwise projection, or PEFT's LoRA layer around one: the base weight by the
+    plan; of the adapter, the factor on the sharded side (B of a colwise layer: its output
+    columns; A of a rowwise one: its input rows) the same way, the other factor replicated. The
+    sum base(x) + B(A(x)) then has the base layer's own layout."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    styles = _layer_styles()
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        parallelize_module(module, tp_mesh, styles[style]())
+        return
+    if any(getattr(module, "use_dora", {}).values()):
+        raise NotImplementedError("DoRA (peft_config use_dora) with parallelism_config.tp_size")
+    if not hasattr(module, "lora_A") or getattr(module, "lora_embedding_A", None):
+        raise NotImplementedError(
+            f"{type(module).__name__} adapters with parallelism_config.tp_size (LoRA on "
+            "linear layers is supported)"
+        )
+    parallelize_module(base, tp_mesh, styles[style]())
+    for name in module.lora_A:
+        if style == "colwise":
+            parallelize_module(module.lora_B[name], tp_mesh, ColwiseParallel())
+        else:
+            parallelize_module(module.lora_A[name], tp_mesh, RowwiseParallel())
 
 
 def _shard_embedding(embed: nn.Module, tp_mesh) -> None:

@@ -48,6 +48,9 @@ TP_SCENARIOS = {
     "tp_tied_precompute": dict(padding_free=True, max_steps=3, precompute_ref_log_probs=True),
     # the policy given by path (read by every rank: no meta init under TP)
     "tp_by_path": dict(max_steps=3),
+    # LoRA on colwise (q, v) and rowwise (o, down) projections; the reference is adapters-off
+    "tp_lora": dict(padding_free=True, max_steps=3, learning_rate=1e-2, save_strategy="steps",
+                    save_steps=3),  # checkpoint-3: what csd export merges
 }  # fmt: skip
 
 
@@ -86,10 +89,24 @@ def build(name: str, out, tensor_parallel: bool, callbacks=None, dp: int = 1, **
     tied = "tied" in name
     ref = tiny_qwen2(tok, tied, seed=1) if kw.get("precompute_ref_log_probs") else None
     model = model_path(Path(out).parent) if name == "tp_by_path" else tiny_qwen2(tok, tied)
+    peft_config = None
+    if name == "tp_lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]
+        )
     return DPOTrainer(
-        model, ref_model=ref, args=DPOConfig(**kw), train_dataset=scenarios.ROWS,
-        eval_dataset=evalset, processing_class=tok, callbacks=callbacks,
+        model, ref_model=ref, peft_config=peft_config, args=DPOConfig(**kw),
+        train_dataset=scenarios.ROWS, eval_dataset=evalset, processing_class=tok,
+        callbacks=callbacks,
     )  # fmt: skip
+
+
+def first_q_proj(trainer):
+    """Layer 0's q_proj weight (under a LoRA layer: its base layer's)."""
+    module = next(m for n, m in trainer.model.named_modules() if n.endswith("0.self_attn.q_proj"))
+    return getattr(module, "base_layer", module).weight
 
 
 def model_path(root: Path) -> str:
@@ -111,7 +128,7 @@ def save(out: Path, name: str, trainer) -> None:
 def worker(out: Path, mode: str) -> None:
     if mode == "dp2tp2":  # 4 ranks: FSDP2 over 2 data ranks x 2 tensor ranks
         trainer = build("tp_packed", out / "dp2tp2", True, dp=2)
-        weight = trainer.model.model.layers[0].self_attn.q_proj.weight
+        weight = first_q_proj(trainer)
         trainer.train()
         save(out, "dp2tp2", trainer)
         if trainer.dist.is_main:  # FSDP2 splits each tensor rank's 32 rows again: 16
@@ -120,7 +137,7 @@ def worker(out: Path, mode: str) -> None:
         return
     for name in TP_SCENARIOS:
         trainer = build(name, out / name, True)
-        weight = trainer.model.model.layers[0].self_attn.q_proj.weight
+        weight = first_q_proj(trainer)
         trainer.train()
         save(out, name, trainer)
         if trainer.dist.is_main:  # what a rank holds: half the q_proj rows, on a (1, 2) mesh
@@ -215,6 +232,20 @@ def test_export_of_a_tensor_parallel_checkpoint_is_the_full_model(two_ranks, tmp
         assert got["lm_head.weight"].shape == (len(scenarios.tiny_tokenizer()), 64)
 
 
+def test_export_of_a_tensor_parallel_lora_checkpoint_merges_the_adapters(two_ranks, tmp_path):
+    from safetensors.torch import load_file
+
+    from csd_fast.__main__ import main
+
+    trainer = single("tp_lora", tmp_path)  # the same run on one process, merged below
+    want = {k: v.detach() for k, v in trainer.model.merge_and_unload().state_dict().items()}
+    assert main(["export", str(two_ranks / "tp_lora" / "checkpoint-3"), str(tmp_path / "m")]) == 0
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    assert got.keys() == want.keys()  # merged: no lora_A / lora_B left
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=2e-5, msg=k)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -252,8 +283,8 @@ def test_models_tensor_parallelism_cannot_split_are_refused_by_name():
     model.config.base_model_tp_plan = {"layers.*.mlp.gate_proj": "packed_colwise"}
     with pytest.raises(NotImplementedError, match="packed_colwise"):
         apply_tensor_parallel(model, _FakeMesh())
-    lora = get_peft_model(tiny_qwen2(tok), LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(NotImplementedError, match="peft_config"):
+    lora = get_peft_model(tiny_qwen2(tok), LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(NotImplementedError, match="lm_head"):
         apply_tensor_parallel(lora, _FakeMesh())
 
 
