@@ -10,7 +10,9 @@ Units, innermost first (what torchtitan and torchtune do for decoder LMs):
 Mixed precision is bf16 parameters and compute with fp32 gradient reduce-scatter by default
 (`fsdp_config={"param_dtype": ..., "reduce_dtype": ...}`), CPU offload with
 `fsdp_config={"cpu_offload": true}`. Frozen parameters (LoRA, attention-only training, the
-reference) shard like the rest; FSDP2 keeps them out of the gradient reduce.
+reference) shard like the rest; FSDP2 keeps them out of the gradient reduce. Under tensor
+parallelism (`tp_size`, tensor_parallel.py) the model's tp_plan is applied first and these
+units are sharded over the mesh's dp dimension (a 2-D mesh).
 """
 
 from __future__ import annotations

@@ -64,8 +64,8 @@ def tensor_parallel_env(env: DistEnv, tp: int) -> DistEnv:
     from torch.distributed.device_mesh import init_device_mesh
 
     if env.world_size % tp or env.world_size < tp:
-        raise ValueError(f"parallelism_config.tp_size={tp} does not divide the "
-                         f"{env.world_size} processes (torchrun --nproc_per_node)")  # fmt: skip
+        raise ValueError(f"parallelism_config.tp_size={tp} needs a multiple of {tp} processes "
+                         f"(torchrun --nproc_per_node), got {env.world_size}")  # fmt: skip
     dp = env.world_size // tp
     mesh = init_device_mesh(env.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     return dataclasses.replace(

@@ -296,7 +296,7 @@ class _FakeMesh:
 
 
 def test_one_process_with_tp_size_2_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="tp_size=2 does not divide the 1 processes"):
+    with pytest.raises(ValueError, match=r"tp_size=2 needs a multiple of 2 processes \(torchrun --nproc_per_node\), got 1"):
         build("tp_padded_fused", tmp_path, True)
 
 
