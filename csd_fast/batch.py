@@ -57,6 +57,9 @@ class PairBatch:
     num_tokens: int = 0  # tokens TRL counts for `num_tokens` (its padded attention-mask sum)
     num_real_tokens: int = 0  # tokens actually in the rows (after prefix sharing)
     capacity: int = 0  # R * T, for padding_efficiency
+    # input_ids elements of TRL's padded rows for these pairs (transformers' flos estimate counts
+    # them); 0 when that is `capacity` (the padded layouts)
+    trl_numel: int = 0
     extras: dict[str, Tensor] = field(default_factory=dict)  # room for later features
     # seq_offsets as the collator computed them on the host: `to(device)` leaves this tuple
     # where it is, so the fused head plans its chunks without reading the device copy back
@@ -81,6 +84,9 @@ class PairBatch:
     def sequence_lengths(self) -> Tensor:
         """(2P,) number of scored tokens of each sequence."""
         return self.seq_offsets[1:] - self.seq_offsets[:-1]
+
+    def padded_numel(self) -> int:
+        return self.trl_numel or self.capacity
 
     def completion_lengths(self) -> Tensor:
         """(2P,) completion tokens of each sequence as TRL counts them for length normalisation:

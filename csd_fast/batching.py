@@ -192,6 +192,7 @@ def make_collate(opts: BatchingOptions, pad_token_id: int) -> Callable[[Sequence
         max_length=opts.max_length,
         truncation_mode=opts.truncation_mode,
         prefix_sharing=opts.layout == "prefix",
+        pad_to_multiple_of=opts.pad_to_multiple_of,
     )
 
 

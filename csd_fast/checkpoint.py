@@ -50,6 +50,7 @@ class TrainProgress:
     best_metric: float | None = None
     best_model_checkpoint: str | None = None
     total_tokens: int = 0
+    total_flos: float = 0.0  # transformers' flos estimate over all ranks (its TrainerState's)
     train_loss_sum: float = 0.0  # sum of every step's loss since step 0 (train_loss after resume)
     log_history: list[dict] = field(default_factory=list)
     grad_scaler: dict | None = None  # fp16: the GradScaler's state (scale, growth tracker)

@@ -128,7 +128,9 @@ class DPOConfig:
     logging_dir: str | None = _f(
         None, "TensorBoard directory (older name); output_dir/runs if None."
     )
-    report_to: None | str | list[str] = _f("none", "'none', 'tensorboard', 'wandb' or a list.")
+    report_to: None | str | list[str] = _f(
+        "none", "'none', 'all', 'tensorboard', 'wandb', 'mlflow', any transformers integration."
+    )
     run_name: str | None = _f(None, "Run name for W&B / TensorBoard.")
     disable_tqdm: bool | None = _f(None, "Hide the progress bar.")
     eval_strategy: str = _f("no", "When to evaluate: 'no', 'steps' or 'epoch'.")
@@ -552,12 +554,10 @@ class DPOConfig:
         rt = self.report_to
         if rt is None or rt == "none" or rt == ["none"]:
             self.report_to = []
-        elif rt == "all" or rt == ["all"]:
-            import importlib.util
+        elif rt == "all" or rt == ["all"]:  # transformers' rule: every installed integration
+            from transformers.integrations import get_available_reporting_integrations
 
-            self.report_to = [
-                m for m in ("tensorboard", "wandb") if importlib.util.find_spec(m) is not None
-            ]
+            self.report_to = list(get_available_reporting_integrations())
         else:
             self.report_to = [rt] if isinstance(rt, str) else list(rt)
 

@@ -1,7 +1,7 @@
 """The optimizer-step loop behind `DPOTrainer.train()`: accumulation, clipping, logs, eval, saves.
 
     job = trainer.training_job()        # the explicit object the loop drives (TrainingJob)
-    state = run_training(job, resume_from_checkpoint=None)
+    output = run_training(job, resume_from_checkpoint=None)  # transformers' TrainOutput
 
 Resume is exact: the epoch plan is a pure function of (seed, epoch), a checkpoint stores the
 number of micro-batches of the current epoch already consumed, and the optimizer, scheduler and
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.trainer_utils import TrainOutput
 
 from csd_fast import checkpoint as ckpt
 from csd_fast import resume
@@ -65,6 +66,7 @@ class TrainingJob:
     evaluate: Callable[[], dict] | None  # None without an eval set
     close: Callable[[], None]  # flush the metric writers
     train_tokens: Callable[[], int]  # training tokens so far over all ranks (a collective)
+    train_flos: Callable[[], float] = lambda: 0.0  # total_flos so far, all ranks (a collective)
     run: dict = field(default_factory=dict)  # model names, data fingerprints (csd_fast.resume)
     loss_tokens: Any = None  # (n,) int64 per train pair: weight by loss tokens (SFT); None: pairs
     scaler: Any = None  # fp16: a torch.amp.GradScaler (dynamic loss scaling), else None
@@ -191,6 +193,7 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
         # TRL's cumulative count; each rank counts its own, so the saved total lives on rank 0
         # (the running total only: no window value, so the next log row is as if never stopped)
         job.metrics.total_train_tokens += progress.total_tokens if env.is_main else 0
+        job.metrics.total_flos += progress.total_flos if env.is_main else 0.0
         if job.scaler is not None and progress.grad_scaler is not None:
             job.scaler.load_state_dict(progress.grad_scaler)
         if args.restore_callback_states_from_checkpoint and job.restore_callbacks is not None:
@@ -311,19 +314,23 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
     runtime = time.perf_counter() - train_start
     steps_run = max(state.global_step - progress_start, 1)
     pairs_all = int(env.all_reduce_sum(torch.tensor([pairs_seen])).item())
-    job.log(
-        {
-            "train_runtime": runtime,
-            "train_samples_per_second": pairs_all / max(runtime, 1e-9),
-            "train_steps_per_second": steps_run / max(runtime, 1e-9),
-            "train_loss": tokens.loss_sum() / max(state.global_step, 1),
-        }
-    )
+    state.total_flos = job.train_flos()
+    summary = {
+        "train_runtime": runtime,
+        "train_samples_per_second": pairs_all / max(runtime, 1e-9),
+        "train_steps_per_second": steps_run / max(runtime, 1e-9),
+        "total_flos": state.total_flos,
+        "train_loss": tokens.loss_sum() / max(state.global_step, 1),
+    }
+    job.log(summary)
     if args.load_best_model_at_end and state.best_model_checkpoint:
         ckpt.load_checkpoint_weights(model, Path(state.best_model_checkpoint))
     job.fire("on_train_end")
     job.close()
-    return state
+    # transformers' return value: the summary without total_flos (kept in state), with epoch
+    metrics = {k: v for k, v in summary.items() if k != "total_flos"}
+    metrics["epoch"] = state.epoch
+    return TrainOutput(state.global_step, summary["train_loss"], metrics)
 
 
 def _optimizer_step(opt, scaler) -> bool:
@@ -485,6 +492,7 @@ def _save(job: TrainingJob, tokens: _TokenCount, best: bool = False) -> Path:
     if env.distributed:
         tokens.sync()  # the saved count is the all-rank total
     job.progress.train_loss_sum = tokens.loss_sum()
+    job.progress.total_flos = job.train_flos()
     job.progress.grad_scaler = None if job.scaler is None else job.scaler.state_dict()
     if job.callback_states is not None:
         job.progress.stateful_callbacks = job.callback_states()

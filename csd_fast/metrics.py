@@ -186,6 +186,7 @@ class MetricsLog:
             "eval": defaultdict(list),
         }
         self.total_train_tokens = 0  # TRL's _total_train_tokens: only training batches count
+        self.total_flos = 0.0  # transformers' estimate (6 x params x input_ids), this rank's
 
     def _check(self, mode: str) -> None:
         if mode not in self._values:

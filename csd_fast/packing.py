@@ -130,12 +130,14 @@ def collate_packed(
     prefix_sharing: bool = False,
     row_capacity: int | None = None,
     attn_backend: str = "auto",
+    pad_to_multiple_of: int | None = None,
 ) -> PairBatch:
     """Lay out P pairs without padding (packed) or with one shared prompt per pair (prefix).
 
     Each example has `prompt_ids`, `chosen_ids`, `rejected_ids` and optionally `row`, `group`,
     `sft`, `ref_chosen_logps`, `ref_rejected_logps` (as for `collate_padded`). `attn_backend`
     picks the metadata: "sdpa" (dense-mask ids only), "flash" or "auto" (both).
+    `pad_to_multiple_of` only sizes `trl_numel` (TRL's padded rows); packed rows are not padded.
     """
     if not examples:
         raise ValueError("collate_packed needs at least one example")
@@ -143,7 +145,7 @@ def collate_packed(
         raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {attn_backend!r}")
     P = len(examples)
     segs = _Segments()
-    num_tokens = 0
+    num_tokens, longest, trl_rows = 0, 1, 0  # TRL's padded rows: their count and width
     unscored = np.zeros(2 * P, dtype=np.int64)  # completions with no prompt before them
     for i, ex in enumerate(examples):  # per pair: truncation and the shared-or-not choice
         (pc, c), (pr, r) = truncate_pair(
@@ -151,6 +153,8 @@ def collate_packed(
         )
         unscored[i], unscored[P + i] = not pc and bool(c), not pr and bool(r)
         num_tokens += len(pc) + len(c) + (len(pr) + len(r) if ex["rejected_ids"] else 0)
+        longest = max(longest, len(pc) + len(c), len(pr) + len(r))
+        trl_rows += 2 if ex["rejected_ids"] else 1
         if prefix_sharing and pc == pr:
             segs.add(pc, c, r, BRANCH_CHOSEN, i, P + i)
         else:
@@ -217,7 +221,13 @@ def collate_packed(
         capacity=R * T,
         host_seq_offsets=tuple(offsets.tolist()),
         unscored_first=unscored_first_tensor(unscored),
+        # TRL pads every chosen row and (unless all are SFT rows) every rejected one
+        trl_numel=(2 * P if trl_rows > P else P) * _round_up(longest, pad_to_multiple_of),
     )
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return -(-n // multiple) * multiple if multiple else n
 
 
 def _varlen(p, a, b, base, placed, row_of, used, per_row, T: int) -> dict:

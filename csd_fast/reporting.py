@@ -1,5 +1,8 @@
 """Where logged metrics go: `metrics.jsonl`, TensorBoard / W&B when asked for, and a PNG at the end.
 
+Other `report_to` names (mlflow, comet_ml, trackio, ...) are transformers' own integration
+callbacks, added to the trainer's callbacks as transformers adds them.
+
 `metrics.jsonl` holds one JSON object per logging step: `step`, `epoch`, train metrics under TRL's
 names (`loss`, `rewards/accuracies`, ...) and eval metrics with TRL's `eval_` prefix. On resume
 the file is rewritten from the checkpoint's log history, so it always describes one consistent
@@ -16,6 +19,21 @@ import warnings
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+
+
+# sinks MetricsWriter writes itself; every other `report_to` name is a transformers integration
+OWN_SINKS = ("tensorboard", "wandb")
+
+
+def integration_callbacks(report_to: list[str]) -> list:
+    """transformers' reporting callbacks (MLflow, Comet, trackio, SwanLab, ClearML, ...) for the
+    `report_to` names csd-fast does not write itself; they receive the same events and logs."""
+    names = [t for t in report_to if t not in OWN_SINKS]
+    if not names:
+        return []
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    return [cls() for cls in get_reporting_integration_callbacks(names)]
 
 
 class MetricsWriter:
@@ -51,10 +69,7 @@ class MetricsWriter:
                 except ImportError as e:
                     raise ImportError("report_to='wandb' needs `pip install wandb`") from e
                 self._wandb = wandb.init(name=run_name, dir=str(output_dir), reinit=True)
-            else:
-                raise NotImplementedError(
-                    f"report_to={t!r} is not supported (tensorboard, wandb, none)"
-                )
+            # any other name is one of transformers' integrations: `integration_callbacks`
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (resume from a checkpoint at `step`)."""

@@ -6,7 +6,8 @@
 A stream has no length and no random access, so unlike a map-style set it is never tokenized
 up front. `StreamPairs` reads rows in chunks, tokenizes each chunk exactly as a map-style set
 (`tokenize_pairs`, TRL 1.16's rules), and numbers the surviving pairs in stream order; a
-`StreamPlan` is one pass over the stream as micro-batches, fetched only as the loop asks:
+`StreamPlan` is one pass over the stream as micro-batches (for every rank under torchrun: each
+reads the whole stream and keeps its share), fetched only as the loop asks:
 
     count batches:  [p0 p1 p2 p3] [p4 p5 p6 p7] ...       per_device_*_batch_size pairs, in order
     token budget:   buffer of stream_buffer_size pairs -> best-fit-decreasing plan -> emit -> next
@@ -104,31 +105,46 @@ class StreamPairs:
 
 
 class StreamPlan:
-    """One pass of micro-batches, fetched on demand; sized like transformers' iterable epoch.
+    """One pass of micro-batches for `world_size` ranks, fetched on demand; sized like
+    transformers' iterable epoch. Entry k holds every rank's k-th micro-batch.
 
-    `len()` is the nominal length (max_steps * gradient_accumulation_steps when training) until
-    the stream runs out, then the real count; it reads one micro-batch ahead so that the loop's
-    `micro < len(plan)` test is exact at the end of the stream.
+    Every rank reads the whole stream (the same rows in the same order, so the same plan) and
+    keeps only what it collates; a global batch of world_size * batch_size pairs is dealt to the
+    ranks as a map-style set's is (`batching._deal`), a token-budget buffer is planned for all
+    ranks at once. `view(rank)` is what the loop indexes. `len()` is the nominal length
+    (max_steps * gradient_accumulation_steps when training) until the stream runs out, then the
+    real count; it reads one entry ahead so the loop's `micro < len(plan)` test is exact at the
+    end of the stream.
     """
 
-    def __init__(self, stream: StreamPairs, epoch: int, opts, nominal: int | None, buffer: int):
+    def __init__(
+        self, stream: StreamPairs, epoch: int, opts, nominal: int | None, buffer: int,
+        world_size: int = 1,
+    ):  # fmt: skip
         self.stream, self.opts, self.nominal = stream, opts, nominal or sys.maxsize
         self.buffer = buffer  # pairs planned together under a token budget
+        self.world_size = world_size
         self._pairs = stream.pairs(epoch)
-        self._batches: list[list[int]] = []
+        self._entries: list[list[list[int]]] = []  # [micro][rank] -> pair indices
         self._done = False
-        self._wanted = 0  # micro-batches asked for so far (slice ends)
-        self._released = 0  # micro-batches whose pairs have left the buffer
+        self._wanted = 0  # entries asked for so far (slice ends)
+        self._released = 0  # entries whose pairs have left the buffer
+
+    def view(self, rank: int) -> StreamRankPlan:
+        return StreamRankPlan(self, rank)
 
     def _fetch(self, n: int) -> None:
-        while not self._done and len(self._batches) < n:
+        from csd_fast.batching import _deal
+
+        wide = self.opts.batch_size * self.world_size
+        while not self._done and len(self._entries) < n:
             if self.opts.max_tokens_per_batch:
                 self._fill_from_buffer()
             else:
-                batch = [i for i, _ in itertools.islice(self._pairs, self.opts.batch_size)]
-                if batch and not (self.opts.drop_last and len(batch) < self.opts.batch_size):
-                    self._batches.append(batch)
-                if len(batch) < self.opts.batch_size:
+                block = [i for i, _ in itertools.islice(self._pairs, wide)]
+                if block and not (self.opts.drop_last and len(block) < wide):
+                    self._entries.append(_deal(block, self.world_size, None))
+                if len(block) < wide:
                     self._done = True
 
     def _fill_from_buffer(self) -> None:
@@ -141,48 +157,68 @@ class StreamPlan:
             return
         ids = [i for i, _ in buffered]
         costs = _costs([p for _, p in buffered], self.opts)
-        plan = plan_batches(
+        plans = plan_batches(
             costs, self.opts.max_tokens_per_batch, seed=self.opts.seed, epoch=ids[0],
-            world_size=1,
-        )[0]  # fmt: skip
-        self._batches.extend([ids[j] for j in batch] for batch in plan)
+            world_size=self.world_size,
+        )  # fmt: skip
+        for per_rank in zip(*plans, strict=True):  # the planner gives every rank one length
+            self._entries.append([[ids[j] for j in batch] for batch in per_rank])
 
-    def __len__(self) -> int:
+    def length(self) -> int:
         self._fetch(self._wanted + 1)
-        return len(self._batches) if self._done else max(self.nominal, len(self._batches))
+        return len(self._entries) if self._done else max(self.nominal, len(self._entries))
 
-    def __bool__(self) -> bool:
-        self._fetch(1)
-        return bool(self._batches)
-
-    def __getitem__(self, key):
+    def entries(self, key):
+        """Entry `key` (or the entries of a slice); the ones before it leave the buffer."""
         if isinstance(key, slice):
             stop = key.stop if key.stop is not None else sys.maxsize
             self._wanted = max(self._wanted, stop)
             self._fetch(stop)
-            out = self._batches[key]
+            out = self._entries[key]
         else:
             self._wanted = max(self._wanted, key + 1)
             self._fetch(key + 1)
-            out = self._batches[key]
+            out = self._entries[key]
         # what the loop has asked for is consumed once collated: release pairs before `start`
         self._release_until((key.start or 0) if isinstance(key, slice) else key)
         return out
 
     def _release_until(self, first: int) -> None:
-        while self._released < min(first, len(self._batches)):
-            self.stream.release(self._batches[self._released])
+        while self._released < min(first, len(self._entries)):
+            for batch in self._entries[self._released]:
+                self.stream.release(batch)
             self._released += 1
 
-    def __iter__(self):
+    def iterate(self):
         k = 0
         while True:
             self._fetch(k + 1)
-            if k >= len(self._batches):
+            if k >= len(self._entries):
                 return
-            yield self._batches[k]
+            yield self._entries[k]
             self._release_until(k)
             k += 1
+
+
+class StreamRankPlan:
+    """One rank's micro-batches of a `StreamPlan`, indexed like a list of index lists."""
+
+    def __init__(self, plan: StreamPlan, rank: int):
+        self.plan, self.rank = plan, rank
+
+    def __len__(self) -> int:
+        return self.plan.length()
+
+    def __bool__(self) -> bool:
+        self.plan._fetch(1)
+        return bool(self.plan._entries)
+
+    def __getitem__(self, key):
+        out = self.plan.entries(key)
+        return [entry[self.rank] for entry in out] if isinstance(key, slice) else out[self.rank]
+
+    def __iter__(self):
+        return (entry[self.rank] for entry in self.plan.iterate())
 
 
 def _costs(pairs: list[dict], opts) -> np.ndarray:

@@ -48,14 +48,15 @@ from csd_fast.forward import (
 )
 from csd_fast.optim import select_trainable
 from csd_fast.plancache import cached_rank_plans
-from csd_fast.reporting import MetricsWriter, plot_curves
+from csd_fast.reporting import MetricsWriter, integration_callbacks, plot_curves
 from csd_fast.streaming import StreamPairs, StreamPlan, is_stream
 from csd_fast.trainer_api import TrainerAPI
 from csd_fast.trainer_eval import EvalMixin
+from csd_fast.trainer_hooks import TrainerHooks
 from csd_fast.trainer_reference import ReferenceMixin
 
 
-class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
+class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
     """Drop-in for `trl.DPOTrainer` (1.16): same arguments, same logged metrics."""
 
     def __init__(
@@ -156,7 +157,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             else:
                 ref_model = load_model(ref_model, args, on_meta=meta, extra_kwargs=init_kwargs)
         self.model, self.ref_model = prepare_models(self.model, ref_model, peft_config, args)
-        self.callbacks = list(callbacks or [])
+        # transformers' order: its reporting integrations, then the user's callbacks
+        self.callbacks = integration_callbacks(args.report_to) + list(callbacks or [])
         # MoE aux loss, model tags, pad id on the config, TR-DPO, Liger, torch.compile
         self.router_aux_loss_coef, self.aux_loss_enabled = model_setup(self, args)
         self.layout = layout_for(args.padding_free, args.prefix_sharing, args.max_tokens_per_batch)
@@ -205,7 +207,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         self._length_normalised = bool({"ipo", "sigmoid_norm"} & set(self.loss_params.loss_type))
         self.optimizer, self.lr_scheduler = optimizers
         self._own_optimizer, self._own_scheduler = optimizers[0] is None, optimizers[1] is None
-        self.state = TrainerState()
+        self.state = self._new_state()
         self.control = TrainerControl()
         self.progress = ckpt.TrainProgress()
         from csd_fast.metrics import MetricsLog
@@ -247,6 +249,14 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         if is_vision_dataset(dataset):  # raw rows; each batch goes through the processor
             return self._vision_set(dataset, name)
         if is_stream(dataset):  # tokenized chunk by chunk as the loop reads it
+            if getattr(dataset, "_distributed", None) is not None and self.dist.distributed:
+                raise ValueError(
+                    f"{name} dataset: a stream split with split_dataset_by_node; csd-fast "
+                    "deals each global batch over the ranks itself, so every rank needs the "
+                    "whole stream: pass it unsplit"
+                )
+            # every rank reads the whole stream: one of them writes its rejects
+            rejects = rejects if self.dist.is_main else None
             return StreamPairs(dataset, self._stream_tokenizer(), name, rejects)
         pairs = tokenize_pairs(
             load_rows(dataset, split="train" if name == "train" else "test"),
@@ -360,12 +370,14 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             # for it several times), an evaluation pass is new each time
             a = self.args
             nominal = a.max_steps * a.gradient_accumulation_steps if mode == "train" else None
-            if self.dist.world_size > 1:
-                raise NotImplementedError("streams are read by one process: load it map-style")
-            plan = StreamPlan(pairs, epoch, self._batching(mode), nominal, a.stream_buffer_size)
+            world = self.dist.world_size
+            plan = StreamPlan(
+                pairs, epoch, self._batching(mode), nominal, a.stream_buffer_size, world
+            )
+            views = [plan.view(rank) for rank in range(world)]
             if mode == "train":
-                self._plans[mode] = (pairs, epoch, [plan])
-            return [plan]
+                self._plans[mode] = (pairs, epoch, views)
+            return views
         if cached is None or cached[0] is not pairs or cached[1] != epoch:
             opts = self._batching(mode)
             costs = None
@@ -551,9 +563,23 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
         self._metrics.add(mode, self._reduce_metrics(sums, dummy))
         if mode == "train" and not dummy:
             self._metrics.add_tokens(mode, batch.num_tokens)
+            self._metrics.total_flos += self._flos_per_input_id() * batch.padded_numel()
             if not self.dist.distributed:  # (distributed: the loop saves the all-rank total)
                 self.progress.total_tokens += batch.num_tokens
         return loss
+
+    def _flos_per_input_id(self) -> int:
+        """transformers' `floating_point_ops`: 6 x non-embedding parameters per input_ids entry
+        of TRL's padded rows (0 for a model without `num_parameters`, as there)."""
+        if getattr(self, "_flos_factor", None) is None:
+            count = getattr(self.model, "num_parameters", None)
+            self._flos_factor = 6 * count(exclude_embeddings=True) if count else 0
+        return self._flos_factor
+
+    def global_train_flos(self) -> float:
+        """`total_flos` over all ranks (each rank counts its own batches)."""
+        local = torch.tensor([self._metrics.total_flos], dtype=torch.float64)
+        return float(self.dist.all_reduce_sum(local).item())
 
     def global_train_tokens(self) -> int:
         """TRL's `num_tokens` over all ranks (each rank counts its own batches)."""
@@ -633,24 +659,23 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             self.optimizer = None
         if self._own_scheduler:
             self.lr_scheduler = None
-        self.state, self.control = TrainerState(), TrainerControl()
+        self.state, self.control = self._new_state(), TrainerControl()
         self.progress, self._metrics = ckpt.TrainProgress(), MetricsLog()
 
     def training_job(self):
         """The explicit object `csd_fast.loop.run_training` drives (builds optimizer/schedule)."""
         from csd_fast.loop import TrainingJob, schedule_length
-        from csd_fast.optim import build_optimizer, build_scheduler
         from csd_fast.resume import run_identity
         from csd_fast.trl_compat import callback_states, restore_callback_states
 
         def plans(epoch: int):
             return self._rank_plans(self.train_pairs, "train", epoch)
 
-        if self.optimizer is None:
-            self.optimizer = build_optimizer(self.model, self.args)
+        # transformers' hooks, so a subclass's create_optimizer / create_scheduler are used
+        self.create_optimizer()
         if self.lr_scheduler is None:
             max_steps, _ = schedule_length(plans, self.args)
-            self.lr_scheduler = build_scheduler(self.optimizer, self.args, max_steps)
+            self.create_scheduler(num_training_steps=max_steps, optimizer=self.optimizer)
         self._policy_is_initial = False
         return TrainingJob(
             args=self.args,
@@ -672,6 +697,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             evaluate=self.evaluate if self.eval_pairs is not None else None,
             close=self.close_writer,
             train_tokens=self.global_train_tokens,
+            train_flos=self.global_train_flos,
             run=run_identity(self),
             loss_tokens=self._sft_loss_tokens(),
             scaler=self.grad_scaler,
@@ -730,6 +756,13 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI):
             self._metrics_writer = None
 
     # ------------------------------------------------------------------------ callbacks
+    def _new_state(self) -> TrainerState:
+        """transformers' TrainerState, knowing which process this is (callbacks that report or
+        write only once, the reporting integrations among them, read it)."""
+        return TrainerState(
+            is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main
+        )
+
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
 

@@ -83,8 +83,9 @@ class _StreamBatches(torch.utils.data.IterableDataset):
         from csd_fast.streaming import StreamPlan
 
         t = self.trainer
-        plan = StreamPlan(self.pairs, 0, t._batching(self.mode), None, t.args.stream_buffer_size)
-        for idx in plan:
+        plan = StreamPlan(self.pairs, 0, t._batching(self.mode), None, t.args.stream_buffer_size,
+                          t.dist.world_size)  # fmt: skip
+        for idx in plan.view(t.dist.rank):
             yield t._collate(self.pairs, idx, self.mode)
 
 
@@ -127,6 +128,12 @@ class TrainerAPI:
         if len(pairs) != 1:
             raise ValueError("get_eval_dataloader takes one set; name one of the named eval sets")
         return self._loader(next(iter(pairs.values())), "eval")
+
+    def get_test_dataloader(self, test_dataset) -> torch.utils.data.DataLoader:
+        """The micro-batches `predict(test_dataset)` runs on (evaluation batching)."""
+        if test_dataset is None:
+            raise ValueError("get_test_dataloader needs a test_dataset")
+        return self.get_eval_dataloader(test_dataset)
 
     def _loader(self, pairs, mode: str) -> torch.utils.data.DataLoader:
         from csd_fast.streaming import StreamPairs

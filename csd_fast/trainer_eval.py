@@ -10,7 +10,6 @@ Tests: tests/test_trl_parity.py (eval metrics), tests/test_trl_compat.py (named 
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import torch
@@ -44,6 +43,16 @@ class EvalMixin:
             metrics.update(self._evaluate_set(pairs, name, prefix, log=True))
         return metrics
 
+    def _stream_eval_items(self, pairs):
+        """(batch, is_real) over one pass of an eval stream; a rank without pairs in an entry
+        collates a stand-in from another rank's (zero weight: it only joins the collectives)."""
+        everyone = self._rank_plans(pairs, "eval", 0)
+        for k, idx in enumerate(everyone[self.dist.rank]):
+            real = bool(idx)
+            if not real:
+                idx = next(p[k][:1] for p in everyone if p[k])
+            yield self._collate(pairs, idx, "eval"), real
+
     def _evaluate_set(self, pairs, name: str, prefix: str, log: bool) -> dict:
         from csd_fast.trl_compat import eval_predictions_metrics
 
@@ -68,20 +77,19 @@ class EvalMixin:
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
-        plan = self._plan(pairs, "eval", 0)
-        if isinstance(pairs, StreamPairs):  # read once, batch by batch (one process)
-            batches = (self._collate(pairs, idx, "eval") for idx in plan)
-            real = itertools.repeat(True)
+        if isinstance(pairs, StreamPairs):  # read once, batch by batch, on every rank
+            items = self._stream_eval_items(pairs)
         else:
+            plan = self._plan(pairs, "eval", 0)
             real = [bool(idx) for idx in plan]
             if not all(real):  # a rank without pairs here joins the collectives with a stand-in
                 everyone = self._rank_plans(pairs, "eval", 0)
                 stand_in = next(idx[:1] for p in everyone for idx in p if idx)
                 plan = [idx or stand_in for idx in plan]
-            batches = self.micro_batches(pairs, plan, "eval")
+            items = zip(self.micro_batches(pairs, plan, "eval"), real, strict=False)
         sums = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for batch, is_real in zip(batches, real, strict=False):
+            for batch, is_real in items:
                 loss = self.compute_loss(batch, "eval", dummy=not is_real)
                 if is_real:  # one read per batch on one process, as before
                     sums += torch.tensor([float(loss) * batch.num_pairs, batch.num_pairs])

@@ -10,6 +10,8 @@ refusals (precomputed references on a stream) hold.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datasets
 import pytest
 import torch
@@ -84,7 +86,7 @@ def test_token_budget_over_a_stream_uses_a_bounded_buffer(models, tmp_path):
     trainer = _trainer(models, tmp_path, _stream(data), max_tokens_per_batch=160,
                        padding_free=True, stream_buffer_size=12)  # fmt: skip
     pairs, opts = trainer.train_pairs, trainer._batching("train")
-    plan = StreamPlan(pairs, 0, opts, None, trainer.args.stream_buffer_size)
+    plan = StreamPlan(pairs, 0, opts, None, trainer.args.stream_buffer_size).view(0)
     seen, most_buffered = [], 0
     for idx in plan:
         batch = trainer._collate(pairs, idx, "train")
@@ -143,3 +145,36 @@ def test_iterating_a_tokenized_stream_gives_trls_rows(models, tmp_path):
             assert [{k: g[k] for k in keys} for g in got] == [{k: w[k] for k in keys} for w in want]
         ours.train()  # the evaluation pass after reading the stream is complete
         assert ours.evaluate()  # (a dict: eval_a_*, eval_b_*)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("budget", [None, 120])
+def test_every_rank_takes_its_share_of_one_pass(models, tmp_path, world, budget):
+    """Under torchrun each rank reads the whole stream and keeps its micro-batches: a count
+    batch is dealt as the same rows map-style in stream order are (batching.rank_plans), a
+    token budget plans each buffer for all ranks; every pair once per pass, equal lengths.
+    (tests/distributed: 2 gloo ranks training on a stream equal one process.)"""
+    from csd_fast.batching import rank_plans
+    from csd_fast.streaming import StreamPlan
+
+    data = rows("standard", 17)
+    kw = dict(padding_free=True, max_tokens_per_batch=budget, stream_buffer_size=6)
+    trainer = _trainer(models, tmp_path, _stream(data), max_steps=1, **kw)
+    pairs, opts = trainer.train_pairs, trainer._batching("train")
+    plan = StreamPlan(pairs, 0, opts, None, trainer.args.stream_buffer_size, world)
+    views = [plan.view(r) for r in range(world)]
+    per_rank, costs, k = [[] for _ in range(world)], [], 0
+    while k < len(views[0]):
+        for r in range(world):
+            per_rank[r].append(views[r][k])
+            if per_rank[r][-1]:  # collated now: entries before k have left the buffer
+                costs.append(trainer._collate(pairs, per_rank[r][-1], "train").num_real_tokens)
+        k += 1
+    assert len({len(p) for p in per_rank}) == 1
+    seen = sorted(i for p in per_rank for idx in p for i in idx)
+    assert seen == list(range(17))
+    if budget is None:  # the map-style deal of the same rows in stream order
+        sequential = dataclasses.replace(opts, shuffle=False)
+        assert per_rank == rank_plans(17, 0, sequential, world)
+    else:
+        assert max(costs) <= budget

@@ -164,6 +164,26 @@ def max_weight_diff(ours: dict, ref: dict) -> float:
     return max((ours[k] - ref[k]).abs().max().item() for k in ref)
 
 
+def make_trainer(impl: str, model_root, out, subclass=None, **kw):
+    """TRL's ('trl') or our ('csd') DPOTrainer on the tiny Llama and 8 standard rows, unstarted;
+    `subclass(DPOTrainer)` builds a subclass of either."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if impl == "trl":
+        from trl import DPOConfig, DPOTrainer
+    else:
+        from csd_fast import DPOConfig, DPOTrainer
+    cls = subclass(DPOTrainer) if subclass else DPOTrainer
+    path, _ = save_tiny("llama", model_root)
+    return cls(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        args=DPOConfig(**base_kwargs(out, **kw)),
+        train_dataset=datasets.Dataset.from_list(rows("standard", 8)),
+        processing_class=AutoTokenizer.from_pretrained(path),
+    )  # fmt: skip
+
+
 def csd_trainer(model_root, out, eval_rows=0, callbacks=None, **kw):
     """A csd-fast DPOTrainer on the tiny Llama and 8 standard rows (the first eval_rows: eval)."""
     import datasets

@@ -55,6 +55,10 @@ SCENARIOS = {
     # an optimizer transformers builds (torch's SGD with optim_args) stepping DTensor shards
     "sgd_momentum": dict(padding_free=True, max_steps=3, optim="sgd", learning_rate=0.1,
                          optim_args="momentum=0.9"),
+    # train and eval sets as streams (IterableDataset): every rank reads the whole stream and
+    # keeps its share; 5 steps cross the end of the stream (its last global batch of 1 pair is
+    # 1 + a stand-in), and the eval stream's last batch too
+    "stream": dict(padding_free=True, max_steps=5, eval_strategy="steps", eval_steps=2),
 }  # fmt: skip
 # run on 4 ranks as 2 nodes x 2 (tests/distributed/test_hsdp.py), each against 1 rank x 4b
 HSDP_SCENARIOS = {
@@ -170,6 +174,7 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
     from csd_fast import DPOConfig, DPOTrainer
 
     tok = tiny_tokenizer()
+    train = overrides.pop("train_dataset", ROWS)
     kw = dict(
         output_dir=str(out), per_device_train_batch_size=GLOBAL_BATCH // world,
         per_device_eval_batch_size=GLOBAL_BATCH // world, learning_rate=1e-3, logging_steps=1,
@@ -192,6 +197,11 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
     evalset = EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
+    if name == "stream" and train is ROWS:
+        import datasets
+
+        train = datasets.Dataset.from_list(ROWS).to_iterable_dataset()
+        evalset = datasets.Dataset.from_list(EVAL_ROWS).to_iterable_dataset()
     if name == "vision":
         return _vision_trainer(DPOConfig(**kw), callbacks)
     name = "packed" if name == "packed_async" else name
@@ -200,7 +210,7 @@ def build_trainer(name: str, world: int, out, callbacks=None, **overrides):
     if name in BY_PATH:
         model, ref = by_path_models(Path(out).parent, name)
     trainer = DPOTrainer(
-        model, ref_model=ref, args=DPOConfig(**kw), train_dataset=ROWS, eval_dataset=evalset,
+        model, ref_model=ref, args=DPOConfig(**kw), train_dataset=train, eval_dataset=evalset,
         processing_class=tok, peft_config=peft_config, callbacks=callbacks,
     )  # fmt: skip
     if name == "fp16_overflow":

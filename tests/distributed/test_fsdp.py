@@ -28,7 +28,9 @@ from csd_fast import checkpoint as ckpt
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("worker.py")
 # what depends on how the rows were padded (padding differs with the batch's composition)
-PADDING_KEYS = {"num_tokens", "padding_efficiency", "tokens_per_second", "pairs_per_second"}
+# what depends on each rank's own padding (total_flos counts TRL's padded rows, per rank)
+PADDING_KEYS = {"num_tokens", "padding_efficiency", "tokens_per_second", "pairs_per_second",
+                "total_flos"}  # fmt: skip
 # a resumed run's summary averages the loss over the steps it ran itself (as transformers does)
 RESUMED_SKIP = PADDING_KEYS - {"num_tokens"} | {"train_loss"}
 
@@ -99,6 +101,14 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(two_ranks, tmp_path, name
         assert (
             f"rank 1: {path} built on the meta device" in (two_ranks / "torchrun.log").read_text()
         )
+
+
+def test_trainer_state_knows_process_zero(two_ranks):
+    assert torch.load(two_ranks / "process_zero.pt") == [(True, True), (False, False)]
+
+
+def test_a_stream_split_by_node_is_refused(two_ranks):
+    assert "split_dataset_by_node" in (two_ranks / "split_stream.txt").read_text()
 
 
 def test_resume_on_two_ranks_continues_the_run(two_ranks):

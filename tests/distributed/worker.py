@@ -38,8 +38,11 @@ def parity(out: Path) -> None:
         trainer = scenarios.build_trainer(name, 2, out / name)
         if name == "padded":  # the reference hash of a sharded model, from every rank
             prints = trainer.dist.all_gather_objects(model_fingerprint(trainer.model))
+            zero = (trainer.state.is_world_process_zero, trainer.state.is_local_process_zero)
+            flags = trainer.dist.all_gather_objects(zero)  # what reporting callbacks read
             if trainer.dist.is_main:
                 torch.save(prints, out / "fingerprints.pt")
+                torch.save(flags, out / "process_zero.pt")
         trainer.train()
         save(out, name, trainer)
         if name == "packed":
@@ -57,6 +60,18 @@ def parity(out: Path) -> None:
     async_run = scenarios.build_trainer("packed_async", 2, out / "async")
     async_run.train()
     save(out, "async", async_run)
+    # a stream each rank already split for itself: refused (csd-fast deals the batches)
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    rank = int(os.environ["RANK"])
+    stream = datasets.Dataset.from_list(scenarios.ROWS).to_iterable_dataset()
+    split = split_dataset_by_node(stream, rank=rank, world_size=2)
+    try:
+        scenarios.build_trainer("stream", 2, out / "split", train_dataset=split)
+    except ValueError as e:
+        if rank == 0:
+            (out / "split_stream.txt").write_text(str(e))
     # the reference store the ref_store run wrote, read back by a second two-rank run
     store = str(out / "ref_store" / "refstore")
     hit = scenarios.build_trainer("ref_store", 2, out / "ref_store_hit", ref_cache_dir=store)
