@@ -20,7 +20,7 @@ view (`rank`, `world_size`, collectives over the dp group); `process_rank` is th
 Refused, naming the option: a model without a tp_plan or with a plan style other than
 colwise / rowwise, tp_size not dividing the attention heads, key-value heads, MLP width or
 vocabulary, cpu_offload, dp_replicate_size > 1 (HSDP x TP), a LoRA adapter on lm_head (LoRA
-on the layers works) and DoRA, quantization, ref_cache_dir, context / sequence parallelism.
+on the layers works) and DoRA, quantization, context / sequence parallelism.
 Tests: tests/distributed/test_tensor_parallel.py.
 """
 
@@ -48,9 +48,6 @@ def check_tensor_parallel_args(args) -> None:
     refused = {
         "fsdp_config.cpu_offload": cfg.get("cpu_offload"),
         "fsdp_config.dp_replicate_size (HSDP)": cfg.get("dp_replicate_size") not in (None, 1),
-        "ref_cache_dir (the reference store's writers are data ranks)": getattr(
-            args, "ref_cache_dir", None
-        ),
     }
     for name, on in refused.items():
         if on:

@@ -48,6 +48,8 @@ TP_SCENARIOS = {
     "tp_tied_precompute": dict(padding_free=True, max_steps=3, precompute_ref_log_probs=True),
     # the policy given by path (read by every rank: no meta init under TP)
     "tp_by_path": dict(max_steps=3),
+    # the reference store (ref_cache_dir): tensor rank 0 writes the shards both score
+    "tp_ref_store": dict(padding_free=True, max_steps=3, ref_cache_shard_size=4),
     # LoRA on colwise (q, v) and rowwise (o, down) projections; the reference is adapters-off
     "tp_lora": dict(padding_free=True, max_steps=3, learning_rate=1e-2, save_strategy="steps",
                     save_steps=3),  # checkpoint-3: what csd export merges
@@ -87,7 +89,10 @@ def build(name: str, out, tensor_parallel: bool, callbacks=None, dp: int = 1, **
         kw["parallelism_config"] = ParallelismConfig(dp_shard_size=dp, tp_size=2)
     evalset = scenarios.EVAL_ROWS if kw.get("eval_strategy") == "steps" else None
     tied = "tied" in name
-    ref = tiny_qwen2(tok, tied, seed=1) if kw.get("precompute_ref_log_probs") else None
+    if name == "tp_ref_store":
+        kw["ref_cache_dir"] = str(Path(out) / "refstore")
+    precomputed = kw.get("precompute_ref_log_probs") or kw.get("ref_cache_dir")
+    ref = tiny_qwen2(tok, tied, seed=1) if precomputed else None
     model = model_path(Path(out).parent) if name == "tp_by_path" else tiny_qwen2(tok, tied)
     peft_config = None
     if name == "tp_lora":
@@ -193,6 +198,14 @@ def test_two_tensor_ranks_match_one_process(two_ranks, tmp_path, name):
     assert_same(got, scenarios.history(trainer), scenarios.weights(trainer))
     if name == "tp_packed":
         assert any("eval_loss" in h for h in got["history"])
+    if name == "tp_ref_store":  # one writer per data rank: a complete store, as 1 process's
+        from csd_fast.refstore import list_tables, verify_table
+
+        tables = [t for t, _ in list_tables(two_ranks / name / "refstore")]
+        assert tables and all(verify_table(t) == {} for t in tables)
+        mine = {t.name for t, _ in list_tables(tmp_path / name / "refstore")}
+        assert {t.name for t in tables} == mine
+        assert all(len(list(t.glob("shard-*.safetensors"))) == 5 for t in tables)
 
 
 @pytest.mark.slow
@@ -251,7 +264,6 @@ def test_export_of_a_tensor_parallel_lora_checkpoint_merges_the_adapters(two_ran
     [
         (dict(fsdp_config={"cpu_offload": True}), "cpu_offload"),
         (dict(fsdp="hybrid_shard"), "dp_replicate_size"),
-        (dict(ref_cache_dir="refs"), "ref_cache_dir"),
         (dict(parallelism_config={"tp_size": 2, "cp_size": 2}), "cp_size"),
     ],
 )  # fmt: skip
@@ -296,7 +308,10 @@ class _FakeMesh:
 
 
 def test_one_process_with_tp_size_2_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"tp_size=2 needs a multiple of 2 processes \(torchrun --nproc_per_node\), got 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"tp_size=2 needs a multiple of 2 processes \(torchrun --nproc_per_node\), got 1",
+    ):
         build("tp_padded_fused", tmp_path, True)
 
 
