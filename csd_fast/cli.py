@@ -8,7 +8,7 @@
     csd-train --plan --nproc 8 ...                     # per-device memory estimate, then exit
     csd-train ... --peft_config '{"r": 16, "target_modules": "all-linear"}'   # a LoRA adapter
     csd-train ... --peft_config '{...}' --model_init_kwargs '{"quantization_config":
-              {"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}}'     # QLoRA (one process)
+              {"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}}'     # QLoRA (also --nproc)
 
 Every `DPOConfig` field is a flag named as the field (`--max_steps`, also `--max-steps`), as in
 `trl dpo`. The options that differ from the defaults are printed; the whole resolved
@@ -260,12 +260,6 @@ def _checked_config(script: dict, kwargs: dict):
             "quantization_config (QLoRA) trains through a LoRA adapter: add --peft_config, e.g. "
             """'{"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}'""",
         )
-    if init.get("quantization_config") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "model_init_kwargs",
-            "quantization_config under torchrun: FSDP2 cannot shard bitsandbytes' quantized "
-            "weights; run QLoRA as one process, or LoRA on a bf16 base with --nproc",
-        )
     if script["resume"] and args.overwrite_output_dir:
         raise UserError("--resume and --overwrite_output_dir contradict each other: pick one")
     return args
@@ -455,11 +449,22 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
     # the state is sharded over a shard group: all ranks, or a node's with hybrid_shard / HSDP
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     shard_ranks = mesh_shape(args.fsdp_config, world_size, min(local_world, world_size))[1]
+    init = args.model_init_kwargs if isinstance(args.model_init_kwargs, dict) else {}
+    quant = init.get("quantization_config") or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    bits = 4 if quant.get("load_in_4bit") else 8 if quant.get("load_in_8bit") else None
+    peft = script["peft_config"]
     plan = plan_memory(
         config,
         # under TP the weights, gradients and optimizer state split over dp x tp; activations
         # are counted whole (an upper bound: TP splits the layers' inner activations too)
         world_size=shard_ranks * tp,
+        lora_rank=int(peft.get("r", 8)) if isinstance(peft, dict) else None,  # peft's default r
+        quantized_bits=bits,
+        double_quant=bool(quant.get("bnb_4bit_use_double_quant")),
+        # FSDP2 gathers packed 4-bit bytes uncast only in the compute dtype's storage
+        quantized_sharded=str(quant.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")
+        == ("bfloat16" if args.bf16 else "float32"),
         tokens_per_micro_batch=tokens,
         compute_bytes=2 if args.bf16 else 4,
         trainable_patterns=args.trainable_params,

@@ -4,7 +4,8 @@
     check_quantized_policy(model, peft_config)   # an adapter to train, a full-precision lm_head
     model = get_peft_model(...); adapters_to_bf16(model)   # TRL's QLoRA adapter dtype
     pin_train_mode(model)                        # bnb layers: one numeric path
-    check_single_process(model, config, dist)    # no FSDP2 over bnb weights
+    check_distributed(model, config, dist, args) # torchrun: what FSDP2 + bnb cannot do
+    quantized_params(scorer, param_dtype)        # FSDP2's ignored_params (bnb weights kept whole)
     quantization_key(model)                      # the reference-cache component (None: none)
 
 The rules follow trl/trainer/dpo_trainer.py (1.16): `quantization_config` is a trainer argument
@@ -17,8 +18,10 @@ asked for, so csd-fast imports and trains without it.
 
 The LM head must stay full precision: every head implementation (eager and fused) reads
 `lm_head.weight` as a matrix, which bnb keeps unquantized unless `llm_int8_skip_modules` is set
-without it. FSDP2 cannot shard bnb's `Params4bit` / `Int8Params` here, so QLoRA runs on one
-process. Tests: tests/test_qlora.py, tests/test_qlora_trl.py.
+without it. Under torchrun (FSDP2) 4-bit weights shard like any frozen weight (bitsandbytes
+re-attaches their quant_state after each all-gather); 8-bit ones stay whole on every rank
+(`quantized_params`); everything else shards as in LoRA (csd_fast/distributed/fsdp.py). Tests:
+tests/test_qlora.py, tests/test_qlora_trl.py, tests/distributed/test_qlora_fsdp.py.
 """
 
 from __future__ import annotations
@@ -207,15 +210,74 @@ def _stay_training(self, mode: bool = True):
     return self
 
 
-def check_single_process(model: nn.Module | None, config, dist) -> None:
-    """QLoRA under torchrun is refused: FSDP2 does not shard bnb's quantized parameters."""
-    if dist.distributed and (config is not None or is_quantized(model)):
-        raise NotImplementedError(
-            f"quantization_config under torchrun ({dist.world_size} processes): FSDP2 cannot "
-            "shard bitsandbytes' quantized Params4bit / Int8Params weights, so QLoRA runs on one "
-            "process (a 4-bit 8B base with LoRA fits one GPU). For data parallel training, use "
-            "LoRA (peft_config) on a bf16 base under torchrun instead."
-        )
+def check_distributed(model: nn.Module | None, config, dist, args) -> None:
+    """QLoRA under torchrun: what the FSDP2 layout (`quantized_params`) cannot do is refused.
+
+    CPU offload would move the adapters' shards (the small part) and leave an 8-bit base, or a
+    4-bit one FSDP2 keeps whole, on the device where bitsandbytes put it; sync_module_states
+    would broadcast bnb's packed tensors through a state dict they are not fully in. Every
+    rank loads and quantizes the same base itself instead."""
+    if not dist.distributed or (config is None and not is_quantized(model)):
+        return
+    from csd_fast.distributed.hf_options import as_bool
+
+    fsdp = getattr(args, "fsdp_config", None) or {}
+    for key, why in (
+        ("cpu_offload", "bitsandbytes keeps its quantized weights where it loaded them, so "
+                        "offloading would move only the adapters' shards"),
+        ("sync_module_states", "every rank loads and quantizes the same base itself (a "
+                               "PeftModel passed in must be built alike on every rank)"),
+    ):  # fmt: skip
+        if as_bool(fsdp.get(key, False), key):
+            raise NotImplementedError(
+                f"fsdp_config {key} with quantization_config (QLoRA under torchrun): {why}; "
+                f"drop {key}"
+            )
+
+
+def bnb_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every bitsandbytes Linear4bit / Linear8bitLt, sharded or not."""
+    import bitsandbytes as bnb
+
+    kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def quantized_params(
+    module: nn.Module, param_dtype: torch.dtype | None = None, keep_whole=frozenset()
+) -> set[nn.Parameter]:
+    """The bitsandbytes weights FSDP2 must leave alone (`ignored_params`: whole on every rank,
+    never all-gathered or reduced). 4-bit weights shard: FSDP2 all-gathers their packed bytes
+    like any frozen tensor, and `Linear4bit.forward` re-wraps the gathered tensor as a
+    `Params4bit` with the quant_state the module keeps (bitsandbytes' own FSDP path; the absmax
+    blocks stay whole, 1/16 byte per weight). That needs the packed storage's dtype to be
+    FSDP2's compute dtype (`bnb_4bit_quant_storage`, as FSDP1 + QLoRA needs), or no cast at
+    all: FSDP2 would otherwise convert the packed bytes as numbers. Kept whole: 8-bit weights
+    (their row scales live on the Int8Params, which a gather would lose), 4-bit ones of another
+    storage dtype, and `keep_whole` (weights a frozen reference copy shares with the policy)."""
+    if not any(is_quantized_tensor(p) for p in module.parameters()):
+        return set()  # bitsandbytes is never imported for a full-precision model
+    whole = set()
+    for _, layer in bnb_layers(module):
+        weight = layer.weight
+        four_bit = type(weight).__name__ == "Params4bit"
+        if four_bit and param_dtype in (None, weight.dtype) and weight not in keep_whole:
+            layer.quant_state = weight.quant_state  # what the forward re-attaches after a gather
+            layer.quant_storage = weight.dtype
+        else:
+            whole.add(weight)
+    return whole | {p for p in module.parameters() if p in keep_whole}
+
+
+def quantized_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the quantized base: the packed weights (sharded or whole) and their
+    quant_state entries (`weight.absmax`, `weight.quant_map`, ..., 8-bit's `SCB` /
+    `weight_format`). A checkpoint leaves them out: the base is reloaded (and quantized again,
+    deterministically) from its path, as a single-process QLoRA checkpoint also expects."""
+    prefixes = [f"{name}.weight" for name, _ in bnb_layers(model)]
+    extras = {f"{name}.{k}" for name, _ in bnb_layers(model) for k in ("SCB", "weight_format")}
+    return {k for k in model.state_dict()
+            if k in extras or any(k == p or k.startswith(p + ".") for p in prefixes)}  # fmt: skip
 
 
 def quantization_key(model: nn.Module | None, config=None) -> str | None:

@@ -97,7 +97,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
             )
         self.data_collator = data_collator  # TRL-format output (csd_fast.trl_collate)
         from csd_fast.quantization import (
-            check_single_process,
+            check_distributed,
             check_trainable_patterns,
             quantized_init_kwargs,
             requested_config,
@@ -128,8 +128,13 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
         self.dist = init_distributed(use_cpu=getattr(args, "use_cpu", False))
         if tensor_parallel_size(args) > 1:  # the data-parallel view: tensor ranks share batches
             self.dist = tensor_parallel_env(self.dist, tensor_parallel_size(args))
-        for m in (model, ref_model):  # a quantized reference is refused under torchrun too
-            check_single_process(m, requested_config(args, quantization_config, m), self.dist)
+        quantized = False  # QLoRA: every rank loads (and quantizes) the base itself
+        for m in (model, ref_model):
+            config = requested_config(args, quantization_config, m)
+            check_distributed(m, config, self.dist, args)
+            quantized = quantized or config is not None
+        if quantized and tensor_parallel_size(args) > 1:
+            raise NotImplementedError("quantization_config (QLoRA) with parallelism_config.tp_size")
         self.device = self.dist.device
         model_path = model if isinstance(model, str) else None
         self.source_names = {
@@ -139,6 +144,7 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
         # FSDP: only rank 0 reads weights given by path; the others build the structure on
         # meta and get their shards from rank 0 once sharded (no full copy per rank in memory)
         meta = self.dist.distributed and not self.dist.is_main and loads_on_meta(args)
+        meta = meta and not quantized  # bnb quantizes weights as it reads them: never on meta
         self.model = (
             load_model(model, args, on_meta=meta, extra_kwargs=init_kwargs) if model_path else model
         )
@@ -185,14 +191,18 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
             if optimizers[0] is not None:
                 raise ValueError("optimizers=(...) under FSDP: build it after sharding (omit it)")
             opts = FsdpOptions.from_args(args, self.dist)
+            # a frozen reference copy over the policy's quantized base shares those weights:
+            # the policy shards them, the reference keeps its references whole
+            policy_params = set(self.scorer.parameters())
             for scorer in (self.scorer, self.ref_scorer):
                 if scorer is None:
                     continue
+                shared = policy_params if scorer is self.ref_scorer else frozenset()
                 on_meta = any(self.dist.all_gather_objects(is_on_meta(scorer)))
                 # sync_module_states: rank 0's weights everywhere, however each rank built them
                 send = on_meta or opts.sync_module_states
                 source = rank0_source(scorer, self.dist) if send else None
-                shard_model(scorer, self.dist, opts)
+                shard_model(scorer, self.dist, opts, keep_whole=shared)
                 if send:
                     broadcast_from_rank0(scorer, source, self.dist)
                     del source

@@ -1,16 +1,15 @@
-"""QLoRA in csd-fast itself: refusals, the reference-cache key, resume, export, torchrun.
+"""QLoRA in csd-fast itself: refusals, the reference-cache key, resume, export.
 
-Run: `python -m pytest tests/test_qlora.py -q` (about 20 s on 2 cores; the torchrun refusal is
-marked slow). Parity with TRL's trainer lives in tests/test_qlora_trl.py.
+Run: `python -m pytest tests/test_qlora.py -q` (about 20 s on 2 cores). Parity with TRL's
+trainer lives in tests/test_qlora_trl.py; QLoRA under torchrun (FSDP2) in
+tests/distributed/test_qlora_fsdp.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import pytest
@@ -112,40 +111,6 @@ def test_csd_fast_imports_and_trains_without_bitsandbytes(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_qlora_under_torchrun_is_refused(models, tmp_path):
-    """FSDP2 over bnb's Params4bit is not supported: every rank raises before loading weights."""
-    path, _ = save_tiny("llama", models)
-    script = tmp_path / "worker.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import datasets\n"
-        "from transformers import AutoTokenizer\n"
-        "from trl_helpers import base_kwargs, rows\n"
-        "from csd_fast import DPOConfig, DPOTrainer\n"
-        f"path, out = {path!r}, {str(tmp_path)!r}\n"
-        "try:\n"
-        "    DPOTrainer(model=path, args=DPOConfig(**base_kwargs(out + '/run', model_init_kwargs="
-        f"{{'quantization_config': {NF4!r}}})),\n"
-        "               train_dataset=datasets.Dataset.from_list(rows('standard', 4)),\n"
-        "               processing_class=AutoTokenizer.from_pretrained(path))\n"
-        "except NotImplementedError as e:\n"
-        "    open(f\"{out}/rank{os.environ['RANK']}.txt\", 'w').write(str(e))\n"
-        "import torch.distributed as dist\n"
-        "if dist.is_initialized():\n"
-        "    dist.destroy_process_group()\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CSD_DIST_TIMEOUT": "60"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in (0, 1):
-        message = (tmp_path / f"rank{rank}.txt").read_text()
-        assert "torchrun (2 processes)" in message and "LoRA (peft_config) on a bf16" in message
 
 
 # ---------------------------------------------------------------------- reference cache key
@@ -267,13 +232,6 @@ def test_csd_train_qlora_equals_the_python_api(models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--model_init_kwargs: quantization_config (QLoRA)" in err and "--peft_config" in err
     assert not (tmp_path / "bare" / "config.yaml").exists()
-    with pytest.MonkeyPatch.context() as mp:  # csd train --nproc 2: every rank refuses
-        mp.setenv("WORLD_SIZE", "2")
-        lora_json = json.dumps(lora_kw)
-        assert (
-            main([*argv, "--output_dir", str(tmp_path / "ranks"), "--peft_config", lora_json]) == 2
-        )
-    assert "under torchrun" in capsys.readouterr().err
 
     cli_out = tmp_path / "cli"
     argv += ["--output_dir", str(cli_out), "--peft_config", json.dumps(lora_kw)]

@@ -42,15 +42,46 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 def _state(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": model_state(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     return state
+
+
+def model_state(model) -> dict:
+    """The model's state as a checkpoint holds it (FSDP2: this rank's shards, by name). A
+    bitsandbytes base's packed weights and quant_state entries are left out (QLoRA: the base is
+    reloaded and quantized again from its path, as a single-process QLoRA checkpoint also
+    needs; csd_fast.quantization); the module's own state_dict is read there, since DCP's
+    `get_model_state_dict` cannot name bnb's extra keys (8-bit's `SCB` is no attribute)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from csd_fast.quantization import is_quantized, quantized_state_keys
+
+    if not is_quantized(model):
+        return get_model_state_dict(model)
+    drop = quantized_state_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in drop}
+
+
+def _load_model_state(model, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    from csd_fast.quantization import is_quantized, quantized_state_keys
+
+    if not is_quantized(model):
+        set_model_state_dict(model, state)
+        return
+    # a QLoRA checkpoint lacks the quantized base by design (model_state): those keys only
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - quantized_state_keys(model)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint does not fit {type(model).__name__}: missing {sorted(missing)[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
 
 
 _PENDING: list = []  # (future, env, tmp, final, required) of async saves not yet published
@@ -150,16 +181,13 @@ def load_sharded(path: Path, *, env: DistEnv, model, optimizer, scheduler) -> ck
     import torch.distributed.checkpoint as dcp
 
     wait_for_saves()
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     path = Path(path)
     check_dcp_metadata(path / DCP_DIR / ".metadata")  # DCP unpickles it without restriction
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path / DCP_DIR))
-    set_model_state_dict(model, state["model"])
+    _load_model_state(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     if scheduler is not None:  # a missing one is refused, never started fresh
@@ -171,15 +199,29 @@ def load_sharded(path: Path, *, env: DistEnv, model, optimizer, scheduler) -> ck
     return ckpt.load_progress(path)
 
 
-def load_sharded_weights(path: Path, model) -> None:
-    """Only the weights of a DCP checkpoint (load_best_model_at_end, export)."""
+def load_sharded_weights(path: Path, model, partial: bool = False) -> None:
+    """Only the weights of a DCP checkpoint (load_best_model_at_end, export). `partial`: the
+    checkpoint holds a subset (a QLoRA run's: no base weights), every one of which must load,
+    and each adapter weight of `model` must be among them."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint import FileSystemReader
 
     check_dcp_metadata(Path(path) / DCP_DIR / ".metadata")
-    state = {"model": get_model_state_dict(model)}
+    state = {"model": model_state(model)}
+    if partial:
+        saved = FileSystemReader(str(Path(path) / DCP_DIR)).read_metadata().state_dict_metadata
+        have = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+        lacking = [k for k in state["model"] if k not in have and "lora_" in k]
+        if lacking:
+            raise ValueError(f"{path}: the checkpoint lacks adapter weights, e.g. {lacking[0]}")
+        state = {"model": {k: v for k, v in state["model"].items() if k in have}}
+        dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+        return
     dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))
-    set_model_state_dict(model, state["model"])
+    _load_model_state(model, state["model"])
 
 
 def export_hf(model, out: Path, *, env: DistEnv, tokenizer=None) -> Path:
@@ -223,16 +265,20 @@ def export_checkpoint(
     else:
         if not (checkpoint / "config.json").exists():
             raise FileNotFoundError(f"{checkpoint}: no config.json (not a csd-fast checkpoint)")
-        if base_model:
+        quantized = is_sharded_checkpoint(checkpoint) and _saved_quantized(checkpoint)
+        if base_model and not quantized:
             raise ValueError(
-                f"--base_model is for a single-process LoRA checkpoint (an adapter directory); "
-                f"{checkpoint} holds its base weights itself"
+                f"--base_model is for a LoRA checkpoint without its base weights (a single-"
+                f"process adapter directory, or a QLoRA run's); {checkpoint} holds them itself"
             )
-        model = _empty_model(checkpoint)
+        # a QLoRA checkpoint holds no base weights (model_state): the full-precision base
+        # is read from its path, and the adapters merge into it as one process's export does
+        model = _full_precision_base(checkpoint, base_model) if quantized else (
+            _empty_model(checkpoint))  # fmt: skip
         if is_sharded_checkpoint(checkpoint):
             if adapter or _has_adapter_keys(checkpoint):
                 model = _lora_model(model, checkpoint)
-            load_sharded_weights(checkpoint, model)
+            load_sharded_weights(checkpoint, model, partial=quantized)
             if hasattr(model, "merge_and_unload"):
                 model = merge_adapters(model)
         else:
@@ -246,6 +292,30 @@ def export_checkpoint(
 
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     return export_hf(model, out, env=DistEnv(), tokenizer=tokenizer)
+
+
+def _saved_quantized(checkpoint: Path) -> bool:
+    import json
+
+    return "quantization_config" in json.loads((checkpoint / "config.json").read_text())
+
+
+def _full_precision_base(checkpoint: Path, base_model: str | None):
+    """The base model a QLoRA checkpoint's adapter was trained over, unquantized (fp32)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    recorded = {}
+    if (checkpoint / "adapter_config.json").exists():
+        recorded = json.loads((checkpoint / "adapter_config.json").read_text())
+    base = base_model or recorded.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"{checkpoint}: a QLoRA checkpoint (quantized base, not saved) whose base model is "
+            "not recorded: name it with --base_model PATH"
+        )
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
 def _empty_model(checkpoint: Path):

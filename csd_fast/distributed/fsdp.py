@@ -10,7 +10,9 @@ Units, innermost first (what torchtitan and torchtune do for decoder LMs):
 Mixed precision is bf16 parameters and compute with fp32 gradient reduce-scatter by default
 (`fsdp_config={"param_dtype": ..., "reduce_dtype": ...}`), CPU offload with
 `fsdp_config={"cpu_offload": true}`. Frozen parameters (LoRA, attention-only training, the
-reference) shard like the rest; FSDP2 keeps them out of the gradient reduce. Under tensor
+reference) shard like the rest; FSDP2 keeps them out of the gradient reduce. A bitsandbytes
+4-bit base (QLoRA) shards its packed bytes too; 8-bit weights (and 4-bit ones whose storage
+dtype is not the compute dtype) are FSDP2's `ignored_params`, whole on every rank. Under tensor
 parallelism (`tp_size`, tensor_parallel.py) the model's tp_plan is applied first and these
 units are sharded over the mesh's dp dimension (a 2-D mesh).
 """
@@ -119,8 +121,12 @@ def head_is_tied(lm: nn.Module) -> bool:
     return weight is not None and weight is getattr(embed, "weight", None)
 
 
-def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module:
-    """fully_shard the layers, the untied head and the scorer root, in place; returns the root."""
+def shard_model(
+    scorer: nn.Module, env: DistEnv, opts: FsdpOptions, keep_whole=frozenset()
+) -> nn.Module:
+    """fully_shard the layers, the untied head and the scorer root, in place; returns the root.
+    `keep_whole`: parameters left unsharded (a reference's quantized weights that the policy,
+    sharded first, shares)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -142,8 +148,25 @@ def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module
     else:  # HSDP: reduce-scatter within a shard group, all-reduce across the replicas
         shape = (opts.replicas, env.world_size // opts.replicas)
         mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard"))
+    from csd_fast.quantization import quantized_params
+
+    whole = quantized_params(scorer, opts.param_dtype, keep_whole)
+    unsharded_4bit = [p for p in whole if type(p).__name__ == "Params4bit" and p not in keep_whole]
+    if unsharded_4bit and env.is_main:
+        import warnings
+
+        warnings.warn(
+            f"QLoRA under torchrun: the 4-bit base stays whole on every rank, its packed "
+            f"{unsharded_4bit[0].dtype} storage not being FSDP2's {opts.param_dtype} compute "
+            f"dtype; set bnb_4bit_quant_storage='{str(opts.param_dtype).removeprefix('torch.')}' "
+            "in quantization_config to shard it",
+            UserWarning,
+            stacklevel=2,
+        )
     kwargs = {
         "mesh": mesh,
+        # bitsandbytes weights FSDP2 cannot gather (csd_fast.quantization.quantized_params)
+        "ignored_params": whole,
         "mp_policy": MixedPrecisionPolicy(
             param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype
         ),
@@ -151,13 +174,57 @@ def shard_model(scorer: nn.Module, env: DistEnv, opts: FsdpOptions) -> nn.Module
     }
     lm = unwrap_causal_lm(model)
     head = install_logprob_head(model)  # before fully_shard swaps the class once more
+
+    def shard(unit: nn.Module, reshard: bool) -> None:
+        for odd in odd_dtype_modules(unit):  # their own units first: one dtype per unit
+            fully_shard(odd, reshard_after_forward=reshard, **kwargs)
+        fully_shard(unit, reshard_after_forward=reshard, **kwargs)
+
     for layer in decoder_layers(lm, opts.layer_classes):
-        fully_shard(layer, reshard_after_forward=opts.reshard_after_forward, **kwargs)
+        shard(layer, opts.reshard_after_forward)
     if not head_is_tied(lm):
-        fully_shard(head, reshard_after_forward=opts.reshard_after_forward, **kwargs)
+        shard(head, opts.reshard_after_forward)
     # the root's weights are needed again right away in backward: keep them gathered
-    fully_shard(scorer, reshard_after_forward=False, **kwargs)
+    shard(scorer, False)
     return scorer
+
+
+def odd_dtype_modules(unit: nn.Module) -> list[nn.Module]:
+    """Modules of `unit` holding trainable weights of another dtype than most of its trainable
+    weights: FSDP2 requires one dtype across a unit's trainable parameters (it reduces their
+    gradients in one buffer), and QLoRA mixes them (TRL's bf16 LoRA A/B beside DoRA's fp32
+    magnitude vectors, or an fp32 norm switched on by trainable_params). Each such module
+    becomes its own unit; it must be one whose forward runs (FSDP2 gathers on that call)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    owners: dict[int, tuple[nn.Module, str, torch.dtype]] = {}
+    sizes: dict[torch.dtype, int] = {}
+    stack = [("", unit)]
+    while stack:  # the modules of this unit, not of units sharded before it
+        prefix, module = stack.pop()
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                owners[id(p)] = (module, prefix + name, p.dtype)
+                sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        stack += [(f"{prefix}{n}.", c) for n, c in module.named_children()
+                  if not isinstance(c, FSDPModule)]  # fmt: skip
+    if len(sizes) <= 1:
+        return []
+    main = max(sizes, key=sizes.get)
+    odd = []
+    for module, name, dtype in owners.values():
+        if dtype == main or any(module is m for m in odd):
+            continue
+        mixed = {p.dtype for p in module.parameters() if p.requires_grad}
+        if type(module).forward is nn.Module.forward or len(mixed) > 1:
+            raise ValueError(
+                f"{type(unit).__name__}: trainable weights in {sorted(map(str, sizes))} "
+                f"(e.g. {name}, {dtype}) where FSDP2 needs one dtype per unit, and "
+                f"{type(module).__name__} cannot be a unit of its own; give the trainable "
+                "weights one dtype"
+            )
+        odd.append(module)
+    return odd
 
 
 def rank0_source(scorer: nn.Module, env: DistEnv) -> dict | None:

@@ -19,6 +19,14 @@ with W ranks, P parameters, P_t trainable, B = bytes of the compute dtype (2 for
                  checkpointed  T*H*B*L + T*(6H + 3I)*B   (layer inputs + one layer recomputed)
                  otherwise     T*(6H + 3I)*B*L
                  + the head: fused 0 (chunked), eager T*V*4*3 (logits, softmax, grad)
+QLoRA (`quantized_bits` 4 or 8, bitsandbytes quantizing every linear layer of the blocks, Q of
+the P parameters). 4-bit packed bytes shard when their storage dtype is the compute dtype
+(`quantized_sharded`), their absmax blocks and 8-bit weights are whole on every rank:
+
+    quantized    Q/2/W (or Q/2 whole) + 4Q/64 (Q/64 + 4Q/16384 double-quantized) in 4-bit,
+                 Q + 4R in 8-bit (R output rows)
+    params       (P - Q) * 4 / W           the full-precision rest, sharded
+    gathered     2 * U' * B                U' the largest unit's full-precision part
 With offload, params, grads and optimizer state live in CPU memory (the gathered units and the
 activations stay on the device). These are estimates: allocator fragmentation, NCCL buffers and
 the CUDA context (~1-3 GiB) come on top, which is why the check keeps a 10% margin.
@@ -110,6 +118,29 @@ def count_params(config, trainable_patterns=None, lora_rank: int | None = None):
     return total, trainable, max(units)
 
 
+def quantized_counts(config) -> tuple[int, int, int]:
+    """(Q, R, U'): the weights bitsandbytes quantizes (every nn.Linear of the decoder layers;
+    the head stays full precision), their output rows, and the largest FSDP unit's parameters
+    that stay full precision (the unit a layer or the untied head), on meta."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from csd_fast.distributed.fsdp import decoder_layers, head_is_tied
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    quantized = rows = 0
+    units = []
+    for layer in decoder_layers(model):
+        linear = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        q = sum(m.weight.numel() for m in linear)
+        quantized, rows = quantized + q, rows + sum(m.out_features for m in linear)
+        units.append(sum(p.numel() for p in layer.parameters()) - q)
+    if not head_is_tied(model):
+        units.append(model.get_output_embeddings().weight.numel())
+    return quantized, rows, max(units)
+
+
 def plan_memory(
     config,
     *,
@@ -121,10 +152,23 @@ def plan_memory(
     live_reference: bool = True,
     gradient_checkpointing: bool = True,
     fused_head: bool = True,
+    quantized_bits: int | None = None,
+    double_quant: bool = False,
+    quantized_sharded: bool = True,
     optimizer_bytes: int = 8,
 ) -> MemoryPlan:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     total, trainable, unit = count_params(config, trainable_patterns, lora_rank)
+    quantized, quantized_bytes = 0, 0
+    if quantized_bits:
+        quantized, rows, unit = quantized_counts(config)
+        if quantized_bits == 8:
+            quantized_bytes = quantized + 4 * rows
+        else:  # two weights a byte, one fp32 absmax a block of 64 (double: uint8 + fp32 / 256)
+            absmax = (
+                quantized // 64 + 4 * quantized // 16384 if double_quant else 4 * quantized // 64
+            )
+            quantized_bytes = quantized // 2 // (world_size if quantized_sharded else 1) + absmax
     W, T, B = world_size, tokens_per_micro_batch, compute_bytes
     H, inter, L = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     per_layer = T * (6 * H + 3 * inter) * B
@@ -133,13 +177,15 @@ def plan_memory(
         acts += T * text.vocab_size * 4 * 3
     reference = 0 if (not live_reference or lora_rank) else total * B // W
     components = {
-        "params": total * 4 // W,
+        "params": (total - quantized) * 4 // W,
         "gathered": 2 * unit * B,
         "grads": trainable * 4 // W,
         "optimizer": trainable * optimizer_bytes // W,
         "reference": reference,
         "activations": acts,
     }
+    if quantized_bits:  # whole on every rank (csd_fast.quantization.quantized_params)
+        components["quantized"] = quantized_bytes
     return MemoryPlan(W, total, trainable, unit, components)
 
 

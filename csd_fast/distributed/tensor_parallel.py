@@ -121,10 +121,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     (before fully_shard)."""
     from csd_fast.distributed.fsdp import head_is_tied
     from csd_fast.forward import backbone, unwrap_causal_lm
+    from csd_fast.quantization import is_quantized
 
     lm = unwrap_causal_lm(model)
-    if getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False):
-        raise NotImplementedError("quantization_config with parallelism_config.tp_size")
+    if is_quantized(model):
+        raise NotImplementedError("quantization_config (QLoRA) with parallelism_config.tp_size")
     if hasattr(lm.get_output_embeddings(), "base_layer"):
         raise NotImplementedError("a LoRA adapter on lm_head (peft_config target_modules) with "
                                   "parallelism_config.tp_size")  # fmt: skip

@@ -14,6 +14,8 @@ Run: python -m pytest tests/distributed/test_memory.py -q
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import LlamaConfig
 
@@ -114,3 +116,42 @@ def test_nproc_must_be_positive(value):
 
     with pytest.raises(SystemExit):
         launch_if_asked(["--nproc", value])
+
+
+def test_qlora_plan_counts_the_quantized_base_whole_on_every_rank(tmp_path, capsys):
+    """Llama-3-8B, LoRA r=16, 8 ranks. The blocks' linear weights Q = 32 * 218,103,808 =
+    6,979,321,856 are quantized: NF4 whole Q/2 + 4Q/64 = 3,925,868,544 bytes, sharded
+    Q/16 + 4Q/64 = 872,415,232, double-quantized and sharded Q/16 + Q/64 + 4Q/16384 =
+    546,963,456; int8 (always whole) Q + 4 * 32 * 43,008 rows = 6,984,826,880. The rest,
+    P - Q = 1,050,939,392, is sharded in fp32: 525,469,696 per rank."""
+    from csd_fast.cli import main
+
+    cfg = LlamaConfig(**LLAMA3_8B)
+    want = {(4, False, False): 3_925_868_544, (4, False, True): 872_415_232,
+            (4, True, True): 546_963_456, (8, False, False): 6_984_826_880}  # fmt: skip
+    for (bits, double, sharded), quantized in want.items():
+        plan = plan_memory(cfg, world_size=8, tokens_per_micro_batch=16384, lora_rank=16,
+                           quantized_bits=bits, double_quant=double,
+                           quantized_sharded=sharded)  # fmt: skip
+        assert plan.bytes_per_component["quantized"] == quantized, (bits, double)
+        assert plan.bytes_per_component["params"] == 525_469_696
+        assert plan.bytes_per_component["gathered"] == 2_101_346_304  # the head, unquantized
+        assert plan.bytes_per_component["reference"] == 0  # adapters off
+    LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": 2}).save_pretrained(tmp_path / "m")
+    argv = ["--plan", "--model_name_or_path", str(tmp_path / "m"), "--dataset_name", "x.jsonl",
+            "--output_dir", str(tmp_path / "o"), "--nproc", "2", "--device_memory_gb", "80",
+            "--peft_config", '{"r": 16}',
+            "--model_init_kwargs", '{"quantization_config": {"load_in_4bit": true}}']  # fmt: skip
+    assert main(argv) == 0  # uint8 storage (the default) under bf16: whole on each device
+    q = 2 * 218_103_808  # 2 layers
+    assert quantized_row(capsys) == f"{(q // 2 + 4 * q // 64) / GIB:.2f}"
+    bf16_storage = {"load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"}
+    argv[-1] = json.dumps({"quantization_config": bf16_storage})
+    assert main(argv) == 0  # sharded over the 2 ranks, the absmax blocks whole
+    assert quantized_row(capsys) == f"{(q // 2 // 2 + 4 * q // 64) / GIB:.2f}"
+
+
+def quantized_row(capsys) -> str:
+    """The `quantized` row's bytes per device without offload, as --plan prints them."""
+    row = next(line for line in capsys.readouterr().out.splitlines() if "quantized" in line)
+    return row.split()[1]
