@@ -439,8 +439,9 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
         script["model_name_or_path"], trust_remote_code=args.trust_remote_code
     )
     pairs = args.per_device_train_batch_size
+    tp = int((args.fsdp_config or {}).get("tp_size") or 1)  # tensor ranks share their batch
     if (args.accelerator_config or {}).get("split_batches"):  # the global batch, split
-        pairs = max(1, pairs // world_size)
+        pairs = max(1, pairs // max(1, world_size // tp))
     tokens = args.max_tokens_per_batch or 2 * pairs * (
         args.max_length or config.max_position_embeddings
     )
@@ -455,7 +456,9 @@ def print_memory_plan(argv: list[str], world_size: int, device_gb: str | None) -
     peft = script["peft_config"]
     plan = plan_memory(
         config,
-        world_size=shard_ranks,
+        # under TP the weights, gradients and optimizer state split over dp x tp; activations
+        # are counted whole (an upper bound: TP splits the layers' inner activations too)
+        world_size=shard_ranks * tp,
         lora_rank=int(peft.get("r", 8)) if isinstance(peft, dict) else None,  # peft's default r
         quantized_bits=bits,
         double_quant=bool(quant.get("bnb_4bit_use_double_quant")),

@@ -245,8 +245,9 @@ class DPOConfig:
     )
     parallelism_config: Any = _f(
         None,
-        "accelerate's ParallelismConfig: dp_replicate_size x dp_shard_size (HSDP) under "
-        "torchrun; tensor / context parallelism are not supported.",
+        "accelerate's ParallelismConfig under torchrun: dp_replicate_size x dp_shard_size "
+        "(HSDP), or dp_shard_size x tp_size (tensor parallelism by the model's tp_plan); "
+        "context / sequence parallelism are not supported.",
     )
     fsdp: str | None = _f(
         None,
@@ -484,6 +485,9 @@ class DPOConfig:
                                        "gradient_accumulation_kwargs": ga or None}  # fmt: skip
         if mapped or given or self.fsdp_config is not None:
             self.fsdp_config = {**mapped, **given}
+        from csd_fast.distributed.tensor_parallel import check_tensor_parallel_args
+
+        check_tensor_parallel_args(self)
 
     def _check_choices(self) -> None:
         checks = {

@@ -113,12 +113,32 @@ class LogprobHead:
     softcap: float | None = None
 
     def forward(self, hidden, labels=None, pair_loss: dict | None = None, **kernel_kwargs):
+        from csd_fast.distributed.tensor_parallel import is_vocab_sharded
+
+        sharded = is_vocab_sharded(self.weight)  # tensor parallelism: this rank's vocab rows
         if labels is None:
+            if sharded:
+                from csd_fast.distributed.tensor_parallel import sharded_logits
+
+                return sharded_logits(hidden, self.weight, getattr(self, "bias", None))
             return super().forward(hidden)
         from csd_fast.kernels.logprob import fused_linear_logprob, linear_logprob_inference
 
         extras = kernel_kwargs.pop("extras", None)  # see _score_tokens
         hidden, weight, bias = self.operands(hidden)
+        if sharded:  # this rank's vocabulary rows (never the fused pair loss: see trainer)
+            from csd_fast.distributed import tensor_parallel as tp
+
+            if pair_loss is not None:
+                raise NotImplementedError("the fused pair-loss head under tp_size > 1")
+            if extras is not None and "log_sum_sq_probs" in extras:
+                extras["log_sum_sq_probs"] = tp.sharded_log_sum_sq_probs(
+                    hidden.detach(), weight, bias, self.logit_scale, self.softcap,
+                    kernel_kwargs.get("temperature", 1.0),
+                )  # fmt: skip
+            return tp.sharded_head_logprob(hidden, weight, bias, labels,
+                                           logit_scale=self.logit_scale, softcap=self.softcap,
+                                           **kernel_kwargs)  # fmt: skip
         if extras is not None and "log_sum_sq_probs" in extras:
             # here, inside the head's forward, the weight is whole even when FSDP shards it
             extras["log_sum_sq_probs"] = log_sum_sq_probs(

@@ -348,13 +348,28 @@ def _optimizer_step(opt, scaler) -> bool:
 def clip_grad_norm(params: list[Tensor], max_grad_norm: float | None) -> Tensor:
     """Pre-clip global gradient norm (TRL logs it even when clipping is off), kept on device.
 
-    Sharded gradients (DTensors) give a partial norm: its full value is the global norm."""
+    Sharded gradients (DTensors) give a partial norm: its full value is the global norm. Under
+    tensor parallelism they live on two meshes ((dp, tp) for the sharded layers, dp for the
+    replicated weights): one norm per mesh, then combined."""
     max_norm = max_grad_norm if max_grad_norm else float("inf")
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    by_mesh: dict = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if len(by_mesh) <= 1:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return norm
 
 

@@ -91,6 +91,10 @@ def loads_on_meta(args) -> bool:
 
     if not as_bool(fsdp.get("meta_init", True), "meta_init"):  # cpu_ram_efficient_loading
         return False
+    if int(fsdp.get("tp_size") or 1) > 1:
+        # parallelize_module distributes each weight from rank 0 (a collective over real
+        # values): every rank reads the weights
+        return False
     offload = as_bool(fsdp.get("cpu_offload", False), "cpu_offload")
     return set(kwargs) - {"dtype", "torch_dtype"} <= _META_KWARGS and not offload
 

@@ -20,6 +20,7 @@ the nearest existing one (`ref_cache_strict=True` raises instead of computing).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -248,6 +249,7 @@ def reference_table(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    writer: bool = True,
 ) -> tuple[RefLogpTable, StoreReport]:
     """The reference table of `pairs`: from the store under `root` if complete, else scored.
 
@@ -257,7 +259,9 @@ def reference_table(
     with `score=None` only a complete stored table is returned (else StoreError).
     Under FSDP every rank calls this with its `rank`, `world_size` and a `barrier`; each scores
     and writes only its shards, and `score([])` is called on a rank with no shard left so it
-    can join the collectives of the others' forwards.
+    can join the collectives of the others' forwards. Under tensor parallelism the tensor ranks
+    of a data rank share its `rank` and score the same shards together; only one of them is
+    the `writer` (the others neither lock, write nor publish).
     """
     n = len(pairs)
     if root is None:
@@ -281,11 +285,12 @@ def reference_table(
                      else "the store holds no table")  # fmt: skip
             raise StoreError(f"ref_cache_strict: no reference table for {split} in {root}; {where}")
     sync = barrier or (lambda: None)
-    with store.build_lock():
+    with store.build_lock() if writer else contextlib.nullcontext():
         store.reload()
-        if world_size == 1:
+        if world_size == 1 and writer:
             store.remove_stale_tmp()
-        store.ensure_manifest()
+        if writer:
+            store.ensure_manifest()
         sync()
         store.reload()
         todo, report.bad = store.pending()
@@ -299,10 +304,12 @@ def reference_table(
                 score([])
                 continue
             lo, hi = store.shard_span(shard)
-            store.write_shard(shard, score(list(range(lo, hi))), ld_alpha)
+            columns = score(list(range(lo, hi)))
+            if writer:
+                store.write_shard(shard, columns, ld_alpha)
             report.built.append(shard)
         sync()
-        if rank == 0 and (todo or not store.is_complete()):
+        if rank == 0 and writer and (todo or not store.is_complete()):
             store.finalize()
         sync()
         store.reload()

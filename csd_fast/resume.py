@@ -182,7 +182,7 @@ def read_record(checkpoint: Path) -> dict:
 
 
 # fsdp_config keys that change memory or checkpoint writing, not the training numbers
-FSDP_NEUTRAL = frozenset({"async_checkpoint", "cpu_offload", "reshard_after_forward"})
+FSDP_NEUTRAL = frozenset({"async_checkpoint", "cpu_offload", "reshard_after_forward", "tp_size"})
 # options that are per device; compared as global sizes when the world size changes
 PER_DEVICE_SIZES = (
     "per_device_train_batch_size",
@@ -206,6 +206,8 @@ def diff_records(saved: dict, new: dict) -> list[tuple[str, object, object]]:
     for key in sorted(set(old_t) | set(new_t)):
         if key in RUN_NEUTRAL or key not in old_t or key not in new_t:
             continue  # a field one version does not have cannot be compared
+        if key == "parallelism_config":  # the mesh's shape: the global batch is compared below
+            continue
         a, b = old_t[key], new_t[key]
         if key == "fsdp_config":  # how state is sharded and saved does not change the numbers
             a, b = (

@@ -39,6 +39,7 @@ from csd_fast.batching import (
 from csd_fast.config import DPOConfig
 from csd_fast.data.vision import VisionPairs, is_vision_dataset, text_tokenizer
 from csd_fast.distributed.env import init_distributed
+from csd_fast.distributed.tensor_parallel import tensor_parallel_env, tensor_parallel_size
 from csd_fast.forward import (
     PairScorer,
     head_impl_for,
@@ -125,11 +126,15 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
             enable_full_determinism(args.seed)
             set_deterministic(True)
         self.dist = init_distributed(use_cpu=getattr(args, "use_cpu", False))
+        if tensor_parallel_size(args) > 1:  # the data-parallel view: tensor ranks share batches
+            self.dist = tensor_parallel_env(self.dist, tensor_parallel_size(args))
         quantized = False  # QLoRA: every rank loads (and quantizes) the base itself
         for m in (model, ref_model):
             config = requested_config(args, quantization_config, m)
             check_distributed(m, config, self.dist, args)
             quantized = quantized or config is not None
+        if quantized and tensor_parallel_size(args) > 1:
+            raise NotImplementedError("quantization_config (QLoRA) with parallelism_config.tp_size")
         self.device = self.dist.device
         model_path = model if isinstance(model, str) else None
         self.source_names = {
@@ -823,8 +828,8 @@ def _fused_loss_type(args, params) -> str | None:
     The kernel covers one loss type at a time with the plain reverse-KL log-ratio on unweighted
     sums; combinations, f-divergences, LD-DPO and WPO stay on `csd_fast.losses`.
     """
-    if not args.fused or len(params.loss_type) != 1:
-        return None
+    if not args.fused or len(params.loss_type) != 1 or tensor_parallel_size(args) > 1:
+        return None  # (a vocabulary-sharded head has its own log-prob path)
     from csd_fast.kernels.pair_loss import SUPPORTED as PAIR_LOSS_TYPES
 
     plain = (

@@ -88,6 +88,8 @@ class ReferenceMixin:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             barrier=self.dist.barrier,
+            # tensor parallelism: the first tensor rank of each data rank writes its shards
+            writer=self.dist.mesh is None or self.dist.mesh.get_local_rank("tp") == 0,
         )
         if self.dist.is_main:
             print(f"[csd-fast] {describe(report, name, len(pairs))}")

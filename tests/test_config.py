@@ -161,7 +161,8 @@ def test_loss_weights_length_checked_like_trl(tmp_path):
     "kwargs",
     [
         {"deepspeed": {"optimizer": {"type": "Lamb"}}},
-        {"parallelism_config": {"tp_size": 2}},
+        {"parallelism_config": {"cp_size": 2}},
+        {"parallelism_config": {"sp_size": 2}},
         {"fsdp_config": {"min_num_params": 10**6}},
         {"fsdp_config": {"fsdp_xla": True}},
         {"accelerator_config": {"gradient_accumulation_kwargs": {"sync_with_dataloader": False}}},

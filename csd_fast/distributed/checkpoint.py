@@ -154,7 +154,7 @@ def save_sharded(
         )
     else:
         dcp.save(_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
-    torch.save(ckpt.rng_state(), tmp / f"rng_state_{env.rank}.pth")
+    torch.save(ckpt.rng_state(), tmp / f"rng_state_{env.global_rank}.pth")
     if env.is_main:  # the small files describe this step: written now, whatever comes later
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -192,7 +192,7 @@ def load_sharded(path: Path, *, env: DistEnv, model, optimizer, scheduler) -> ck
         set_optimizer_state_dict(model, optimizer, state["optim"])
     if scheduler is not None:  # a missing one is refused, never started fresh
         scheduler.load_state_dict(load_state_file(path / "scheduler.pt"))
-    rng = path / f"rng_state_{env.rank}.pth"
+    rng = path / f"rng_state_{env.global_rank}.pth"
     if not rng.exists():  # more ranks than when saved: rank 0's generators
         rng = path / "rng_state_0.pth"
     ckpt.set_rng_state(load_state_file(rng))

@@ -23,7 +23,12 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process stands in the job; `world_size == 1` means no process group."""
+    """Where this process stands in the job; one process (no process group) is the default.
+
+    `rank` / `world_size` place it among the data-parallel ranks (those that see different
+    batches). Without tensor parallelism they are the job's; with it (tensor_parallel.py)
+    `tp` processes share one data rank, `process_rank` / `process_world` are the job's, and
+    the data collectives run over the data-parallel group."""
 
     rank: int = 0
     world_size: int = 1
@@ -31,14 +36,26 @@ class DistEnv:
     device: torch.device = torch.device("cpu")
     backend: str | None = None
     round: int = 0  # torchrun restarts so far, as every rank counts them (see _join_round)
+    process_rank: int | None = None  # None: `rank` (no tensor parallelism)
+    process_world: int | None = None
+    mesh: object = None  # the (dp, tp) DeviceMesh under tensor parallelism
+    data_group: object = None  # the process group of the data-parallel ranks (None: all)
+
+    @property
+    def processes(self) -> int:
+        return self.world_size if self.process_world is None else self.process_world
+
+    @property
+    def global_rank(self) -> int:
+        return self.rank if self.process_rank is None else self.process_rank
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.processes > 1
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.global_rank == 0
 
     def barrier(self) -> None:
         if self.distributed:
@@ -46,20 +63,20 @@ class DistEnv:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (gloo needs CPU tensors on CPU runs; NCCL device tensors)."""
-        if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.data_group)
         return tensor
 
     def all_gather_objects(self, obj) -> list:
-        """Every rank's `obj`, in rank order (a list of one on a single process)."""
-        if not self.distributed:
+        """Every data rank's `obj`, in rank order (a list of one on a single process)."""
+        if self.world_size == 1:
             return [obj]
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.data_group)
         return out
 
     def broadcast_object(self, obj):
-        """Rank 0's `obj` on every rank."""
+        """Rank 0's `obj` on every process."""
         if not self.distributed:
             return obj
         box = [obj]

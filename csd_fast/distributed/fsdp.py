@@ -12,7 +12,9 @@ Mixed precision is bf16 parameters and compute with fp32 gradient reduce-scatter
 `fsdp_config={"cpu_offload": true}`. Frozen parameters (LoRA, attention-only training, the
 reference) shard like the rest; FSDP2 keeps them out of the gradient reduce. A bitsandbytes
 4-bit base (QLoRA) shards its packed bytes too; 8-bit weights (and 4-bit ones whose storage
-dtype is not the compute dtype) are FSDP2's `ignored_params`, whole on every rank.
+dtype is not the compute dtype) are FSDP2's `ignored_params`, whole on every rank. Under tensor
+parallelism (`tp_size`, tensor_parallel.py) the model's tp_plan is applied first and these
+units are sharded over the mesh's dp dimension (a 2-D mesh).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ FSDP_CONFIG_KEYS = {
     "layer_classes": "class names of the units to wrap (default: the model's _no_split_modules)",
     "meta_init": "other ranks build a model given by path on meta, rank 0 sends it (default)",
     "sync_module_states": "send rank 0's weights to every rank after sharding (any model)",
+    "tp_size": "tensor-parallel ranks per model replica (tensor_parallel.py; default 1)",
 }
 
 
@@ -64,8 +67,8 @@ class FsdpOptions:
         default_param = None
         if env.device.type == "cuda" and (args.bf16 or args.fp16):
             default_param = torch.float16 if args.fp16 else torch.bfloat16
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-        replicas, _ = mesh_shape(cfg, env.world_size, local_world)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.processes))
+        replicas, _ = mesh_shape(cfg, env.processes, local_world)
         classes = layer_list(cfg["layer_classes"]) if cfg.get("layer_classes") else None
         flag = lambda key, default: as_bool(cfg.get(key, default), key)  # noqa: E731
         return cls(
@@ -134,7 +137,13 @@ def shard_model(
 
     from csd_fast.forward import install_logprob_head, unwrap_causal_lm
 
-    if opts.replicas == 1:
+    model = scorer.model
+    if env.mesh is not None:  # tensor parallelism first, then FSDP2 over dp: a 2-D mesh
+        from csd_fast.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, env.mesh["tp"])
+        mesh = env.mesh["dp"]
+    elif opts.replicas == 1:
         mesh = init_device_mesh(env.device.type, (env.world_size,))
     else:  # HSDP: reduce-scatter within a shard group, all-reduce across the replicas
         shape = (opts.replicas, env.world_size // opts.replicas)
@@ -163,7 +172,6 @@ def shard_model(
         ),
         "offload_policy": CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy(),
     }
-    model = scorer.model
     lm = unwrap_causal_lm(model)
     head = install_logprob_head(model)  # before fully_shard swaps the class once more
 

@@ -11,7 +11,7 @@ A TRL script sets FSDP through transformers' words (`fsdp="full_shard offload"`)
 is translated here, once, at config time, into the keys of `fsdp.FSDP_CONFIG_KEYS`; the engine
 reads only those. Where an option has no meaning under FSDP2 (an FSDP1 knob whose behaviour FSDP2
 always has) it is accepted and named in `FSDP1_ONLY`; where csd-fast cannot do what it asks
-(size-based wrapping, tensor / context parallelism, XLA) it raises NotImplementedError naming
+(size-based wrapping, context / sequence parallelism, XLA) it raises NotImplementedError naming
 the option. Nothing is ignored silently.
 
 Sharding layouts (FSDP2's HSDP when the mesh has two dimensions):
@@ -165,7 +165,8 @@ def layer_list(value) -> list[str]:
 
 def parallelism_config(pc) -> dict:
     """accelerate's ParallelismConfig (or a dict of its fields) as csd-fast keys: data-parallel
-    replicate x shard only; tensor, context and sequence parallelism are refused."""
+    replicate x shard and tensor parallelism (tp_size); context and sequence parallelism are
+    refused."""
     if pc is None:
         return {}
     fields = pc if isinstance(pc, dict) else vars(pc)
@@ -173,17 +174,16 @@ def parallelism_config(pc) -> dict:
         fields = {
             k: v for k, v in fields.items() if k not in ("dp_replicate_size", "dp_shard_size")
         }
-    for name in ("tp_size", "cp_size", "sp_size"):
+    for name, what in (("cp_size", "context"), ("sp_size", "sequence")):
         if (fields.get(name) or 1) > 1:
             raise NotImplementedError(
-                f"parallelism_config.{name}={fields[name]}: csd-fast has data parallelism "
-                "only (FSDP2 with dp_replicate_size x dp_shard_size)"
+                f"parallelism_config.{name}={fields[name]}: {what} parallelism is not supported "
+                "(csd-fast has dp_replicate_size x dp_shard_size data parallelism and tp_size)"
             )
     out: dict = {}
-    if fields.get("dp_replicate_size"):
-        out["dp_replicate_size"] = int(fields["dp_replicate_size"])
-    if fields.get("dp_shard_size"):
-        out["dp_shard_size"] = int(fields["dp_shard_size"])
+    for name in ("dp_replicate_size", "dp_shard_size", "tp_size"):
+        if fields.get(name) and (name != "tp_size" or int(fields[name]) > 1):
+            out[name] = int(fields[name])
     return out
 
 
@@ -198,8 +198,13 @@ def parallelism_sizes(pc) -> dict | None:
 
 def mesh_shape(cfg: dict | None, world: int, local_world: int) -> tuple[int, int]:
     """(replicas, ranks per shard group) of the FSDP2 mesh for `world` ranks, `local_world` of
-    them per node. dp_shard_size, when given, must agree with the world size."""
+    them per node. dp_shard_size, when given, must agree with the world size (divided by
+    tp_size: tensor ranks of a replica hold the same data)."""
     cfg = cfg or {}
+    tp = int(cfg.get("tp_size") or 1)
+    if world % tp:
+        raise ValueError(f"parallelism_config.tp_size={tp} does not divide the {world} ranks")
+    world, local_world = world // tp, max(1, local_world // tp)
     value = cfg.get("dp_replicate_size", 1)
     if value == "node":
         if world % local_world:
@@ -216,6 +221,7 @@ def mesh_shape(cfg: dict | None, world: int, local_world: int) -> tuple[int, int
     if want not in (None, -1) and int(want) != shard:
         raise ValueError(
             f"dp_replicate_size x dp_shard_size = {replicas} x {want} != {world} ranks"
+            + (f" (of {world * tp} / tp_size {tp})" if tp > 1 else "")
         )
     return replicas, shard
 
