@@ -151,7 +151,9 @@ class _TokenCount:
 
     def __init__(self, job: TrainingJob):
         self.job = job
-        start = job.progress.train_loss_sum if job.env.is_main else 0.0  # one rank holds it
+        # one rank of the data group holds it (data rank 0: under tensor parallelism each tensor
+        # rank's group sums its own copy)
+        start = job.progress.train_loss_sum if job.env.rank == 0 else 0.0
         self.loss = torch.tensor(start, dtype=torch.float64, device=job.env.device)
 
     def loss_sum(self) -> float:
@@ -192,8 +194,8 @@ def run_training(job: TrainingJob, resume_from_checkpoint=None):
             resume.apply_new_hyperparameters(opt, sched, fresh)
         # TRL's cumulative count; each rank counts its own, so the saved total lives on rank 0
         # (the running total only: no window value, so the next log row is as if never stopped)
-        job.metrics.total_train_tokens += progress.total_tokens if env.is_main else 0
-        job.metrics.total_flos += progress.total_flos if env.is_main else 0.0
+        job.metrics.total_train_tokens += progress.total_tokens if env.rank == 0 else 0
+        job.metrics.total_flos += progress.total_flos if env.rank == 0 else 0.0
         if job.scaler is not None and progress.grad_scaler is not None:
             job.scaler.load_state_dict(progress.grad_scaler)
         if args.restore_callback_states_from_checkpoint and job.restore_callbacks is not None:

@@ -42,11 +42,12 @@ def check_same_rows_on_every_rank(dataset, dist, name: str, rows: int = 64) -> N
     digest = hashlib.sha256()
     for row in itertools.islice(iter(dataset), rows):
         digest.update(json.dumps(row, sort_keys=True, default=repr).encode())
-    digests = dist.all_gather_objects(digest.hexdigest())
+    digests = dist.all_processes_gather(digest.hexdigest())  # tensor peers read it too
     if len(set(digests)) > 1:
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         raise ValueError(
-            f"{name} dataset: the stream gives ranks {differ} other rows than rank 0 (its first "
+            f"{name} dataset: the stream gives processes {differ} other rows than process 0 "
+            f"(its first "
             f"{rows} rows differ). Every rank must read the same stream in the same order: give "
             "IterableDataset.shuffle() a seed, and do not split it per rank"
         )

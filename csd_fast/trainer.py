@@ -179,6 +179,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
         # backbone + head as one module each: what FSDP2 shards (the models stay HF modules)
         self.scorer = PairScorer(self.model)
         self.ref_scorer = PairScorer(self.ref_model) if self.ref_model is not None else None
+        # counted before sharding: transformers counts a 4-bit weight whole only as Params4bit
+        self._flos_per_input_id()
         self._sharded = False
         if self.dist.distributed:
             from csd_fast.distributed.fsdp import (
@@ -569,8 +571,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
                 batch.num_real_tokens, batch.capacity, loss.device
             )
         if self.layout == "prefix":
-            # a sum over ranks: only rank 0 counts the denominator
-            saved, one = batch.num_tokens - batch.num_real_tokens, float(self.dist.is_main)
+            # a sum over the data ranks: only data rank 0 counts the denominator
+            saved, one = batch.num_tokens - batch.num_real_tokens, float(self.dist.rank == 0)
             sums["prefix_tokens_saved"] = _sum_count(saved, one, loss.device)
         self._metrics.add(mode, self._reduce_metrics(sums, dummy))
         if mode == "train" and not dummy:
@@ -742,7 +744,8 @@ class DPOTrainer(EvalMixin, ReferenceMixin, TrainerAPI, TrainerHooks):
             self.owns_output_dir = not used
             self._metrics_writer = MetricsWriter(
                 self.args.output_dir,
-                self.args.report_to,
+                # TensorBoard / W&B run once per job, on the process that writes the metrics
+                self.args.report_to if self.dist.is_main else [],
                 getattr(self.args, "run_name", None),
                 logging_dir=getattr(self.args, "logging_dir", None),
             )

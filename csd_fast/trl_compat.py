@@ -285,7 +285,7 @@ class _JitCheckpointCallback:
         if not dist.distributed:  # every rank must stop at the same step: agree on the flag
             return self.requested
         flag = torch.tensor([float(self.requested)], device=dist.device)
-        return bool(dist.all_reduce_sum(flag).item() > 0)
+        return bool(dist.all_processes_sum(flag).item() > 0)  # tensor peers too
 
     def on_step_end(self, args, state, control, **kwargs):
         self.stopping = self._requested_anywhere()

@@ -75,6 +75,21 @@ class DistEnv:
         dist.all_gather_object(out, obj, group=self.data_group)
         return out
 
+    def all_processes_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over every process of the job (tensor peers too), in place: for decisions all
+        processes must share (stop now, the same stream), not for data sums."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_processes_gather(self, obj) -> list:
+        """Every process's `obj`, in job-rank order."""
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.processes
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj):
         """Rank 0's `obj` on every process."""
         if not self.distributed:

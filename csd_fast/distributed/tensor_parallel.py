@@ -221,7 +221,7 @@ class VocabParallelEmbedding:
     def forward(self, input_ids):
         local = self.weight.to_local()  # (V / tp, H)
         mesh = self.weight.device_mesh
-        rank = mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_local_rank("tp")
+        rank = _tp_rank(mesh)
         group = _tp_group(mesh)
         start, rows_here = rank * local.shape[0], local.shape[0]
         shifted = input_ids - start
@@ -250,7 +250,7 @@ def sharded_head_logprob(hidden, weight, bias, labels, *, logit_scale=1.0, softc
     mesh = weight.device_mesh
     local = weight.to_local()  # (V / tp, H); its gradient returns as the same DTensor shard
     b = bias.to_local() if bias is not None and hasattr(bias, "to_local") else bias
-    rank = mesh.get_local_rank() if mesh.ndim == 1 else mesh.get_local_rank("tp")
+    rank = _tp_rank(mesh)
     group = _tp_group(mesh)
     return vocab_parallel_logprob(
         hidden, local, labels, vocab_start=rank * local.shape[0], vocab_size=weight.shape[0],
@@ -269,6 +269,21 @@ def sharded_log_sum_sq_probs(hidden, weight, bias, logit_scale=1.0, softcap=None
         hidden, weight.to_local(), group=_tp_group(weight.device_mesh), bias=b,
         logit_scale=logit_scale, softcap=softcap, temperature=temperature,
     )  # fmt: skip
+
+
+def _tp_rank(mesh) -> int:
+    """This rank's vocabulary slice. Inside the scorer's forward FSDP2 hands over the weight
+    on the tp mesh alone; a (dp, tp) weight with dp > 1 is still sharded at rest (its local rows
+    a dp x tp chunk), and slicing it by tp rank would be silently wrong."""
+    if mesh.ndim == 1:
+        return mesh.get_local_rank()
+    if mesh["dp"].size() > 1:
+        raise RuntimeError(
+            "a tensor-parallel head or tied embedding used outside the scorer's forward while "
+            "FSDP2 shards it over the data ranks: call trainer.scorer.unshard() first (and "
+            "trainer.scorer.reshard() after)"
+        )
+    return mesh.get_local_rank("tp")
 
 
 def _tp_group(mesh):

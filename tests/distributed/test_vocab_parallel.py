@@ -75,6 +75,9 @@ def worker(out: Path) -> None:
     hidden, weight, *_ = inputs("even")
     sharded = distribute_tensor(weight, init_device_mesh("cpu", (2,)), [Shard(0)])
     torch.save(sharded_logits(hidden, sharded, None), out / f"logits_{rank}.pt")
+    # both ranks past their last collective before either tears gloo down (a rank leaving
+    # early aborted the other's process: "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
