@@ -135,6 +135,12 @@ def rank_plans(
     return plans
 
 
+def stand_in(plans, k: int) -> list[int]:
+    """For a rank with no pair in micro-batch k of `plans` (plan[rank][micro]): the first pair of
+    another rank's, run at zero weight so that every rank joins the same collectives."""
+    return next(plan[k][:1] for plan in plans if plan[k])
+
+
 def _deal(block: list[int], world_size: int, groups: np.ndarray | None) -> list[list[int]]:
     """Split one global batch over the ranks: interleaved pairs, or whole CLO groups."""
     if groups is None:

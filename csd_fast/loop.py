@@ -39,6 +39,7 @@ from transformers.trainer_utils import TrainOutput
 
 from csd_fast import checkpoint as ckpt
 from csd_fast import resume
+from csd_fast.batching import stand_in
 from csd_fast.distributed.env import DistEnv
 from csd_fast.optim import step_on_metric, steps_on_metric
 
@@ -139,9 +140,7 @@ def _stand_ins(group_plans: list[list[list[int]]], rank: int) -> list[list[int]]
     """This rank's micro-batches, an empty one replaced by a pair of another rank's (weight 0)."""
     out = []
     for m, idx in enumerate(group_plans[rank]):
-        if not idx:
-            idx = next(plan[m][:1] for plan in group_plans if plan[m])
-        out.append(idx)
+        out.append(idx or stand_in(group_plans, m))
     return out
 
 

@@ -210,7 +210,7 @@ class TrainerAPI:
         """
         import dataclasses
 
-        from csd_fast.batching import make_collate
+        from csd_fast.batching import make_collate, stand_in
 
         opts = dataclasses.replace(self._batching("eval"), layout="padded")
         collate = make_collate(opts, self._pad_id)
@@ -224,7 +224,7 @@ class TrainerAPI:
             for k, idx in enumerate(everyone[self.dist.rank]):
                 # a rank without pairs in this batch runs a stand-in (FSDP's forward is
                 # collective) and keeps nothing of it
-                run = idx or next(p[k][:1] for p in everyone if p[k])
+                run = idx or stand_in(everyone, k)
                 batch = collate([dict(pairs[i]) for i in run]).to(self.device)
                 inputs = {n: batch.model_kwargs[n] for n in ("input_ids", "attention_mask")}
                 with self._autocast():

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from csd_fast.batching import stand_in
 from csd_fast.streaming import StreamPairs
 
 
@@ -48,10 +49,7 @@ class EvalMixin:
         collates a stand-in from another rank's (zero weight: it only joins the collectives)."""
         everyone = self._rank_plans(pairs, "eval", 0)
         for k, idx in enumerate(everyone[self.dist.rank]):
-            real = bool(idx)
-            if not real:
-                idx = next(p[k][:1] for p in everyone if p[k])
-            yield self._collate(pairs, idx, "eval"), real
+            yield self._collate(pairs, idx or stand_in(everyone, k), "eval"), bool(idx)
 
     def _evaluate_set(self, pairs, name: str, prefix: str, log: bool) -> dict:
         from csd_fast.trl_compat import eval_predictions_metrics

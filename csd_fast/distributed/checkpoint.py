@@ -300,21 +300,26 @@ def _saved_quantized(checkpoint: Path) -> bool:
     return "quantization_config" in json.loads((checkpoint / "config.json").read_text())
 
 
-def _full_precision_base(checkpoint: Path, base_model: str | None):
-    """The base model a QLoRA checkpoint's adapter was trained over, unquantized (fp32)."""
+def _recorded_base(checkpoint: Path, base_model: str | None, what: str) -> str:
+    """`--base_model`, else the base an adapter checkpoint records (adapter_config.json)."""
     import json
 
-    from transformers import AutoModelForCausalLM
-
-    recorded = {}
-    if (checkpoint / "adapter_config.json").exists():
-        recorded = json.loads((checkpoint / "adapter_config.json").read_text())
+    config = checkpoint / "adapter_config.json"
+    recorded = json.loads(config.read_text()) if config.exists() else {}
     base = base_model or recorded.get("base_model_name_or_path")
     if not base:
         raise ValueError(
-            f"{checkpoint}: a QLoRA checkpoint (quantized base, not saved) whose base model is "
-            "not recorded: name it with --base_model PATH"
+            f"{checkpoint}: {what} whose base model is not recorded: name it with --base_model PATH"
         )
+    return base
+
+
+def _full_precision_base(checkpoint: Path, base_model: str | None):
+    """The base model a QLoRA checkpoint's adapter was trained over, unquantized (fp32)."""
+
+    from transformers import AutoModelForCausalLM
+
+    base = _recorded_base(checkpoint, base_model, "a QLoRA checkpoint (quantized base, not saved)")
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 
@@ -368,17 +373,12 @@ def _lora_model(base, checkpoint: Path):
 
 def _merged_adapter_checkpoint(checkpoint: Path, base_model: str | None):
     """A single-process LoRA checkpoint (an adapter directory) merged into its base model."""
-    import json
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    recorded = json.loads((checkpoint / "adapter_config.json").read_text())
-    base = base_model or recorded.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(
-            f"{checkpoint}: a LoRA adapter whose base model is not recorded (the run was given "
-            "a model object): name it with --base_model PATH"
-        )
+    base = _recorded_base(
+        checkpoint, base_model, "a LoRA adapter (the run was given a model object)"
+    )
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return merge_adapters(PeftModel.from_pretrained(model, str(checkpoint)))

@@ -139,15 +139,24 @@ ASYNC = dict(SCENARIOS["packed"], fsdp_config={"async_checkpoint": True})
 TIED = {"ckpt_tied_ga", "by_path_lora_tied"}
 
 
-def tiny_model(tok, tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(tok, tied: bool = False, seed: int = 0, arch: str = "llama"):
+    """A 2-layer Llama; arch="qwen2": a Qwen2 (q/k/v biases) with 4 heads / 2 key-value heads,
+    what tensor parallelism splits (tests/distributed/test_tensor_parallel.py)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+    config_cls, model_cls = (
+        (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    )
+    width = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                 num_key_value_heads=2) if arch == "llama" else dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    config = config_cls(
+        vocab_size=len(tok), num_hidden_layers=2, head_dim=16, max_position_embeddings=128,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id, tie_word_embeddings=tied,
+        bos_token_id=tok.bos_token_id, tie_word_embeddings=tied, **width,
     )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return model_cls(config)
 
 
 class OverflowAtStep2(torch.amp.GradScaler):

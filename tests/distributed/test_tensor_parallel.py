@@ -57,16 +57,7 @@ TP_SCENARIOS = {
 
 
 def tiny_qwen2(tok, tied: bool = False, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id, tie_word_embeddings=tied,
-    )  # fmt: skip
-    return Qwen2ForCausalLM(config)
+    return scenarios.tiny_model(tok, tied, seed, arch="qwen2")
 
 
 def build(name: str, out, tensor_parallel: bool, callbacks=None, dp: int = 1, **overrides):
